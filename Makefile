@@ -1,0 +1,34 @@
+# All set-up happens here: a fresh clone needs only python3 (>= 3.11) and make.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: all test demo bench soak lint clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not soak"
+
+demo: $(STAMP)
+	$(VENV)/bin/apcrypto demo
+
+bench: $(STAMP)
+	$(PY) -m pytest benches -q -p no:cacheprovider --benchmark-only --benchmark-json=bench.json -o testpaths=benches
+
+soak: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m soak --timeout=3000
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks .hypothesis *.egg-info
