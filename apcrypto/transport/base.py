@@ -1,0 +1,152 @@
+"""The transport seam: one ABC, many backends chosen by URL scheme (the python-can pattern).
+
+A transport moves AP instructions to an adapter and their results back.  It knows nothing of
+requests, ledgers or crypto: it sees opaque ``tag`` numbers chosen by the runner, APQNs, psmids and
+message bytes.  The base class holds the policy every backend shares (tag bookkeeping, close
+semantics, which tags a lost peer leaves unanswered); a backend implements only ``_send`` and
+``_recv`` and, optionally, interrupt support.
+
+Threading contract: ``submit`` and ``poll`` are called from one runner thread (or loop).  ``wakeup``
+and the notify callback may be used from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from apformats.results import ApResult, Instr
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One AP instruction to execute.  ``flag`` is AQIC's enable bit or RAPQ/ZAPQ's F bit."""
+
+    tag: int
+    instr: Instr
+    qid: int
+    psmid: int = 0
+    message: bytes = b""
+    flag: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The adapter's answer to the command submitted under ``tag``."""
+
+    tag: int
+    result: ApResult
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    """An AP adapter interrupt for ``qid``: a reply may be waiting (only after AQIC enabled it)."""
+
+    qid: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransportLost:
+    """The path to the adapter is gone.  ``tags`` are the commands that will never be answered.
+
+    ``permanent`` is False while the transport is still trying to reconnect within its deadline.
+    """
+
+    reason: str
+    tags: tuple[int, ...] = ()
+    permanent: bool = True
+    qids: tuple[int, ...] = field(default=())
+
+
+TransportEvent = Completion | Interrupt | TransportLost
+
+
+class TransportClosed(RuntimeError):
+    """``submit`` on a closed transport: a runner bug, never an adapter condition."""
+
+
+class Transport(ABC):
+    """Base of every transport.  Subclasses implement ``_send``, ``_recv`` and ``_close``."""
+
+    #: True when the backend delivers :class:`Interrupt` events (AQIC works end to end).
+    supports_interrupts: bool = False
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._outstanding: dict[int, Command] = {}
+        self._notify: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+
+    # -- the public, policy-holding surface -------------------------------------------------------
+    def submit(self, commands: Sequence[Command]) -> None:
+        """Send commands; their completions arrive later through :meth:`poll` (maybe at once)."""
+        if self._closed:
+            raise TransportClosed(f"{type(self).__name__} is closed")
+        for c in commands:
+            self._outstanding[c.tag] = c
+        self._send(commands)
+
+    def poll(self, timeout: float = 0.0) -> list[TransportEvent]:
+        """Return what has arrived, waiting at most ``timeout`` seconds for the first event."""
+        if self._closed:
+            return []
+        events = self._recv(timeout)
+        for ev in events:
+            if isinstance(ev, Completion):
+                self._outstanding.pop(ev.tag, None)
+            elif isinstance(ev, TransportLost) and ev.permanent:
+                for t in ev.tags:
+                    self._outstanding.pop(t, None)
+        return events
+
+    def outstanding(self) -> list[Command]:
+        """Commands submitted and not yet answered (for a runner's diagnostics and leak checks)."""
+        return list(self._outstanding.values())
+
+    def set_notify(self, callback: Callable[[], None] | None) -> None:
+        """Register a callable run (from any thread) when :meth:`poll` has something new to return."""
+        self._notify = callback
+
+    def _notify_ready(self) -> None:
+        cb = self._notify
+        if cb is not None:
+            cb()
+
+    def wakeup(self) -> None:
+        """Make a blocked :meth:`poll` return early (thread-safe).  Default: nothing blocks long."""
+
+    def close(self) -> None:
+        """Release every resource.  Idempotent; never raises on a dead peer."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._close()
+        finally:
+            self._outstanding.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- what a backend implements -------------------------------------------------------------
+    @abstractmethod
+    def qids(self) -> list[int]:
+        """The APQNs this transport can reach (the QCI configuration as this client may see it)."""
+
+    @abstractmethod
+    def _send(self, commands: Sequence[Command]) -> None: ...
+
+    @abstractmethod
+    def _recv(self, timeout: float) -> list[TransportEvent]: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...
