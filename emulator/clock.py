@@ -1,0 +1,284 @@
+"""The emulator's clocks: one event model, virtual or wall time (the SimPy ``Environment`` pair).
+
+The card model never sleeps and never reads ``time``: it asks its clock for ``now()`` and schedules
+callbacks with ``call_at``/``call_later``.  :class:`VirtualClock` runs those callbacks when a test or
+the simulation runner steps it, so a whole fault scenario is deterministic and takes milliseconds;
+:class:`WallClock` runs them on one pump thread at their monotonic due time, for servers.
+
+Both order callbacks by ``(time, seq)``: equal times run in the order they were scheduled, so a run
+never depends on how the heap breaks ties.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+__all__ = ["Clock", "ClockError", "TimerHandle", "VirtualClock", "WallClock"]
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[], object]
+
+
+class ClockError(RuntimeError):
+    """Misuse of a clock: moving it backwards, a runaway callback loop, use after close."""
+
+
+class TimerHandle:
+    """A scheduled callback; ``cancel()`` makes sure it never runs (cancelling twice is harmless)."""
+
+    __slots__ = ("_callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callback) -> None:
+        self.when = when
+        self._callback: Callback | None = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._callback = None  # drop references early: cancelled entries linger in the heap
+
+    def _take(self) -> Callback | None:
+        cb, self._callback = self._callback, None
+        return cb
+
+    def __repr__(self) -> str:
+        state = " cancelled" if self.cancelled else ""
+        return f"<TimerHandle when={self.when:.9f}{state}>"
+
+
+class Clock(Protocol):
+    """What the card model needs from a clock."""
+
+    def now(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callback) -> TimerHandle: ...
+
+    def call_later(self, delay: float, callback: Callback) -> TimerHandle: ...
+
+
+def _check_time(value: float, what: str) -> float:
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{what} is NaN")
+    return value
+
+
+class _TimerHeap:
+    """A heap of ``(when, seq, handle)``; ``seq`` makes ties resolve in scheduling order."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, TimerHandle]] = []
+        self._seq = itertools.count()
+
+    def push(self, when: float, callback: Callback) -> TimerHandle:
+        handle = TimerHandle(when, callback)
+        heapq.heappush(self._heap, (when, next(self._seq), handle))
+        return handle
+
+    def peek(self) -> float | None:
+        heap = self._heap
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def pop(self) -> TimerHandle:
+        return heapq.heappop(self._heap)[2]
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+class VirtualClock:
+    """Simulated time that moves only when stepped, jumping straight to the next deadline.
+
+    Thread-safe for scheduling (a runner thread and the emulator may both schedule); callbacks run in
+    the thread that steps the clock, never with the clock's own lock held, so a callback may schedule
+    more callbacks.
+    """
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = _check_time(start, "start")
+        self._timers = _TimerHeap()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<VirtualClock now={self._now:.9f} pending={len(self._timers)}>"
+
+    def now(self) -> float:
+        return self._now
+
+    def call_at(self, when: float, callback: Callback) -> TimerHandle:
+        """Schedule ``callback`` at ``when``; a time in the past means "as soon as stepped"."""
+        when = _check_time(when, "when")
+        with self._lock:
+            return self._timers.push(max(when, self._now), callback)
+
+    def call_later(self, delay: float, callback: Callback) -> TimerHandle:
+        delay = _check_time(delay, "delay")
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0, got {delay}")
+        with self._lock:
+            return self._timers.push(self._now + delay, callback)
+
+    def next_deadline(self) -> float | None:
+        """Time of the next live callback, or None when nothing is scheduled."""
+        with self._lock:
+            return self._timers.peek()
+
+    def step(self) -> bool:
+        """Run the next callback (moving time forward to it).  False when nothing was scheduled."""
+        with self._lock:
+            when = self._timers.peek()
+            if when is None:
+                return False
+            handle = self._timers.pop()
+            self._now = max(self._now, when)
+            cb = handle._take()
+        if cb is not None:
+            cb()
+        return True
+
+    def run_until(self, t: float) -> int:
+        """Run every callback due at or before ``t``, then set the time to ``t``.  Returns the count."""
+        t = _check_time(t, "t")
+        if t < self._now:
+            raise ClockError(f"time can't go backwards: now={self._now}, asked for {t}")
+        count = 0
+        while True:
+            with self._lock:
+                when = self._timers.peek()
+                if when is None or when > t:
+                    self._now = max(self._now, t)
+                    return count
+            self.step()
+            count += 1
+
+    def advance(self, dt: float) -> int:
+        """Move time forward by ``dt`` seconds, running what falls due."""
+        dt = _check_time(dt, "dt")
+        if dt < 0:
+            raise ClockError(f"time can't go backwards: advance({dt})")
+        return self.run_until(self._now + dt)
+
+    def run_until_idle(self, max_time: float | None = None, *, max_steps: int = 10_000_000) -> int:
+        """Step until nothing is scheduled (or the next callback is after ``max_time``).
+
+        ``max_steps`` guards against a callback that reschedules itself forever; exceeding it is a
+        :class:`ClockError`, not a hang.  Returns the number of callbacks run.
+        """
+        count = 0
+        while True:
+            when = self.next_deadline()
+            if when is None or (max_time is not None and when > max_time):
+                if max_time is not None and when is not None:
+                    self._now = max(self._now, max_time)
+                return count
+            if count >= max_steps:
+                raise ClockError(f"run_until_idle: still busy after {max_steps} callbacks")
+            self.step()
+            count += 1
+
+
+class WallClock:
+    """Monotonic time from 0 at construction; due callbacks run on one pump thread.
+
+    ``start()`` launches the pump thread (callbacks scheduled before that wait); ``close()`` stops and
+    joins it, so a test that closes its clock leaks no thread.  A callback that raises is logged and
+    kept in ``errors``; the pump carries on.
+    """
+
+    def __init__(self, *, name: str = "emulator-wallclock") -> None:
+        self._t0 = time.monotonic()
+        self._timers = _TimerHeap()
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._name = name
+        self.errors: list[BaseException] = []
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self.running else "not started")
+        return f"<WallClock now={self.now():.6f} {state}>"
+
+    def __enter__(self) -> WallClock:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def call_at(self, when: float, callback: Callback) -> TimerHandle:
+        when = _check_time(when, "when")
+        with self._cond:
+            if self._closed:
+                raise ClockError("WallClock is closed")
+            handle = self._timers.push(when, callback)
+            self._cond.notify()
+        return handle
+
+    def call_later(self, delay: float, callback: Callback) -> TimerHandle:
+        delay = _check_time(delay, "delay")
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0, got {delay}")
+        return self.call_at(self.now() + delay, callback)
+
+    def next_deadline(self) -> float | None:
+        with self._cond:
+            return self._timers.peek()
+
+    def start(self) -> None:
+        """Start the pump thread (idempotent)."""
+        with self._cond:
+            if self._closed:
+                raise ClockError("WallClock is closed")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._pump, name=self._name, daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the pump thread and join it (idempotent); callbacks not yet due never run."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _pump(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        return
+                    when = self._timers.peek()
+                    if when is not None:
+                        delay = when - self.now()
+                        if delay <= 0:
+                            cb = self._timers.pop()._take()
+                            break
+                        self._cond.wait(delay)
+                    else:
+                        self._cond.wait()
+            if cb is None:
+                continue
+            try:
+                cb()
+            except Exception as exc:  # a failing callback must not kill the adapter's clock
+                log.exception("WallClock callback %r failed", cb)
+                self.errors.append(exc)
