@@ -1,0 +1,196 @@
+"""FrameSession: handshake, domain isolation, error answers and interrupts, against a recording fake.
+
+The fake stands in for ``emulator.Emulator`` (INTERNALS §3) so the session logic is tested without
+clocks or firmware; the ZeroMQ tests run the same session against the real emulator.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Callable
+
+import pytest
+
+from apformats.codes import ResponseCode
+from apformats.frames import (
+    ErrorCode,
+    ErrorFrame,
+    InterruptFrame,
+    Pong,
+    ResultFrame,
+    Welcome,
+    decode_frame,
+    encode_bye,
+    encode_command,
+    encode_error,
+    encode_hello,
+    encode_ping,
+    encode_pong,
+    encode_result,
+    encode_welcome,
+)
+from apformats.results import ApResult, Instr, qid_of
+from apformats.status import HwInfo, QueueStatus
+from emulator.frame_server import FrameSession
+
+
+class FakeEmulator:
+    """Records every instruction; answers NORMAL; keeps AQIC callbacks so a test can fire them."""
+
+    def __init__(self, qids: list[int]) -> None:
+        self._qids = qids
+        self.calls: list[tuple[str, int]] = []
+        self.irq: dict[int, Callable[[int], None] | None] = {}
+        self.explode = False
+
+    def _ok(self, name: str, qid: int, **kw: object) -> ApResult:
+        if self.explode:
+            raise RuntimeError("emulator bug")
+        self.calls.append((name, qid))
+        return ApResult(QueueStatus(queue_empty=True), **kw)  # type: ignore[arg-type]
+
+    def tapq(self, qid: int, t_bit: bool = True) -> ApResult:
+        return self._ok("tapq", qid, hwinfo=HwInfo(at=13, nd=16, qd=7, accel=True))
+
+    def nqap(self, qid: int, psmid: int, message: bytes, special: bool = False) -> ApResult:
+        return self._ok("nqap", qid)
+
+    def dqap(self, qid: int) -> ApResult:
+        return self._ok("dqap", qid, psmid=7, reply=b"reply")
+
+    def rapq(self, qid: int, fbit: bool = False) -> ApResult:
+        return self._ok("rapq", qid)
+
+    def zapq(self, qid: int, fbit: bool = False) -> ApResult:
+        return self._ok("zapq", qid)
+
+    def aqic(self, qid: int, enable: bool, notify: Callable[[int], None] | None = None) -> ApResult:
+        self.irq[qid] = notify
+        return self._ok("aqic", qid)
+
+    def qids(self) -> list[int]:
+        return list(self._qids)
+
+
+QIDS = [qid_of(c, d) for c in (0, 1) for d in (1, 2, 3)]
+
+
+def session(allowed=None, *, notify: bool = True) -> tuple[FrameSession, FakeEmulator, list[bytes]]:
+    emu = FakeEmulator(QIDS)
+    sent: list[bytes] = []
+    s = FrameSession(emu, allowed, sent.append if notify else None, name="t")
+    return s, emu, sent
+
+
+def one(frames: list[bytes]):
+    assert len(frames) == 1
+    return decode_frame(frames[0])
+
+
+def test_handshake_then_commands() -> None:
+    s, emu, _ = session()
+    assert one(s.handle(encode_command(1, Instr.TAPQ, QIDS[0]))) == ErrorFrame(
+        1, ErrorCode.NOT_HELLO, "no session: send HELLO first"
+    )
+    assert emu.calls == []
+    welcome = one(s.handle(encode_hello()))
+    assert welcome == Welcome(1, tuple(QIDS), True)
+    res = one(s.handle(encode_command(2, Instr.TAPQ, QIDS[0])))
+    assert isinstance(res, ResultFrame) and res.tag == 2
+    assert res.to_result().hwinfo == HwInfo(at=13, nd=16, qd=7, accel=True)
+    res = one(s.handle(encode_command(3, Instr.DQAP, QIDS[0])))
+    assert res.to_result() == ApResult(QueueStatus(queue_empty=True), 7, b"reply")
+    for tag, instr in enumerate((Instr.NQAP, Instr.RAPQ, Instr.ZAPQ), 4):
+        assert one(s.handle(encode_command(tag, instr, QIDS[1], 9, b"m"))).tag == tag
+    assert [c[0] for c in emu.calls] == ["tapq", "dqap", "nqap", "rapq", "zapq"]
+    assert one(s.handle(encode_ping(5))) == Pong(5)
+    assert s.handle(encode_pong(5)) == []
+
+
+def test_domain_isolation() -> None:
+    s, emu, _ = session(allowed=[1, 2])
+    assert one(s.handle(encode_hello([1, 3]))).code == ErrorCode.DOMAIN_DENIED
+    assert not s.established
+    welcome = one(s.handle(encode_hello([2])))
+    assert welcome.qids == (qid_of(0, 2), qid_of(1, 2))
+    for instr in Instr:
+        res = one(s.handle(encode_command(9, instr, qid_of(0, 1), flag=True)))
+        assert isinstance(res, ResultFrame)
+        assert res.to_result().status.response_code == ResponseCode.Q_NOT_AVAIL
+    assert emu.calls == [] and emu.irq == {}
+    assert s.stats["denied"] == len(Instr)
+    # no domain list: every granted domain
+    welcome = one(s.handle(encode_hello()))
+    assert welcome.qids == tuple(q for q in QIDS if q & 0xFF in (1, 2))
+
+
+def test_bad_frames_get_errors_and_the_session_keeps_going() -> None:
+    s, emu, _ = session()
+    s.handle(encode_hello())
+    good = encode_command(11, Instr.NQAP, QIDS[0], 1, b"x")
+    bad_opcode = bytearray(good)
+    bad_opcode[12] = 0x7F
+    bad_opcode[-4:] = struct.pack(">I", zlib.crc32(bytes(bad_opcode[:-4])))
+    cases = {
+        bytes(bad_opcode): (11, ErrorCode.UNKNOWN_OPCODE),
+        good[:-1]: (0, ErrorCode.MALFORMED),
+        good[:5]: (0, ErrorCode.MALFORMED),
+        b"": (0, ErrorCode.MALFORMED),
+        good[:20] + b"\xff" + good[21:]: (0, ErrorCode.CORRUPT),
+        encode_command(12, Instr.NQAP, QIDS[0], 1, bytes(70000)): (12, ErrorCode.TOO_BIG),
+        good[:2] + b"\x09" + good[3:]: (0, ErrorCode.BAD_VERSION),
+        encode_welcome([1], interrupts=False): (0, ErrorCode.UNEXPECTED),
+        encode_result(5, ApResult(QueueStatus())): (0, ErrorCode.UNEXPECTED),
+    }
+    for data, (tag, code) in cases.items():
+        err = one(s.handle(data))
+        assert isinstance(err, ErrorFrame), data
+        assert (err.tag, err.code) == (tag, code), err
+    assert emu.calls == []
+    assert s.handle(encode_error(0, ErrorCode.MALFORMED, "you too")) == []
+    assert one(s.handle(good)).tag == 11
+    assert emu.calls == [("nqap", QIDS[0])]
+
+
+def test_emulator_exception_becomes_internal_error() -> None:
+    s, emu, _ = session()
+    s.handle(encode_hello())
+    emu.explode = True
+    err = one(s.handle(encode_command(4, Instr.TAPQ, QIDS[0])))
+    assert (err.tag, err.code) == (4, ErrorCode.INTERNAL)
+    emu.explode = False
+    assert isinstance(one(s.handle(encode_command(5, Instr.TAPQ, QIDS[0]))), ResultFrame)
+
+
+def test_interrupts_reach_notify_until_closed() -> None:
+    s, emu, sent = session()
+    s.handle(encode_hello())
+    s.handle(encode_command(1, Instr.AQIC, QIDS[2], flag=True))
+    cb = emu.irq[QIDS[2]]
+    assert cb is not None
+    cb(QIDS[2])
+    assert [decode_frame(f) for f in sent] == [InterruptFrame(QIDS[2])]
+    s.handle(encode_command(2, Instr.AQIC, QIDS[2], flag=False))
+    assert emu.irq[QIDS[2]] is None
+    assert s.handle(encode_bye("done")) == []
+    assert s.closed and not s.established
+    cb(QIDS[2])
+    assert len(sent) == 1
+    assert one(s.handle(encode_command(3, Instr.TAPQ, QIDS[0]))).code == ErrorCode.NOT_HELLO
+
+
+def test_no_notify_means_no_interrupts() -> None:
+    s, emu, _ = session(notify=False)
+    assert one(s.handle(encode_hello())).interrupts is False
+    s.handle(encode_command(1, Instr.AQIC, QIDS[0], flag=True))
+    assert emu.irq[QIDS[0]] is None
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(2, 3), (0, 0), (3, 1)])
+def test_version_negotiation_refuses(lo: int, hi: int) -> None:
+    s, _, _ = session()
+    err = one(s.handle(encode_hello(min_version=lo, max_version=hi)))
+    assert err.code == ErrorCode.BAD_VERSION
+    assert not s.established
+    assert one(s.handle(encode_hello(min_version=0, max_version=5))).version == 1
