@@ -224,7 +224,22 @@ def build_status_word(status: QueueStatus) -> bytes:
     )
 
 
-_HW_FIELDS = ("apsc", "mex4k", "crt4k", "cca", "accel", "ep11", "apxa", "slcf", "class_", "bs", "at", "nd", "ml", "qd")
+_HW_FIELDS = (
+    "apsc",
+    "mex4k",
+    "crt4k",
+    "cca",
+    "accel",
+    "ep11",
+    "apxa",
+    "slcf",
+    "class_",
+    "bs",
+    "at",
+    "nd",
+    "ml",
+    "qd",
+)
 
 
 def parse_hwinfo_word(data: bytes) -> HwInfo:

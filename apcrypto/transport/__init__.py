@@ -30,7 +30,9 @@ class UnknownTransport(ValueError):
 def scheme_of(url: str) -> str:
     scheme, sep, _ = url.partition(":")
     if not sep or not scheme:
-        raise UnknownTransport(f"not a transport URL: {url!r} (expected emu:, tcp://HOST:PORT or usb://VID:PID)")
+        raise UnknownTransport(
+            f"not a transport URL: {url!r} (expected emu:, tcp://HOST:PORT or usb://VID:PID)"
+        )
     return scheme.lower()
 
 
@@ -40,7 +42,9 @@ def open_transport(url: str, **options: Any) -> Transport:
     try:
         module_name, attr = TRANSPORTS[scheme]
     except KeyError:
-        raise UnknownTransport(f"unknown transport scheme {scheme!r} in {url!r}; known: {sorted(TRANSPORTS)}") from None
+        raise UnknownTransport(
+            f"unknown transport scheme {scheme!r} in {url!r}; known: {sorted(TRANSPORTS)}"
+        ) from None
     factory = getattr(importlib.import_module(module_name), attr)
     return factory(url, **options)
 

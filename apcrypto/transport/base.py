@@ -114,7 +114,7 @@ class Transport(ABC):
         if cb is not None:
             cb()
 
-    def wakeup(self) -> None:
+    def wakeup(self) -> None:  # noqa: B027 - optional hook, default is a no-op
         """Make a blocked :meth:`poll` return early (thread-safe).  Default: nothing blocks long."""
 
     def close(self) -> None:

@@ -1,0 +1,999 @@
+"""The sans-I/O driver core: dispatcher, per-queue state machines, ledger, classifier, formatter.
+
+Events in (a submitted request, an instruction's completion, an interrupt, a timer, a lost
+transport), actions out (:mod:`apcrypto.core.actions`).  It never sleeps, reads a clock, draws
+entropy or touches a socket; runners pass ``now`` (their clock's reading) only so that utilisation
+can be integrated.  Not thread-safe: a runner serialises calls.
+
+How a request travels: ``submit`` records it in the ledger and appends it to its mode's backlog;
+``_fill`` hands backlog heads to the in-service queue with the lowest weighted load that has a free
+slot, emitting NQAP; the NQAP's status accepts it (``on_card``), bounces it back to the backlog
+(Q_FULL, BUSY, reset in progress: it never left the host), or fails it (message too big); a reply
+dequeued by DQAP resolves it, or, for an error reply, goes through the classifier and the reply
+formatter.  Every path ends in exactly one ``Resolve``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from apcrypto.core.actions import Action, ArmTimer, CancelTimer, Execute, Resolve
+from apcrypto.core.classifier import Row, Verdict, classify_cca, classify_rc, classify_reply
+from apcrypto.core.config import DriverConfig
+from apcrypto.core.formatter import Fate, decide
+from apcrypto.core.ledger import Ledger, Outcome, Phase, Record
+from apcrypto.core.queue import STATE_LIMITS, TABLE, QEvent, QState, Queue, Wait
+from apcrypto.errors import (
+    ApcryptoError,
+    BadRequest,
+    ClientClosed,
+    CoreMisuse,
+    DeadlineExceeded,
+    DeviceUnavailable,
+    Indeterminate,
+)
+from apcrypto.requests import ModExpo, RandomBytes, Request
+from apcrypto.transport.base import Command
+from apformats.codes import MachineFailureState, ResponseCode
+from apformats.errors import FormatError
+from apformats.messages import parse_reply
+from apformats.results import ApResult, Instr, qid_str
+
+log = logging.getLogger("apcrypto.core")
+
+_RC_SOURCE = {
+    Instr.TAPQ: "TAPQ",
+    Instr.RAPQ: "RESET",
+    Instr.ZAPQ: "RESET",
+    Instr.AQIC: "AQIC",
+    Instr.NQAP: "NQAP",
+    Instr.DQAP: "DQAP",
+}
+
+# Known-answer probe for accelerators: an odd 512-bit modulus and its expected ME result.
+_PROBE_MOD = (1 << 511) + 0x2F
+_PROBE_EXPECT = pow(2, 65537, _PROBE_MOD).to_bytes(64, "big")
+
+
+def _probe_request(mode: str) -> tuple[Request, Any] | None:
+    if mode == "accel":
+        return ModExpo(b"\x02", 65537, _PROBE_MOD), _PROBE_EXPECT
+    if mode == "cca":
+        return RandomBytes(8), None  # no known answer for random bytes: length and type are checked
+    return None
+
+
+class DriverCore:
+    """All queues of one client.  Public entry points return the actions to carry out."""
+
+    def __init__(
+        self,
+        config: DriverConfig | None = None,
+        *,
+        psmid_base: int = 0,
+        supports_interrupts: bool = False,
+    ) -> None:
+        self.cfg = config or DriverConfig()
+        self.ledger = Ledger(psmid_base)
+        self.queues: dict[int, Queue] = {}
+        self.backlog: dict[str, deque[int]] = {}
+        self.irq_ok = supports_interrupts and self.cfg.use_interrupts
+        self._tags = itertools.count(1)
+        self._tag_map: dict[int, tuple[int, Instr, int]] = {}  # tag -> (qid, instr, psmid)
+        self._cmds: list[Command] = []
+        self._out: list[Action] = []
+        self._armed: dict[tuple[Any, ...], float] = {}
+        self._card_load: dict[int, int] = {}
+        self._kicked: set[int] = set()
+        self._now = 0.0
+        self._closed = False
+        self._backlog_len = 0
+
+    # ---------------------------------------------------------------- public entry points
+    def add_queue(self, qid: int, now: float = 0.0) -> list[Action]:
+        """Start bringing up ``qid``: reset, interrupts, probe, then service."""
+        self._now = now
+        if qid in self.queues:
+            raise CoreMisuse(f"queue {qid_str(qid)} added twice")
+        q = Queue(qid, irq_wanted=self.irq_ok, occ_t=now, t0=now)
+        self.queues[qid] = q
+        self._enter(q, QState.RESET_START)
+        self._run(q, QEvent.KICK)
+        return self._flush()
+
+    def submit(
+        self,
+        request: Request,
+        *,
+        idempotent: bool | None = None,
+        deadline: float | None = None,
+        now: float = 0.0,
+    ) -> tuple[int, list[Action]]:
+        """Accept ``request``; returns its request id and the actions to carry out.
+
+        ``deadline`` is relative (seconds from now).  The outcome arrives as a ``Resolve(rid, ...)``.
+        """
+        if self._closed:
+            raise CoreMisuse("submit after shutdown")
+        self._now = now
+        idem = request.idempotent_default if idempotent is None else bool(idempotent)
+        rec = self.ledger.open(request, idempotent=idem, mode=request.mode, weight=request.weight)
+        if not self._mode_alive(rec.mode):
+            self._fail_unavailable(rec, f"no queue of kind {rec.mode!r} is in service or recovering")
+            return rec.rid, self._flush()
+        if deadline is not None:
+            if deadline <= 0:
+                self._resolve(rec, Outcome.UNAVAILABLE, error=DeadlineExceeded("deadline already passed"))
+                return rec.rid, self._flush()
+            rec.has_deadline = True
+            self._arm(("deadline", rec.rid), deadline, force=True)
+        self._enqueue(rec)
+        self._fill(rec.mode)
+        return rec.rid, self._flush()
+
+    def on_completion(self, tag: int, result: ApResult, now: float = 0.0) -> list[Action]:
+        """The transport answered the command submitted under ``tag``."""
+        self._now = now
+        entry = self._tag_map.pop(tag, None)
+        if entry is None:
+            log.warning("completion for unknown tag %d ignored", tag)
+            self.ledger.counters["unknown_tags"] += 1
+            return self._flush()
+        qid, instr, _psmid = entry
+        q = self.queues[qid]
+        self._occ(q)
+        if instr is Instr.NQAP:
+            self._on_nqap(q, tag, result)
+        elif instr is Instr.DQAP:
+            q.dqap_inflight = False
+            self._on_dqap(q, result)
+        else:
+            q.ctl_inflight = False
+            if instr is Instr.TAPQ:
+                self._on_tapq(q, result)
+            elif instr is Instr.AQIC:
+                self._on_aqic(q, result)
+            else:
+                self._on_reset(q, result)
+        self._kick(q)
+        return self._flush()
+
+    def on_interrupt(self, qid: int, now: float = 0.0) -> list[Action]:
+        """An adapter interrupt for ``qid``: a reply may be waiting."""
+        self._now = now
+        q = self.queues.get(qid)
+        if q is not None:
+            self._want_read(q)
+            self._kick(q)
+        return self._flush()
+
+    def on_timer(self, key: tuple[Any, ...], now: float = 0.0) -> list[Action]:
+        """The timer ``key`` (from an earlier ``ArmTimer``) fired."""
+        self._now = now
+        self._armed.pop(key, None)
+        kind = key[0]
+        if kind == "poll":
+            q = self.queues[key[1]]
+            self._occ(q)
+            self._run(q, QEvent.TIMEOUT)
+        elif kind == "limit":
+            self._on_limit(self.queues[key[1]])
+        elif kind == "reply":
+            self._on_reply_timer(self.queues[key[1]])
+        elif kind == "deadline":
+            self._on_deadline(key[1])
+        else:
+            raise CoreMisuse(f"unknown timer key {key!r}")
+        return self._flush()
+
+    def on_transport_lost(
+        self, tags: Iterable[int], *, permanent: bool, reason: str, now: float = 0.0
+    ) -> list[Action]:
+        """The path to the adapter broke; ``tags`` will never be answered."""
+        self._now = now
+        if not permanent:
+            log.info("transport interrupted (%s); waiting for it to come back", reason)
+            return self._flush()
+        touched: dict[int, Queue] = {}
+        for tag in tags:
+            entry = self._tag_map.pop(tag, None)
+            if entry is None:
+                continue
+            qid, instr, _psmid = entry
+            q = self.queues[qid]
+            touched[qid] = q
+            if instr is Instr.NQAP:
+                rid = q.sending.pop(tag)
+                rec = self.ledger.records.get(rid)
+                if rec is not None:
+                    self._unload(q, rec)
+                    self._attempt_failed(rec, q, may_have_run=True, why=f"transport lost ({reason})")
+            elif instr is Instr.DQAP:
+                q.dqap_inflight = False
+            else:
+                q.ctl_inflight = False
+        for q in touched.values():
+            if q.state is not QState.OFFLINE:
+                self._take_offline(q, f"transport lost: {reason}")
+            else:
+                self._kick(q)
+        return self._flush()
+
+    def shutdown(self, now: float = 0.0) -> list[Action]:
+        """Close: every undecided request is resolved (``ClientClosed``; may-have-run if sent)."""
+        self._now = now
+        self._closed = True
+        for rec in list(self.ledger.in_flight()):
+            sent = rec.phase in (Phase.SENDING, Phase.ON_CARD)
+            err = ClientClosed(
+                "client closed before the request was decided" + (" (it may have run)" if sent else ""),
+                qid=rec.current.qid if rec.current else None,
+                psmid=rec.current.psmid if rec.current else None,
+            )
+            self._resolve(rec, Outcome.UNAVAILABLE, error=err)
+        for key in list(self._armed):
+            self._out.append(CancelTimer(key))
+        self._armed.clear()
+        return self._flush()
+
+    # ---------------------------------------------------------------- queries
+    def stats(self) -> dict[str, Any]:
+        """Counts per outcome, per queue state, and slot utilisation per queue (runner's clock)."""
+        per_state: dict[str, int] = {}
+        queues: dict[str, Any] = {}
+        for q in self.queues.values():
+            self._occ(q)
+            per_state[q.state.value] = per_state.get(q.state.value, 0) + 1
+            elapsed = self._now - q.t0
+            queues[qid_str(q.qid)] = {
+                "state": q.state.value,
+                "mode": q.mode,
+                "slots": q.slots,
+                "held": q.held,
+                "requests": q.requests_total,
+                "load": q.load,
+                "slot_utilisation": (q.occ_integral / (elapsed * q.slots)) if elapsed > 0 else 0.0,
+                "offline_reason": q.offline_reason,
+            }
+        return {
+            "outcomes": dict(self.ledger.outcomes),
+            "counters": dict(self.ledger.counters),
+            "states": per_state,
+            "queues": queues,
+            "backlog": self._backlog_len,
+            "in_flight": self.ledger.counters["submitted"] - sum(self.ledger.outcomes.values()),
+        }
+
+    @property
+    def backlog_size(self) -> int:
+        """Requests waiting on the host for a slot (the bound callers' submit is checked against)."""
+        return self._backlog_len
+
+    # ---------------------------------------------------------------- plumbing
+    def _flush(self) -> list[Action]:
+        for qid in list(self._kicked):
+            self._kicked.discard(qid)
+            self._run(self.queues[qid], QEvent.KICK)
+        out = self._out
+        if self._cmds:
+            out.insert(0, Execute(tuple(self._cmds)))
+            self._cmds = []
+        self._out = []
+        return out
+
+    def _kick(self, q: Queue) -> None:
+        self._kicked.add(q.qid)
+
+    def _emit(
+        self, q: Queue, instr: Instr, *, psmid: int = 0, message: bytes = b"", flag: bool = False
+    ) -> int:
+        tag = next(self._tags)
+        self._tag_map[tag] = (q.qid, instr, psmid)
+        self._cmds.append(Command(tag, instr, q.qid, psmid, message, flag))
+        return tag
+
+    def _arm(self, key: tuple[Any, ...], delay: float, *, force: bool = False) -> None:
+        cur = self._armed.get(key)
+        if cur is not None and cur <= delay and not force:
+            return  # an earlier-or-equal wake-up is already pending
+        self._armed[key] = delay
+        self._out.append(ArmTimer(key, delay))
+
+    def _disarm(self, key: tuple[Any, ...]) -> None:
+        if self._armed.pop(key, None) is not None:
+            self._out.append(CancelTimer(key))
+
+    def _occ(self, q: Queue) -> None:
+        dt = self._now - q.occ_t
+        if dt > 0:
+            q.occ_integral += q.held * dt
+            q.occ_t = self._now
+
+    # ---------------------------------------------------------------- the state machine
+    def _enter(self, q: Queue, state: QState) -> None:
+        if q.state is not state:
+            log.debug("queue %s: %s -> %s", qid_str(q.qid), q.state.value, state.value)
+        q.state = state
+        q.gen += 1
+        limit = STATE_LIMITS.get(state)
+        if limit is not None:
+            q.limit_gen = q.gen
+            self._arm(("limit", q.qid), getattr(self.cfg, limit), force=True)
+        if state.in_service:
+            self._arm(("reply", q.qid), self.cfg.reply_timeout)
+
+    def _run(self, q: Queue, event: QEvent) -> None:
+        while True:
+            wait = getattr(self, "_step_" + TABLE[q.state][event])(q)
+            if wait is not Wait.AGAIN:
+                break
+            event = QEvent.KICK
+        self._apply_wait(q, wait)
+
+    def _apply_wait(self, q: Queue, wait: Wait) -> None:
+        key = ("poll", q.qid)
+        if wait is Wait.NONE:
+            return
+        if wait is Wait.HIGH:
+            self._arm(key, self.cfg.poll_high)
+        elif wait is Wait.LOW:
+            self._arm(key, self.cfg.poll_low)
+        elif wait is Wait.INTERRUPT:
+            self._arm(key, self.cfg.irq_safety_poll if q.irq else self.cfg.poll_high)
+
+    def _settle(self, q: Queue) -> None:
+        """Pick IDLE / WORKING / QUEUE_FULL from the counts while in service."""
+        if not q.state.in_service:
+            return
+        if q.held == 0:
+            new = QState.IDLE
+        elif q.has_free_slot():
+            new = QState.WORKING
+        else:
+            new = QState.QUEUE_FULL
+        if new is not q.state:
+            q.state = new
+            q.gen += 1
+
+    # -- steps (named in queue.TABLE) --
+    def _step_nop(self, q: Queue) -> Wait:
+        return Wait.NONE
+
+    def _step_reset(self, q: Queue) -> Wait:
+        if not q.ctl_inflight:
+            self._abandon_on_card(q, "queue reset")
+            q.ctl_inflight = True
+            zap = q.reset_attempts >= 2  # RAPQ twice, then ZAPQ (DESIGN §4.4)
+            self._emit(q, Instr.ZAPQ if zap else Instr.RAPQ)
+        return Wait.LOW
+
+    def _step_tapq(self, q: Queue) -> Wait:
+        if not q.ctl_inflight:
+            q.ctl_inflight = True
+            self._emit(q, Instr.TAPQ, flag=True)
+        return Wait.LOW
+
+    def _step_probe(self, q: Queue) -> Wait:
+        if not self.cfg.health_probe:
+            self._to_service(q)
+            return Wait.AGAIN
+        if not q.probe_sent and q.probe_psmid is None:
+            probe = _probe_request(q.mode)
+            if probe is None:
+                self._to_service(q)
+                return Wait.AGAIN
+            q.probe_psmid = self.ledger.new_psmid()
+            self._emit(q, Instr.NQAP, psmid=q.probe_psmid, message=probe[0].message(q.domain))
+            return Wait.HIGH
+        return self._step_await(q)
+
+    def _step_await(self, q: Queue) -> Wait:
+        return Wait.INTERRUPT if q.held else Wait.NONE
+
+    def _step_write(self, q: Queue) -> Wait:
+        self._fill(q.mode)
+        self._settle(q)
+        return Wait.INTERRUPT if q.held else Wait.NONE
+
+    def _step_read(self, q: Queue) -> Wait:
+        if q.held == 0:
+            return Wait.NONE
+        if not q.dqap_inflight:
+            q.dqap_inflight = True
+            self._emit(q, Instr.DQAP)
+        return Wait.INTERRUPT
+
+    def _step_read_write(self, q: Queue) -> Wait:
+        w = self._step_write(q)
+        return min(w, self._step_read(q)) if q.state.in_service else w
+
+    def _step_drain(self, q: Queue) -> Wait:
+        if not q.dqap_inflight:
+            q.dqap_inflight = True
+            self._emit(q, Instr.DQAP)
+        return Wait.LOW
+
+    def _step_drain_probe(self, q: Queue) -> Wait:
+        if not q.card_recovered and not q.ctl_inflight:
+            q.ctl_inflight = True
+            self._emit(q, Instr.TAPQ, flag=True)
+        return self._step_drain(q)
+
+    def _step_reprobe(self, q: Queue) -> Wait:
+        if not q.ctl_inflight:
+            q.ctl_inflight = True
+            self._emit(q, Instr.TAPQ, flag=True)
+        return Wait.NONE  # the TAPQ's completion re-arms the next probe
+
+    def _want_read(self, q: Queue) -> None:
+        if q.held and not q.dqap_inflight and q.state is not QState.OFFLINE:
+            q.dqap_inflight = True
+            self._emit(q, Instr.DQAP)
+
+    # -- transitions --
+    def _to_service(self, q: Queue) -> None:
+        q.reset_attempts = 0
+        q.offline_backoff = 0.0
+        q.offline_reason = ""
+        q.probe_psmid = None
+        q.probe_sent = False
+        self._disarm(("limit", q.qid))
+        self._enter(q, QState.IDLE)
+        self._settle(q)
+        log.info("queue %s (%s, %d slots) in service", qid_str(q.qid), q.mode, q.slots)
+        self._fill(q.mode)
+
+    def _start_reset(self, q: Queue, why: str) -> None:
+        log.info("queue %s: reset (%s)", qid_str(q.qid), why)
+        q.probe_psmid = None
+        q.probe_sent = False
+        q.full_hold = False
+        q.card_recovered = False
+        self._enter(q, QState.RESET_START)
+        self._kick(q)
+
+    def _reset_failed(self, q: Queue, why: str) -> None:
+        q.reset_attempts += 1
+        if q.reset_attempts >= self.cfg.max_reset_attempts:
+            self._take_offline(q, f"{why}; {q.reset_attempts} reset attempts failed")
+        else:
+            self._start_reset(q, why)
+
+    def _enter_recovery(self, q: Queue, *, card_recovered: bool) -> None:
+        if q.state is QState.RECOVERY_WAIT:
+            q.card_recovered = q.card_recovered or card_recovered
+            return
+        log.info("queue %s: card in machine-failure recovery; draining stored replies", qid_str(q.qid))
+        q.card_recovered = card_recovered
+        self.ledger.counters["recoveries"] += 1
+        self._enter(q, QState.RECOVERY_WAIT)
+        self._kick(q)
+
+    def _take_offline(self, q: Queue, why: str) -> None:
+        if q.state is not QState.OFFLINE:
+            log.warning("queue %s offline: %s", qid_str(q.qid), why)
+            self.ledger.counters["offlined"] += 1
+        q.offline_reason = why
+        q.probe_psmid = None
+        q.probe_sent = False
+        q.full_hold = False
+        self._enter(q, QState.OFFLINE)
+        self._disarm(("limit", q.qid))
+        self._abandon_on_card(q, why)
+        q.offline_backoff = min(
+            max(q.offline_backoff * 2, self.cfg.offline_probe_interval), self.cfg.offline_probe_max
+        )
+        self._arm(("poll", q.qid), q.offline_backoff, force=True)
+        if not self._mode_alive(q.mode):
+            self._fail_backlog(q.mode, f"every queue of kind {q.mode!r} is offline")
+        else:
+            self._fill(q.mode)
+
+    def _on_limit(self, q: Queue) -> None:
+        if q.limit_gen != q.gen:
+            return  # the state it was armed for has been left since
+        st = q.state
+        if st is QState.SETIRQ_WAIT:
+            log.info("queue %s: interrupts not confirmed; polling instead", qid_str(q.qid))
+            q.irq_wanted = False
+            self._enter(q, QState.PROBE)
+            self._kick(q)
+        elif st is QState.RECOVERY_WAIT:
+            self._take_offline(q, "card recovery did not finish in time")
+        elif st in (QState.RESET_START, QState.RESET_WAIT, QState.PROBE):
+            self._reset_failed(q, f"{st.value} timed out")
+
+    def _on_reply_timer(self, q: Queue) -> None:
+        if not q.state.in_service:
+            return
+        if q.held and q.progress == q.progress_seen:
+            log.warning("queue %s: no reply for %.3gs; resetting", qid_str(q.qid), self.cfg.reply_timeout)
+            self.ledger.counters["reply_timeouts"] += 1
+            self._start_reset(q, "reply timeout")
+            return
+        q.progress_seen = q.progress
+        self._arm(("reply", q.qid), self.cfg.reply_timeout, force=True)
+
+    # ---------------------------------------------------------------- completions
+    def _on_tapq(self, q: Queue, res: ApResult) -> None:
+        st = res.status
+        row = classify_rc("TAPQ", st.response_code)
+        v = row.verdict
+        if q.state is QState.OFFLINE:
+            if v is Verdict.PROCEED:
+                log.info("queue %s answers again; bringing it back", qid_str(q.qid))
+                q.reset_attempts = 0
+                self._start_reset(q, "re-probe after offline")
+            else:
+                q.offline_backoff = min(q.offline_backoff * 2, self.cfg.offline_probe_max)
+                self._arm(("poll", q.qid), q.offline_backoff, force=True)
+            return
+        if v is Verdict.TAKE_OFFLINE:
+            self._take_offline(q, f"TAPQ answered {st.rc_name()}")
+            return
+        if q.state is QState.RECOVERY_WAIT:
+            if v is Verdict.PROCEED:
+                q.card_recovered = True
+                if st.replies_waiting:
+                    self._want_read(q)
+                elif st.queue_empty:
+                    self._recovery_drained(q)
+            return
+        if v is not Verdict.PROCEED:
+            return  # reset or SE change in progress, or busy: keep polling (state limit bounds it)
+        if q.state is QState.RESET_WAIT:
+            if res.hwinfo is not None:
+                self._learn(q, res)
+            if q.irq_wanted:
+                q.ctl_inflight = True
+                self._emit(q, Instr.AQIC, flag=True)
+                self._enter(q, QState.SETIRQ_WAIT)
+            else:
+                self._enter(q, QState.PROBE)
+        elif q.state is QState.SETIRQ_WAIT:
+            q.irq = st.irq_enabled
+            if st.irq_enabled:
+                self._enter(q, QState.PROBE)
+
+    def _learn(self, q: Queue, res: ApResult) -> None:
+        hw = res.hwinfo
+        assert hw is not None
+        q.hw = hw
+        q.slots = hw.slots
+        q.max_msg = hw.max_msg_size
+        if q.mode != hw.mode:
+            q.mode = hw.mode
+            self.backlog.setdefault(q.mode, deque())
+
+    def _on_reset(self, q: Queue, res: ApResult) -> None:
+        row = classify_rc("RESET", res.status.response_code)
+        if q.state is QState.OFFLINE:
+            return
+        if row.verdict is Verdict.PROCEED:
+            q.irq = False
+            if q.state is QState.RESET_START:
+                self._enter(q, QState.RESET_WAIT)
+        elif row.verdict is Verdict.TAKE_OFFLINE:
+            self._take_offline(q, f"reset answered {res.status.rc_name()}")
+        # retry-same (busy): the LOW poll issues the reset again
+
+    def _on_aqic(self, q: Queue, res: ApResult) -> None:
+        row = classify_rc("AQIC", res.status.response_code)
+        if row.verdict is Verdict.TAKE_OFFLINE:
+            self._take_offline(q, f"AQIC answered {res.status.rc_name()}")
+        elif row.verdict is not Verdict.PROCEED and q.state is QState.SETIRQ_WAIT:
+            self._enter(q, QState.RESET_WAIT)  # reset still running: AQIC again after TAPQ
+        elif res.status.response_code != ResponseCode.NORMAL and q.state is QState.SETIRQ_WAIT:
+            q.irq_wanted = False  # no interrupts on this path: poll
+            self._enter(q, QState.PROBE)
+
+    def _on_nqap(self, q: Queue, tag: int, res: ApResult) -> None:
+        st = res.status
+        row = classify_rc("NQAP", st.response_code)
+        v = row.verdict
+        if tag not in q.sending:  # the health probe
+            if v is Verdict.PROCEED:
+                q.probe_sent = True
+                if st.replies_waiting:
+                    self._want_read(q)
+            elif v is Verdict.TAKE_OFFLINE:
+                self._take_offline(q, f"probe NQAP answered {st.rc_name()}")
+            elif q.state is QState.PROBE:
+                q.probe_psmid = None  # busy / reset in progress: try the probe again
+                if v is Verdict.RETRY_SAME and st.response_code == ResponseCode.BUSY:
+                    self._enter_recovery(q, card_recovered=False)
+            return
+        rec = self.ledger.records[q.sending.pop(tag)]
+        if v is Verdict.PROCEED:
+            att = rec.current
+            assert att is not None
+            if rec.resolved:
+                # decided while its NQAP was in flight (deadline): it is on the card now; keep the slot
+                att.fate = "late"
+                q.on_card[att.psmid] = rec.rid
+            elif q.state is QState.OFFLINE or q.state is QState.RESET_START:
+                # accepted by a queue we already gave up on: it may run; nobody will collect it
+                q.on_card[att.psmid] = rec.rid
+                self._abandon_on_card(q, "accepted by a queue taken out of service")
+                return
+            else:
+                att.fate = "on-card"
+                rec.phase = Phase.ON_CARD
+                q.on_card[att.psmid] = rec.rid
+            q.requests_total += 1
+            if st.replies_waiting:
+                self._want_read(q)
+            self._settle(q)
+            return
+        # the card did not take it: it never left the host
+        self._unload(q, rec)
+        att = rec.current
+        if att is not None:
+            att.fate = "bounced"
+        if v is Verdict.FAIL_CALLER:
+            self._resolve(
+                rec,
+                Outcome.FAILED,
+                error=BadRequest(
+                    f"the card refused the request ({st.rc_name()})",
+                    qid=q.qid,
+                    psmid=att.psmid if att else None,
+                    response_code=st.response_code,
+                ),
+            )
+            return
+        self.ledger.counters["bounced"] += 1
+        self._requeue_front(rec)
+        if v is Verdict.BACKPRESSURE:
+            q.full_hold = True
+            self._settle(q)
+            self._want_read(q)
+        elif v is Verdict.RETRY_SAME:
+            if st.response_code == ResponseCode.BUSY:
+                self._enter_recovery(q, card_recovered=False)
+            elif st.response_code == ResponseCode.RESET_IN_PROGRESS and q.state.in_service:
+                self._external_reset(q)
+        elif v is Verdict.RESET_QUEUE:
+            self._start_reset(q, f"NQAP answered {st.rc_name()}")
+        else:
+            self._take_offline(q, f"NQAP answered {st.rc_name()}")
+
+    def _external_reset(self, q: Queue) -> None:
+        """Somebody else reset the queue: everything it held is gone, fate unknown."""
+        self.ledger.counters["external_resets"] += 1
+        self._abandon_on_card(q, "queue reset by someone else")
+        q.probe_psmid = None
+        q.probe_sent = False
+        self._enter(q, QState.RESET_WAIT)
+        self._kick(q)
+
+    def _on_dqap(self, q: Queue, res: ApResult) -> None:
+        st = res.status
+        row = classify_rc("DQAP", st.response_code)
+        v = row.verdict
+        if v is Verdict.PROCEED:
+            q.progress += 1
+            if q.full_hold:
+                q.full_hold = False
+            self._deliver(q, res.psmid, res.reply)
+            if st.replies_waiting:
+                self._want_read(q)
+            elif q.state is QState.RECOVERY_WAIT and st.queue_empty and q.card_recovered:
+                self._recovery_drained(q)
+            self._settle(q)
+            return
+        if v is Verdict.BACKPRESSURE:  # no reply pending
+            if st.queue_empty:
+                q.full_hold = False
+                if q.state is QState.RECOVERY_WAIT:
+                    if q.card_recovered:
+                        self._recovery_drained(q)
+                elif q.on_card or q.probe_sent:
+                    self.ledger.counters["card_forgot"] += 1
+                    if q.state is QState.PROBE:
+                        self._reset_failed(q, "probe lost by the card")
+                    else:
+                        self._abandon_on_card(q, "card reports the queue empty")
+                        self._settle(q)
+            return
+        if q.state is QState.OFFLINE:
+            return
+        if v is Verdict.RETRY_SAME:
+            if st.response_code == ResponseCode.BUSY:
+                self._enter_recovery(q, card_recovered=False)
+            elif st.response_code == ResponseCode.RESET_IN_PROGRESS and q.state not in (
+                QState.RESET_START,
+                QState.RESET_WAIT,
+            ):
+                self._external_reset(q)
+        elif v is Verdict.RESET_QUEUE:
+            self._start_reset(q, f"DQAP answered {st.rc_name()}")
+        else:
+            self._take_offline(q, f"DQAP answered {st.rc_name()}")
+
+    def _recovery_drained(self, q: Queue) -> None:
+        self.ledger.counters["recoveries_drained"] += 1
+        self._abandon_on_card(q, "not among the card's stored replies")
+        self._start_reset(q, "stored replies drained after machine failure")
+
+    # ---------------------------------------------------------------- replies
+    def _deliver(self, q: Queue, psmid: int, data: bytes) -> None:
+        if psmid == q.probe_psmid and q.probe_sent:
+            self._probe_reply(q, data)
+            return
+        rid = q.on_card.pop(psmid, None)
+        if rid is None:
+            self.ledger.counters["stray_replies"] += 1
+            log.warning("queue %s: reply for unknown psmid %#x dropped", qid_str(q.qid), psmid)
+            return
+        rec = self.ledger.records.get(rid)
+        if rec is None:
+            self.ledger.counters["late_replies"] += 1
+            return
+        self._unload(q, rec)
+        if rec.resolved:
+            self.ledger.counters["late_replies"] += 1
+            log.info("queue %s: late reply for decided request %d dropped", qid_str(q.qid), rid)
+            return
+        att = rec.current
+        assert att is not None and att.psmid == psmid
+        try:
+            reply = parse_reply(data)
+        except FormatError as exc:
+            self._protocol_anomaly(q, rec, f"malformed reply: {exc}")
+            return
+        if reply.kind == "ok":
+            try:
+                value = rec.request.decode(reply)
+            except ValueError as exc:
+                self._protocol_anomaly(q, rec, f"reply does not fit the request: {exc}")
+                return
+            att.fate = "completed"
+            self._resolve(rec, Outcome.COMPLETED, value=value)
+            return
+        if reply.msg_type == 0x86 and reply.reply_code == 0:
+            row = classify_cca(reply.rtcode or 0)
+        else:
+            row = classify_reply(reply.reply_code, reply.mf_state)
+        self._error_reply(q, rec, row, reply)
+
+    def _error_reply(self, q: Queue, rec: Record, row: Row, reply: Any) -> None:
+        att = rec.current
+        assert att is not None
+        codes = {
+            "qid": q.qid,
+            "psmid": att.psmid,
+            "reply_code": reply.reply_code,
+            "mf_state": int(reply.mf_state) if reply.mf_state is not None else None,
+        }
+        v = row.verdict
+        if v is Verdict.FAIL_CALLER:
+            att.fate = "error"
+            extra = f" (CCA rc {reply.rtcode}/rs {reply.rscode})" if reply.msg_type == 0x86 else ""
+            self._resolve(
+                rec,
+                Outcome.FAILED,
+                error=BadRequest(f"card rejected the request: {row.note}{extra}", **codes),
+            )
+            return
+        if v is Verdict.MACHINE_FAILURE:
+            att.fate = (
+                "mf-pending" if reply.mf_state == MachineFailureState.REQUEST_PENDING else "mf-in-process"
+            )
+            self.ledger.counters["mf_replies"] += 1
+            self._attempt_failed(rec, q, may_have_run=row.may_have_run, why="machine failure", codes=codes)
+            self._enter_recovery(q, card_recovered=True)
+            return
+        att.fate = "error"
+        self._attempt_failed(
+            rec, q, may_have_run=row.may_have_run, why=f"error reply: {row.note}", codes=codes
+        )
+        if v is Verdict.RESET_QUEUE:
+            self._start_reset(q, row.note)
+        elif v is Verdict.TAKE_OFFLINE:
+            self._take_offline(q, row.note)
+
+    def _protocol_anomaly(self, q: Queue, rec: Record, why: str) -> None:
+        """The card answered something we cannot read: it ran the request, the result is lost."""
+        self.ledger.counters["protocol_anomalies"] += 1
+        att = rec.current
+        if att is not None:
+            att.fate = "error"
+        self._attempt_failed(rec, q, may_have_run=True, why=why)
+        self._start_reset(q, why)
+
+    def _probe_reply(self, q: Queue, data: bytes) -> None:
+        q.probe_sent = False
+        q.probe_psmid = None
+        if q.state is not QState.PROBE:
+            return
+        probe = _probe_request(q.mode)
+        ok = False
+        try:
+            reply = parse_reply(data)
+            if reply.kind == "ok" and probe is not None:
+                value = probe[0].decode(reply)
+                ok = probe[1] is None or value == probe[1]
+            elif reply.kind != "ok" and reply.reply_code == 0x10:
+                self._enter_recovery(q, card_recovered=True)
+                return
+        except (FormatError, ValueError):
+            ok = False
+        if ok:
+            self._to_service(q)
+        else:
+            self._reset_failed(q, "health probe answered wrong")
+
+    # ---------------------------------------------------------------- ledger decisions
+    def _attempt_failed(
+        self,
+        rec: Record,
+        q: Queue,
+        *,
+        may_have_run: bool,
+        why: str,
+        codes: dict[str, Any] | None = None,
+    ) -> None:
+        if rec.resolved:
+            return
+        fate = decide(
+            may_have_run=may_have_run,
+            idempotent=rec.idempotent,
+            redrives=rec.redrives,
+            max_redrives=self.cfg.max_redrives,
+        )
+        codes = codes or {"qid": q.qid, "psmid": rec.current.psmid if rec.current else None}
+        if fate is Fate.REDRIVE:
+            rec.redrives += 1
+            rec.avoid_qid = q.qid
+            self.ledger.counters["redriven"] += 1
+            self._requeue_front(rec)
+            if not self._mode_alive(rec.mode):
+                self._fail_backlog(rec.mode, f"every queue of kind {rec.mode!r} is offline")
+            else:
+                self._fill(rec.mode)
+        elif fate is Fate.INDETERMINATE:
+            self._resolve(
+                rec,
+                Outcome.INDETERMINATE,
+                error=Indeterminate(f"request may have run on a failed card ({why})", reason=why, **codes),
+            )
+        else:
+            self._resolve(
+                rec,
+                Outcome.UNAVAILABLE,
+                error=DeviceUnavailable(f"re-drive budget spent ({why})", **codes),
+            )
+
+    def _abandon_on_card(self, q: Queue, why: str) -> None:
+        """The card will never answer what it holds for us: decide each from the ledger."""
+        q.probe_sent = False
+        q.probe_psmid = None
+        if not q.on_card:
+            return
+        held = list(q.on_card.items())
+        q.on_card.clear()
+        for psmid, rid in held:
+            rec = self.ledger.records.get(rid)
+            if rec is None:
+                continue
+            self._unload(q, rec)
+            att = rec.current
+            if att is not None and att.psmid == psmid and not rec.resolved:
+                att.fate = "lost"
+                self._attempt_failed(rec, q, may_have_run=True, why=why)
+
+    # ---------------------------------------------------------------- dispatch
+    def _mode_alive(self, mode: str) -> bool:
+        for q in self.queues.values():
+            if q.state is not QState.OFFLINE and (q.mode == mode or q.mode == "unknown"):
+                return True
+        return False
+
+    def _enqueue(self, rec: Record) -> None:
+        self.backlog.setdefault(rec.mode, deque()).append(rec.rid)
+        self._backlog_len += 1
+
+    def _requeue_front(self, rec: Record) -> None:
+        rec.phase = Phase.QUEUED
+        self.backlog.setdefault(rec.mode, deque()).appendleft(rec.rid)
+        self._backlog_len += 1
+
+    def _pick(self, mode: str, avoid: int | None, weight: int) -> Queue | None:
+        best: Queue | None = None
+        best_score = 0
+        for q in self.queues.values():
+            if q.mode != mode or not q.state.in_service or not q.has_free_slot():
+                continue
+            score = self._card_load.get(q.card, 0) + q.load + weight
+            if avoid is not None:
+                if q.qid == avoid:
+                    score += 10000  # zcrypt's TRACK_AGAIN_QUEUE_WEIGHT_PENALTY
+                if q.card == (avoid >> 8):
+                    score += 1000  # ...and its card penalty
+            if (
+                best is None
+                or score < best_score
+                or (score == best_score and q.requests_total < best.requests_total)
+            ):
+                best, best_score = q, score
+        return best
+
+    def _fill(self, mode: str) -> None:
+        backlog = self.backlog.get(mode)
+        records = self.ledger.records
+        while backlog:
+            rec = records.get(backlog[0])
+            if rec is None or rec.resolved:
+                backlog.popleft()
+                self._backlog_len -= 1
+                continue
+            q = self._pick(mode, rec.avoid_qid, rec.weight)
+            if q is None:
+                return
+            backlog.popleft()
+            self._backlog_len -= 1
+            self._send(q, rec)
+
+    def _send(self, q: Queue, rec: Record) -> None:
+        att = self.ledger.new_attempt(rec, q.qid)
+        try:
+            message = rec.request.message(q.domain)
+        except ValueError as exc:
+            self._resolve(rec, Outcome.FAILED, error=BadRequest(f"cannot encode request: {exc}", qid=q.qid))
+            return
+        tag = self._emit(q, Instr.NQAP, psmid=att.psmid, message=message)
+        q.sending[tag] = rec.rid
+        q.load += rec.weight
+        self._card_load[q.card] = self._card_load.get(q.card, 0) + rec.weight
+        if q.state is QState.IDLE:
+            q.state = QState.WORKING
+            q.gen += 1
+        self._settle(q)
+
+    def _unload(self, q: Queue, rec: Record) -> None:
+        q.load -= rec.weight
+        self._card_load[q.card] -= rec.weight
+
+    # ---------------------------------------------------------------- outcomes
+    def _resolve(
+        self, rec: Record, outcome: Outcome, *, value: Any = None, error: ApcryptoError | None = None
+    ) -> None:
+        self.ledger.close(rec, outcome)
+        if rec.has_deadline:
+            self._disarm(("deadline", rec.rid))
+        self._out.append(Resolve(rec.rid, value, error))
+
+    def _fail_unavailable(self, rec: Record, why: str) -> None:
+        self._resolve(rec, Outcome.UNAVAILABLE, error=DeviceUnavailable(why))
+
+    def _fail_backlog(self, mode: str, why: str) -> None:
+        backlog = self.backlog.get(mode)
+        while backlog:
+            rec = self.ledger.records.get(backlog.popleft())
+            self._backlog_len -= 1
+            if rec is not None and not rec.resolved:
+                self._fail_unavailable(rec, why)
+
+    def _on_deadline(self, rid: int) -> None:
+        rec = self.ledger.records.get(rid)
+        if rec is None or rec.resolved:
+            return
+        rec.has_deadline = False
+        sent = rec.phase in (Phase.SENDING, Phase.ON_CARD)
+        att = rec.current
+        self._resolve(
+            rec,
+            Outcome.UNAVAILABLE,
+            error=DeadlineExceeded(
+                "deadline expired" + (" after the request was handed to a card" if sent else " while queued"),
+                may_have_run=sent,
+                qid=att.qid if (sent and att) else None,
+                psmid=att.psmid if (sent and att) else None,
+            ),
+        )
+        # a queued record stays in the backlog deque and is skipped lazily by _fill

@@ -1,0 +1,128 @@
+"""Per-APQN state: what the driver believes one AP queue holds, and its state machine table.
+
+The table has the shape of Linux ``ap_queue.c``'s jump table: ``TABLE[state][event]`` names the step
+to run, and each step returns a :class:`Wait` hint ordered by urgency, so combining two steps is
+``min()``.  Unlike the kernel, a step never executes an instruction inline: it asks the driver core
+to *emit* one, and the instruction's completion arrives later as its own call (``on_completion``).
+That keeps the queue machine pure and lets pipelined transports keep many instructions in flight.
+
+The steps themselves live in :mod:`apcrypto.core.driver` (they need the dispatcher and ledger);
+this module holds the data: states, events, waits, the table of step names and the queue record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+
+from apformats.results import qid_card, qid_domain
+from apformats.status import HwInfo
+
+
+class QState(Enum):
+    RESET_START = "reset-start"  # about to RAPQ (ZAPQ after repeated failures)
+    RESET_WAIT = "reset-wait"  # RAPQ issued; TAPQ until the reset is done
+    SETIRQ_WAIT = "setirq-wait"  # AQIC issued; TAPQ until the irq bit shows
+    PROBE = "probe"  # health probe: a known-answer request must come back right
+    IDLE = "idle"  # in service, nothing on the card
+    WORKING = "working"  # in service, work on the card, free slots
+    QUEUE_FULL = "queue-full"  # in service, every slot taken (or the card said Q_FULL)
+    RECOVERY_WAIT = "recovery-wait"  # card in machine-failure recovery: drain stored replies, no NQAP
+    OFFLINE = "offline"  # out of service; probed again later, comes back by itself
+
+    @property
+    def in_service(self) -> bool:
+        return self in _IN_SERVICE
+
+
+_IN_SERVICE = frozenset({QState.IDLE, QState.WORKING, QState.QUEUE_FULL})
+
+
+class QEvent(Enum):
+    KICK = "kick"  # something changed: new work or a completion (replies are read on the status
+    # bits, interrupts and poll ticks, never eagerly on a kick: that would double the instructions)
+    TIMEOUT = "timeout"  # the queue's poll timer fired
+
+
+class Wait(IntEnum):
+    """How soon the queue wants to be looked at again; smaller is more urgent (kernel order)."""
+
+    AGAIN = 0
+    HIGH = 1  # fast poll (replies outstanding, no interrupts)
+    LOW = 2  # slow poll (reset, irq, recovery waits)
+    INTERRUPT = 3  # an interrupt will come (slow safety poll), or fast poll without interrupts
+    NONE = 4
+
+
+#: state × event → name of a step method on DriverCore (``_step_<name>``).  Every cell is filled.
+TABLE: dict[QState, dict[QEvent, str]] = {
+    QState.RESET_START: {QEvent.KICK: "reset", QEvent.TIMEOUT: "reset"},
+    QState.RESET_WAIT: {QEvent.KICK: "tapq", QEvent.TIMEOUT: "tapq"},
+    QState.SETIRQ_WAIT: {QEvent.KICK: "tapq", QEvent.TIMEOUT: "tapq"},
+    QState.PROBE: {QEvent.KICK: "probe", QEvent.TIMEOUT: "read"},
+    QState.IDLE: {QEvent.KICK: "write", QEvent.TIMEOUT: "nop"},
+    QState.WORKING: {QEvent.KICK: "write", QEvent.TIMEOUT: "read_write"},
+    QState.QUEUE_FULL: {QEvent.KICK: "await", QEvent.TIMEOUT: "read"},
+    QState.RECOVERY_WAIT: {QEvent.KICK: "drain", QEvent.TIMEOUT: "drain_probe"},
+    QState.OFFLINE: {QEvent.KICK: "nop", QEvent.TIMEOUT: "reprobe"},
+}
+
+#: Bound on the time a queue may spend in a state before the driver escalates (config attribute).
+STATE_LIMITS: dict[QState, str] = {
+    QState.RESET_START: "reset_timeout",
+    QState.RESET_WAIT: "reset_timeout",
+    QState.SETIRQ_WAIT: "setirq_timeout",
+    QState.PROBE: "probe_timeout",
+    QState.RECOVERY_WAIT: "recovery_timeout",
+}
+
+
+@dataclass(slots=True, eq=False)
+class Queue:
+    """The driver's view of one APQN."""
+
+    qid: int
+    state: QState = QState.RESET_START
+    hw: HwInfo | None = None
+    slots: int = 1  # learned from TAPQ: qd + 1
+    max_msg: int = 12 * 1024
+    mode: str = "unknown"
+    irq: bool = False  # the card's status says interrupts are on
+    irq_wanted: bool = True
+    on_card: dict[int, int] = field(default_factory=dict)  # psmid -> rid (NQAP accepted, no reply yet)
+    sending: dict[int, int] = field(default_factory=dict)  # tag -> rid (NQAP issued, status not seen)
+    probe_psmid: int | None = None
+    probe_sent: bool = False
+    dqap_inflight: bool = False
+    ctl_inflight: bool = False  # one of TAPQ/RAPQ/ZAPQ/AQIC is in flight
+    full_hold: bool = False  # the card said Q_FULL: no NQAP until a reply frees a slot
+    card_recovered: bool = False  # in RECOVERY_WAIT: the card answers again (not BUSY)
+    reset_attempts: int = 0
+    offline_backoff: float = 0.0
+    offline_reason: str = ""
+    load: int = 0  # sum of dispatch weights on this queue
+    requests_total: int = 0  # accepted by the card over the queue's life
+    progress: int = 0  # bumped on every reply; the reply-timeout check compares it
+    progress_seen: int = -1
+    gen: int = 0  # bumped on every state change; the state-limit timer checks it
+    limit_gen: int = -1
+    # utilisation on the runner's clock: integral of (messages held) dt
+    occ_integral: float = 0.0
+    occ_t: float = 0.0
+    t0: float = 0.0
+
+    @property
+    def card(self) -> int:
+        return qid_card(self.qid)
+
+    @property
+    def domain(self) -> int:
+        return qid_domain(self.qid)
+
+    @property
+    def held(self) -> int:
+        """Messages the card holds (or may hold) for us: accepted, in flight and the probe."""
+        return len(self.on_card) + len(self.sending) + (1 if self.probe_sent else 0)
+
+    def has_free_slot(self) -> bool:
+        return not self.full_hold and self.held < self.slots
