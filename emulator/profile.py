@@ -41,7 +41,7 @@ PROFILE_FORMAT = 1
 #: Function classes a service-time table may name (besides ``CPRB:<fc>`` and ``default``).
 FUNCTION_CLASSES = ("MEX_1K", "MEX_2K", "MEX_4K", "CRT_1K", "CRT_2K", "CRT_4K", "RNG", "CPRB:*")
 _CPRB_FC = re.compile(r"^CPRB:[A-Za-z0-9]{2}$")
-MODES = ("accel", "cca", "ep11")
+MODES = ("accel", "cca")  # the modes the firmware stubs implement
 
 #: Where the bundled profiles live (installed as package data).
 PROFILE_DIR = Path(__file__).with_name("profiles")

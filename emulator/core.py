@@ -1,0 +1,615 @@
+"""The software adapter: cards, queues and engines on a clock, driven by AP instructions.
+
+Sans-I/O: nothing here owns a thread or a socket.  Work moves only when an instruction is called
+or a clock callback fires; the same model runs on a :class:`~emulator.clock.VirtualClock` (tests,
+simulation: deterministic, instant) or a :class:`~emulator.clock.WallClock` (servers).
+
+How a request moves (INTERNALS §3; ``reference/zcrypt.md`` §1.5, §9):
+
+1. ``nqap`` puts it in a slot of its queue (it holds that slot until its reply is DQAP'd) and on
+   the card's round-robin of queues with waiting work.
+2. A free engine of the card takes the oldest message of the next queue in the round-robin (fair
+   across domains, FIFO within one).  Starting it runs the firmware, which computes the real
+   result and applies any state change *now*; the engine is then busy for the service time.
+3. On completion the reply becomes available to DQAP, an interrupt is signalled if AQIC enabled
+   one, and the engine takes the next message.  A zero service time completes inline.
+
+Card-level events (machine failure, checkstop, ...) follow the table in :mod:`emulator.lifecycle`;
+the ``_act_*`` methods below are its actions.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import firmware_stubs
+from apformats.codes import MachineFailureState, ResponseCode
+from apformats.errors import FormatError
+from apformats.messages import build_error_reply, request_function
+from apformats.results import ApResult, Instr
+from apformats.status import QueueStatus
+from emulator.clock import TimerHandle, VirtualClock, WallClock
+from emulator.control import ControlPlane
+from emulator.execution_log import ExecutionLog
+from emulator.lifecycle import (
+    CARD_GATE,
+    CARD_TRANSITIONS,
+    HWINFO_TRUSTED,
+    QUEUE_GATE,
+    CardEvent,
+    CardState,
+)
+from emulator.model import Card, Message, Queue
+from emulator.profile import Profile, load_profile
+from emulator.stats import EmulatorStats, collect_stats
+
+__all__ = ["Emulator"]
+
+RC = ResponseCode
+_I = Instr
+_MAX_PSMID = (1 << 64) - 1
+
+#: Response codes whose status word says nothing about the queue (no bits but the RC).
+_BARE_RCS = frozenset({RC.Q_NOT_AVAIL, RC.INVALID_ADDRESS, RC.CHECKSTOPPED, RC.DECONFIGURED})
+
+
+def _substream(seed: int, name: str) -> random.Random:
+    """An independent, reproducible stream per purpose: extra draws in one never shift another.
+
+    String seeds are hashed with SHA-512 by ``random.seed`` (not ``hash()``), so this does not
+    depend on ``PYTHONHASHSEED``.
+    """
+    return random.Random(f"apcrypto-emulator:{seed}:{name}")
+
+
+class Emulator:
+    """A software AP adapter complex built from a :class:`~emulator.profile.Profile`.
+
+    ``profile``: a Profile, a bundled profile name, or a path to a TOML file (default
+    ``"default"``).  ``clock``: a clock object, or ``"virtual"`` / ``"wall"``; default a new
+    :class:`VirtualClock`.  A :class:`WallClock` that is not running yet is started here and closed
+    by :meth:`close`.  ``seed`` derives the independent random streams for service-time jitter, the
+    firmware's RNG and fault probabilities: the same seed and the same instruction sequence give
+    the same execution log.
+
+    Every instruction takes :attr:`lock` (an ``RLock``) and returns an
+    :class:`~apformats.results.ApResult`.
+    """
+
+    def __init__(
+        self,
+        profile: Profile | str | Path | None = None,
+        *,
+        clock: VirtualClock | WallClock | str | None = None,
+        seed: int = 0,
+    ) -> None:
+        if profile is None:
+            profile = "default"
+        self.profile: Profile = profile if isinstance(profile, Profile) else load_profile(profile)
+        self._owns_clock = False
+        if clock is None or clock == "virtual":
+            clock = VirtualClock()
+        elif clock == "wall":
+            clock = WallClock()
+        if isinstance(clock, str):
+            raise ValueError(f"clock must be a clock object, 'virtual' or 'wall', got {clock!r}")
+        self.clock = clock
+        self.seed = seed
+        self.lock = threading.RLock()
+        self.execution_log = ExecutionLog(self.lock)
+        self._jitter_rng = _substream(seed, "jitter")
+        self._firmware_rng = _substream(seed, "firmware")
+        self.control = ControlPlane(self, _substream(seed, "faults"))
+        self._jitter = self.profile.timing.jitter
+        self._seq = 0
+        self._t0 = clock.now()
+        self._closed = False
+        self._irq_due: dict[int, Callable[[int], object]] = {}
+        self._irq_flush: TimerHandle | None = None
+        self._service_cache: dict[tuple[str, str], float] = {}
+
+        self._cards: dict[int, Card] = {spec.id: Card(spec) for spec in self.profile.cards}
+        self.stores: dict[tuple[int, int], Any] = {}
+        for card in self._cards.values():
+            for q in card.queues.values():
+                if not q.usage:
+                    continue
+                store = firmware_stubs.DomainStore()
+                self.stores[(card.id, q.domain)] = store
+                q.fw_ctx = firmware_stubs.FirmwareContext(
+                    domain=q.domain,
+                    store=store,
+                    rng=self._firmware_rng,
+                    max_mod_bytes=card.type.max_mod_bytes,
+                    mode=card.type.mode,
+                )
+        self._qids = sorted(q.qid for c in self._cards.values() for q in c.queues.values() if q.usage)
+
+        if isinstance(clock, WallClock) and not clock.running:
+            clock.start()
+            self._owns_clock = True
+
+    def __repr__(self) -> str:
+        return f"<Emulator profile={self.profile.name!r} seed={self.seed} t={self.clock.now():.6f}>"
+
+    def __enter__(self) -> Emulator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop a WallClock this emulator started (idempotent).  Pending work is left as it is."""
+        self._closed = True
+        if self._owns_clock and isinstance(self.clock, WallClock):
+            self.clock.close()
+
+    # --- topology ------------------------------------------------------------------------------
+
+    def qids(self) -> list[int]:
+        """Configured usage APQNs, sorted (control-only domains are not listed)."""
+        return list(self._qids)
+
+    def cards(self) -> list[int]:
+        return list(self._cards)
+
+    def card_state(self, card: int) -> CardState:
+        return self._cards[card].state
+
+    # --- instructions --------------------------------------------------------------------------
+
+    def tapq(self, qid: int, t_bit: bool = True) -> ApResult:
+        """Test AP queue: the status word, plus GR2 hardware info when ``t_bit`` and the RC allow."""
+        with self.lock:
+            card, q, rc = self._gate(qid, _I.TAPQ)
+            if rc is None:
+                rc = RC.NORMAL
+            status = self._status(q, rc)
+            hw = card.hwinfo if (t_bit and card is not None and rc in HWINFO_TRUSTED) else None
+            return ApResult(status, hwinfo=hw)
+
+    def nqap(self, qid: int, psmid: int, message: bytes, special: bool = False) -> ApResult:
+        """Enqueue ``message`` under ``psmid``; it holds a slot until its reply is DQAP'd."""
+        if not 0 <= psmid <= _MAX_PSMID:
+            raise ValueError(f"psmid {psmid!r} is not a 64-bit value")
+        with self.lock:
+            card, q, rc = self._gate(qid, _I.NQAP)
+            if rc is not None:
+                return ApResult(self._status(q, rc))
+            assert card is not None and q is not None
+            if not q.usage:
+                return ApResult(self._status(q, RC.INVALID_DOMAIN))
+            if special and not card.type.apsc:
+                return ApResult(self._status(q, RC.REQ_FAC_NOT_INST))
+            if len(message) > card.type.max_msg_size:
+                return ApResult(self._status(q, RC.MESSAGE_TOO_BIG))
+            if q.held >= q.slots:
+                return ApResult(self._status(q, RC.Q_FULL))
+            self._accept(card, q, psmid, bytes(message), special)
+            status = self._status(q, RC.NORMAL)
+        if self._irq_due:
+            self._schedule_irq_flush()
+        return ApResult(status)
+
+    def dqap(self, qid: int) -> ApResult:
+        """Take the oldest available reply; ``NO_PENDING_REPLY`` (queue_empty iff nothing held)."""
+        with self.lock:
+            _card, q, rc = self._gate(qid, _I.DQAP)
+            if rc is not None:
+                return ApResult(self._status(q, rc))
+            assert q is not None
+            if not q.replies:
+                return ApResult(self._status(q, RC.Q_FULL))  # NO_PENDING_REPLY, same number
+            msg = q.replies.popleft()
+            msg.entry.dequeued = self.clock.now()
+            reply = msg.reply
+            assert reply is not None
+            return ApResult(self._status(q, RC.NORMAL), psmid=msg.psmid, reply=reply)
+
+    def rapq(self, qid: int, fbit: bool = False) -> ApResult:
+        """Reset the queue: held requests and replies are discarded, interrupts end disabled, and
+        every instruction answers RESET_IN_PROGRESS for the profile's reset time."""
+        return self._reset_instr(qid, _I.RAPQ, zeroize=False)
+
+    def zapq(self, qid: int, fbit: bool = False) -> ApResult:
+        """Reset and zeroize: as :meth:`rapq`, and the domain's key slots are cleared."""
+        return self._reset_instr(qid, _I.ZAPQ, zeroize=True)
+
+    def aqic(self, qid: int, enable: bool, notify: Callable[[int], object] | None = None) -> ApResult:
+        """Enable or disable interrupts; while enabled, ``notify(qid)`` is called (in clock-callback
+        context, without the emulator lock held) each time replies become available.  Replies
+        already waiting when interrupts are enabled do not raise one: DQAP after enabling."""
+        with self.lock:
+            _card, q, rc = self._gate(qid, _I.AQIC)
+            if rc is not None:
+                return ApResult(self._status(q, rc))
+            assert q is not None
+            q.irq = bool(enable)
+            q.notify = notify if enable else None
+            if not enable:
+                self._irq_due.pop(q.qid, None)
+            return ApResult(self._status(q, RC.NORMAL))
+
+    # --- statistics ----------------------------------------------------------------------------
+
+    def stats(self) -> EmulatorStats:
+        """Per card and per queue counts, held messages and engine utilisation on the clock."""
+        with self.lock:
+            return collect_stats(self, self._cards.values(), self.clock.now(), self._t0)
+
+    # --- instruction helpers -------------------------------------------------------------------
+
+    def _gate(self, qid: int, instr: Any) -> tuple[Card | None, Queue | None, int | None]:
+        """Find the queue and the RC its card's and its own state impose (None: go ahead)."""
+        card = self._cards.get((qid >> 8) & 0xFF) if 0 <= qid <= 0xFFFF else None
+        if card is None:
+            return None, None, RC.Q_NOT_AVAIL
+        q = card.queues.get(qid & 0xFF)
+        if q is None:
+            return card, None, RC.INVALID_ADDRESS
+        rc = CARD_GATE[card.state][instr]
+        if rc is None:
+            rc = QUEUE_GATE[q.state][instr]
+        return card, q, rc
+
+    def _status(self, q: Queue | None, rc: int) -> QueueStatus:
+        if q is None or rc in _BARE_RCS:
+            return QueueStatus(rc)
+        held = q.held
+        return QueueStatus(
+            rc,
+            queue_empty=held == 0,
+            replies_waiting=bool(q.replies),
+            queue_full=held >= q.slots,
+            irq_enabled=q.irq,
+        )
+
+    def _reset_instr(self, qid: int, instr: Any, *, zeroize: bool) -> ApResult:
+        with self.lock:
+            _card, q, rc = self._gate(qid, instr)
+            if rc is not None:
+                return ApResult(self._status(q, rc))
+            assert q is not None
+            self._reset_queue(q, self.profile.timing.reset_time, zeroize=zeroize)
+            return ApResult(self._status(q, RC.NORMAL))
+
+    # --- the engine model ----------------------------------------------------------------------
+
+    def _accept(self, card: Card, q: Queue, psmid: int, message: bytes, special: bool) -> None:
+        try:
+            function = request_function(message)
+        except FormatError:
+            function = firmware_stubs.INVALID_FUNCTION
+        now = self.clock.now()
+        entry = self.execution_log._add(psmid, q.qid, function, now)
+        self._seq += 1
+        msg = Message(self._seq, q, psmid, message, function, entry)
+        msg.special = special
+        q.accepted += 1
+        card.accepted += 1
+        q.waiting.append(msg)
+        if not q.in_ready:
+            q.in_ready = True
+            card.ready.append(q)
+        if self.control.watching:
+            # A FailRequest marks the message before an engine can start it; after_requests triggers
+            # fire after the dispatch, so a failure "after n requests" finds the nth one held.
+            self.control._mark_request(q, msg)
+            self._dispatch(card)
+            self.control._after_accept(card)
+        else:
+            self._dispatch(card)
+
+    def _dispatch(self, card: Card) -> None:
+        """Give free engines work: round-robin over the card's queues, FIFO within each queue."""
+        if card.state is not CardState.NORMAL:
+            return
+        ready, idle = card.ready, card.idle
+        while idle and ready:
+            q = ready.popleft()
+            msg = q.waiting.popleft()
+            if q.waiting:
+                ready.append(q)
+            else:
+                q.in_ready = False
+            engine = card.engines[heapq.heappop(idle)]
+            self._start(card, engine.index, msg)
+
+    def _start(self, card: Card, index: int, msg: Message) -> None:
+        now = self.clock.now()
+        engine = card.engines[index]
+        q = msg.queue
+        engine.message = msg
+        engine.busy_since = now
+        msg.engine = index
+        entry = msg.entry
+        entry.engine = index
+        entry.started = now
+        entry.outcome = "running"
+        q.running.append(msg)
+        if msg.fail_code is not None:  # an injected failure: no firmware, no effect
+            msg.reply = build_error_reply(msg.fail_code)
+            entry.reply_code = msg.fail_code
+            msg.ok = False
+        else:
+            result = firmware_stubs.execute(msg.request, q.fw_ctx)
+            msg.reply = result.reply
+            msg.ok = result.ok
+            entry.reply_code = result.reply_code
+            entry.effect = result.effect
+        delay = self._service_time(card, msg.function)
+        if delay <= 0.0:
+            self._finish(card, engine, msg)
+        else:
+            engine.timer = self.clock.call_later(delay, lambda: self._on_complete(card, engine, msg))
+
+    def _service_time(self, card: Card, function: str) -> float:
+        key = (card.type.name, function)
+        base = self._service_cache.get(key)
+        if base is None:
+            base = self._service_cache[key] = card.type.base_service_time(function)
+        if card.slow:
+            base *= card.slow_factor
+        if self._jitter and base > 0.0:
+            base *= 1.0 + self._jitter * (2.0 * self._jitter_rng.random() - 1.0)
+        return base
+
+    def _finish(self, card: Card, engine: Any, msg: Message) -> None:
+        """The engine is done: the reply becomes available and the engine free."""
+        now = self.clock.now()
+        self._free_engine(card, engine, now)
+        q = msg.queue
+        q.running.remove(msg)
+        entry = msg.entry
+        entry.ended = now
+        entry.outcome = "completed" if msg.ok else "error"
+        q.replies.append(msg)
+        if q.irq and q.notify is not None:
+            self._irq_due[q.qid] = q.notify
+
+    def _free_engine(self, card: Card, engine: Any, now: float) -> None:
+        if engine.timer is not None:
+            engine.timer.cancel()
+            engine.timer = None
+        engine.busy_time += now - engine.busy_since
+        engine.message = None
+        heapq.heappush(card.idle, engine.index)
+
+    def _on_complete(self, card: Card, engine: Any, msg: Message) -> None:
+        with self.lock:
+            if engine.message is not msg:  # superseded by a reset or a failure
+                return
+            engine.timer = None
+            self._finish(card, engine, msg)
+            self._dispatch(card)
+        self._flush_interrupts()
+
+    # --- interrupts ----------------------------------------------------------------------------
+
+    def _schedule_irq_flush(self) -> None:
+        """Called outside the lock after an instruction made replies available inline: deliver the
+        interrupt from clock-callback context, as a real adapter interrupt arrives asynchronously."""
+        with self.lock:
+            if self._irq_flush is None and self._irq_due:
+                self._irq_flush = self.clock.call_later(0.0, self._flush_interrupts)
+
+    def _flush_interrupts(self) -> None:
+        with self.lock:
+            if self._irq_flush is not None:
+                self._irq_flush.cancel()
+                self._irq_flush = None
+            if not self._irq_due:
+                return
+            due = list(self._irq_due.items())
+            self._irq_due.clear()
+        for qid, notify in due:
+            notify(qid)
+
+    # --- queue resets and busy periods ---------------------------------------------------------
+
+    def _discard(self, q: Queue, now: float) -> None:
+        """Drop every message the queue holds (reset, checkstop, deconfigure): logged ``discarded``."""
+        card = q.card
+        for msg in list(q.running):
+            engine = card.engines[msg.engine] if msg.engine is not None else None
+            if engine is not None and engine.message is msg:
+                self._free_engine(card, engine, now)
+        victims = [*q.waiting, *q.running, *q.replies, *q.stored]
+        for msg in victims:
+            entry = msg.entry
+            if entry.outcome in ("queued", "running"):
+                entry.outcome = "discarded"
+                entry.ended = now
+            else:
+                entry.outcome = "discarded"  # its reply is lost; ended keeps when it was produced
+        q.waiting.clear()
+        q.running.clear()
+        q.replies.clear()
+        q.stored.clear()
+        if q.in_ready:
+            q.in_ready = False
+            card.ready.remove(q)
+        self._irq_due.pop(q.qid, None)
+
+    def _reset_queue(
+        self, q: Queue, duration: float, *, zeroize: bool, on_end: Callable[[], None] | None = None
+    ) -> None:
+        now = self.clock.now()
+        self._discard(q, now)
+        q.irq = False
+        q.notify = None
+        if zeroize:
+            store = self.stores.get((q.card.id, q.domain))
+            if store is not None:
+                store.zeroize()
+        if q.reset_timer is not None:
+            q.reset_timer.cancel()
+            q.reset_timer = None
+        q.resetting = duration > 0
+
+        def done() -> None:
+            with self.lock:
+                q.resetting = False
+                q.reset_timer = None
+                if on_end is not None:
+                    on_end()
+
+        if duration > 0:
+            q.reset_timer = self.clock.call_later(duration, done)
+        elif on_end is not None:
+            on_end()
+        self._dispatch(q.card)  # engines freed by the discard may take other queues' work
+
+    def _end_reset(self, q: Queue) -> None:
+        if q.reset_timer is not None:
+            q.reset_timer.cancel()
+            q.reset_timer = None
+        q.resetting = False
+
+    def _start_busy(self, q: Queue, duration: float, *, on_end: Callable[[], None]) -> Callable[[], None]:
+        q.busy += 1
+        state = {"over": False}
+
+        def end() -> None:
+            with self.lock:
+                if state["over"]:
+                    return
+                state["over"] = True
+                timer.cancel()
+                q.busy -= 1
+                on_end()
+
+        timer = self.clock.call_later(duration, end)
+        return end
+
+    def _slow_engines(
+        self, card: Card, factor: float, duration: float | None, *, on_end: Callable[[], None]
+    ) -> Callable[[], None]:
+        card.slow.append(factor)
+        state: dict[str, Any] = {"over": False, "timer": None}
+
+        def end() -> None:
+            with self.lock:
+                if state["over"]:
+                    return
+                state["over"] = True
+                if state["timer"] is not None:
+                    state["timer"].cancel()
+                card.slow.remove(factor)
+                on_end()
+
+        if duration is not None:
+            state["timer"] = self.clock.call_later(duration, end)
+        return end
+
+    # --- card lifecycle (table-driven) -----------------------------------------------------------
+
+    def _card_event(self, card: Card, event: CardEvent, **kw: Any) -> bool:
+        """Apply ``event`` per :data:`~emulator.lifecycle.CARD_TRANSITIONS`; True if an action ran."""
+        next_state, action = CARD_TRANSITIONS[card.state][event]
+        card.state = next_state
+        if action is None:
+            return False
+        getattr(self, f"_act_{action}")(card, **kw)
+        return True
+
+    def _act_fail(
+        self, card: Card, *, recovery_time: float, on_end: Callable[[], None] | None = None
+    ) -> None:
+        """Machine failure: one stored reply per held message that has no reply yet, marked
+        in-process (with its engine) or request-pending; replies already completed stay available."""
+        now = self.clock.now()
+        victims: list[Message] = []
+        for q in card.queues.values():
+            victims.extend(q.running)
+            victims.extend(q.waiting)
+        victims.sort(key=lambda m: m.seq)
+        held = [
+            firmware_stubs.HeldMessage(
+                m.psmid,
+                MachineFailureState.IN_PROCESS
+                if m in m.queue.running
+                else MachineFailureState.REQUEST_PENDING,
+                m.engine if m in m.queue.running else None,
+            )
+            for m in victims
+        ]
+        replies = firmware_stubs.format_machine_failure(held) if held else []
+        for engine in card.engines:
+            if engine.message is not None:
+                self._free_engine(card, engine, now)
+        for m, h, (_psmid, data) in zip(victims, held, replies, strict=True):
+            entry = m.entry
+            entry.ended = now
+            entry.reply_code = data[4] if len(data) > 4 else None
+            if h.state is MachineFailureState.IN_PROCESS:
+                entry.outcome = "in-process-failed"
+            else:
+                entry.outcome = "pending-failed"
+                m.engine = None
+            m.reply = data
+            m.queue.stored.append(m)
+        for q in card.queues.values():
+            q.running.clear()
+            q.waiting.clear()
+            q.in_ready = False
+        card.ready.clear()
+        if on_end is not None:
+            card.on_recovered.append(on_end)
+        card.recovery_timer = self.clock.call_later(recovery_time, lambda: self._recovery_done(card))
+
+    def _recovery_done(self, card: Card) -> None:
+        with self.lock:
+            card.recovery_timer = None
+            self._card_event(card, CardEvent.RECOVERY_DONE)
+        self._flush_interrupts()
+
+    def _act_recover(self, card: Card) -> None:
+        """Recovery complete: the stored replies become available (oldest first), interrupts fire."""
+        if card.recovery_timer is not None:
+            card.recovery_timer.cancel()
+            card.recovery_timer = None
+        for q in card.queues.values():
+            if q.stored:
+                q.replies.extend(q.stored)
+                q.stored.clear()
+                if q.irq and q.notify is not None:
+                    self._irq_due[q.qid] = q.notify
+        self._run_callbacks(card.on_recovered)
+        self._dispatch(card)
+        if self._irq_due and self._irq_flush is None:
+            self._irq_flush = self.clock.call_later(0.0, self._flush_interrupts)
+
+    def _act_kill(self, card: Card) -> None:
+        """Checkstop / deconfigure: everything held is lost, no replies ever."""
+        now = self.clock.now()
+        if card.recovery_timer is not None:
+            card.recovery_timer.cancel()
+            card.recovery_timer = None
+        for q in card.queues.values():
+            self._discard(q, now)
+            q.irq = False
+            q.notify = None
+            self._end_reset(q)
+        self._run_callbacks(card.on_recovered)
+
+    def _act_revive(self, card: Card) -> None:
+        """Back from checkstop / deconfigure: empty queues, reset, interrupts off."""
+        for q in card.queues.values():
+            self._discard(q, self.clock.now())
+            q.irq = False
+            q.notify = None
+            self._end_reset(q)
+        self._run_callbacks(card.on_revive)
+
+    @staticmethod
+    def _run_callbacks(callbacks: list[Callable[[], None]]) -> None:
+        pending = list(callbacks)
+        callbacks.clear()
+        for cb in pending:
+            cb()
