@@ -436,3 +436,15 @@ def test_parsers_agree_on_valid_messages(msg: bytes) -> None:
     _assert_same(m.parse_request, m.parse_request_construct, msg)
     _assert_same(m.parse_reply, m.parse_reply_construct, msg)
     _assert_same(m.request_function, m.request_function_construct, msg)
+
+
+@pytest.mark.parametrize("msg", VALID, ids=lambda b: b[:2].hex())
+def test_parsers_agree_on_every_single_header_byte_change(msg: bytes) -> None:
+    """Exhaustive over the header: each byte 0..17 set to a handful of values, plus every truncation."""
+    for index in range(min(18, len(msg))):
+        for value in {0x00, 0x01, 0x10, 0x50, 0x86, 0xFF, msg[index] ^ 0x01}:
+            _all_parsers_agree(_patched(msg, index, bytes([value])))
+    for cut in range(min(len(msg), 40)):
+        _all_parsers_agree(msg[:cut])
+    _all_parsers_agree(msg[:-1])
+    _all_parsers_agree(msg + b"\x00")
