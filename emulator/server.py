@@ -1,0 +1,506 @@
+"""The emulator as a ZeroMQ server: a ROUTER data plane carrying frames, a ROUTER control plane carrying JSON.
+
+Threads and sockets: every ZeroMQ socket lives on the thread that runs :meth:`EmulatorServer.serve`
+(sockets are not thread-safe).  The emulator runs on a ``WallClock`` whose pump thread completes requests
+and fires AQIC notifications; those only *queue* INTERRUPT frames and poke a wake-up socketpair that the
+serving thread polls next to the data and control sockets, so the pump thread never touches a ZeroMQ
+socket.  Signal handlers (SIGTERM/SIGINT in the CLI) use the same wake-up.
+
+Data plane: one ROUTER socket (``ROUTER_MANDATORY``, ``linger=0``), one :class:`FrameSession` per client
+routing id.  Each ZeroMQ message from a client is ``[frame]`` (the ROUTER prepends the routing id); each
+reply is one frame.  Clients are DEALERs: no REQ sockets, so no EFSM after a timeout.
+
+Control plane: a second ROUTER socket.  A request is one JSON object ``{"op": NAME, "args": {...}, "id": X}``
+(``id`` optional, echoed); the answer is ``{"id": X, "ok": true, "result": ...}`` or ``{"id": X, "ok": false,
+"error": TEXT, "type": EXCEPTION_NAME}``.  ``CONTROL_OPS`` lists every op; :class:`emulator.control_client.
+ControlClient` mirrors them.
+
+Transport faults (``emu.control.transport_faults``, armed through the control plane or in process) apply
+to the frames that answer commands (RESULT, ERROR) and to INTERRUPT frames, in the server-to-client
+direction: a dropped frame is a command executed whose answer never arrives (the interesting case for the
+driver's ledger); a corrupted frame has one body byte flipped (the client's CRC check catches it).
+Handshake and heartbeat frames are exempt, so a fault hits the conversation under test deterministically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+import queue
+import random
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from apformats.frames import DEFAULT_MAX_FRAME, HEADER_LEN, TRAILER_LEN, FrameKind, encode_bye, peek_kind
+from emulator.frame_server import FrameSession
+
+__all__ = ["CONTROL_OPS", "EmulatorServer", "Waker", "jsonable", "normalize_bind"]
+
+log = logging.getLogger(__name__)
+
+#: Frames a transport fault may hit (the conversation under test, not its handshake or heartbeat).
+FAULTABLE: frozenset[int] = frozenset({FrameKind.RESULT, FrameKind.ERROR, FrameKind.INTERRUPT})
+
+#: Most data messages handled per poll round before control and interrupts get a turn.
+BATCH = 256
+
+
+class Waker:
+    """A socketpair another thread (or a signal handler) writes one byte to, to end a blocking poll."""
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # full means a wake is already pending
+            self._w.send(b"\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._r.recv(4096):
+                pass
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
+def normalize_bind(url: str) -> str:
+    """``tcp://HOST:0`` means any free port, which ZeroMQ spells ``*``."""
+    if url.startswith("tcp://") and url.endswith(":0"):
+        return url[:-2] + ":*"
+    return url
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON data for control-plane answers: dataclasses (with their type), enums, bytes, paths."""
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, enum.Enum):
+        return obj.name
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        d = {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"type": type(obj).__name__, **d}
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, bytes | bytearray):
+        return obj.hex()
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+class _Peer:
+    __slots__ = ("ident", "last_seen", "session")
+
+    def __init__(self, ident: bytes, session: FrameSession) -> None:
+        self.ident = ident
+        self.session = session
+        self.last_seen = time.monotonic()
+
+
+class EmulatorServer:
+    """Serve ``emulator`` over ZeroMQ.  Use: ``start()`` (binds), then ``serve()`` on the same thread.
+
+    ``domains`` limits what any client may ask for (None: all).  ``curve_dir`` enables CURVE: it holds
+    ``server.key_secret`` (``zmq.auth`` certificate) and ``clients/*.key``, the allow-list of client public
+    keys; an unknown client key fails the handshake.  Sessions silent for ``session_idle`` seconds (a live
+    client pings well within that) are dropped so a vanished client's state does not accumulate.
+    """
+
+    def __init__(
+        self,
+        emulator: Any,
+        *,
+        bind: str = "tcp://127.0.0.1:5555",
+        control: str = "tcp://127.0.0.1:5556",
+        curve_dir: str | Path | None = None,
+        domains: Iterable[int] | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        seed: int = 0,
+        session_idle: float = 60.0,
+    ) -> None:
+        self.emu = emulator
+        self.bind_url = normalize_bind(bind)
+        self.control_bind_url = normalize_bind(control)
+        self.curve_dir = None if curve_dir is None else Path(curve_dir)
+        self.domains = None if domains is None else frozenset(domains)
+        self.max_frame = max_frame
+        self.session_idle = session_idle
+        self.stats: Counter[str] = Counter()
+        self.data_url = ""
+        self.control_url = ""
+        self._rng = random.Random(f"apcrypto-emulator-server:{seed}")
+        self._peers: dict[bytes, _Peer] = {}
+        self._irqs: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()
+        self._waker = Waker()
+        self._stopping = False
+        self._ctx: zmq.Context | None = None
+        self._data: zmq.Socket | None = None
+        self._ctrl: zmq.Socket | None = None
+        self._auth: Any = None
+        self._ops: dict[str, Callable[..., Any]] = {
+            name: getattr(self, f"_op_{name}") for name in CONTROL_OPS
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> tuple[str, str]:
+        """Create and bind the sockets; return the bound ``(data_url, control_url)``."""
+        self._ctx = zmq.Context()
+        try:
+            self._data = self._router(self.bind_url)
+            self._ctrl = self._router(self.control_bind_url)
+        except BaseException:
+            self.close()
+            raise
+        self.data_url = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.control_url = self._ctrl.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("serving data=%s control=%s curve=%s", self.data_url, self.control_url, bool(self.curve_dir))
+        return self.data_url, self.control_url
+
+    def _router(self, url: str) -> zmq.Socket:
+        assert self._ctx is not None
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_frame)  # ZeroMQ drops a peer sending more
+        if self.curve_dir is not None:
+            self._setup_curve(sock)
+        sock.bind(url)
+        return sock
+
+    def _setup_curve(self, sock: zmq.Socket) -> None:
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        assert self.curve_dir is not None and self._ctx is not None
+        if not zmq.has("curve"):
+            raise RuntimeError("this libzmq has no CURVE support")
+        if self._auth is None:
+            clients = self.curve_dir / "clients"
+            if not clients.is_dir():
+                raise FileNotFoundError(f"CURVE allow-list directory {clients} is missing")
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(clients))
+        public, secret = zmq.auth.load_certificate(self.curve_dir / "server.key_secret")
+        if secret is None:
+            raise ValueError(f"{self.curve_dir / 'server.key_secret'} holds no secret key")
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return (thread-safe and safe in a signal handler)."""
+        self._stopping = True
+        self._waker.wake()
+
+    def close(self) -> None:
+        """Close sockets, the authenticator and the context (idempotent).  The emulator is the caller's."""
+        for sock in (self._data, self._ctrl):
+            if sock is not None:
+                sock.close(linger=0)
+        self._data = self._ctrl = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        self._waker.close()
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Serve until :meth:`stop` (or the control op ``shutdown``); then say BYE to every client."""
+        assert self._data is not None and self._ctrl is not None, "start() first"
+        poller = zmq.Poller()
+        poller.register(self._data, zmq.POLLIN)
+        poller.register(self._ctrl, zmq.POLLIN)
+        poller.register(self._waker, zmq.POLLIN)
+        next_gc = time.monotonic() + 1.0
+        while not self._stopping:
+            ready = dict(poller.poll(500))
+            if self._waker.fileno() in ready:
+                self._waker.drain()
+            self._flush_interrupts()
+            if self._data in ready:
+                self._serve_data()
+            if self._ctrl in ready:
+                self._serve_control()
+            if self.emu.control.transport_faults.take_disconnect():
+                self._disconnect(None, "disconnected by a transport fault")
+            now = time.monotonic()
+            if now >= next_gc:
+                next_gc = now + 1.0
+                self._gc(now)
+        self._disconnect(None, "server shutting down")
+
+    def _serve_data(self) -> None:
+        assert self._data is not None
+        for _ in range(BATCH):
+            try:
+                parts = self._data.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.stats["frames_in"] += 1
+            ident = parts[0]
+            peer = self._peers.get(ident)
+            if peer is None:
+                peer = self._peers[ident] = _Peer(ident, self._new_session(ident))
+                self.stats["sessions_opened"] += 1
+            peer.last_seen = time.monotonic()
+            # One frame per message; a multipart message is refused as a whole (the session says how).
+            payload = parts[1] if len(parts) == 2 else b""
+            for frame in peer.session.handle(payload):
+                self._send(ident, frame)
+            if peer.session.closed:
+                self._drop_peer(ident)
+
+    def _new_session(self, ident: bytes) -> FrameSession:
+        def notify(frame: bytes, ident: bytes = ident) -> None:  # pump thread: queue and wake, nothing more
+            self._irqs.put((ident, frame))
+            self._waker.wake()
+
+        return FrameSession(self.emu, self.domains, notify, max_frame=self.max_frame, name=ident.hex())
+
+    def _flush_interrupts(self) -> None:
+        while True:
+            try:
+                ident, frame = self._irqs.get_nowait()
+            except queue.Empty:
+                return
+            peer = self._peers.get(ident)
+            if peer is not None and peer.session.established:
+                self._send(ident, frame)
+
+    def _send(self, ident: bytes, frame: bytes) -> None:
+        assert self._data is not None
+        if peek_kind(frame) in FAULTABLE:
+            faults = self.emu.control.transport_faults
+            if faults.take_drop():
+                self.stats["fault_dropped"] += 1
+                return
+            if faults.take_corrupt():
+                self.stats["fault_corrupted"] += 1
+                frame = self._corrupt(frame)
+        try:
+            self._data.send_multipart([ident, frame], zmq.NOBLOCK)
+            self.stats["frames_out"] += 1
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:  # the client is gone: forget its session
+                self.stats["unroutable"] += 1
+                self._drop_peer(ident)
+            elif exc.errno == zmq.EAGAIN:  # the client does not read: its problem, not the server's
+                self.stats["hwm_dropped"] += 1
+            else:
+                raise
+
+    def _corrupt(self, frame: bytes) -> bytes:
+        buf = bytearray(frame)
+        lo, hi = HEADER_LEN, len(buf) - TRAILER_LEN
+        i = self._rng.randrange(lo, hi) if hi > lo else self._rng.randrange(len(buf))
+        buf[i] ^= self._rng.randrange(1, 256)
+        return bytes(buf)
+
+    def _drop_peer(self, ident: bytes) -> None:
+        peer = self._peers.pop(ident, None)
+        if peer is not None:
+            peer.session.close()
+            self.stats["sessions_closed"] += 1
+
+    def _disconnect(self, client: str | None, reason: str) -> int:
+        """Say BYE to one client (routing id in hex) or all, and forget their sessions."""
+        idents = list(self._peers) if client is None else [bytes.fromhex(client)]
+        count = 0
+        for ident in idents:
+            if ident not in self._peers:
+                continue
+            if self._peers[ident].session.established and self._data is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._data.send_multipart([ident, encode_bye(reason)], zmq.NOBLOCK)
+            self._drop_peer(ident)
+            count += 1
+        return count
+
+    def _gc(self, now: float) -> None:
+        for ident, peer in list(self._peers.items()):
+            if now - peer.last_seen > self.session_idle:
+                log.info("dropping idle session %s", ident.hex())
+                self._drop_peer(ident)
+
+    # -- control plane -----------------------------------------------------------------------------
+    def _serve_control(self) -> None:
+        assert self._ctrl is not None
+        for _ in range(BATCH):
+            try:
+                parts = self._ctrl.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            envelope, payload = parts[:-1], parts[-1]
+            answer = self._control(payload)
+            with contextlib.suppress(zmq.ZMQError):  # a control client that left gets no answer
+                self._ctrl.send_multipart([*envelope, json.dumps(answer).encode()], zmq.NOBLOCK)
+
+    def _control(self, payload: bytes) -> dict[str, Any]:
+        req_id = None
+        try:
+            req = json.loads(payload)
+            if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+                raise ValueError('a control request is {"op": NAME, "args": {...}}')
+            req_id = req.get("id")
+            args = req.get("args") or {}
+            if not isinstance(args, dict):
+                raise ValueError("args must be an object")
+            op = self._ops.get(req["op"])
+            if op is None:
+                raise KeyError(f"unknown op {req['op']!r}; known: {sorted(self._ops)}")
+            self.stats["control_ops"] += 1
+            return {"id": req_id, "ok": True, "result": jsonable(op(**args))}
+        except Exception as exc:  # every failure is an answer, never a dead server
+            log.info("control request failed: %s", exc)
+            return {"id": req_id, "ok": False, "error": str(exc), "type": type(exc).__name__}
+
+    # card and queue faults: straight to emu.control
+    def _op_machine_failure(self, card: int, recovery_time: float | None = None, **trigger: Any) -> Any:
+        return self.emu.control.machine_failure(card, recovery_time, **trigger)
+
+    def _op_checkstop(self, card: int, **trigger: Any) -> Any:
+        return self.emu.control.checkstop(card, **trigger)
+
+    def _op_deconfigure(self, card: int, **trigger: Any) -> Any:
+        return self.emu.control.deconfigure(card, **trigger)
+
+    def _op_restore(self, card: int) -> Any:
+        return self.emu.control.restore(card)
+
+    def _op_reset_in_progress(self, qid: int, duration: float, **trigger: Any) -> Any:
+        return self.emu.control.reset_in_progress(qid, duration, **trigger)
+
+    def _op_busy(self, qid: int, duration: float, **trigger: Any) -> Any:
+        return self.emu.control.busy(qid, duration, **trigger)
+
+    def _op_fail_request(
+        self, reply_code: int, qid: int | None = None, nth: int | None = None, **kw: Any
+    ) -> Any:
+        return self.emu.control.fail_request(reply_code, qid, nth, **kw)
+
+    def _op_slow_engines(
+        self, card: int, factor: float, duration: float | None = None, **trigger: Any
+    ) -> Any:
+        return self.emu.control.slow_engines(card, factor, duration, **trigger)
+
+    def _op_clear(self) -> None:
+        self.emu.control.clear()
+
+    def _op_faults(self) -> Any:
+        return self.emu.control.faults()
+
+    # observation
+    def _op_execution_log(self, psmid: int | None = None) -> Any:
+        log_ = self.emu.execution_log
+        return log_.entries() if psmid is None else log_.for_psmid(psmid)
+
+    def _op_now(self) -> float:
+        return float(self.emu.clock.now())
+
+    _op_clock = _op_now
+
+    def _op_stats(self) -> dict[str, Any]:
+        emu_stats = self.emu.stats()
+        return {
+            "emulator": jsonable(emu_stats),
+            "utilisation": getattr(emu_stats, "utilisation", None),
+            "server": dict(self.stats),
+            "sessions": len(self._peers),
+        }
+
+    def _op_qids(self) -> list[int]:
+        return list(self.emu.qids())
+
+    def _op_card_state(self, card: int) -> Any:
+        return self.emu.card_state(card)
+
+    def _op_sessions(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [
+            {
+                "client": ident.hex(),
+                "established": p.session.established,
+                "domains": None if p.session.domains is None else sorted(p.session.domains),
+                "idle": round(now - p.last_seen, 3),
+                "stats": dict(p.session.stats),
+            }
+            for ident, p in self._peers.items()
+        ]
+
+    # transport faults
+    def _op_drop_frames(self, n: int = 1) -> dict[str, int]:
+        self.emu.control.transport_faults.drop_frames(n)
+        return self.emu.control.transport_faults.pending()
+
+    def _op_corrupt_frames(self, n: int = 1) -> dict[str, int]:
+        self.emu.control.transport_faults.corrupt_frames(n)
+        return self.emu.control.transport_faults.pending()
+
+    def _op_disconnect(self, client: str | None = None) -> int:
+        """Drop one client (routing id hex, from ``sessions``) or every client now; returns how many."""
+        return self._disconnect(client, "disconnected by the control plane")
+
+    def _op_transport_faults(self) -> dict[str, int]:
+        return self.emu.control.transport_faults.pending()
+
+    # the server itself
+    def _op_ping(self) -> str:
+        return "pong"
+
+    def _op_ops(self) -> list[str]:
+        return sorted(self._ops)
+
+    def _op_shutdown(self) -> str:
+        self.stop()
+        return "stopping"
+
+
+#: Every control-plane op (the ``_op_*`` methods above), in the order ``ops`` documents them.
+CONTROL_OPS: tuple[str, ...] = (
+    "machine_failure",
+    "checkstop",
+    "deconfigure",
+    "restore",
+    "reset_in_progress",
+    "busy",
+    "fail_request",
+    "slow_engines",
+    "clear",
+    "faults",
+    "execution_log",
+    "now",
+    "clock",
+    "stats",
+    "qids",
+    "card_state",
+    "sessions",
+    "drop_frames",
+    "corrupt_frames",
+    "disconnect",
+    "transport_faults",
+    "ping",
+    "ops",
+    "shutdown",
+)
