@@ -439,6 +439,8 @@ class Emulator:
     def _reset_queue(
         self, q: Queue, duration: float, *, zeroize: bool, on_end: Callable[[], None] | None = None
     ) -> None:
+        """Discard what the queue holds, interrupts off; RESET_IN_PROGRESS for ``duration``.  A reset
+        during a reset restarts the period; every waiter's ``on_end`` runs when the last one ends."""
         now = self.clock.now()
         self._discard(q, now)
         q.irq = False
@@ -447,29 +449,29 @@ class Emulator:
             store = self.stores.get((q.card.id, q.domain))
             if store is not None:
                 store.zeroize()
+        if on_end is not None:
+            q.on_reset_done.append(on_end)
         if q.reset_timer is not None:
             q.reset_timer.cancel()
             q.reset_timer = None
-        q.resetting = duration > 0
-
-        def done() -> None:
-            with self.lock:
-                q.resetting = False
-                q.reset_timer = None
-                if on_end is not None:
-                    on_end()
-
         if duration > 0:
-            q.reset_timer = self.clock.call_later(duration, done)
-        elif on_end is not None:
-            on_end()
+            q.resetting = True
+            q.reset_timer = self.clock.call_later(duration, lambda: self._reset_timer_fired(q))
+        else:
+            self._end_reset(q)
         self._dispatch(q.card)  # engines freed by the discard may take other queues' work
+
+    def _reset_timer_fired(self, q: Queue) -> None:
+        with self.lock:
+            q.reset_timer = None
+            self._end_reset(q)
 
     def _end_reset(self, q: Queue) -> None:
         if q.reset_timer is not None:
             q.reset_timer.cancel()
             q.reset_timer = None
         q.resetting = False
+        self._run_callbacks(q.on_reset_done)
 
     def _start_busy(self, q: Queue, duration: float, *, on_end: Callable[[], None]) -> Callable[[], None]:
         q.busy += 1

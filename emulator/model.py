@@ -73,6 +73,7 @@ class Queue:
         "in_ready",
         "irq",
         "notify",
+        "on_reset_done",
         "qid",
         "replies",
         "reset_timer",
@@ -98,6 +99,7 @@ class Queue:
         self.notify: Notify | None = None
         self.resetting = False
         self.reset_timer: TimerHandle | None = None
+        self.on_reset_done: list[Callable[[], None]] = []
         self.busy = 0  # number of active Busy faults
         self.in_ready = False  # on the card's round-robin list of queues with waiting work
         self.accepted = 0  # NQAPs accepted (lszcrypt's request_count)
