@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from apformats.frames import HEADER_LEN, TRAILER_LEN, FrameKind, peek_kind
 from emulator.usb import errors
 from emulator.usb.descriptors import (
     DT_CONFIG,
@@ -50,6 +51,9 @@ GET_DESCRIPTOR, GET_CONFIGURATION, SET_CONFIGURATION = 0x06, 0x08, 0x09
 GET_INTERFACE, SET_INTERFACE = 0x0A, 0x0B
 ENDPOINT_HALT = 0
 RECIPIENT_DEVICE, RECIPIENT_INTERFACE, RECIPIENT_ENDPOINT = 0, 1, 2
+
+#: frames the wire faults apply to (the ZeroMQ server's set: answers to commands and interrupts)
+FAULTABLE: frozenset[int] = frozenset({FrameKind.RESULT, FrameKind.ERROR, FrameKind.INTERRUPT})
 
 #: bytes the device keeps queued on bulk IN before it NAKs bulk OUT (a real device's buffer limit)
 DEFAULT_IN_BACKLOG = 1 << 20
@@ -252,8 +256,9 @@ class VirtualUsbDevice:
         with self._cond:
             if sid != self._session_id or not self.attached or self._roles is None:
                 return  # an interrupt of a session the host no longer has
-            self._in[self._roles.interrupts] += frame
-            self.stats.interrupts += 1
+            for f in self._wire_faults([frame]):
+                self._in[self._roles.interrupts] += f
+                self.stats.interrupts += 1
             self._cond.notify_all()
 
     # -- host side: called by the backend with the handle token -----------------------------------
@@ -431,19 +436,23 @@ class VirtualUsbDevice:
         raise errors.no_device_error(f"{self.name} (disconnect injected)")
 
     def _wire_faults(self, replies: list[bytes]) -> list[bytes]:
-        """``transport_faults`` drop / corrupt, applied to frames on their way to the host.  A
-        corrupted frame keeps its header (the stream stays in step) and fails its CRC."""
+        """``transport_faults`` drop / corrupt, as the ZeroMQ server applies them: to the frames that
+        answer commands and to interrupts (handshake and heartbeat frames are exempt, so a fault hits
+        the conversation under test).  A corrupted frame has one body byte flipped: its header is
+        intact, so the stream stays in step, and its CRC fails."""
         tf = self._transport_faults
         if tf is None:
             return replies
         out = []
         for r in replies:
-            if tf.take_drop():
-                self.stats.fault("drop")
-                continue
-            if tf.take_corrupt():
-                self.stats.fault("corrupt")
-                r = r[:-1] + bytes((r[-1] ^ 0xFF,))
+            if peek_kind(r) in FAULTABLE:
+                if tf.take_drop():
+                    self.stats.fault("drop")
+                    continue
+                if tf.take_corrupt():
+                    self.stats.fault("corrupt")
+                    i = HEADER_LEN if len(r) > HEADER_LEN + TRAILER_LEN else len(r) - 1
+                    r = r[:i] + bytes((r[i] ^ 0xFF,)) + r[i + 1 :]
             out.append(r)
         return out
 
