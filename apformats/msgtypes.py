@@ -189,6 +189,19 @@ def plan_mex(
 _CRT_NAMES = ("p", "q", "dp", "dq", "u")
 
 
+def _product_byte_len(p: int, q: int) -> int:
+    """Byte length of p*q without the multiplication unless the bit count sits on a byte boundary.
+
+    p*q has ``bp + bq - 1`` or ``bp + bq`` bits; both give the same byte count except when
+    ``bp + bq - 1`` is a multiple of 8.  Saves a 1024x1024-bit multiply per CRT request.
+    """
+    if not p or not q:
+        return 0
+    bits = p.bit_length() + q.bit_length()
+    low, high = (bits - 1 + 7) // 8, (bits + 7) // 8
+    return low if low == high else ((p * q).bit_length() + 7) // 8
+
+
 def plan_crt(
     data: int | bytes,
     p: int | bytes,
@@ -203,8 +216,7 @@ def plan_crt(
     holds ``mod_len`` bytes and whose half-size fields hold every key part.  ``u`` is ``qinv``.
     """
     parts = {n: key_part(v, n) for n, v in zip(_CRT_NAMES, (p, q, dp, dq, qinv), strict=True)}
-    n_value = int.from_bytes(parts["p"], "big") * int.from_bytes(parts["q"], "big")
-    mod_len = (n_value.bit_length() + 7) // 8
+    mod_len = _product_byte_len(int.from_bytes(parts["p"], "big"), int.from_bytes(parts["q"], "big"))
     if mod_len == 0:
         raise ValueError("modulus p*q has zero length")
     msg = key_part(data, "data")

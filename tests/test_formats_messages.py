@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from apformats import messages as m
 from apformats.codes import NO_ENGINE, MachineFailureState, ReplyCode
 from apformats.errors import FormatError
-from apformats.msgtypes import TYPE50_VARIANTS, VARIANT_BY_NAME
+from apformats.msgtypes import TYPE50_VARIANTS, VARIANT_BY_NAME, _product_byte_len
 
 # Deterministic and bounded: the whole file runs in a few seconds.
 FAST = settings(
@@ -448,3 +448,16 @@ def test_parsers_agree_on_every_single_header_byte_change(msg: bytes) -> None:
         _all_parsers_agree(msg[:cut])
     _all_parsers_agree(msg[:-1])
     _all_parsers_agree(msg + b"\x00")
+
+
+@FAST
+@given(st.integers(0, 2**1100), st.integers(0, 2**1100))
+def test_crt_modulus_length_shortcut_is_exact(p: int, q: int) -> None:
+    assert _product_byte_len(p, q) == ((p * q).bit_length() + 7) // 8
+
+
+@pytest.mark.parametrize(("p_bits", "q_bits"), [(4, 5), (8, 1), (512, 513), (1024, 1025), (1, 1)])
+def test_crt_modulus_length_shortcut_on_byte_boundaries(p_bits: int, q_bits: int) -> None:
+    for p in (1 << (p_bits - 1), (1 << p_bits) - 1):
+        for q in (1 << (q_bits - 1), (1 << q_bits) - 1):
+            assert _product_byte_len(p, q) == ((p * q).bit_length() + 7) // 8
