@@ -17,8 +17,8 @@ Bodies (all integers big-endian):
   domains u16 count + u8 each.  No domain list means "every domain the server lets me have".
 * WELCOME   (server -> client) version u8, flags u8 (bit 0: interrupts supported), max_frame u32,
   qids u16 count + u16 each (the APQNs this session may use).
-* COMMAND   tag u32, opcode u8 (``Instr``), flags u8 (bit 0: AQIC enable / RAPQ-ZAPQ F bit, bit 1: NQAP
-  special), qid u16, psmid u64, message length u32 + bytes.
+* COMMAND   tag u32, opcode u8 (``Instr``), flags u8 (bit 0: AQIC enable / RAPQ-ZAPQ F bit / TAPQ T bit,
+  bit 1: NQAP special), qid u16, psmid u64, message length u32 + bytes.
 * RESULT    tag u32, status word u32, psmid u64, GR2 hardware-info u64, flags u8 (bit 0: GR2 valid),
   3 reserved zero bytes, reply length u32 + bytes.
 * INTERRUPT qid u16.
@@ -175,7 +175,10 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class CommandFrame:
-    """One AP instruction.  ``flag`` is AQIC's enable bit or RAPQ/ZAPQ's F bit; ``special`` NQAP's."""
+    """One AP instruction.
+
+    ``flag``: AQIC's enable bit, RAPQ/ZAPQ's F bit, TAPQ's T bit.  ``special``: NQAP's special bit.
+    """
 
     tag: int
     instr: Instr

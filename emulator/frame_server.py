@@ -78,7 +78,7 @@ _Exec = Callable[[InstructionTarget, CommandFrame, Callable[[int], None] | None]
 
 #: opcode -> how to run it on the emulator.  The one place an Instr meets an emulator method.
 EXECUTE: dict[Instr, _Exec] = {
-    Instr.TAPQ: lambda emu, c, irq: emu.tapq(c.qid),
+    Instr.TAPQ: lambda emu, c, irq: emu.tapq(c.qid, t_bit=c.flag),
     Instr.NQAP: lambda emu, c, irq: emu.nqap(c.qid, c.psmid, c.message, special=c.special),
     Instr.DQAP: lambda emu, c, irq: emu.dqap(c.qid),
     Instr.RAPQ: lambda emu, c, irq: emu.rapq(c.qid, fbit=c.flag),

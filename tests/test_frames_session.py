@@ -51,7 +51,7 @@ class FakeEmulator:
         return ApResult(QueueStatus(queue_empty=True), **kw)  # type: ignore[arg-type]
 
     def tapq(self, qid: int, t_bit: bool = True) -> ApResult:
-        return self._ok("tapq", qid, hwinfo=HwInfo(at=13, nd=16, qd=7, accel=True))
+        return self._ok("tapq", qid, hwinfo=HwInfo(at=13, nd=16, qd=7, accel=True) if t_bit else None)
 
     def nqap(self, qid: int, psmid: int, message: bytes, special: bool = False) -> ApResult:
         return self._ok("nqap", qid)
@@ -96,7 +96,7 @@ def test_handshake_then_commands() -> None:
     assert emu.calls == []
     welcome = one(s.handle(encode_hello()))
     assert welcome == Welcome(1, tuple(QIDS), True)
-    res = one(s.handle(encode_command(2, Instr.TAPQ, QIDS[0])))
+    res = one(s.handle(encode_command(2, Instr.TAPQ, QIDS[0], flag=True)))
     assert isinstance(res, ResultFrame) and res.tag == 2
     assert res.to_result().hwinfo == HwInfo(at=13, nd=16, qd=7, accel=True)
     res = one(s.handle(encode_command(3, Instr.DQAP, QIDS[0])))
