@@ -341,6 +341,8 @@ def build_cprb_reply(
 ) -> bytes:
     """Type 86 CPRB reply; a CCA application error is ``rtcode`` 8 with a reason in ``rscode``."""
     fc = _check_cprb_args(function, payload)
+    if not (0 <= rtcode <= 0xFFFF and 0 <= rscode <= 0xFFFF and 0 <= reply_code <= 0xFF):
+        raise ValueError(f"rtcode {rtcode} / rscode {rscode} / reply_code {reply_code} out of range")
     return CPRB_REPLY.build(
         {
             "function_code": fc,

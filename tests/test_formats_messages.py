@@ -224,6 +224,14 @@ def test_reply_round_trips() -> None:
     assert (r.kind, r.rtcode, r.rscode, r.reply_code) == ("error", 8, 65, 0)
     with pytest.raises(ValueError):
         m.build_error_reply(0x82, msg_type=0x80)
+    for bad in ({"rtcode": 0x10000}, {"rscode": -1}, {"reply_code": 0x100}):
+        with pytest.raises(ValueError):
+            m.build_cprb_reply("CI", **bad)
+    for fc in ("ci", "C", "CIX", "C\u00e9"):
+        with pytest.raises(ValueError):
+            m.build_cprb(fc, 0)
+    with pytest.raises(ValueError):
+        m.build_cprb("CI", 0x10000)
 
 
 @pytest.mark.parametrize(
