@@ -1,0 +1,143 @@
+"""The emulator's clocks: VirtualClock ordering and stepping, WallClock's pump thread."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from apformats.results import qid_of
+from emulator import ClockError, Emulator, VirtualClock, WallClock
+from tests._fixtures_emulator import mex
+
+
+def test_callbacks_run_in_time_then_scheduling_order() -> None:
+    clock = VirtualClock()
+    ran: list[str] = []
+    clock.call_at(2.0, lambda: ran.append("c"))
+    clock.call_at(1.0, lambda: ran.append("a"))
+    clock.call_later(1.0, lambda: ran.append("b"))  # same time as "a", scheduled later
+    clock.call_at(2.0, lambda: ran.append("d"))
+    assert clock.next_deadline() == 1.0
+    assert clock.run_until_idle() == 4
+    assert ran == ["a", "b", "c", "d"] and clock.now() == 2.0
+
+
+def test_step_moves_to_the_next_deadline() -> None:
+    clock = VirtualClock()
+    assert clock.step() is False and clock.next_deadline() is None
+    times: list[float] = []
+    clock.call_later(0.5, lambda: times.append(clock.now()))
+    clock.call_later(0.25, lambda: times.append(clock.now()))
+    assert clock.step() and clock.now() == 0.25
+    assert clock.step() and clock.now() == 0.5
+    assert times == [0.25, 0.5]
+
+
+def test_never_backwards() -> None:
+    clock = VirtualClock(start=10.0)
+    clock.advance(1.0)
+    with pytest.raises(ClockError, match="backwards"):
+        clock.run_until(5.0)
+    with pytest.raises(ClockError, match="backwards"):
+        clock.advance(-1.0)
+    with pytest.raises(ValueError):
+        clock.call_later(-1.0, lambda: None)
+    ran: list[float] = []
+    clock.call_at(3.0, lambda: ran.append(clock.now()))  # in the past: runs now, time stays
+    clock.run_until_idle()
+    assert ran == [11.0] and clock.now() == 11.0
+
+
+def test_run_until_and_advance() -> None:
+    clock = VirtualClock()
+    ran: list[int] = []
+    for i in range(5):
+        clock.call_at(float(i), lambda i=i: ran.append(i))
+    assert clock.run_until(2.0) == 3 and ran == [0, 1, 2] and clock.now() == 2.0
+    assert clock.advance(0.5) == 0 and clock.now() == 2.5
+    assert clock.run_until_idle(max_time=3.5) == 1 and clock.now() == 3.5
+    assert clock.run_until_idle() == 1 and clock.now() == 4.0
+
+
+def test_cancel() -> None:
+    clock = VirtualClock()
+    ran: list[int] = []
+    h = clock.call_later(1.0, lambda: ran.append(1))
+    clock.call_later(2.0, lambda: ran.append(2))
+    h.cancel()
+    h.cancel()
+    assert h.cancelled and clock.next_deadline() == 2.0
+    clock.run_until_idle()
+    assert ran == [2]
+
+
+def test_callbacks_may_schedule_more() -> None:
+    clock = VirtualClock()
+    ran: list[float] = []
+
+    def tick() -> None:
+        ran.append(clock.now())
+        if len(ran) < 3:
+            clock.call_later(0.1, tick)
+
+    clock.call_later(0.1, tick)
+    clock.run_until_idle()
+    assert ran == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_runaway_loop_is_an_error_not_a_hang() -> None:
+    clock = VirtualClock()
+
+    def again() -> None:
+        clock.call_later(0.0, again)
+
+    clock.call_later(0.0, again)
+    with pytest.raises(ClockError, match="still busy"):
+        clock.run_until_idle(max_steps=100)
+
+
+def test_wallclock_runs_callbacks_on_its_pump_thread() -> None:
+    done = threading.Event()
+    where: list[str] = []
+    with WallClock(name="test-pump") as clock:
+        assert clock.running and clock.now() >= 0.0
+        clock.call_later(0.001, lambda: (where.append(threading.current_thread().name), done.set()))
+        assert done.wait(5.0)
+    assert where == ["test-pump"] and not clock.running
+    with pytest.raises(ClockError):
+        clock.call_later(0.0, lambda: None)
+
+
+def test_wallclock_keeps_going_after_a_failing_callback(caplog: pytest.LogCaptureFixture) -> None:
+    done = threading.Event()
+    clock = WallClock()
+    clock.call_later(0.0, lambda: 1 / 0)
+    clock.call_later(0.0, done.set)
+    clock.start()
+    clock.start()  # idempotent
+    try:
+        assert done.wait(5.0)
+    finally:
+        clock.close()
+        clock.close()
+    assert len(clock.errors) == 1 and isinstance(clock.errors[0], ZeroDivisionError)
+
+
+def test_emulator_on_a_wall_clock() -> None:
+    """The same model on real time: the pump thread completes requests and interrupts."""
+    got = threading.Event()
+    with Emulator("small", clock="wall") as emu:
+        q = qid_of(0, 1)
+        emu.aqic(q, True, lambda qid: got.set())
+        assert emu.nqap(q, 1, mex(3)).status.rc == 0
+        assert got.wait(5.0)
+        assert emu.dqap(q).psmid == 1
+    assert not emu.clock.running  # type: ignore[union-attr]
+
+
+def test_emulator_leaves_a_callers_running_wall_clock_alone() -> None:
+    with WallClock() as clock:
+        emu = Emulator("small", clock=clock)
+        emu.close()
+        assert clock.running
