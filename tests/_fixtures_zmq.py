@@ -1,0 +1,197 @@
+"""Fixtures for the ZeroMQ tests: a real ``python -m emulator serve`` process, clients, RSA keys.
+
+Every server process is terminated and waited for in teardown, and a server that was not killed on
+purpose must exit 0 after SIGTERM (the clean-stop contract).  Waits are bounded polls, never sleeps.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gmpy2
+import pytest
+
+from apcrypto.transport.base import Transport, TransportEvent
+from emulator.control_client import ControlClient
+
+ROOT = Path(__file__).resolve().parent.parent
+E = 65537
+
+
+@dataclass
+class ServerProcess:
+    """One running ``apcrypto-emulator serve``; ``data``/``control`` are the bound endpoints."""
+
+    proc: subprocess.Popen[str]
+    data: str
+    control: str
+    log: Path
+    killed: bool = False
+    clients: list[ControlClient] = field(default_factory=list)
+
+    def control_client(self, **kw: Any) -> ControlClient:
+        c = ControlClient(self.control, **kw)
+        self.clients.append(c)
+        return c
+
+    def kill(self) -> None:
+        """SIGKILL: the peer vanishes without a word (no BYE, sockets reset by the kernel)."""
+        self.killed = True
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the peer stops answering but its TCP connections stay up."""
+        self.killed = True
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.clients.clear()
+        if self.killed:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(10)
+            return
+        try:
+            rc = self.terminate()
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"server ignored SIGTERM; log:\n{self.log.read_text()}") from None
+        assert rc == 0, f"server exited {rc} after SIGTERM; log:\n{self.log.read_text()}"
+
+
+def start_server(*args: str, log_dir: Path, ready_timeout: float = 30.0) -> ServerProcess:
+    """Start ``python -m emulator serve ARGS`` on free loopback ports and wait for its READY line."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"server-{time.monotonic_ns()}.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "emulator",
+        "serve",
+        "--bind",
+        "tcp://127.0.0.1:0",
+        "--control",
+        "tcp://127.0.0.1:0",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [*cmd, *args], stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, env=env
+        )
+    assert proc.stdout is not None
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            if not sel.select(ready_timeout):
+                raise AssertionError(f"no READY line within {ready_timeout} s")
+            line = proc.stdout.readline().strip()
+        fields = dict(item.split("=", 1) for item in line.split()[1:])
+        assert line.startswith("READY "), line
+        return ServerProcess(proc, fields["data"], fields["control"], log)
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+        raise AssertionError(f"server did not start; log:\n{log.read_text()}") from None
+
+
+@pytest.fixture(scope="module")
+def zmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A shared server on the small profile (2 CEX8A cards x domains 0-1) for tests that do not kill it."""
+    srv = start_server("--profile", "small", "--seed", "1", log_dir=tmp_path_factory.mktemp("zmq"))
+    try:
+        yield srv
+    finally:
+        srv.proc.stdout.close()  # type: ignore[union-attr]
+        srv.stop()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start private servers (for tests that kill, stop or reconfigure them); all stopped in teardown."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        srv = start_server(*args, log_dir=tmp_path)
+        started.append(srv)
+        return srv
+
+    yield start
+    errors = []
+    for srv in started:
+        srv.proc.stdout.close()  # type: ignore[union-attr]
+        try:
+            srv.stop()
+        except AssertionError as exc:
+            errors.append(str(exc))
+    assert not errors, "\n".join(errors)
+
+
+@pytest.fixture
+def control(zmq_server: ServerProcess) -> Iterator[ControlClient]:
+    """A control client for the shared server; heals every fault afterwards so tests stay independent."""
+    with ControlClient(zmq_server.control, timeout=5.0) as c:
+        yield c
+        c.clear()
+
+
+def collect(
+    t: Transport, until: Callable[[list[TransportEvent]], bool], timeout: float = 5.0
+) -> list[TransportEvent]:
+    """Poll ``t`` until ``until(events so far)`` holds; fail after ``timeout`` seconds."""
+    events: list[TransportEvent] = []
+    deadline = time.monotonic() + timeout
+    while not until(events):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"condition not met within {timeout} s; events: {events}")
+        events.extend(t.poll(min(left, 0.5)))
+    return events
+
+
+@dataclass(frozen=True)
+class RsaKey:
+    n: int
+    d: int
+    p: int
+    q: int
+    dp: int
+    dq: int
+    qinv: int
+
+
+@functools.cache
+def rsa_key(bits: int = 1024) -> RsaKey:
+    """A deterministic RSA key (primes from a fixed seed) for checking results with ``pow``."""
+    rng = random.Random(f"zmq-test-rsa-{bits}")
+
+    def prime() -> int:
+        while True:
+            p = int(gmpy2.next_prime(rng.getrandbits(bits // 2) | (3 << (bits // 2 - 2)) | 1))
+            if p.bit_length() == bits // 2 and (p - 1) % E:
+                return p
+
+    p, q = sorted((prime(), prime()), reverse=True)
+    d = pow(E, -1, (p - 1) * (q - 1))
+    return RsaKey(p * q, d, p, q, d % (p - 1), d % (q - 1), pow(q, -1, p))

@@ -1,0 +1,225 @@
+"""The ``tcp://`` transport against a real server process: instructions, real RSA, pipelining, interrupts,
+transport faults and reconnection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from apcrypto.transport import Command, Completion, Interrupt, TransportClosed, TransportLost, open_transport
+from apcrypto.transport.zmq_client import ServerUnreachable, ZmqTransport
+from apformats.codes import NO_PENDING_REPLY, ResponseCode
+from apformats.messages import build_crt, build_mex, parse_reply
+from apformats.results import Instr, qid_of
+from emulator.control_client import ControlClient
+from tests._fixtures_zmq import E, ServerProcess, collect, control, rsa_key, zmq_server
+
+__all__ = ["control", "zmq_server"]  # fixtures, imported for pytest
+
+RC = ResponseCode
+Q00, Q01, Q10, Q11 = qid_of(0, 0), qid_of(0, 1), qid_of(1, 0), qid_of(1, 1)
+
+
+@pytest.fixture
+def transport(zmq_server: ServerProcess) -> Iterator[ZmqTransport]:
+    t = open_transport(zmq_server.data, timeout=2.0)
+    assert isinstance(t, ZmqTransport)
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def done(tags: set[int]):
+    """``until`` predicate: every tag has completed."""
+    return lambda evs: tags <= {e.tag for e in evs if isinstance(e, Completion)}
+
+
+def run(t: ZmqTransport, *cmds: Command, timeout: float = 5.0) -> dict[int, Completion]:
+    t.submit(cmds)
+    evs = collect(t, done({c.tag for c in cmds}), timeout)
+    return {e.tag: e for e in evs if isinstance(e, Completion)}
+
+
+def drain(t: ZmqTransport, qid: int, want: int, tag0: int, timeout: float = 5.0) -> dict[int, bytes]:
+    """DQAP ``qid`` until ``want`` replies came back (bounded by ``timeout``); psmid -> reply."""
+    replies: dict[int, bytes] = {}
+    tag = tag0
+    deadline = time.monotonic() + timeout
+    while len(replies) < want:
+        assert time.monotonic() < deadline, f"only {len(replies)} of {want} replies within {timeout} s"
+        res = run(t, Command(tag, Instr.DQAP, qid))[tag].result
+        tag += 1
+        if res.status.rc == RC.NORMAL:
+            replies[res.psmid] = res.reply
+        else:
+            assert res.status.rc == NO_PENDING_REPLY, res
+            assert t.poll(0.005) == []  # a bounded wait for the engines; nothing else is in flight
+    return replies
+
+
+def test_handshake_lists_qids_and_tapq_reads_hwinfo(transport: ZmqTransport) -> None:
+    assert transport.qids() == [Q00, Q01, Q10, Q11]
+    assert transport.supports_interrupts
+    res = run(transport, Command(1, Instr.TAPQ, Q00, flag=True))[1].result
+    assert res.status.rc == RC.NORMAL and res.hwinfo is not None
+    assert res.hwinfo.slots == 8 and res.hwinfo.mode == "accel"
+    assert run(transport, Command(2, Instr.TAPQ, Q00, flag=False))[2].result.hwinfo is None
+    assert transport.outstanding() == []
+
+
+def test_rsa_mex_and_crt_results_are_real(transport: ZmqTransport) -> None:
+    k = rsa_key(1024)
+    data = [0x1234567, k.n - 2, 42]
+    cmds = [
+        Command(10 + i, Instr.NQAP, Q01, psmid=100 + i, message=build_mex(x, E, k.n))
+        for i, x in enumerate(data)
+    ]
+    cmds.append(
+        Command(20, Instr.NQAP, Q01, psmid=200, message=build_crt(data[0], k.p, k.q, k.dp, k.dq, k.qinv))
+    )
+    for c in run(transport, *cmds).values():
+        assert c.result.status.rc == RC.NORMAL
+    replies = drain(transport, Q01, 4, tag0=30)
+    for i, x in enumerate(data):
+        r = parse_reply(replies[100 + i])
+        assert r.kind == "ok" and int.from_bytes(r.result, "big") == pow(x, E, k.n)
+    assert int.from_bytes(parse_reply(replies[200]).result, "big") == pow(data[0], k.d, k.n)
+
+
+def test_pipelining_fills_every_slot(transport: ZmqTransport) -> None:
+    """Eight NQAPs in flight at once (one submit, no waiting); the ninth finds the queue full."""
+    k = rsa_key(1024)
+    cmds = [
+        Command(100 + i, Instr.NQAP, Q10, psmid=1000 + i, message=build_mex(i + 2, E, k.n)) for i in range(8)
+    ]
+    transport.submit(cmds)
+    assert len(transport.outstanding()) == 8
+    comps = {e.tag: e for e in collect(transport, done({c.tag for c in cmds})) if isinstance(e, Completion)}
+    assert all(comps[c.tag].result.status.rc == RC.NORMAL for c in cmds)
+    full = run(transport, Command(200, Instr.NQAP, Q10, psmid=2000, message=build_mex(3, E, k.n)))[200]
+    assert full.result.status.rc == RC.Q_FULL
+    replies = drain(transport, Q10, 8, tag0=300)
+    assert {p: int.from_bytes(parse_reply(r).result, "big") for p, r in replies.items()} == {
+        1000 + i: pow(i + 2, E, k.n) for i in range(8)
+    }
+
+
+def test_interrupts_are_delivered_and_notify_fires(transport: ZmqTransport) -> None:
+    fired = threading.Event()
+    transport.set_notify(fired.set)
+    aqic = run(transport, Command(1, Instr.AQIC, Q11, flag=True))[1].result
+    assert aqic.status.rc == RC.NORMAL and aqic.status.irq_enabled
+    fired.clear()
+    k = rsa_key(1024)
+    transport.submit([Command(2, Instr.NQAP, Q11, psmid=5, message=build_mex(7, E, k.n))])
+    evs = collect(transport, lambda evs: Interrupt(Q11) in evs)
+    assert fired.is_set()
+    assert {e.tag for e in evs if isinstance(e, Completion)} == {2}
+    assert drain(transport, Q11, 1, tag0=3)
+    off = run(transport, Command(9, Instr.AQIC, Q11, flag=False))[9].result
+    assert not off.status.irq_enabled
+
+
+def test_rapq_discards_held_work(transport: ZmqTransport) -> None:
+    k = rsa_key(1024)
+    run(
+        transport,
+        *(Command(i, Instr.NQAP, Q00, psmid=50 + i, message=build_mex(5, E, k.n)) for i in range(3)),
+    )
+    assert run(transport, Command(10, Instr.RAPQ, Q00))[10].result.status.rc == RC.NORMAL
+    tag = 11
+    while True:  # wait out the reset (5 ms on the small profile) without sleeping
+        res = run(transport, Command(tag, Instr.TAPQ, Q00, flag=True))[tag].result
+        tag += 1
+        if res.status.rc != RC.RESET_IN_PROGRESS:
+            break
+    assert res.status.rc == RC.NORMAL and res.status.queue_empty
+    assert run(transport, Command(tag, Instr.DQAP, Q00))[tag].result.status.rc == NO_PENDING_REPLY
+
+
+def test_domain_isolation_through_the_transport(zmq_server: ServerProcess, control: ControlClient) -> None:
+    with open_transport(zmq_server.data, domains=[1]) as t:
+        assert t.qids() == [Q01, Q11]
+        k = rsa_key(1024)
+        res = run(t, Command(1, Instr.NQAP, Q00, psmid=0xD0D0, message=build_mex(2, E, k.n)))[1].result
+        assert res.status.rc == RC.Q_NOT_AVAIL
+        for instr in (Instr.DQAP, Instr.TAPQ, Instr.AQIC, Instr.RAPQ, Instr.ZAPQ):
+            assert run(t, Command(2, instr, Q10, flag=True))[2].result.status.rc == RC.Q_NOT_AVAIL
+    assert control.execution_log(psmid=0xD0D0) == []
+
+
+def test_dropped_and_corrupted_answers_end_their_tag(transport: ZmqTransport, control: ControlClient) -> None:
+    transport.timeout = 0.3  # the reply deadline of later commands
+    control.drop_frames(1)
+    transport.submit([Command(1, Instr.TAPQ, Q00)])
+    evs = collect(transport, lambda evs: any(isinstance(e, TransportLost) for e in evs))
+    lost = next(e for e in evs if isinstance(e, TransportLost))
+    assert lost.tags == (1,) and not lost.permanent and lost.qids == (Q00,)
+    assert transport.outstanding() == []
+    control.corrupt_frames(1)
+    transport.submit([Command(2, Instr.TAPQ, Q00)])
+    evs = collect(transport, lambda evs: any(isinstance(e, TransportLost) for e in evs))
+    assert [e.tags for e in evs if isinstance(e, TransportLost)] == [(2,)]
+    assert transport.counters["corrupt_rx"] == 1
+    assert run(transport, Command(3, Instr.TAPQ, Q00))[3].result.status.rc == RC.NORMAL
+    assert control.transport_faults() == {"drop": 0, "corrupt": 0, "disconnect": 0}
+
+
+def test_disconnect_fault_reconnects(transport: ZmqTransport, control: ControlClient) -> None:
+    assert control.disconnect() >= 1
+    evs = collect(transport, lambda evs: any(isinstance(e, TransportLost) for e in evs))
+    lost = next(e for e in evs if isinstance(e, TransportLost))
+    assert not lost.permanent and lost.tags == ()
+    # commands submitted while the link is down are held, then sent after the new handshake
+    assert run(transport, Command(1, Instr.TAPQ, Q00))[1].result.status.rc == RC.NORMAL
+    assert transport.counters["reconnects"] == 1
+
+
+def test_machine_failure_from_the_control_plane(transport: ZmqTransport, control: ControlClient) -> None:
+    k = rsa_key(1024)
+    fault = control.machine_failure(1, recovery_time=0.3, after_requests=3)
+    assert fault["type"] == "MachineFailure" and fault["card"] == 1
+    cmds = [Command(i, Instr.NQAP, Q10, psmid=700 + i, message=build_mex(9, E, k.n)) for i in range(3)]
+    assert all(c.result.status.rc == RC.NORMAL for c in run(transport, *cmds).values())
+    assert run(transport, Command(5, Instr.NQAP, Q10, psmid=799, message=build_mex(9, E, k.n)))[
+        5
+    ].result.status.rc == (RC.BUSY)
+    replies = drain(transport, Q10, 3, tag0=10)
+    states = {p: parse_reply(r).mf_state for p, r in replies.items()}
+    assert set(states) == {700, 701, 702}
+    assert all(s is not None and s.name in ("IN_PROCESS", "REQUEST_PENDING") for s in states.values())
+    outcomes = {e["psmid"]: e["outcome"] for e in control.execution_log() if 700 <= e["psmid"] < 800}
+    assert set(outcomes.values()) <= {"in-process-failed", "pending-failed"} and len(outcomes) == 3
+
+
+def test_close_is_idempotent_and_submit_after_close_raises(zmq_server: ServerProcess) -> None:
+    t = open_transport(zmq_server.data)
+    t.close()
+    t.close()
+    assert t.poll(0.1) == []
+    with pytest.raises(TransportClosed):
+        t.submit([Command(1, Instr.TAPQ, Q00)])
+
+
+def test_open_fails_fast_without_a_server() -> None:
+    with pytest.raises(ServerUnreachable):
+        open_transport("tcp://127.0.0.1:9", timeout=0.3)
+
+
+def test_round_trip_cost(transport: ZmqTransport) -> None:
+    """Measured, not asserted tightly: one NQAP + one DQAP over loopback (printed with -s)."""
+    k = rsa_key(1024)
+    msg = build_mex(3, E, k.n)
+    n, tag = 200, 1
+    t0 = time.perf_counter()
+    for i in range(n):
+        run(transport, Command(tag, Instr.NQAP, Q01, psmid=9000 + i, message=msg))
+        run(transport, Command(tag + 1, Instr.DQAP, Q01))
+        tag += 2
+    per = (time.perf_counter() - t0) / n
+    print(f"\nNQAP+DQAP over tcp loopback: {per * 1e6:.0f} us")
+    assert per < 0.05
