@@ -67,6 +67,26 @@ class EmulatorStats:
             return 0.0
         return sum(c.busy_time for c in self.cards) / (engines * self.elapsed)
 
+    def lszcrypt(self) -> str:
+        """The listing in the manner of ``lszcrypt -V``: one line per card, then its usage queues."""
+
+        def row(*cols: object) -> str:
+            return "{:<9} {:<6} {:<12} {:<12} {:>9} {:>8} {:>6}".format(*cols)
+
+        mode_name = {"accel": "Accelerator", "cca": "CCA-Coproc"}
+        head = row("CARD.DOM", "TYPE", "MODE", "STATUS", "REQUESTS", "PENDING", "QDEPTH")
+        lines = [head, "-" * len(head)]
+        for c in self.cards:
+            status = "online" if c.state == "normal" else c.state
+            mode = mode_name.get(c.mode, c.mode)
+            queues = [q for q in self.queues if q.card == c.card and q.usage]
+            depth = queues[0].slots if queues else 0
+            lines.append(row(c.name, c.type, mode, status, c.requests, c.held, depth))
+            for q in queues:
+                qstatus = status if q.state == "operating" else q.state
+                lines.append(row(q.name, c.type, mode, qstatus, q.requests, q.held, q.slots))
+        return "\n".join(lines)
+
     def card(self, card: int) -> CardStats:
         for c in self.cards:
             if c.card == card:

@@ -179,3 +179,17 @@ def test_gates_cover_every_instruction() -> None:
     for row in (*CARD_GATE.values(), *QUEUE_GATE.values()):
         assert set(row) == set(Instr)
     assert [i for i, rc in CARD_GATE[CardState.RECOVERING].items() if rc is None] == [Instr.DQAP]
+
+
+def test_lszcrypt_listing(small_exact: Emulator) -> None:
+    emu = small_exact
+    fill(emu, Q10, range(3))
+    emu.control.machine_failure(0, 0.1)
+    emu.rapq(Q11)
+    lines = emu.stats().lszcrypt().splitlines()
+    assert lines[0].split() == ["CARD.DOM", "TYPE", "MODE", "STATUS", "REQUESTS", "PENDING", "QDEPTH"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert rows["00"] == ["CEX8A", "Accelerator", "recovering", "0", "0", "8"]
+    assert rows["01"] == ["CEX8A", "Accelerator", "online", "3", "3", "8"]
+    assert rows["01.0000"][2:] == ["online", "3", "3", "8"]
+    assert rows["01.0001"][2] == "resetting"
