@@ -51,7 +51,6 @@ from emulator.stats import EmulatorStats, collect_stats
 __all__ = ["Emulator"]
 
 RC = ResponseCode
-_I = Instr
 _MAX_PSMID = (1 << 64) - 1
 
 #: Response codes whose status word says nothing about the queue (no bits but the RC).
@@ -166,7 +165,7 @@ class Emulator:
     def tapq(self, qid: int, t_bit: bool = True) -> ApResult:
         """Test AP queue: the status word, plus GR2 hardware info when ``t_bit`` and the RC allow."""
         with self.lock:
-            card, q, rc = self._gate(qid, _I.TAPQ)
+            card, q, rc = self._gate(qid, Instr.TAPQ)
             if rc is None:
                 rc = RC.NORMAL
             status = self._status(q, rc)
@@ -178,7 +177,7 @@ class Emulator:
         if not 0 <= psmid <= _MAX_PSMID:
             raise ValueError(f"psmid {psmid!r} is not a 64-bit value")
         with self.lock:
-            card, q, rc = self._gate(qid, _I.NQAP)
+            card, q, rc = self._gate(qid, Instr.NQAP)
             if rc is not None:
                 return ApResult(self._status(q, rc))
             assert card is not None and q is not None
@@ -199,7 +198,7 @@ class Emulator:
     def dqap(self, qid: int) -> ApResult:
         """Take the oldest available reply; ``NO_PENDING_REPLY`` (queue_empty iff nothing held)."""
         with self.lock:
-            _card, q, rc = self._gate(qid, _I.DQAP)
+            _card, q, rc = self._gate(qid, Instr.DQAP)
             if rc is not None:
                 return ApResult(self._status(q, rc))
             assert q is not None
@@ -214,18 +213,18 @@ class Emulator:
     def rapq(self, qid: int, fbit: bool = False) -> ApResult:
         """Reset the queue: held requests and replies are discarded, interrupts end disabled, and
         every instruction answers RESET_IN_PROGRESS for the profile's reset time."""
-        return self._reset_instr(qid, _I.RAPQ, zeroize=False)
+        return self._reset_instr(qid, Instr.RAPQ, zeroize=False)
 
     def zapq(self, qid: int, fbit: bool = False) -> ApResult:
         """Reset and zeroize: as :meth:`rapq`, and the domain's key slots are cleared."""
-        return self._reset_instr(qid, _I.ZAPQ, zeroize=True)
+        return self._reset_instr(qid, Instr.ZAPQ, zeroize=True)
 
     def aqic(self, qid: int, enable: bool, notify: Callable[[int], object] | None = None) -> ApResult:
         """Enable or disable interrupts; while enabled, ``notify(qid)`` is called (in clock-callback
         context, without the emulator lock held) each time replies become available.  Replies
         already waiting when interrupts are enabled do not raise one: DQAP after enabling."""
         with self.lock:
-            _card, q, rc = self._gate(qid, _I.AQIC)
+            _card, q, rc = self._gate(qid, Instr.AQIC)
             if rc is not None:
                 return ApResult(self._status(q, rc))
             assert q is not None
