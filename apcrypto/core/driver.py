@@ -323,7 +323,7 @@ class DriverCore:
         if limit is not None:
             q.limit_gen = q.gen
             self._arm(("limit", q.qid), getattr(self.cfg, limit), force=True)
-        if state.in_service:
+        if state.in_service and q.held:
             self._arm(("reply", q.qid), self.cfg.reply_timeout)
 
     def _run(self, q: Queue, event: QEvent) -> None:
@@ -371,11 +371,26 @@ class DriverCore:
             self._emit(q, Instr.ZAPQ if zap else Instr.RAPQ)
         return Wait.LOW
 
+    def _step_reset_once(self, q: Queue) -> Wait:
+        if q.issued_gen == q.gen:
+            return Wait.LOW
+        q.issued_gen = q.gen
+        return self._step_reset(q)
+
+    def _step_wait_low(self, q: Queue) -> Wait:
+        return Wait.LOW
+
     def _step_tapq(self, q: Queue) -> Wait:
         if not q.ctl_inflight:
             q.ctl_inflight = True
             self._emit(q, Instr.TAPQ, flag=True)
         return Wait.LOW
+
+    def _step_probe_once(self, q: Queue) -> Wait:
+        if q.issued_gen == q.gen:
+            return self._step_await(q) if q.held else Wait.HIGH
+        q.issued_gen = q.gen
+        return self._step_probe(q)
 
     def _step_probe(self, q: Queue) -> Wait:
         if not self.cfg.health_probe:
@@ -389,7 +404,9 @@ class DriverCore:
             q.probe_psmid = self.ledger.new_psmid()
             self._emit(q, Instr.NQAP, psmid=q.probe_psmid, message=probe[0].message(q.domain))
             return Wait.HIGH
-        return self._step_await(q)
+        if q.probe_sent:
+            return self._step_read(q)
+        return Wait.HIGH  # probe NQAP still in flight
 
     def _step_await(self, q: Queue) -> Wait:
         return Wait.INTERRUPT if q.held else Wait.NONE
@@ -410,6 +427,12 @@ class DriverCore:
     def _step_read_write(self, q: Queue) -> Wait:
         w = self._step_write(q)
         return min(w, self._step_read(q)) if q.state.in_service else w
+
+    def _step_drain_once(self, q: Queue) -> Wait:
+        if q.issued_gen == q.gen:
+            return Wait.LOW
+        q.issued_gen = q.gen
+        return self._step_drain(q)
 
     def _step_drain(self, q: Queue) -> Wait:
         if not q.dqap_inflight:
@@ -516,7 +539,8 @@ class DriverCore:
             self._start_reset(q, "reply timeout")
             return
         q.progress_seen = q.progress
-        self._arm(("reply", q.qid), self.cfg.reply_timeout, force=True)
+        if q.held:
+            self._arm(("reply", q.qid), self.cfg.reply_timeout, force=True)
 
     # ---------------------------------------------------------------- completions
     def _on_tapq(self, q: Queue, res: ApResult) -> None:
@@ -948,6 +972,8 @@ class DriverCore:
             return
         tag = self._emit(q, Instr.NQAP, psmid=att.psmid, message=message)
         q.sending[tag] = rec.rid
+        if ("reply", q.qid) not in self._armed:
+            self._arm(("reply", q.qid), self.cfg.reply_timeout)
         q.load += rec.weight
         self._card_load[q.card] = self._card_load.get(q.card, 0) + rec.weight
         if q.state is QState.IDLE:

@@ -55,15 +55,18 @@ class Wait(IntEnum):
 
 
 #: state × event → name of a step method on DriverCore (``_step_<name>``).  Every cell is filled.
+#: A KICK issues a state's instruction at most once per state entry (``*_once`` steps); repeating
+#: it is the poll timer's job.  Otherwise a synchronous transport answering "still resetting" at
+#: once would spin the machine without time passing.
 TABLE: dict[QState, dict[QEvent, str]] = {
-    QState.RESET_START: {QEvent.KICK: "reset", QEvent.TIMEOUT: "reset"},
-    QState.RESET_WAIT: {QEvent.KICK: "tapq", QEvent.TIMEOUT: "tapq"},
-    QState.SETIRQ_WAIT: {QEvent.KICK: "tapq", QEvent.TIMEOUT: "tapq"},
-    QState.PROBE: {QEvent.KICK: "probe", QEvent.TIMEOUT: "read"},
+    QState.RESET_START: {QEvent.KICK: "reset_once", QEvent.TIMEOUT: "reset"},
+    QState.RESET_WAIT: {QEvent.KICK: "wait_low", QEvent.TIMEOUT: "tapq"},
+    QState.SETIRQ_WAIT: {QEvent.KICK: "wait_low", QEvent.TIMEOUT: "tapq"},
+    QState.PROBE: {QEvent.KICK: "probe_once", QEvent.TIMEOUT: "probe"},
     QState.IDLE: {QEvent.KICK: "write", QEvent.TIMEOUT: "nop"},
     QState.WORKING: {QEvent.KICK: "write", QEvent.TIMEOUT: "read_write"},
     QState.QUEUE_FULL: {QEvent.KICK: "await", QEvent.TIMEOUT: "read"},
-    QState.RECOVERY_WAIT: {QEvent.KICK: "drain", QEvent.TIMEOUT: "drain_probe"},
+    QState.RECOVERY_WAIT: {QEvent.KICK: "drain_once", QEvent.TIMEOUT: "drain_probe"},
     QState.OFFLINE: {QEvent.KICK: "nop", QEvent.TIMEOUT: "reprobe"},
 }
 
@@ -105,6 +108,7 @@ class Queue:
     progress: int = 0  # bumped on every reply; the reply-timeout check compares it
     progress_seen: int = -1
     gen: int = 0  # bumped on every state change; the state-limit timer checks it
+    issued_gen: int = -1  # the state entry in which the *_once step last issued its instruction
     limit_gen: int = -1
     # utilisation on the runner's clock: integral of (messages held) dt
     occ_integral: float = 0.0

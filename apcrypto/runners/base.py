@@ -1,0 +1,86 @@
+"""What every runner does the same way: carry out the core's actions and feed it transport events."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from apcrypto.core.actions import Action, ArmTimer, CancelTimer, Execute, Resolve
+from apcrypto.core.driver import DriverCore
+from apcrypto.transport.base import Completion, Interrupt, Transport, TransportLost
+
+log = logging.getLogger("apcrypto.runner")
+
+#: Called with ``(value, error)`` when a request is decided; set by the client per request.
+Resolver = Callable[[Any, BaseException | None], None]
+
+
+class RunnerBase(ABC):
+    """Shared action handling.  Subclasses supply the clock (``now``, ``arm``, ``cancel``)."""
+
+    def __init__(self, core: DriverCore, transport: Transport) -> None:
+        self.core = core
+        self.transport = transport
+        self.resolvers: dict[int, Resolver] = {}
+
+    # -- the clock, per runner --
+    @abstractmethod
+    def now(self) -> float: ...
+
+    @abstractmethod
+    def arm(self, key: tuple[Any, ...], delay: float) -> None: ...
+
+    @abstractmethod
+    def cancel(self, key: tuple[Any, ...]) -> None: ...
+
+    # -- shared --
+    def apply(self, actions: list[Action]) -> None:
+        for a in actions:
+            t = type(a)
+            if t is Execute:
+                self.transport.submit(a.commands)  # type: ignore[union-attr]
+            elif t is Resolve:
+                cb = self.resolvers.pop(a.rid, None)  # type: ignore[union-attr]
+                if cb is not None:
+                    cb(a.value, a.error)  # type: ignore[union-attr]
+            elif t is ArmTimer:
+                self.arm(a.key, a.delay)  # type: ignore[union-attr]
+            elif t is CancelTimer:
+                self.cancel(a.key)  # type: ignore[union-attr]
+
+    def pump(self) -> int:
+        """Feed every transport event to the core until the transport has nothing more."""
+        n = 0
+        core = self.core
+        while True:
+            events = self.transport.poll(0.0)
+            if not events:
+                return n
+            for ev in events:
+                n += 1
+                now = self.now()
+                if type(ev) is Completion:
+                    self.apply(core.on_completion(ev.tag, ev.result, now))
+                elif type(ev) is Interrupt:
+                    self.apply(core.on_interrupt(ev.qid, now))
+                elif type(ev) is TransportLost:
+                    self.apply(
+                        core.on_transport_lost(ev.tags, permanent=ev.permanent, reason=ev.reason, now=now)
+                    )
+
+    def fire(self, key: tuple[Any, ...]) -> None:
+        self.apply(self.core.on_timer(key, self.now()))
+
+    def start_queues(self) -> None:
+        for qid in self.transport.qids():
+            self.apply(self.core.add_queue(qid, self.now()))
+
+    def submit_now(
+        self, request: Any, idempotent: bool | None, deadline: float | None, resolver: Resolver
+    ) -> int:
+        rid, actions = self.core.submit(request, idempotent=idempotent, deadline=deadline, now=self.now())
+        self.resolvers[rid] = resolver
+        self.apply(actions)
+        return rid

@@ -1,0 +1,101 @@
+"""``emu:`` -- the embedded emulator, reached by direct calls (no frames, no sockets, no threads).
+
+``emu:`` builds an emulator from the default profile, ``emu:NAME`` from a bundled profile or a TOML
+path; ``emulator=`` drives one the caller built (tests use its control plane and execution log).
+Commands execute synchronously inside ``submit``; their completions wait in a deque for ``poll``.
+Adapter interrupts arrive from the emulator's clock context (its pump thread on a wall clock).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from apcrypto.transport.base import Command, Completion, Interrupt, Transport, TransportEvent
+from apformats.codes import ResponseCode
+from apformats.results import ApResult, Instr, qid_domain
+from apformats.status import QueueStatus
+
+_NOT_AVAIL = ApResult(QueueStatus(response_code=ResponseCode.Q_NOT_AVAIL))
+
+
+class InprocTransport(Transport):
+    """Direct calls into an :class:`emulator.Emulator` living in this process."""
+
+    supports_interrupts = True
+
+    def __init__(self, emulator: Any, *, owns: bool = False, domains: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.emulator = emulator
+        self._owns = owns
+        self._domains = None if domains is None else frozenset(domains)
+        self._events: deque[TransportEvent] = deque()
+        emu = emulator
+        self._table = {
+            Instr.TAPQ: lambda c: emu.tapq(c.qid, t_bit=c.flag),
+            Instr.NQAP: lambda c: emu.nqap(c.qid, c.psmid, c.message),
+            Instr.DQAP: lambda c: emu.dqap(c.qid),
+            Instr.RAPQ: lambda c: emu.rapq(c.qid, fbit=c.flag),
+            Instr.ZAPQ: lambda c: emu.zapq(c.qid, fbit=c.flag),
+            Instr.AQIC: lambda c: emu.aqic(c.qid, c.flag, self._on_irq if c.flag else None),
+        }
+
+    @property
+    def virtual_clock(self) -> Any | None:
+        """The emulator's clock when it is virtual (the runner then drives time), else None."""
+        clock = self.emulator.clock
+        return (
+            clock
+            if hasattr(clock, "step") and hasattr(clock, "next_deadline") and not hasattr(clock, "running")
+            else None
+        )
+
+    def qids(self) -> list[int]:
+        qids = list(self.emulator.qids())
+        if self._domains is not None:
+            qids = [q for q in qids if qid_domain(q) in self._domains]
+        return qids
+
+    def _allowed(self, qid: int) -> bool:
+        return self._domains is None or qid_domain(qid) in self._domains
+
+    def _on_irq(self, qid: int) -> None:
+        self._events.append(Interrupt(qid))
+        self._notify_ready()
+
+    def _send(self, commands: Sequence[Command]) -> None:
+        table = self._table
+        append = self._events.append
+        for c in commands:
+            res = table[c.instr](c) if self._allowed(c.qid) else _NOT_AVAIL
+            append(Completion(c.tag, res))
+
+    def _recv(self, timeout: float) -> list[TransportEvent]:
+        ev = self._events
+        out: list[TransportEvent] = []
+        while ev:
+            out.append(ev.popleft())
+        return out
+
+    def _close(self) -> None:
+        if self._owns:
+            self.emulator.close()
+
+
+def open_inproc(
+    url: str,
+    *,
+    emulator: Any = None,
+    seed: int = 0,
+    clock: str = "wall",
+    domains: Sequence[int] | None = None,
+    **_ignored: Any,
+) -> InprocTransport:
+    """Open ``emu:[PROFILE]``.  Without ``emulator=``, builds one on a wall clock and owns it."""
+    if emulator is not None:
+        return InprocTransport(emulator, domains=domains)
+    from emulator import Emulator  # the driver reaches the emulator only through this transport
+
+    profile = url.partition(":")[2] or "default"
+    return InprocTransport(Emulator(profile, clock=clock, seed=seed), owns=True, domains=domains)
