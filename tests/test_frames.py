@@ -277,3 +277,19 @@ def test_fast_path_agrees_with_construct_on_noise(noise) -> None:
         blob = blob + struct.pack(">I", zlib.crc32(blob))
         assert outcome(decode_frame, blob) == outcome(decode_frame_spec, blob)
     assert outcome(decode_frame, noise) == outcome(decode_frame_spec, noise)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(list(FrameKind)), st.binary(max_size=40))
+def test_any_body_decodes_canonically_or_raises_format_error(kind, body) -> None:
+    """Any body: decoding raises FormatError or yields a frame that re-encodes to the very same bytes."""
+    blob = struct.pack(">2sBBI", b"AP", 1, kind, len(body)) + body
+    blob += struct.pack(">I", zlib.crc32(blob))
+    try:
+        frame = decode_frame(blob)
+    except FormatError:
+        with pytest.raises(FormatError):
+            decode_frame_spec(blob)
+        return
+    assert decode_frame_spec(blob) == frame
+    assert encode_frame(frame) == blob
