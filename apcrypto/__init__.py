@@ -1,0 +1,107 @@
+"""apcrypto: keep AP crypto adapters' queues full, and never lose or double a request.
+
+>>> import apcrypto
+>>> with apcrypto.connect("emu:") as client:          # embedded emulator, default profile
+...     fut = client.mod_expo(b"\\x02", 65537, (1 << 1023) + 1)
+
+The transport is chosen by URL (``emu:[PROFILE]``, ``tcp://HOST:PORT``, ``usb://VID:PID[/SERIAL]``);
+every transport takes the same driver options and gives the same outcomes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from typing import Any
+
+from apcrypto import errors
+from apcrypto.client import Client
+from apcrypto.core.config import FAST, DriverConfig
+from apcrypto.errors import (
+    ApcryptoError,
+    BadRequest,
+    DeadlineExceeded,
+    DeviceUnavailable,
+    HostQueueFull,
+    Indeterminate,
+)
+from apcrypto.requests import (
+    CounterIncrement,
+    KeyRead,
+    KeyStore,
+    ModExpo,
+    ModExpoCrt,
+    RandomBytes,
+    Request,
+)
+from apcrypto.transport import open_transport
+
+__version__ = "0.1.0"
+
+_CONFIG_FIELDS = {f.name for f in fields(DriverConfig)}
+_CLIENT_OPTIONS = {"psmid_base", "close_timeout"}
+
+
+def split_options(options: dict[str, Any]) -> tuple[DriverConfig, dict[str, Any], dict[str, Any]]:
+    """Split ``connect`` keyword options into driver config, client options and transport options.
+
+    ``config=`` gives a whole :class:`DriverConfig` (``"fast"`` for short test timings); any config
+    field given by name overrides it.  Everything else goes to the transport.
+    """
+    opts = dict(options)
+    base = opts.pop("config", None)
+    if base is None or base == "default":
+        cfg = DriverConfig()
+    elif base == "fast":
+        cfg = FAST
+    elif isinstance(base, DriverConfig):
+        cfg = base
+    else:
+        raise TypeError(f"config must be a DriverConfig, 'default' or 'fast', not {base!r}")
+    changes = {k: opts.pop(k) for k in list(opts) if k in _CONFIG_FIELDS}
+    if changes:
+        cfg = cfg.with_(**changes)
+    client_opts = {k: opts.pop(k) for k in list(opts) if k in _CLIENT_OPTIONS}
+    client_opts.setdefault("psmid_base", (os.getpid() & 0xFFFFFFFF) << 32)
+    return cfg, client_opts, opts
+
+
+def connect(url: str = "emu:", **options: Any) -> Client:
+    """Open a client on the adapter(s) behind ``url``.
+
+    Driver options (same on every transport): ``config``, and any :class:`DriverConfig` field
+    (``reply_timeout``, ``max_redrives``, ``use_interrupts``, ``backlog_limit``, ...);
+    ``psmid_base``, ``close_timeout``.  Transport options: ``emulator=`` (``emu:``: drive an
+    emulator you built), ``domains=`` (restrict to these domains), ``timeout``,
+    ``reconnect_delay``, ``reconnect_delay_max``, ``peer_deadline`` (``tcp://``, ``usb://``),
+    ``backend=`` (``usb://``), CURVE keys (``tcp://``).
+    """
+    cfg, client_opts, transport_opts = split_options(options)
+    transport = open_transport(url, **transport_opts)
+    try:
+        return Client(transport, cfg, **client_opts)
+    except BaseException:
+        transport.close()
+        raise
+
+
+__all__ = [
+    "ApcryptoError",
+    "BadRequest",
+    "Client",
+    "CounterIncrement",
+    "DeadlineExceeded",
+    "DeviceUnavailable",
+    "DriverConfig",
+    "HostQueueFull",
+    "Indeterminate",
+    "KeyRead",
+    "KeyStore",
+    "ModExpo",
+    "ModExpoCrt",
+    "RandomBytes",
+    "Request",
+    "__version__",
+    "connect",
+    "errors",
+]

@@ -1,0 +1,186 @@
+"""apcrypto for asyncio: the same client, with awaitables instead of futures.
+
+>>> async with apcrypto.aio.connect("emu:") as client:
+...     result = await client.mod_expo(data, 65537, modulus)
+
+``connect`` takes exactly the options of :func:`apcrypto.connect`.  The driver core runs on the
+event loop (no runner thread); transports that need one (ZeroMQ, USB) keep their own I/O thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Generator
+from typing import Any
+
+from apcrypto import split_options
+from apcrypto.core.config import DriverConfig
+from apcrypto.core.driver import DriverCore
+from apcrypto.errors import BadRequest, ClientClosed, HostQueueFull
+from apcrypto.requests import (
+    CounterIncrement,
+    KeyRead,
+    KeyStore,
+    ModExpo,
+    ModExpoCrt,
+    RandomBytes,
+    Request,
+)
+from apcrypto.runners.aio import AsyncioRunner
+from apcrypto.transport import open_transport
+from apcrypto.transport.base import Transport
+
+
+class AsyncClient:
+    """Asyncio twin of :class:`apcrypto.Client`; create it with :func:`connect`."""
+
+    def __init__(
+        self, transport: Transport, config: DriverConfig, *, psmid_base: int = 0, close_timeout: float = 30.0
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport = transport
+        self.config = config
+        self.close_timeout = close_timeout
+        self.core = DriverCore(
+            config, psmid_base=psmid_base, supports_interrupts=transport.supports_interrupts
+        )
+        self._runner = AsyncioRunner(self.core, transport, self.loop)
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._closed = False
+        self._runner.start_queues()
+        self._runner.schedule()
+
+    # ---------------------------------------------------------------- operations
+    def mod_expo(
+        self,
+        data: bytes,
+        exponent: int | bytes,
+        modulus: int | bytes,
+        *,
+        idempotent: bool = True,
+        deadline: float | None = None,
+    ) -> asyncio.Future[bytes]:
+        return self._build(ModExpo, (data, exponent, modulus), idempotent, deadline)
+
+    def mod_expo_crt(
+        self,
+        data: bytes,
+        p: int | bytes,
+        q: int | bytes,
+        dp: int | bytes,
+        dq: int | bytes,
+        qinv: int | bytes,
+        *,
+        idempotent: bool = True,
+        deadline: float | None = None,
+    ) -> asyncio.Future[bytes]:
+        return self._build(ModExpoCrt, (data, p, q, dp, dq, qinv), idempotent, deadline)
+
+    def random_bytes(self, n: int, *, deadline: float | None = None) -> asyncio.Future[bytes]:
+        return self._build(RandomBytes, (n,), None, deadline)
+
+    def counter_increment(self, by: int = 1, *, deadline: float | None = None) -> asyncio.Future[int]:
+        return self._build(CounterIncrement, (by,), None, deadline)
+
+    def key_store(self, slot: int, key: bytes, *, deadline: float | None = None) -> asyncio.Future[None]:
+        return self._build(KeyStore, (slot, key), None, deadline)
+
+    def key_read(self, slot: int, *, deadline: float | None = None) -> asyncio.Future[bytes]:
+        return self._build(KeyRead, (slot,), None, deadline)
+
+    def submit(
+        self, request: Request, idempotent: bool = False, *, deadline: float | None = None
+    ) -> asyncio.Future[Any]:
+        if not isinstance(request, Request):
+            raise TypeError(f"submit takes an apcrypto.requests.Request, not {type(request).__name__}")
+        return self._submit(request, idempotent, deadline)
+
+    def _build(
+        self, cls: type[Request], args: tuple[Any, ...], idem: bool | None, deadline: float | None
+    ) -> asyncio.Future[Any]:
+        try:
+            request = cls(*args)
+        except ValueError as exc:
+            fut: asyncio.Future[Any] = self.loop.create_future()
+            fut.set_exception(BadRequest(f"invalid {cls.__name__}: {exc}"))
+            return fut
+        return self._submit(request, idem, deadline)
+
+    def _submit(self, request: Request, idem: bool | None, deadline: float | None) -> asyncio.Future[Any]:
+        if self._closed:
+            raise ClientClosed("client is closed")
+        if self.core.backlog_size >= self.config.backlog_limit:
+            raise HostQueueFull(f"host-side queue at its bound ({self.config.backlog_limit})")
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        self._pending.add(fut)
+
+        def resolved(value: Any, error: BaseException | None) -> None:
+            self._pending.discard(fut)
+            if fut.cancelled():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(value)
+
+        self._runner.submit_now(request, idem, deadline, resolved)
+        self._runner.schedule()
+        return fut
+
+    # ---------------------------------------------------------------- state
+    def stats(self) -> dict[str, Any]:
+        return self.core.stats()
+
+    async def aclose(self) -> None:
+        """Wait (bounded) for outstanding requests, resolve the rest with ``ClientClosed``, release all."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=self.close_timeout)
+        self._runner.apply(self.core.shutdown(self._runner.now()))
+        self._runner.close()
+        self.transport.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class _Connect:
+    """``await connect(...)`` or ``async with connect(...) as client``."""
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        self._url = url
+        self._options = options
+        self._client: AsyncClient | None = None
+
+    async def _open(self) -> AsyncClient:
+        cfg, client_opts, transport_opts = split_options(self._options)
+        transport = open_transport(self._url, **transport_opts)
+        try:
+            return AsyncClient(transport, cfg, **client_opts)
+        except BaseException:
+            transport.close()
+            raise
+
+    def __await__(self) -> Generator[Any, None, AsyncClient]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> AsyncClient:
+        self._client = await self._open()
+        return self._client
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+def connect(url: str = "emu:", **options: Any) -> _Connect:
+    """Open an :class:`AsyncClient`; same URL and options as :func:`apcrypto.connect`."""
+    return _Connect(url, options)
+
+
+__all__ = ["AsyncClient", "connect"]

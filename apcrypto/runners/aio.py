@@ -1,0 +1,99 @@
+"""The asyncio runner: the same core, driven from an event loop.
+
+Transport notifications (from an I/O thread or the emulator's clock thread) reach the loop through
+``call_soon_threadsafe``; timers are ``loop.call_later`` on the wall clock, or the emulator's
+virtual clock with autojump (stepped from the loop whenever the runner has nothing else to do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from apcrypto.core.driver import DriverCore
+from apcrypto.runners.base import RunnerBase
+from apcrypto.transport.base import Transport
+
+
+class AsyncioRunner(RunnerBase):
+    def __init__(self, core: DriverCore, transport: Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(core, transport)
+        self.loop = loop
+        self._vclock = getattr(transport, "virtual_clock", None)
+        self._timers: dict[tuple[Any, ...], Any] = {}
+        self._scheduled = False
+        self._closed = False
+        self._t0 = time.monotonic()
+        transport.set_notify(self._notify)
+
+    def now(self) -> float:
+        if self._vclock is not None:
+            return float(self._vclock.now())
+        return time.monotonic() - self._t0
+
+    def arm(self, key: tuple[Any, ...], delay: float) -> None:
+        self.cancel(key)
+        if self._vclock is not None:
+            self._timers[key] = self._vclock.call_later(delay, lambda: self._fired(key))
+        else:
+            self._timers[key] = self.loop.call_later(delay, self._fired_and_process, key)
+
+    def cancel(self, key: tuple[Any, ...]) -> None:
+        h = self._timers.pop(key, None)
+        if h is not None:
+            h.cancel()
+
+    def _fired(self, key: tuple[Any, ...]) -> None:
+        self._timers.pop(key, None)
+        self.fire(key)
+
+    def _fired_and_process(self, key: tuple[Any, ...]) -> None:
+        if self._closed:
+            return
+        self._fired(key)
+        self.process()
+
+    def _notify(self) -> None:
+        if not self._closed:
+            try:
+                self.loop.call_soon_threadsafe(self.schedule)
+            except RuntimeError:  # loop already closed
+                pass
+
+    def schedule(self) -> None:
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            self.loop.call_soon(self.process)
+
+    def process(self) -> None:
+        """Pump the transport; with a virtual clock, step time when there is nothing else to do."""
+        self._scheduled = False
+        if self._closed:
+            return
+        lock = getattr(self.transport, "emulator", None)
+        ctx = lock.lock if (self._vclock is not None and lock is not None) else None
+        if ctx is not None:
+            ctx.acquire()
+        try:
+            did = self.pump()
+            if (
+                not did
+                and self._vclock is not None
+                and self.resolvers
+                and self._vclock.next_deadline() is not None
+            ):
+                self._vclock.step()
+                self.pump()
+                did = 1
+        finally:
+            if ctx is not None:
+                ctx.release()
+        if did and self._vclock is not None:
+            self.schedule()  # keep time moving while requests wait; other tasks run in between
+
+    def close(self) -> None:
+        self._closed = True
+        for h in self._timers.values():
+            h.cancel()
+        self._timers.clear()

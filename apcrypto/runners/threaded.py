@@ -1,0 +1,178 @@
+"""The threaded runner: one thread owns the core and the transport; callers hand it work.
+
+Callers (any thread) put submissions in an inbox and wake the runner; the transport's notify hook
+wakes it when completions or interrupts arrive.  Timers run on the wall clock, or -- when the
+transport is an in-process emulator on a ``VirtualClock`` -- on that virtual clock with
+*autojump*: whenever the runner has nothing to do, it steps the clock to the next deadline
+(trio's MockClock idea), so a whole session with service times and recovery waits runs as fast as
+the CPU allows and timings are exact on the virtual clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from apcrypto.core.driver import DriverCore
+from apcrypto.runners.base import Resolver, RunnerBase
+from apcrypto.transport.base import Transport
+
+
+class ThreadedRunner(RunnerBase):
+    """Drive the core from a dedicated thread."""
+
+    def __init__(self, core: DriverCore, transport: Transport, *, name: str = "apcrypto-runner") -> None:
+        super().__init__(core, transport)
+        self._cv = threading.Condition(threading.Lock())
+        self._inbox: deque[Callable[[], None]] = deque()
+        self._wake = False
+        self._stop = False
+        self.core_lock = threading.RLock()  # held while the core runs; stats() takes it too
+        vclock = getattr(transport, "virtual_clock", None)
+        self._vclock = vclock
+        self._emu_lock = transport.emulator.lock if vclock is not None else None  # type: ignore[attr-defined]
+        # wall-clock timers: heap of (due, seq, key); _due[key] = seq of the live entry
+        self._heap: list[tuple[float, int, tuple[Any, ...]]] = []
+        self._due: dict[tuple[Any, ...], int] = {}
+        self._vtimers: dict[tuple[Any, ...], Any] = {}
+        self._seq = itertools.count()
+        self._t0 = time.monotonic()
+        self.error: BaseException | None = None
+        transport.set_notify(self.wake)
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    # -- clock --
+    def now(self) -> float:
+        if self._vclock is not None:
+            return float(self._vclock.now())
+        return time.monotonic() - self._t0
+
+    def arm(self, key: tuple[Any, ...], delay: float) -> None:
+        if self._vclock is not None:
+            old = self._vtimers.pop(key, None)
+            if old is not None:
+                old.cancel()
+            self._vtimers[key] = self._vclock.call_later(delay, lambda: self._vfired(key))
+            return
+        seq = next(self._seq)
+        self._due[key] = seq
+        heapq.heappush(self._heap, (self.now() + delay, seq, key))
+
+    def cancel(self, key: tuple[Any, ...]) -> None:
+        if self._vclock is not None:
+            h = self._vtimers.pop(key, None)
+            if h is not None:
+                h.cancel()
+            return
+        self._due.pop(key, None)
+
+    def _vfired(self, key: tuple[Any, ...]) -> None:
+        self._vtimers.pop(key, None)
+        self.fire(key)
+
+    # -- callers' side (any thread) --
+    def wake(self) -> None:
+        with self._cv:
+            self._wake = True
+            self._cv.notify()
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the runner thread (with the core lock held)."""
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("runner stopped")
+            self._inbox.append(fn)
+            self._wake = True
+            self._cv.notify()
+
+    def submit(
+        self, request: Any, idempotent: bool | None, deadline: float | None, resolver: Resolver
+    ) -> None:
+        self.call(lambda: self.submit_now(request, idempotent, deadline, resolver))
+
+    def start(self) -> None:
+        self._thread.start()
+        self.call(self.start_queues)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the runner thread --
+    def _main(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    if self._stop and not self._inbox:
+                        return
+                    batch = list(self._inbox)
+                    self._inbox.clear()
+                    self._wake = False
+                with self.core_lock, self._locked_emu():
+                    for fn in batch:
+                        fn()
+                    did = self.pump() + len(batch)
+                    did += self._run_due_timers()
+                    if did:
+                        continue
+                    if self._vclock is not None and self._vclock.next_deadline() is not None:
+                        self._vclock.step()  # autojump: nothing to do now, move time to the next event
+                        self.pump()
+                        continue
+                self._idle_wait()
+        except BaseException as exc:  # a bug in the core or a transport: surface it, don't hang callers
+            self.error = exc
+            raise
+
+    def _locked_emu(self) -> Any:
+        return self._emu_lock if self._emu_lock is not None else _NULL
+
+    def _run_due_timers(self) -> int:
+        if self._vclock is not None or not self._heap:
+            return 0
+        n = 0
+        now = self.now()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _due, seq, key = heapq.heappop(heap)
+            if self._due.get(key) == seq:
+                del self._due[key]
+                self.fire(key)
+                n += 1
+        return n
+
+    def _idle_wait(self) -> None:
+        with self._cv:
+            if self._wake or self._inbox or self._stop:
+                return
+            timeout = 0.5
+            if self._vclock is None:
+                while self._heap and self._due.get(self._heap[0][2]) != self._heap[0][1]:
+                    heapq.heappop(self._heap)  # drop cancelled / replaced entries
+                if self._heap:
+                    timeout = max(0.0, min(timeout, self._heap[0][0] - self.now()))
+            if timeout > 0:
+                self._cv.wait(timeout)
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NULL = _Null()
