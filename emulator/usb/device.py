@@ -111,6 +111,7 @@ class DeviceStats:
     frames_in: int = 0  # frames the session received
     frames_out: int = 0  # frames queued on bulk IN
     interrupts: int = 0  # INTERRUPT frames queued on interrupt IN
+    transfers_out: int = 0  # bulk OUT transfers accepted (pipelining packs many frames into one)
     bytes_written: int = 0
     bytes_read: int = 0
     sessions: int = 0
@@ -371,6 +372,7 @@ class VirtualUsbDevice:
                     log.warning("%r: bad frame header on %#04x, stalling: %s", self, ep, exc)
                     raise errors.pipe_error(f"bulk OUT {ep:#04x}: bad frame") from None
                 self.stats.bytes_written += len(data)
+                self.stats.transfers_out += 1
                 session, sid = self._session, self._session_id
             replies = self._wire_faults(self._run_session(session, frames))
             with self._cond:
