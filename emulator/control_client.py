@@ -134,6 +134,14 @@ class ControlClient:
     def slow_engines(self, card: int, factor: float, duration: float | None = None, **trigger: Any) -> Any:
         return self.call("slow_engines", card=card, factor=factor, duration=duration, **trigger)
 
+    def inject(self, type: str, **fields: Any) -> dict[str, Any]:
+        """Arm any fault by class name (``emulator.faults``) and its fields."""
+        return self.call("inject", type=type, **fields)
+
+    def state(self, fault: dict[str, Any]) -> str:
+        """``pending`` / ``active`` / ``done`` of a fault, passed as an arm method returned it."""
+        return self.call("state", **fault)
+
     def clear(self) -> None:
         return self.call("clear")
 

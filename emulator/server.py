@@ -41,6 +41,7 @@ from typing import Any
 import zmq
 
 from apformats.frames import DEFAULT_MAX_FRAME, HEADER_LEN, TRAILER_LEN, FrameKind, encode_bye, peek_kind
+from emulator import faults as fault_types
 from emulator.frame_server import FrameSession
 
 __all__ = ["CONTROL_OPS", "EmulatorServer", "Waker", "jsonable", "normalize_bind"]
@@ -49,6 +50,11 @@ log = logging.getLogger(__name__)
 
 #: Frames a transport fault may hit (the conversation under test, not its handshake or heartbeat).
 FAULTABLE: frozenset[int] = frozenset({FrameKind.RESULT, FrameKind.ERROR, FrameKind.INTERRUPT})
+
+#: Fault classes the ``inject`` op can build by name (every concrete fault in ``emulator.faults``).
+FAULT_TYPES: dict[str, type] = {
+    name: getattr(fault_types, name) for name in fault_types.__all__ if name != "Fault"
+}
 
 #: Most data messages handled per poll round before control and interrupts get a turn.
 BATCH = 256
@@ -158,6 +164,7 @@ class EmulatorServer:
         self._ops: dict[str, Callable[..., Any]] = {
             name: getattr(self, f"_op_{name}") for name in CONTROL_OPS
         }
+        self._armed: list[Any] = []  # faults armed through this control plane, for the ``state`` op
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> tuple[str, str]:
@@ -371,7 +378,10 @@ class EmulatorServer:
             if op is None:
                 raise KeyError(f"unknown op {req['op']!r}; known: {sorted(self._ops)}")
             self.stats["control_ops"] += 1
-            return {"id": req_id, "ok": True, "result": jsonable(op(**args))}
+            result = op(**args)
+            if type(result) in FAULT_TYPES.values():
+                self._armed.append(result)
+            return {"id": req_id, "ok": True, "result": jsonable(result)}
         except Exception as exc:  # every failure is an answer, never a dead server
             log.info("control request failed: %s", exc)
             return {"id": req_id, "ok": False, "error": str(exc), "type": type(exc).__name__}
@@ -410,6 +420,24 @@ class EmulatorServer:
 
     def _op_faults(self) -> Any:
         return self.emu.control.faults()
+
+    def _op_inject(self, type: str, **fields: Any) -> Any:
+        """Arm any fault by class name and fields, e.g. ``{"type": "Busy", "qid": 1, "duration": 2}``."""
+        cls = FAULT_TYPES.get(type)
+        if cls is None:
+            raise KeyError(f"unknown fault type {type!r}; known: {sorted(FAULT_TYPES)}")
+        return self.emu.control.inject(cls(**fields))
+
+    def _op_state(self, type: str, **fields: Any) -> str:
+        """``pending`` / ``active`` / ``done`` of a fault armed here, given as an arm op returned it."""
+        want = {"type": type, **fields}
+        for fault in reversed(self._armed):
+            if jsonable(fault) == want:
+                try:
+                    return self.emu.control.state(fault)
+                except KeyError:  # cleared: the emulator forgot it, it is over
+                    return "done"
+        raise KeyError(f"no fault {want} was armed through this control plane")
 
     # observation
     def _op_execution_log(self, psmid: int | None = None) -> Any:
@@ -487,6 +515,8 @@ CONTROL_OPS: tuple[str, ...] = (
     "busy",
     "fail_request",
     "slow_engines",
+    "inject",
+    "state",
     "clear",
     "faults",
     "execution_log",

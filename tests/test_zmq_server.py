@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from apcrypto.transport import Command, Completion, TransportLost, open_transport
-from apcrypto.transport.zmq_client import HandshakeRefused, ServerUnreachable, ZmqTransport
+from apcrypto.transport.zmq_client import HandshakeRefused, ZmqTransport
 from apformats.codes import ResponseCode
 from apformats.frames import (
     DEFAULT_MAX_FRAME,
@@ -111,7 +111,14 @@ def test_control_plane_ops(zmq_server: ServerProcess, control: ControlClient) ->
     control.slow_engines(0, 2.0, 1.0)
     control.fail_request(0x82, qid=Q00, nth=1)
     control.reset_in_progress(Q01, 0.001)
+    assert control.state(fault) == "active"
+    later = control.inject("Checkstop", card=1, at=1e6)
+    assert later == {"type": "Checkstop", "card": 1, "at": 1e6, "after_requests": None}
+    assert control.state(later) == "pending"
+    with pytest.raises(ControlError):
+        control.inject("Meteorite", card=0)
     control.clear()
+    assert control.state(fault) == "done"
     assert control.faults() == []
     with pytest.raises(ControlError) as ei:
         control.call("no_such_op")
@@ -234,9 +241,25 @@ def test_curve_allows_listed_keys_and_refuses_others(
     with ControlClient(srv.control, **allowed) as c:
         assert c.ping() == "pong"
     stranger = {"curve_server_key": allowed["curve_server_key"], "curve_keypair": zmq.curve_keypair()}
-    with pytest.raises(ServerUnreachable):
-        open_transport(srv.data, timeout=0.5, **stranger)
-    with pytest.raises(ServerUnreachable):
-        open_transport(srv.data, timeout=0.5)  # no CURVE at all
+    for options in (stranger, {}):  # an unlisted key; no CURVE at all
+        started = time.monotonic()
+        with pytest.raises(HandshakeRefused) as ei:
+            open_transport(srv.data, timeout=2.0, **options)
+        assert ei.value.code == 0
+        assert time.monotonic() - started < 1.0  # the refused handshake is seen, not waited out
     with ControlClient(srv.control, timeout=0.3, **stranger) as c, pytest.raises(TimeoutError):
         c.ping()
+
+
+def test_server_restart_is_a_transient_loss(server_factory: Callable[..., ServerProcess]) -> None:
+    """The server dies and a new one binds the same port: the link comes back within the deadline."""
+    srv = server_factory("--profile", "small")
+    with open_transport(srv.data, peer_deadline=5.0, reconnect_delay=0.05, reconnect_delay_max=0.2) as t:
+        srv.kill()
+        evs = collect(t, lambda evs: any(isinstance(e, TransportLost) for e in evs), timeout=3)
+        assert [e.permanent for e in evs if isinstance(e, TransportLost)] == [False]
+        server_factory("--profile", "small", "--bind", srv.data)
+        t.submit([Command(1, Instr.TAPQ, Q00)])
+        evs = collect(t, lambda evs: any(isinstance(e, Completion) for e in evs), timeout=5)
+        assert [e.result.status.rc for e in evs if isinstance(e, Completion)] == [RC.NORMAL]
+        assert t.counters["reconnects"] == 1

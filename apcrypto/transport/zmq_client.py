@@ -12,11 +12,12 @@ Failure semantics (what a runner can rely on):
   it from ``outstanding()``; a late answer is counted as stale and discarded).
 * **Reply timeout** (``timeout``, default 2 s): a command unanswered that long while the peer is otherwise
   alive (a dropped or corrupted frame) -> ``TransportLost(tags=(tag,), permanent=False)``.
-* **Link loss** (no frame from the server for 3 heartbeat intervals, a BYE, or ``NOT_HELLO``: the server
-  forgot the session) -> ``TransportLost(tags=<commands sent on that link and unanswered>, permanent=False)``
-  and reconnection with a fresh socket and a new HELLO, after ``reconnect_delay`` doubling up to
-  ``reconnect_delay_max``.  Commands submitted while the link is down are held and sent after the
-  handshake; nothing sent on the old link is ever re-sent (the driver decides from its ledger).
+* **Link loss** (the TCP connection dropped, seen by a socket monitor; no frame from the server for 3
+  heartbeat intervals; a BYE; or ``NOT_HELLO``: the server forgot the session) ->
+  ``TransportLost(tags=<commands sent on that link and unanswered>, permanent=False)``, then reconnection
+  with a fresh socket and a new HELLO, after ``reconnect_delay`` doubling up to ``reconnect_delay_max``.
+  Commands submitted while the link is down are held and sent after the handshake; nothing sent on the
+  old link is ever re-sent (the driver decides from its ledger).
 * **Peer gone**: no handshake succeeded within ``peer_deadline`` of the last frame heard from the server ->
   one ``TransportLost(tags=<every unanswered command, held ones included>, permanent=True)``; later
   submits get a permanent TransportLost for their tags at once.  Held commands never reached the server.
@@ -46,6 +47,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from apcrypto.transport.base import Command, Completion, Interrupt, Transport, TransportEvent, TransportLost
 from apformats.codes import ResponseCode
@@ -82,6 +84,13 @@ ERROR_RESPONSE_CODES: dict[int, ResponseCode] = {
 }
 #: ERROR codes meaning the server has no session for us (it restarted, dropped us, or is stopping).
 SESSION_GONE: frozenset[int] = frozenset({ErrorCode.NOT_HELLO, ErrorCode.SHUTTING_DOWN})
+#: Socket events the I/O thread watches (see ``_read_monitor``).
+MONITORED = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 #: ERROR codes that refuse a HELLO: retrying cannot help.
 HANDSHAKE_REFUSALS: frozenset[int] = frozenset({ErrorCode.BAD_VERSION, ErrorCode.DOMAIN_DENIED})
 
@@ -91,7 +100,8 @@ class ServerUnreachable(ConnectionError):
 
 
 class HandshakeRefused(ConnectionError):
-    """The server answered HELLO with an ERROR (version or domains).  ``code`` is the ErrorCode."""
+    """The server refused the session at open: an ERROR to HELLO (``code``: BAD_VERSION, DOMAIN_DENIED) or
+    a failed security handshake (``code`` 0: CURVE key not on the allow-list, CURVE on one side only)."""
 
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
@@ -179,6 +189,7 @@ class ZmqTransport(Transport):
         # owned by the I/O thread
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
+        self._mon: zmq.Socket | None = None
         self._state = "connecting"  # connecting | up | down | lost
         self._inflight: OrderedDict[int, tuple[Command, float]] = OrderedDict()
         self._held: deque[tuple[Command, bytes]] = deque()
@@ -275,22 +286,26 @@ class ZmqTransport(Transport):
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._waker, zmq.POLLIN)
-        registered: zmq.Socket | None = None
+        registered: tuple[zmq.Socket | None, zmq.Socket | None] = (None, None)
         while True:
             with self._cond:
                 if self._stop:
                     return
-            if registered is not self._sock:
-                if registered is not None:
-                    poller.unregister(registered)
-                if self._sock is not None:
-                    poller.register(self._sock, zmq.POLLIN)
-                registered = self._sock
+            if registered != (self._sock, self._mon):
+                for old in registered:
+                    if old is not None:
+                        poller.unregister(old)
+                registered = (self._sock, self._mon)
+                for new in registered:
+                    if new is not None:
+                        poller.register(new, zmq.POLLIN)
             now = time.monotonic()
             wait = max(0.0, min(self._next_timer(now) - now, 1.0))
             ready = dict(poller.poll(int(wait * 1000) + 1))
             if self._waker.fileno() in ready:
                 self._waker.drain()
+            if self._mon is not None and self._mon in ready:
+                self._read_monitor()
             if self._sock is not None and self._sock in ready:
                 self._read_all()
             self._take_outbox()
@@ -360,6 +375,7 @@ class ZmqTransport(Transport):
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(1, int(self.reconnect_delay_max * 1000)))
         if self._curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
+        self._mon = sock.get_monitor_socket(MONITORED)
         sock.connect(self.url)
         self._sock = sock
         self._state = "connecting"
@@ -373,8 +389,33 @@ class ZmqTransport(Transport):
         if bye:
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.send(encode_bye("client closing"), zmq.NOBLOCK)
+        if self._mon is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+            self._mon.close(linger=0)
+            self._mon = None
         self._sock.close(linger=0)
         self._sock = None
+
+    def _read_monitor(self) -> None:
+        """Socket events: a dropped TCP connection ends the link at once (no heartbeat wait); a refused
+        security handshake (CURVE key not allowed, mechanism mismatch) fails an open at once."""
+        while self._mon is not None:
+            try:
+                event = recv_monitor_message(self._mon, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_DISCONNECTED:
+                if self._state == "up":
+                    self._link_down("the server closed the connection")
+            elif not self._connected_once and self._state == "connecting":
+                what = (
+                    "CURVE key refused" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "security mismatch"
+                )
+                self._open_error = HandshakeRefused(f"{self.url}: {what} (handshake event {event})", 0)
+                self._state = "lost"
+                self._close_socket()
+                self._ready.set()
 
     def _write(self, frame: bytes) -> bool:
         if self._sock is None:
