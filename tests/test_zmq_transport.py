@@ -228,3 +228,21 @@ def test_round_trip_cost(transport: ZmqTransport) -> None:
     per = (time.perf_counter() - t0) / n
     print(f"\nNQAP+DQAP over tcp loopback: {per * 1e6:.0f} us")
     assert per < 0.05
+
+
+def test_driver_over_tcp_survives_a_machine_failure(
+    zmq_server: ServerProcess, control: ControlClient
+) -> None:
+    """The public client on this transport: real results, and a card failure mid-run costs no request."""
+    import apcrypto
+
+    k = rsa_key(1024)
+    with apcrypto.connect(zmq_server.data) as client:
+        control.machine_failure(0, recovery_time=0.2, after_requests=5)
+        futures = [client.mod_expo(i + 2, E, k.n) for i in range(60)]
+        results = [f.result(timeout=20) for f in futures]
+    assert results == [pow(i + 2, E, k.n).to_bytes(128, "big") for i in range(60)]
+    card0 = {
+        e["outcome"] for e in control.execution_log() if e["qid"] >> 8 == 0
+    }  # only this test fails card 0
+    assert card0 & {"in-process-failed", "pending-failed"}
