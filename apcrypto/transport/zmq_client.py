@@ -339,7 +339,11 @@ class ZmqTransport(Transport):
                 self._last_ping = now
                 self.counters["pings"] += 1
                 self._write(encode_ping(next(self._pings)))
-            expired = [t for t, (_, sent) in self._inflight.items() if now - sent >= self.timeout]
+            expired = []
+            for t, (_, sent) in self._inflight.items():  # in send order: stop at the first one still in time
+                if now - sent < self.timeout:
+                    break
+                expired.append(t)
             if expired:
                 cmds = [self._inflight.pop(t)[0] for t in expired]
                 self.counters["reply_timeouts"] += len(cmds)
