@@ -8,6 +8,7 @@ only when the host-side queue is at its bound.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from concurrent.futures import Future
 from typing import Any
@@ -47,8 +48,6 @@ class Client:
         )
         self._runner = ThreadedRunner(self.core, transport)
         self._lock = threading.Condition()
-        self._outstanding = 0
-        self._queued = 0  # handed to the runner, not yet in the core's backlog accounting
         self._closed = False
         self._local: Counter[str] = Counter()
         self._runner.start()
@@ -138,45 +137,38 @@ class Client:
     ) -> Future[Any]:
         if deadline is not None and deadline < 0:
             raise ValueError("deadline must be >= 0 seconds from now")
+        if self._closed:
+            raise ClientClosed("client is closed")
+        runner = self._runner
+        if runner.error is not None:
+            raise ClientClosed(f"client runner failed: {runner.error!r}")
+        if self.core.backlog_size + runner.inbox_size >= self.config.backlog_limit:
+            self._wait_for_room(block)
         fut: Future[Any] = Future()
         fut.set_running_or_notify_cancel()  # once submitted it runs to an outcome; cancel() is refused
-        with self._lock:
-            if self._closed:
-                raise ClientClosed("client is closed")
-            if self._runner.error is not None:
-                raise ClientClosed(f"client runner failed: {self._runner.error!r}")
-            limit = self.config.backlog_limit
-            while self.core.backlog_size + self._queued >= limit:
-                if not block:
-                    raise HostQueueFull(f"host-side queue at its bound ({limit})")
-                self._lock.wait(0.05)
-                if self._closed:
-                    raise ClientClosed("client closed while waiting for room")
-            self._outstanding += 1
-            self._queued += 1
 
         def resolved(value: Any, error: BaseException | None) -> None:
             if error is not None:
                 fut.set_exception(error)
             else:
                 fut.set_result(value)
-            with self._lock:
-                self._outstanding -= 1
-                self._lock.notify_all()
-
-        def on_runner() -> None:
-            with self._lock:
-                self._queued -= 1
-            self._runner.submit_now(request, idem, deadline, resolved)
 
         try:
-            self._runner.call(on_runner)
+            runner.submit(request, idem, deadline, resolved)
         except RuntimeError:
-            with self._lock:
-                self._outstanding -= 1
-                self._queued -= 1
             raise ClientClosed("client is closed") from None
         return fut
+
+    def _wait_for_room(self, block: bool) -> None:
+        """The host-side queue is at its bound: raise, or wait (bounded polls) until there is room."""
+        limit = self.config.backlog_limit
+        if not block:
+            raise HostQueueFull(f"host-side queue at its bound ({limit})")
+        with self._lock:
+            while self.core.backlog_size + self._runner.inbox_size >= limit:
+                if self._closed:
+                    raise ClientClosed("client closed while waiting for room")
+                self._lock.wait(0.01)
 
     # ---------------------------------------------------------------- state
     def stats(self) -> dict[str, Any]:
@@ -226,8 +218,9 @@ class Client:
             if self._closed:
                 return
             self._closed = True
-            limit = self.close_timeout if timeout is None else timeout
-            self._lock.wait_for(lambda: self._outstanding == 0 or self._runner.error is not None, limit)
+            self._lock.notify_all()
+        limit = self.close_timeout if timeout is None else timeout
+        self._wait_settled(limit)
         done = threading.Event()
         try:
             self._runner.call(
@@ -243,6 +236,34 @@ class Client:
                 cb(None, err)
             self._runner.resolvers.clear()
         self.transport.close()
+
+    def _wait_settled(self, timeout: float) -> bool:
+        """Wait until the core has no undecided request (checked on the runner thread)."""
+        deadline = time.monotonic() + timeout
+        while self._runner.alive and self._runner.error is None:
+            settled = threading.Event()
+            answered = threading.Event()
+
+            def check(settled: threading.Event = settled, answered: threading.Event = answered) -> None:
+                ledger = self.core.ledger
+                if self._runner.inbox_size == 0 and ledger.counters["submitted"] == sum(
+                    ledger.outcomes.values()
+                ):
+                    settled.set()
+                answered.set()
+
+            try:
+                self._runner.call(check)
+            except RuntimeError:
+                return False
+            answered.wait(max(0.0, deadline - time.monotonic()))
+            if settled.is_set():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(0.005, remaining))  # library-side bounded poll while requests finish
+        return False
 
     def __enter__(self) -> Client:
         return self

@@ -26,7 +26,7 @@ from apcrypto.core.classifier import Row, Verdict, classify_cca, classify_rc, cl
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.formatter import Fate, decide
 from apcrypto.core.ledger import Ledger, Outcome, Phase, Record
-from apcrypto.core.queue import STATE_LIMITS, TABLE, QEvent, QState, Queue, Wait
+from apcrypto.core.queue import STATE_LIMITS, QEvent, QState, Queue, Wait
 from apcrypto.errors import (
     ApcryptoError,
     BadRequest,
@@ -88,6 +88,7 @@ class DriverCore:
         self._out: list[Action] = []
         self._armed: dict[tuple[Any, ...], float] = {}
         self._card_load: dict[int, int] = {}
+        self._by_mode: dict[str, list[Queue]] = {}  # dispatch candidates per card mode
         self._kicked: set[int] = set()
         self._now = 0.0
         self._closed = False
@@ -147,7 +148,9 @@ class DriverCore:
         q = self.queues[qid]
         self._occ(q)
         if instr is Instr.NQAP:
-            self._on_nqap(q, tag, result)
+            gen = q.gen
+            if self._on_nqap(q, tag, result) and gen == q.gen:
+                return self._flush()  # accepted, nothing changed state: no slot freed, nothing to do
         elif instr is Instr.DQAP:
             q.dqap_inflight = False
             self._on_dqap(q, result)
@@ -256,6 +259,7 @@ class DriverCore:
                 "held": q.held,
                 "requests": q.requests_total,
                 "load": q.load,
+                "slot_seconds": q.occ_integral,  # integral of messages held over the runner's clock
                 "slot_utilisation": (q.occ_integral / (elapsed * q.slots)) if elapsed > 0 else 0.0,
                 "offline_reason": q.offline_reason,
             }
@@ -327,11 +331,12 @@ class DriverCore:
             self._arm(("reply", q.qid), self.cfg.reply_timeout)
 
     def _run(self, q: Queue, event: QEvent) -> None:
+        idx = 0 if event is QEvent.KICK else 1  # TABLE[state][event], precomputed per state
         while True:
-            wait = getattr(self, "_step_" + TABLE[q.state][event])(q)
+            wait = getattr(self, q.state.steps[idx])(q)
             if wait is not Wait.AGAIN:
                 break
-            event = QEvent.KICK
+            idx = 0
         self._apply_wait(q, wait)
 
     def _apply_wait(self, q: Queue, wait: Wait) -> None:
@@ -590,7 +595,10 @@ class DriverCore:
         q.slots = hw.slots
         q.max_msg = hw.max_msg_size
         if q.mode != hw.mode:
+            if q in self._by_mode.get(q.mode, ()):
+                self._by_mode[q.mode].remove(q)
             q.mode = hw.mode
+            self._by_mode.setdefault(q.mode, []).append(q)
             self.backlog.setdefault(q.mode, deque())
 
     def _on_reset(self, q: Queue, res: ApResult) -> None:
@@ -615,7 +623,8 @@ class DriverCore:
             q.irq_wanted = False  # no interrupts on this path: poll
             self._enter(q, QState.PROBE)
 
-    def _on_nqap(self, q: Queue, tag: int, res: ApResult) -> None:
+    def _on_nqap(self, q: Queue, tag: int, res: ApResult) -> bool:
+        """Handle an NQAP's status; True when it was simply accepted (the common case)."""
         st = res.status
         row = classify_rc("NQAP", st.response_code)
         v = row.verdict
@@ -630,7 +639,7 @@ class DriverCore:
                 q.probe_psmid = None  # busy / reset in progress: try the probe again
                 if v is Verdict.RETRY_SAME and st.response_code == ResponseCode.BUSY:
                     self._enter_recovery(q, card_recovered=False)
-            return
+            return False
         rec = self.ledger.records[q.sending.pop(tag)]
         if v is Verdict.PROCEED:
             att = rec.current
@@ -643,7 +652,7 @@ class DriverCore:
                 # accepted by a queue we already gave up on: it may run; nobody will collect it
                 q.on_card[att.psmid] = rec.rid
                 self._abandon_on_card(q, "accepted by a queue taken out of service")
-                return
+                return False
             else:
                 att.fate = "on-card"
                 rec.phase = Phase.ON_CARD
@@ -652,7 +661,7 @@ class DriverCore:
             if st.replies_waiting:
                 self._want_read(q)
             self._settle(q)
-            return
+            return True
         # the card did not take it: it never left the host
         self._unload(q, rec)
         att = rec.current
@@ -669,7 +678,7 @@ class DriverCore:
                     response_code=st.response_code,
                 ),
             )
-            return
+            return False
         self.ledger.counters["bounced"] += 1
         self._requeue_front(rec)
         if v is Verdict.BACKPRESSURE:
@@ -685,6 +694,7 @@ class DriverCore:
             self._start_reset(q, f"NQAP answered {st.rc_name()}")
         else:
             self._take_offline(q, f"NQAP answered {st.rc_name()}")
+        return False
 
     def _external_reset(self, q: Queue) -> None:
         """Somebody else reset the queue: everything it held is gone, fate unknown."""
@@ -930,8 +940,8 @@ class DriverCore:
     def _pick(self, mode: str, avoid: int | None, weight: int) -> Queue | None:
         best: Queue | None = None
         best_score = 0
-        for q in self.queues.values():
-            if q.mode != mode or not q.state.in_service or not q.has_free_slot():
+        for q in self._by_mode.get(mode, ()):
+            if not q.state.in_service or q.full_hold or len(q.on_card) + len(q.sending) >= q.slots:
                 continue
             score = self._card_load.get(q.card, 0) + q.load + weight
             if avoid is not None:

@@ -30,9 +30,10 @@ class QState(Enum):
     RECOVERY_WAIT = "recovery-wait"  # card in machine-failure recovery: drain stored replies, no NQAP
     OFFLINE = "offline"  # out of service; probed again later, comes back by itself
 
-    @property
-    def in_service(self) -> bool:
-        return self in _IN_SERVICE
+    # Set for every member below the table: plain attributes, because Enum.__hash__ is a Python
+    # function and the hot path must not pay for it on every lookup.
+    in_service: bool
+    steps: tuple[str, str]  # step names for (KICK, TIMEOUT), derived from TABLE
 
 
 _IN_SERVICE = frozenset({QState.IDLE, QState.WORKING, QState.QUEUE_FULL})
@@ -69,6 +70,11 @@ TABLE: dict[QState, dict[QEvent, str]] = {
     QState.RECOVERY_WAIT: {QEvent.KICK: "drain_once", QEvent.TIMEOUT: "drain_probe"},
     QState.OFFLINE: {QEvent.KICK: "nop", QEvent.TIMEOUT: "reprobe"},
 }
+
+for _st in QState:
+    _st.in_service = _st in _IN_SERVICE
+    _st.steps = ("_step_" + TABLE[_st][QEvent.KICK], "_step_" + TABLE[_st][QEvent.TIMEOUT])
+EVENT_INDEX = {QEvent.KICK: 0, QEvent.TIMEOUT: 1}
 
 #: Bound on the time a queue may spend in a state before the driver escalates (config attribute).
 STATE_LIMITS: dict[QState, str] = {
@@ -115,13 +121,12 @@ class Queue:
     occ_t: float = 0.0
     t0: float = 0.0
 
-    @property
-    def card(self) -> int:
-        return qid_card(self.qid)
+    card: int = -1  # set from qid (plain attributes: read on every dispatch decision)
+    domain: int = -1
 
-    @property
-    def domain(self) -> int:
-        return qid_domain(self.qid)
+    def __post_init__(self) -> None:
+        self.card = qid_card(self.qid)
+        self.domain = qid_domain(self.qid)
 
     @property
     def held(self) -> int:

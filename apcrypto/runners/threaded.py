@@ -32,6 +32,7 @@ class ThreadedRunner(RunnerBase):
         self._inbox: deque[Callable[[], None]] = deque()
         self._wake = False
         self._stop = False
+        self._sleeping = False  # the runner is (about to be) waiting on the condition
         self.core_lock = threading.RLock()  # held while the core runs; stats() takes it too
         vclock = getattr(transport, "virtual_clock", None)
         self._vclock = vclock
@@ -77,23 +78,30 @@ class ThreadedRunner(RunnerBase):
 
     # -- callers' side (any thread) --
     def wake(self) -> None:
-        with self._cv:
-            self._wake = True
-            self._cv.notify()
+        self._wake = True  # read by the runner before it sleeps (under the condition's lock)
+        if self._sleeping:
+            with self._cv:
+                self._cv.notify()
 
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the runner thread (with the core lock held)."""
-        with self._cv:
-            if self._stop:
-                raise RuntimeError("runner stopped")
-            self._inbox.append(fn)
-            self._wake = True
-            self._cv.notify()
+        if self._stop:
+            raise RuntimeError("runner stopped")
+        self._inbox.append(fn)  # deque.append is atomic; the runner drains the inbox every turn
+        if self._sleeping:
+            with self._cv:
+                self._wake = True
+                self._cv.notify()
 
     def submit(
         self, request: Any, idempotent: bool | None, deadline: float | None, resolver: Resolver
     ) -> None:
         self.call(lambda: self.submit_now(request, idempotent, deadline, resolver))
+
+    @property
+    def inbox_size(self) -> int:
+        """Work handed to the runner and not yet taken in (counts toward the host-side bound)."""
+        return len(self._inbox)
 
     def start(self) -> None:
         self._thread.start()
@@ -114,12 +122,11 @@ class ThreadedRunner(RunnerBase):
     def _main(self) -> None:
         try:
             while True:
-                with self._cv:
-                    if self._stop and not self._inbox:
-                        return
-                    batch = list(self._inbox)
-                    self._inbox.clear()
-                    self._wake = False
+                if self._stop and not self._inbox:
+                    return
+                inbox = self._inbox
+                batch = [inbox.popleft() for _ in range(len(inbox))]
+                self._wake = False
                 with self.core_lock, self._locked_emu():
                     for fn in batch:
                         fn()
@@ -155,7 +162,9 @@ class ThreadedRunner(RunnerBase):
 
     def _idle_wait(self) -> None:
         with self._cv:
+            self._sleeping = True
             if self._wake or self._inbox or self._stop:
+                self._sleeping = False
                 return
             timeout = 0.5
             if self._vclock is None:
@@ -165,6 +174,7 @@ class ThreadedRunner(RunnerBase):
                     timeout = max(0.0, min(timeout, self._heap[0][0] - self.now()))
             if timeout > 0:
                 self._cv.wait(timeout)
+            self._sleeping = False
 
 
 class _Null:
