@@ -8,6 +8,7 @@ and over the firmware alone for compute-bound RSA.  ``benches/`` runs these unde
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,7 +68,9 @@ def driver_run(client: Any, n: int, modulus: int = MODULUS_2048) -> int:
     """Submit ``n`` ME requests through the public client and wait for all.  Returns completions."""
     size = (modulus.bit_length() + 7) // 8
     futs = [client.mod_expo((i + 2).to_bytes(size, "big"), EXPONENT, modulus) for i in range(n)]
-    return sum(1 for f in futs if f.result(timeout=120) is not None)
+    # wait for the batch, not future by future: one wake-up instead of one per completion
+    concurrent.futures.wait(futs, timeout=120)
+    return sum(1 for f in futs if f.result(timeout=0) is not None)
 
 
 def firmware_loop(requests: list[bytes]) -> int:

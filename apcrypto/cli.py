@@ -74,7 +74,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                 line = f"{name:<10} {t:<7} {m:<12} {status:<14} {reqs:>8}"
                 if args.verbose:
                     pending = sum(q.held for q in group)
-                    line += f" {pending:>7} {h.at if h else '-':>6} {h.slots if h else '-':>6} {_functions(h.fac) if h else '-':>10}"
+                    at, depth, funcs = (h.at, h.slots, _functions(h.fac)) if h else ("-", "-", "-")
+                    line += f" {pending:>7} {at:>6} {depth:>6} {funcs:>10}"
                 print(line)
     return 0
 

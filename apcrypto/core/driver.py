@@ -194,36 +194,68 @@ class DriverCore:
         return self._flush()
 
     def on_transport_lost(
-        self, tags: Iterable[int], *, permanent: bool, reason: str, now: float = 0.0
+        self,
+        tags: Iterable[int],
+        *,
+        permanent: bool,
+        reason: str,
+        now: float = 0.0,
+        unsent: Iterable[int] = (),
     ) -> list[Action]:
-        """The path to the adapter broke; ``tags`` will never be answered."""
+        """Commands under ``tags`` will never be answered.
+
+        Each is settled now.  An NQAP that provably never left the host (``unsent``) bounces back to
+        the backlog.  Any other lost NQAP may have reached the card: it is kept as on the card,
+        unconfirmed, so its reply still resolves it if one comes, and the queue's empty-queue and
+        reply-timeout checks decide it from the ledger if none does.  A lost DQAP may have taken a
+        reply with it: the same checks catch that.  ``permanent`` takes the queues out of service.
+        """
         self._now = now
-        if not permanent:
-            log.info("transport interrupted (%s); waiting for it to come back", reason)
-            return self._flush()
+        never_sent = set(unsent)
         touched: dict[int, Queue] = {}
         for tag in tags:
             entry = self._tag_map.pop(tag, None)
             if entry is None:
                 continue
-            qid, instr, _psmid = entry
+            qid, instr, psmid = entry
             q = self.queues[qid]
             touched[qid] = q
             if instr is Instr.NQAP:
-                rid = q.sending.pop(tag)
+                rid = q.sending.pop(tag, None)
+                if rid is None:  # the health probe
+                    if tag in never_sent:
+                        q.probe_psmid = None
+                    else:
+                        q.probe_sent = True
+                    continue
                 rec = self.ledger.records.get(rid)
-                if rec is not None:
+                if rec is None:
+                    continue
+                if tag in never_sent:
                     self._unload(q, rec)
-                    self._attempt_failed(rec, q, may_have_run=True, why=f"transport lost ({reason})")
+                    if not rec.resolved:
+                        if rec.current is not None:
+                            rec.current.fate = "bounced"
+                        self.ledger.counters["bounced"] += 1
+                        self._requeue_front(rec)
+                else:
+                    if rec.current is not None and not rec.resolved:
+                        rec.current.fate = "on-card"
+                        rec.phase = Phase.ON_CARD
+                    q.on_card[psmid] = rid
             elif instr is Instr.DQAP:
                 q.dqap_inflight = False
             else:
                 q.ctl_inflight = False
         for q in touched.values():
-            if q.state is not QState.OFFLINE:
+            if permanent and q.state is not QState.OFFLINE:
                 self._take_offline(q, f"transport lost: {reason}")
             else:
+                if not permanent:
+                    log.info("queue %s: commands lost in transit (%s)", qid_str(q.qid), reason)
                 self._kick(q)
+        for mode in {q.mode for q in touched.values()}:
+            self._fill(mode)
         return self._flush()
 
     def shutdown(self, now: float = 0.0) -> list[Action]:
@@ -694,6 +726,8 @@ class DriverCore:
             self._start_reset(q, f"NQAP answered {st.rc_name()}")
         else:
             self._take_offline(q, f"NQAP answered {st.rc_name()}")
+        # it never left the host: another queue of its kind with a free slot may take it now
+        self._fill(rec.mode)
         return False
 
     def _external_reset(self, q: Queue) -> None:

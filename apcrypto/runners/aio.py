@@ -8,6 +8,7 @@ virtual clock with autojump (stepped from the loop whenever the runner has nothi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -56,10 +57,8 @@ class AsyncioRunner(RunnerBase):
 
     def _notify(self) -> None:
         if not self._closed:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
                 self.loop.call_soon_threadsafe(self.schedule)
-            except RuntimeError:  # loop already closed
-                pass
 
     def schedule(self) -> None:
         if not self._scheduled and not self._closed:

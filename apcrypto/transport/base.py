@@ -50,15 +50,19 @@ class Interrupt(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class TransportLost:
-    """The path to the adapter is gone.  ``tags`` are the commands that will never be answered.
+    """Commands that will never be answered.  ``tags`` lists them all, whether or not the link recovers.
 
-    ``permanent`` is False while the transport is still trying to reconnect within its deadline.
+    ``permanent`` is False while the transport still tries to reach the peer (a dropped frame, a
+    reconnect in progress): the tags are still dead, but the queues need not go out of service.
+    ``unsent`` is the subset that provably never left the host (held while disconnected), so the
+    driver may re-drive them as never sent.
     """
 
     reason: str
     tags: tuple[int, ...] = ()
     permanent: bool = True
     qids: tuple[int, ...] = field(default=())
+    unsent: tuple[int, ...] = ()
 
 
 TransportEvent = Completion | Interrupt | TransportLost
@@ -97,8 +101,8 @@ class Transport(ABC):
         for ev in events:
             if isinstance(ev, Completion):
                 self._outstanding.pop(ev.tag, None)
-            elif isinstance(ev, TransportLost) and ev.permanent:
-                for t in ev.tags:
+            elif isinstance(ev, TransportLost):
+                for t in ev.tags:  # permanent or not: these tags are finished
                     self._outstanding.pop(t, None)
         return events
 

@@ -438,7 +438,8 @@ class ZmqTransport(Transport):
             batch = list(self._outbox)
             self._outbox.clear()
         if self._state == "lost":
-            self._emit(_lost(f"server {self.url} is gone", [c for c, _ in batch], permanent=True))
+            cmds = [c for c, _ in batch]
+            self._emit(_lost(f"server {self.url} is gone", cmds, permanent=True, unsent=cmds))
             return
         self._held.extend(batch)
         if self._state == "up":
@@ -576,24 +577,28 @@ class ZmqTransport(Transport):
     def _lose_everything(self, reason: str) -> None:
         """Permanent loss: every unanswered command (sent or held), and every later one, ends lost."""
         log.warning("transport to %s lost: %s", self.url, reason)
-        cmds = [c for c, _ in self._inflight.values()] + [c for c, _ in self._held]
+        sent = [c for c, _ in self._inflight.values()]
+        held = [c for c, _ in self._held]
         self._inflight.clear()
         self._held.clear()
         with self._cond:
-            cmds += [c for c, _ in self._outbox]
+            held += [c for c, _ in self._outbox]
             self._outbox.clear()
         self._close_socket()
         self._state = "lost"
-        self._emit(_lost(reason, cmds, permanent=True))
+        self._emit(_lost(reason, sent + held, permanent=True, unsent=held))
 
     def __repr__(self) -> str:
         return f"<ZmqTransport {self.url} state={self._state} inflight={len(self._inflight)}>"
 
 
-def _lost(reason: str, cmds: Sequence[Command], *, permanent: bool) -> TransportLost:
+def _lost(
+    reason: str, cmds: Sequence[Command], *, permanent: bool, unsent: Sequence[Command] = ()
+) -> TransportLost:
+    """``unsent``: the commands that never left this host (held while the link was down)."""
     tags = tuple(c.tag for c in cmds)
     qids = tuple(sorted({c.qid for c in cmds}))
-    return TransportLost(reason, tags, permanent, qids)
+    return TransportLost(reason, tags, permanent, qids, tuple(c.tag for c in unsent))
 
 
 def open_tcp(
