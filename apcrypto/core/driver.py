@@ -80,7 +80,8 @@ class DriverCore:
         self.cfg = config or DriverConfig()
         self.ledger = Ledger(psmid_base)
         self.queues: dict[int, Queue] = {}
-        self.backlog: dict[str, deque[int]] = {}
+        self.backlog: dict[str, deque[int]] = {}  # new requests per card mode, FIFO
+        self.retry: dict[str, deque[int]] = {}  # bounced / re-driven requests, served first
         self.irq_ok = supports_interrupts and self.cfg.use_interrupts
         self._tags = itertools.count(1)
         self._tag_map: dict[int, tuple[int, Instr, int]] = {}  # tag -> (qid, instr, psmid)
@@ -967,8 +968,9 @@ class DriverCore:
         self._backlog_len += 1
 
     def _requeue_front(self, rec: Record) -> None:
+        """Back to the host, ahead of new work (it has waited already), in the order it bounced."""
         rec.phase = Phase.QUEUED
-        self.backlog.setdefault(rec.mode, deque()).appendleft(rec.rid)
+        self.retry.setdefault(rec.mode, deque()).append(rec.rid)
         self._backlog_len += 1
 
     def _pick(self, mode: str, avoid: int | None, weight: int) -> Queue | None:
@@ -992,7 +994,14 @@ class DriverCore:
         return best
 
     def _fill(self, mode: str) -> None:
-        backlog = self.backlog.get(mode)
+        retry = self.retry.get(mode)
+        if retry:
+            self._fill_from(mode, retry)
+            if retry:
+                return  # bounced and re-driven work goes first
+        self._fill_from(mode, self.backlog.get(mode))
+
+    def _fill_from(self, mode: str, backlog: deque[int] | None) -> None:
         records = self.ledger.records
         while backlog:
             rec = records.get(backlog[0])
@@ -1042,12 +1051,12 @@ class DriverCore:
         self._resolve(rec, Outcome.UNAVAILABLE, error=DeviceUnavailable(why))
 
     def _fail_backlog(self, mode: str, why: str) -> None:
-        backlog = self.backlog.get(mode)
-        while backlog:
-            rec = self.ledger.records.get(backlog.popleft())
-            self._backlog_len -= 1
-            if rec is not None and not rec.resolved:
-                self._fail_unavailable(rec, why)
+        for backlog in (self.retry.get(mode), self.backlog.get(mode)):
+            while backlog:
+                rec = self.ledger.records.get(backlog.popleft())
+                self._backlog_len -= 1
+                if rec is not None and not rec.resolved:
+                    self._fail_unavailable(rec, why)
 
     def _on_deadline(self, rid: int) -> None:
         rec = self.ledger.records.get(rid)
