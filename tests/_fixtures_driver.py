@@ -174,8 +174,7 @@ class Script:
 
     def lose_transport(self, *, permanent: bool = True, reason: str = "test") -> Emitted:
         tags = list(self.pending)
-        if permanent:
-            self.pending.clear()
+        self.pending.clear()  # the core settles every lost tag, permanent loss or not
         return self._take(self.core.on_transport_lost(tags, permanent=permanent, reason=reason, now=self.now))
 
     # -- looking at what is pending --

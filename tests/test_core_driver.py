@@ -268,7 +268,8 @@ def test_q_full_is_backpressure_the_request_stays_on_the_host() -> None:
     em = reply_to(s, dq, nq[0], x=2)
     retried = [c for c in em.commands if c.instr is Instr.NQAP]
     assert len(retried) == 2 and {c.psmid for c in retried}.isdisjoint({c.psmid for c in nq})
-    assert {s.core.ledger.record_for_psmid(c.psmid).rid for c in retried} == {rids[2], rids[3]}
+    # back on the host in the order they bounced, ahead of newer work
+    assert [s.core.ledger.record_for_psmid(c.psmid).rid for c in retried] == [rids[2], rids[3]]
     x_of = {c.psmid: rids.index(s.core.ledger.record_for_psmid(c.psmid).rid) + 2 for c in retried}
     accept_all(s)
     s.interrupt(Q0)
@@ -563,13 +564,43 @@ def test_transport_lost_redrives_idempotent_work_elsewhere() -> None:
     assert redo.qid == Q1 and s.core.ledger.record_for_psmid(redo.psmid).rid == idem
 
 
-def test_transient_transport_loss_changes_nothing() -> None:
+def test_transient_loss_keeps_a_maybe_sent_request_on_the_card() -> None:
+    """An NQAP lost in transit may have reached the card: its reply, if one comes, resolves it."""
     s = up(Q0)
-    s.submit(me_request(2, K), idempotent=False)
-    accept_all(s)
+    rid = s.submit(me_request(2, K), idempotent=False)
+    nq = s.one(Instr.NQAP)
     em = s.lose_transport(permanent=False)
-    assert not em.resolved and not em.commands
+    assert not em.resolved
     assert s.state(Q0).in_service and s.outstanding(Q0) == 1
+    s.interrupt(Q0)
+    reply_to(s, s.one(Instr.DQAP), nq, x=2)
+    assert s.resolved[rid].value == expected_me(2, K)
+
+
+def test_transient_loss_of_a_maybe_sent_request_the_card_never_got() -> None:
+    """...and if the card says it holds nothing, the ledger decides: it may have run."""
+    s = up(Q0)
+    rid = s.submit(me_request(2, K), idempotent=False)
+    s.lose_transport(permanent=False)
+    s.interrupt(Q0)
+    s.answer(s.one(Instr.DQAP), res(NO_PENDING_REPLY, empty=True, irq=True))
+    assert isinstance(s.resolved[rid].error, Indeterminate)
+    assert s.core.ledger.counters["card_forgot"] == 1
+
+
+def test_unsent_commands_bounce_back_to_the_host() -> None:
+    s = up(Q0)
+    rid = s.submit(me_request(2, K), idempotent=False)
+    nq = s.one(Instr.NQAP)
+    s.pending.clear()
+    s._take(s.core.on_transport_lost([nq.tag], permanent=False, reason="t", unsent=[nq.tag], now=s.now))
+    again = s.one(Instr.NQAP)
+    assert again.psmid != nq.psmid and s.core.ledger.record_for_psmid(again.psmid).rid == rid
+    assert s.core.ledger.records[rid].redrives == 0  # never left the host: not a re-drive
+    s.answer(again, res(irq=True))
+    s.interrupt(Q0)
+    reply_to(s, s.one(Instr.DQAP), again, x=2)
+    assert s.resolved[rid].value == expected_me(2, K)
 
 
 # --- availability, shutdown, misuse -------------------------------------------------------------
