@@ -347,6 +347,18 @@ def test_unplug_is_enodev_everywhere_and_replug_comes_back(usb_bus: UsbBus) -> N
     usb.util.dispose_resources(again)
 
 
+def test_reset_and_restart_start_a_fresh_session(echo) -> None:
+    vdev, dev = echo
+    dev.write(EP_OUT, frames.encode_ping(1))
+    dev.reset()  # port reset: libusb keeps the handle, the device starts over
+    dev.write(EP_OUT, frames.encode_ping(2))
+    assert split_frames(bytes(dev.read(EP_IN, 512))) == [frames.Ping(2)]  # ping 1's echo was flushed
+    vdev.restart()  # firmware restart, from the control plane
+    dev.write(EP_OUT, frames.encode_ping(3))
+    assert split_frames(bytes(dev.read(EP_IN, 512))) == [frames.Ping(3)]
+    assert vdev.stats.sessions == 3 and vdev.stats.faults["restart"] == 1
+
+
 def test_unplug_wakes_a_blocked_read(echo) -> None:
     vdev, dev = echo
     seen: list[BaseException] = []

@@ -364,6 +364,18 @@ def test_a_glitch_from_the_emulator_control_plane(
         assert adapter.stats.faults["disconnect"] == 1
 
 
+def test_an_adapter_restart_is_noticed_and_the_session_renewed(
+    usb_bus: UsbBus, adapter: VirtualUsbDevice
+) -> None:
+    with _fast(usb_bus, peer_deadline=3.0) as t:
+        r = Runner(t)
+        adapter.restart()  # no re-enumeration: the next command gets NOT_HELLO
+        (ev,) = r.run([r.cmd(Instr.TAPQ)])
+        assert isinstance(ev, TransportLost) and not ev.permanent and "NOT_HELLO" in ev.reason
+        r.until(lambda: t.state == "up" and t.counters["reconnects"] == 1)
+        assert _rc(r.run([r.cmd(Instr.TAPQ)])[0]) == 0
+
+
 def test_writes_that_never_complete_break_the_link(usb_bus: UsbBus, adapter: VirtualUsbDevice) -> None:
     with _fast(usb_bus, timeout=0.1, peer_deadline=3.0) as t:
         r = Runner(t)

@@ -182,6 +182,17 @@ class VirtualUsbDevice:
         if self._bus is not None:
             self._bus.replug(self)
 
+    def restart(self) -> None:
+        """Firmware restart: the adapter forgets its session and flushes its pipes, but stays on the
+        bus (no re-enumeration), so the host learns it from the NOT_HELLO answers to its next frames."""
+        with self._cond:
+            if not self.attached:
+                return
+            old = self._reset_state_locked(unconfigure=False)
+            self.stats.fault("restart")
+            self._cond.notify_all()
+        _close_session(old)
+
     def stall(self, ep: int) -> None:
         """Halt endpoint ``ep``: every transfer on it fails with EPIPE until the host clears the halt."""
         with self._cond:
