@@ -302,6 +302,7 @@ class UsbTransport(Transport):
         self._stalls: Counter[int] = Counter()
         self._next_irq = 0.0
         self._next_idle_poll = 0.0
+        self._buffers: dict[int, Any] = {}  # read size -> reusable array('B')
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"apcrypto-usb {locator}", daemon=True)
@@ -621,8 +622,11 @@ class UsbTransport(Transport):
         """The whole frames one read completes; a timeout is just "nothing yet"."""
         link = self._link
         assert link is not None
+        buf = self._buffers.get(size)
+        if buf is None:  # one buffer per size, reused: pyusb would allocate (and zero) one per read
+            buf = self._buffers[size] = usb.util.create_buffer(size)
         try:
-            data = link.dev.read(ep, size, timeout_ms)
+            n = link.dev.read(ep, buf, timeout_ms)
         except usb.core.USBTimeoutError:
             return []
         except usb.core.USBError as exc:
@@ -631,7 +635,7 @@ class UsbTransport(Transport):
             self._clear_stall(ep)
             return []
         self._stalls[ep] = 0
-        return reader.feed(data)
+        return reader.feed(memoryview(buf)[:n])
 
     def _clear_stall(self, ep: int) -> None:
         self.counters["stalls_cleared"] += 1
