@@ -105,3 +105,15 @@ def test_a_bad_header_raises_and_reset_recovers(make: Callable[[], Assembler]) -
     too_big = b"AP\x01\x10" + (1 << 20).to_bytes(4, "big")
     with pytest.raises(FormatError, match="limit"):  # refused from the header alone
         make().feed(too_big)
+
+
+def test_host_reader_returns_good_frames_before_a_bad_header() -> None:
+    a = _host_side()
+    assert a.feed(STREAM + b"ZZ" + STREAM[2:]) == FRAMES  # the answers read so far are not lost
+    with pytest.raises(FormatError):
+        a.check()
+    with pytest.raises(FormatError):
+        a.feed(b"")
+    a.reset()
+    a.check()
+    assert a.feed(STREAM) == FRAMES

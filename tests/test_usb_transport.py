@@ -376,6 +376,22 @@ def test_an_adapter_restart_is_noticed_and_the_session_renewed(
         assert _rc(r.run([r.cmd(Instr.TAPQ)])[0]) == 0
 
 
+def test_a_stream_out_of_step_is_started_over(usb_bus: UsbBus, adapter: VirtualUsbDevice) -> None:
+    with _fast(usb_bus, peer_deadline=3.0) as t:
+        r = Runner(t)
+        adapter.inject_timeouts(EP_IN, 1 << 30)  # hold the answer on the device...
+        first = r.cmd(Instr.TAPQ)
+        t.submit([first])
+        r.until(lambda: adapter.stats.frames_out >= 2)  # WELCOME + the answer, queued
+        adapter.inject_bytes(EP_IN, b"garbage!" * 4)  # ...with garbage behind it
+        adapter.clear_faults()
+        (ev,) = r.wait([first.tag])
+        assert _rc(ev) == 0  # the answer before the garbage is delivered
+        r.until(lambda: t.counters["reconnects"] == 1 and t.state == "up")
+        assert r.lost and "magic" in r.lost[0].reason
+        assert _rc(r.run([r.cmd(Instr.TAPQ)])[0]) == 0
+
+
 def test_writes_that_never_complete_break_the_link(usb_bus: UsbBus, adapter: VirtualUsbDevice) -> None:
     with _fast(usb_bus, timeout=0.1, peer_deadline=3.0) as t:
         r = Runner(t)

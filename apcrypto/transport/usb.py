@@ -188,14 +188,19 @@ class FrameReader:
     header (:func:`apformats.frames.frame_length`); a header it refuses raises :class:`FormatError`,
     and the stream is out of step for good."""
 
-    __slots__ = ("_buf", "_need", "max_len")
+    __slots__ = ("_buf", "_error", "_need", "max_len")
 
     def __init__(self, max_len: int = frames.DEFAULT_MAX_FRAME) -> None:
         self.max_len = max_len
         self._buf = bytearray()
         self._need = 0  # length of the frame at the head once its header is in, else 0
+        self._error: FormatError | None = None  # a bad header found behind good frames
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Append ``data``; return the frames now complete.  The frames before a bad header are
+        returned first; the error is raised by the next call (and every call until :meth:`reset`)."""
+        if self._error is not None:
+            raise self._error
         buf = self._buf
         buf += data
         out: list[bytes] = []
@@ -203,12 +208,23 @@ class FrameReader:
             if not self._need:
                 if len(buf) < frames.HEADER_LEN:
                     return out
-                self._need = frames.frame_length(buf[: frames.HEADER_LEN], max_len=self.max_len)
+                try:
+                    self._need = frames.frame_length(buf[: frames.HEADER_LEN], max_len=self.max_len)
+                except FormatError as exc:
+                    if not out:
+                        raise
+                    self._error = exc
+                    return out
             if len(buf) < self._need:
                 return out
             out.append(bytes(buf[: self._need]))
             del buf[: self._need]
             self._need = 0
+
+    def check(self) -> None:
+        """Raise the bad-header error a :meth:`feed` deferred, if any."""
+        if self._error is not None:
+            raise self._error
 
     @property
     def pending(self) -> int:
@@ -217,6 +233,7 @@ class FrameReader:
     def reset(self) -> None:
         self._buf.clear()
         self._need = 0
+        self._error = None
 
 
 # --- the transport ----------------------------------------------------------------------------------
@@ -561,9 +578,11 @@ class UsbTransport(Transport):
             self._next_idle_poll = now + IDLE_POLL
         if busy or background:
             self._on_frames(self._read(link.ep_in, self._in_reader, READ_SIZE, SLICE_MS))
+            self._in_reader.check()
         if background or (self._irq_qids and now >= self._next_irq):
             self._next_irq = now + IRQ_POLL_INTERVAL
             self._on_frames(self._read(link.ep_irq, self._irq_reader, IRQ_READ_SIZE, SLICE_MS))
+            self._irq_reader.check()
         self._check_answers(time.monotonic())
         if not self._in_flight and not self._ping:
             wake = min(self._next_idle_poll, self._next_irq) if self._irq_qids else self._next_idle_poll
@@ -650,18 +669,20 @@ class UsbTransport(Transport):
     # -- the I/O thread: frames in -----------------------------------------------------------------------
     def _on_frames(self, raws: list[bytes]) -> None:
         events: list[TransportEvent] = []
-        for raw in raws:
-            try:
-                f = frames.decode_frame(raw)
-            except FormatError as exc:  # corrupted in flight: no field can be trusted, not the tag
-                self.counters["corrupt_rx"] += 1
-                log.warning("%r: dropping a bad %s frame: %s", self, frames.peek_kind(raw), exc)
-                continue
-            ev = self._on_frame(f)
-            if ev is not None:
-                events.append(ev)
-        if events:
-            self._emit(*events)
+        try:
+            for raw in raws:
+                try:
+                    f = frames.decode_frame(raw)
+                except FormatError as exc:  # corrupted in flight: no field can be trusted, not the tag
+                    self.counters["corrupt_rx"] += 1
+                    log.warning("%r: dropping a bad %s frame: %s", self, frames.peek_kind(raw), exc)
+                    continue
+                ev = self._on_frame(f)
+                if ev is not None:
+                    events.append(ev)
+        finally:  # a frame that breaks the link must not swallow the answers read before it
+            if events:
+                self._emit(*events)
 
     def _on_frame(self, f: frames.Frame) -> TransportEvent | None:
         if isinstance(f, frames.ResultFrame):

@@ -204,6 +204,16 @@ class VirtualUsbDevice:
         with self._cond:
             self._timeouts[ep] = self._timeouts.get(ep, 0) + count
 
+    def inject_bytes(self, ep: int, data: bytes) -> None:
+        """Queue raw bytes on IN endpoint ``ep``, as confused firmware would send them (a host must
+        notice its stream is out of step and start the device over)."""
+        with self._cond:
+            if ep not in self._in:
+                raise ValueError(f"{ep:#04x} is not an IN endpoint of the active configuration")
+            self._in[ep] += data
+            self.stats.fault("garbage")
+            self._cond.notify_all()
+
     def limit_reads(self, max_bytes: int | None) -> None:
         """Return at most ``max_bytes`` per IN transfer (short reads split frames), None to lift."""
         with self._cond:
