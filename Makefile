@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/apcrypto demo
 
 bench: $(STAMP)
-	$(PY) -m pytest benches -q -p no:cacheprovider --benchmark-only --benchmark-json=bench.json -o testpaths=benches
+	$(PY) -m pytest benches -q -p no:cacheprovider --benchmark-only --benchmark-json=bench.json -o testpaths=benches -o python_files="bench_*.py"
 
 soak: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m soak --timeout=3000

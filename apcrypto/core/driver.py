@@ -37,7 +37,7 @@ from apcrypto.errors import (
     Indeterminate,
 )
 from apcrypto.requests import ModExpo, RandomBytes, Request
-from apcrypto.transport.base import Command
+from apcrypto.transport.base import Command, Completion, Interrupt, TransportLost
 from apformats.codes import MachineFailureState, ResponseCode
 from apformats.errors import FormatError
 from apformats.messages import parse_reply
@@ -90,6 +90,7 @@ class DriverCore:
         self._armed: dict[tuple[Any, ...], float] = {}
         self._card_load: dict[int, int] = {}
         self._by_mode: dict[str, list[Queue]] = {}  # dispatch candidates per card mode
+        self._serving: dict[str, int] = {}  # queues in service per mode (a cheap "kind alive" check)
         self._kicked: set[int] = set()
         self._now = 0.0
         self._closed = False
@@ -124,7 +125,7 @@ class DriverCore:
         self._now = now
         idem = request.idempotent_default if idempotent is None else bool(idempotent)
         rec = self.ledger.open(request, idempotent=idem, mode=request.mode, weight=request.weight)
-        if not self._mode_alive(rec.mode):
+        if not self._serving.get(rec.mode) and not self._mode_alive(rec.mode):
             self._fail_unavailable(rec, f"no queue of kind {rec.mode!r} is in service or recovering")
             return rec.rid, self._flush()
         if deadline is not None:
@@ -140,18 +141,44 @@ class DriverCore:
     def on_completion(self, tag: int, result: ApResult, now: float = 0.0) -> list[Action]:
         """The transport answered the command submitted under ``tag``."""
         self._now = now
+        self._completion(tag, result)
+        return self._flush()
+
+    def on_events(self, events: Iterable[Any], now: float = 0.0) -> list[Action]:
+        """A batch of transport events (completions, interrupts, losses), with one flush at the end.
+
+        Transports deliver completions in batches; handling them together lets every queue they
+        touched run its state step once instead of once per completion.
+        """
+        self._now = now
+        for ev in events:
+            t = type(ev)
+            if t is Completion:
+                self._completion(ev.tag, ev.result)
+            elif t is Interrupt:
+                q = self.queues.get(ev.qid)
+                if q is not None:
+                    self._want_read(q)
+                    self._kick(q)
+            elif t is TransportLost:
+                self._transport_lost(ev.tags, permanent=ev.permanent, reason=ev.reason, unsent=ev.unsent)
+            else:
+                raise CoreMisuse(f"unknown transport event {ev!r}")
+        return self._flush()
+
+    def _completion(self, tag: int, result: ApResult) -> None:
         entry = self._tag_map.pop(tag, None)
         if entry is None:
             log.warning("completion for unknown tag %d ignored", tag)
             self.ledger.counters["unknown_tags"] += 1
-            return self._flush()
+            return
         qid, instr, _psmid = entry
         q = self.queues[qid]
         self._occ(q)
         if instr is Instr.NQAP:
             gen = q.gen
             if self._on_nqap(q, tag, result) and gen == q.gen:
-                return self._flush()  # accepted, nothing changed state: no slot freed, nothing to do
+                return  # accepted, nothing changed state: no slot freed, nothing to do
         elif instr is Instr.DQAP:
             q.dqap_inflight = False
             self._on_dqap(q, result)
@@ -164,7 +191,6 @@ class DriverCore:
             else:
                 self._on_reset(q, result)
         self._kick(q)
-        return self._flush()
 
     def on_interrupt(self, qid: int, now: float = 0.0) -> list[Action]:
         """An adapter interrupt for ``qid``: a reply may be waiting."""
@@ -212,6 +238,12 @@ class DriverCore:
         reply with it: the same checks catch that.  ``permanent`` takes the queues out of service.
         """
         self._now = now
+        self._transport_lost(tags, permanent=permanent, reason=reason, unsent=unsent)
+        return self._flush()
+
+    def _transport_lost(
+        self, tags: Iterable[int], *, permanent: bool, reason: str, unsent: Iterable[int]
+    ) -> None:
         never_sent = set(unsent)
         touched: dict[int, Queue] = {}
         for tag in tags:
@@ -257,7 +289,6 @@ class DriverCore:
                 self._kick(q)
         for mode in {q.mode for q in touched.values()}:
             self._fill(mode)
-        return self._flush()
 
     def shutdown(self, now: float = 0.0) -> list[Action]:
         """Close: every undecided request is resolved (``ClientClosed``; may-have-run if sent)."""
@@ -354,6 +385,8 @@ class DriverCore:
     def _enter(self, q: Queue, state: QState) -> None:
         if q.state is not state:
             log.debug("queue %s: %s -> %s", qid_str(q.qid), q.state.value, state.value)
+            if q.state.in_service != state.in_service:
+                self._serving[q.mode] = self._serving.get(q.mode, 0) + (1 if state.in_service else -1)
         q.state = state
         q.gen += 1
         limit = STATE_LIMITS.get(state)

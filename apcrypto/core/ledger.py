@@ -8,7 +8,7 @@ Lookups are by request id and by psmid (both dicts), never a scan.
 from __future__ import annotations
 
 import itertools
-from collections import Counter, OrderedDict
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -72,7 +72,7 @@ class Ledger:
         self._psmid_limit = psmid_base + (1 << 32)
         self.records: dict[int, Record] = {}
         self.by_psmid: dict[int, int] = {}
-        self._resolved: OrderedDict[int, None] = OrderedDict()
+        self._resolved: deque[int] = deque()
         self._history = history
         self.outcomes: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()  # redriven, stray_replies, late_replies, bounced, ...
@@ -108,10 +108,9 @@ class Ledger:
         rec.outcome = outcome
         rec.phase = Phase.DONE
         self.outcomes[outcome.value] += 1
-        self._resolved[rec.rid] = None
-        while len(self._resolved) > self._history:
-            old, _ = self._resolved.popitem(last=False)
-            gone = self.records.pop(old, None)
+        self._resolved.append(rec.rid)
+        if len(self._resolved) > self._history:
+            gone = self.records.pop(self._resolved.popleft(), None)
             if gone is not None:
                 for a in gone.attempts:
                     self.by_psmid.pop(a.psmid, None)

@@ -9,7 +9,7 @@ from typing import Any
 
 from apcrypto.core.actions import Action, ArmTimer, CancelTimer, Execute, Resolve
 from apcrypto.core.driver import DriverCore
-from apcrypto.transport.base import Completion, Interrupt, Transport, TransportLost
+from apcrypto.transport.base import Transport
 
 log = logging.getLogger("apcrypto.runner")
 
@@ -51,24 +51,16 @@ class RunnerBase(ABC):
                 self.cancel(a.key)  # type: ignore[union-attr]
 
     def pump(self) -> int:
-        """Feed every transport event to the core until the transport has nothing more."""
+        """Feed every transport event to the core (a batch at a time) until the transport is quiet."""
         n = 0
         core = self.core
+        poll = self.transport.poll
         while True:
-            events = self.transport.poll(0.0)
+            events = poll(0.0)
             if not events:
                 return n
-            for ev in events:
-                n += 1
-                now = self.now()
-                if type(ev) is Completion:
-                    self.apply(core.on_completion(ev.tag, ev.result, now))
-                elif type(ev) is Interrupt:
-                    self.apply(core.on_interrupt(ev.qid, now))
-                elif type(ev) is TransportLost:
-                    self.apply(
-                        core.on_transport_lost(ev.tags, permanent=ev.permanent, reason=ev.reason, now=now)
-                    )
+            n += len(events)
+            self.apply(core.on_events(events, self.now()))
 
     def fire(self, key: tuple[Any, ...]) -> None:
         self.apply(self.core.on_timer(key, self.now()))
