@@ -249,6 +249,13 @@ def test_serial_picks_the_adapter(usb_bus: UsbBus, wall_emulator: Emulator) -> N
         open_transport(URL + "/C", backend=usb_bus.backend)
 
 
+def test_default_backend_is_pyusbs_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert resolve_backend() is None  # pyusb then picks libusb; here: no library, or no such device
+    with pytest.raises(UsbDeviceNotFound):
+        open_transport(URL)
+
+
 @pytest.mark.parametrize("url", ["usb://1209", "usb://xyz:0a70", "usb:1209:0a70", "usb://12090:1"])
 def test_bad_urls(url: str) -> None:
     with pytest.raises(ValueError):
