@@ -20,6 +20,7 @@ from apcrypto.audit import AuditReport, audit
 from apcrypto.core.actions import Action, ArmTimer, CancelTimer, Execute, Resolve
 from apcrypto.core.config import FAST, DriverConfig
 from apcrypto.core.driver import _PROBE_EXPECT, DriverCore
+from apcrypto.core.ledger import Outcome
 from apcrypto.core.queue import QState
 from apcrypto.requests import ModExpo, ModExpoCrt
 from apcrypto.runners.sim import SimRunner
@@ -310,3 +311,43 @@ def psmids_of(sim: SimRunner, rids: Iterable[int]) -> list[int]:
     """Every attempt's psmid of the given requests."""
     recs = sim.core.ledger.records
     return [a.psmid for r in rids for a in recs[r].attempts]
+
+
+def check_verdicts(sim: SimRunner, emu: Emulator, *, card_may_die: bool = False) -> dict[str, int]:
+    """Every decided request's verdict against the execution log (what actually ran).
+
+    * completed: its last attempt completed on a card;
+    * indeterminate: some attempt may have run -- the card said *in-process* or the card went silent
+      (checkstop, reset, lost transport) holding it; never for work the card reported *pending*;
+    * a *request-pending* machine-failure reply is followed by exactly one more attempt (re-driven
+      once), unless the request was decided otherwise first;
+    * an *in-process* reply for state-changing work is never followed by another attempt;
+    * no state-changing request started twice (the audit).
+
+    ``card_may_die`` allows indeterminate verdicts for work that never started when a card died
+    silently (the ledger must assume the worst).  Returns counts per log outcome seen.
+    """
+    report = audit(sim.core.ledger, emu.execution_log.entries())
+    assert report.ok, report.summary()
+    assert not report.indeterminate_never_started, report.summary()
+    if not card_may_die:
+        assert not report.indeterminate_card_silent, report.summary()
+    seen: dict[str, int] = {}
+    log = emu.execution_log
+    for rec in sim.core.ledger.records.values():
+        assert rec.outcome is not None, f"request {rec.rid} has no outcome"
+        execs = [(i, e) for i, a in enumerate(rec.attempts) for e in log.for_psmid(a.psmid)]
+        for _, e in execs:
+            seen[e.outcome] = seen.get(e.outcome, 0) + 1
+        for i, e in execs:
+            later = [a for a in rec.attempts[i + 1 :] if a.fate != "bounced"]
+            if e.outcome == "pending-failed" and rec.outcome is not Outcome.UNAVAILABLE:
+                assert rec.outcome is not Outcome.INDETERMINATE or later, (rec, e)
+                assert len(later) >= 1, f"pending request {rec.rid} not re-driven: {rec}"
+            if e.outcome == "in-process-failed" and not rec.idempotent:
+                assert rec.outcome is Outcome.INDETERMINATE, (rec, e)
+                assert not later, f"state-changing request {rec.rid} re-driven after it ran: {rec}"
+        if rec.outcome is Outcome.COMPLETED:
+            last = rec.attempts[-1]
+            assert any(e.outcome == "completed" for e in log.for_psmid(last.psmid)), rec
+    return seen
