@@ -280,6 +280,15 @@ class DriverCore:
                 q.dqap_inflight = False
             else:
                 q.ctl_inflight = False
+        if not permanent:
+            # the link may have been re-established as a new session, which holds none of the old
+            # one's interrupt registrations: register again (held by the transport until it is up)
+            for q in self.queues.values():
+                if q.state.in_service and q.irq_wanted and not q.ctl_inflight:
+                    q.ctl_inflight = True
+                    q.irq = False  # poll until the AQIC is confirmed
+                    self.ledger.counters["irq_reenabled"] += 1
+                    self._emit(q, Instr.AQIC, flag=True)
         for q in touched.values():
             if permanent and q.state is not QState.OFFLINE:
                 self._take_offline(q, f"transport lost: {reason}")
@@ -681,6 +690,15 @@ class DriverCore:
 
     def _on_aqic(self, q: Queue, res: ApResult) -> None:
         row = classify_rc("AQIC", res.status.response_code)
+        if q.state.in_service:  # a re-enable (see _check_irq and _transport_lost)
+            if res.status.response_code in (ResponseCode.NORMAL, ResponseCode.OTHERWISE_CHANGED):
+                q.irq = True
+                return
+            if row.verdict is not Verdict.TAKE_OFFLINE:
+                q.irq = False
+                if row.verdict is Verdict.PROCEED:
+                    q.irq_wanted = False  # this path will not give us interrupts: poll from now on
+                return
         if row.verdict is Verdict.TAKE_OFFLINE:
             self._take_offline(q, f"AQIC answered {res.status.rc_name()}")
         elif row.verdict is not Verdict.PROCEED and q.state is QState.SETIRQ_WAIT:
@@ -773,10 +791,28 @@ class DriverCore:
         self._enter(q, QState.RESET_WAIT)
         self._kick(q)
 
+    def _check_irq(self, q: Queue, irq_enabled: bool) -> None:
+        """Every status word says whether interrupts are on; if they went off behind our back (a
+        reconnected session, an external reset), turn them on again, as the kernel does when a read
+        finds them off.  Until then the queue polls (its waits follow ``q.irq``)."""
+        q.irq = irq_enabled
+        if irq_enabled:
+            q.irq_reissued = False
+        elif q.irq_wanted and not q.ctl_inflight:
+            if q.irq_reissued:  # AQIC said yes, the card still says no: stop asking, poll
+                q.irq_wanted = False
+                return
+            q.irq_reissued = True
+            q.ctl_inflight = True
+            self.ledger.counters["irq_reenabled"] += 1
+            self._emit(q, Instr.AQIC, flag=True)
+
     def _on_dqap(self, q: Queue, res: ApResult) -> None:
         st = res.status
         row = classify_rc("DQAP", st.response_code)
         v = row.verdict
+        if q.irq is not st.irq_enabled and q.state.in_service and v is not Verdict.TAKE_OFFLINE:
+            self._check_irq(q, st.irq_enabled)
         if v is Verdict.PROCEED:
             q.progress += 1
             if q.full_hold:

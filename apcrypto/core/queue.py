@@ -98,6 +98,7 @@ class Queue:
     mode: str = "unknown"
     irq: bool = False  # the card's status says interrupts are on
     irq_wanted: bool = True
+    irq_reissued: bool = False  # AQIC re-sent because a status showed interrupts off
     on_card: dict[int, int] = field(default_factory=dict)  # psmid -> rid (NQAP accepted, no reply yet)
     sending: dict[int, int] = field(default_factory=dict)  # tag -> rid (NQAP issued, status not seen)
     probe_psmid: int | None = None
