@@ -178,7 +178,11 @@ class DriverCore:
         if instr is Instr.NQAP:
             gen = q.gen
             if self._on_nqap(q, tag, result) and gen == q.gen:
-                return  # accepted, nothing changed state: no slot freed, nothing to do
+                # accepted, nothing changed state: no slot freed, nothing to do but make sure a
+                # poll will come if the interrupt never does (an IDLE queue has no timer armed)
+                if ("poll", qid) not in self._armed:
+                    self._apply_wait(q, Wait.INTERRUPT)
+                return
         elif instr is Instr.DQAP:
             q.dqap_inflight = False
             self._on_dqap(q, result)
