@@ -247,6 +247,24 @@ def test_requests_go_to_a_queue_of_their_kind() -> None:
     assert [c.qid for c in s.cmds(Instr.NQAP)] == [C2, Q0]
 
 
+def test_a_lost_interrupt_is_caught_by_the_safety_poll() -> None:
+    """Interrupts on, but none comes: a slow poll still collects the reply (no reply-timeout reset)."""
+    s = up(Q0)
+    while ("poll", Q0) in s.timers:  # let the idle queue's leftover poll run out
+        s.fire(("poll", Q0))
+    assert s.state(Q0) is QState.IDLE and not s.timers
+    rid = s.submit(me_request(2, K), idempotent=False)
+    nq = s.one(Instr.NQAP)
+    s.answer(nq, res(irq=True))
+    assert ("poll", Q0) in s.timers
+    assert s.timers[("poll", Q0)] - s.now == pytest.approx(FAST.irq_safety_poll)
+    key = s.advance()  # no interrupt: the next thing that happens is the safety poll
+    assert key == ("poll", Q0)
+    reply_to(s, s.one(Instr.DQAP), nq, x=2)
+    assert s.resolved[rid].value == expected_me(2, K)
+    assert s.core.ledger.counters["reply_timeouts"] == 0
+
+
 # --- back-pressure ------------------------------------------------------------------------------
 
 
