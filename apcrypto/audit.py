@@ -52,6 +52,20 @@ class AuditReport:
         )
 
 
+#: Error replies by which a card refuses a message before executing it (reference/zcrypt.md §4.3,
+#: §5.1: message type, command code); the driver may send such a request again.
+_REJECTED_BEFORE_EXECUTION = frozenset({0x20, 0x21})
+
+
+def _rejected_unrun(e: Any) -> bool:
+    """An engine picked the message up only to reject it unexecuted: no run, and no effect."""
+    return (
+        getattr(e, "outcome", None) == "error"
+        and getattr(e, "reply_code", None) in _REJECTED_BEFORE_EXECUTION
+        and getattr(e, "effect", None) is None
+    )
+
+
 def audit(ledger: Ledger, executions: Iterable[Any]) -> AuditReport:
     """Compare every record still in ``ledger`` with ``executions``."""
     by_psmid: dict[int, list[ExecutionLike]] = defaultdict(list)
@@ -64,7 +78,7 @@ def audit(ledger: Ledger, executions: Iterable[Any]) -> AuditReport:
         oc = rec.outcome.value if rec.outcome else "none"
         rep.outcomes[oc] = rep.outcomes.get(oc, 0) + 1
         entries = [e for a in rec.attempts for e in by_psmid.get(a.psmid, ())]
-        starts = sum(1 for e in entries if e.started is not None)
+        starts = sum(1 for e in entries if e.started is not None and not _rejected_unrun(e))
         if rec.outcome is None:
             rep.lost.append(rid)
             continue
