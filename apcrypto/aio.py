@@ -16,22 +16,15 @@ from typing import Any
 from apcrypto import split_options
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
-from apcrypto.errors import BadRequest, ClientClosed, HostQueueFull
-from apcrypto.requests import (
-    CounterIncrement,
-    KeyRead,
-    KeyStore,
-    ModExpo,
-    ModExpoCrt,
-    RandomBytes,
-    Request,
-)
+from apcrypto.errors import ClientClosed, HostQueueFull
+from apcrypto.operations import Operations
+from apcrypto.requests import Request
 from apcrypto.runners.aio import AsyncioRunner
 from apcrypto.transport import open_transport
 from apcrypto.transport.base import Transport
 
 
-class AsyncClient:
+class AsyncClient(Operations):
     """Asyncio twin of :class:`apcrypto.Client`; create it with :func:`connect`."""
 
     def __init__(
@@ -50,63 +43,16 @@ class AsyncClient:
         self._runner.start_queues()
         self._runner.schedule()
 
-    # ---------------------------------------------------------------- operations
-    def mod_expo(
-        self,
-        data: bytes,
-        exponent: int | bytes,
-        modulus: int | bytes,
-        *,
-        idempotent: bool = True,
-        deadline: float | None = None,
-    ) -> asyncio.Future[bytes]:
-        return self._build(ModExpo, (data, exponent, modulus), idempotent, deadline)
+    # ---------------------------------------------------------------- plumbing
+    def _failed(self, error: BaseException) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        fut.set_exception(error)
+        return fut
 
-    def mod_expo_crt(
-        self,
-        data: bytes,
-        p: int | bytes,
-        q: int | bytes,
-        dp: int | bytes,
-        dq: int | bytes,
-        qinv: int | bytes,
-        *,
-        idempotent: bool = True,
-        deadline: float | None = None,
-    ) -> asyncio.Future[bytes]:
-        return self._build(ModExpoCrt, (data, p, q, dp, dq, qinv), idempotent, deadline)
-
-    def random_bytes(self, n: int, *, deadline: float | None = None) -> asyncio.Future[bytes]:
-        return self._build(RandomBytes, (n,), None, deadline)
-
-    def counter_increment(self, by: int = 1, *, deadline: float | None = None) -> asyncio.Future[int]:
-        return self._build(CounterIncrement, (by,), None, deadline)
-
-    def key_store(self, slot: int, key: bytes, *, deadline: float | None = None) -> asyncio.Future[None]:
-        return self._build(KeyStore, (slot, key), None, deadline)
-
-    def key_read(self, slot: int, *, deadline: float | None = None) -> asyncio.Future[bytes]:
-        return self._build(KeyRead, (slot,), None, deadline)
-
-    def submit(
-        self, request: Request, idempotent: bool = False, *, deadline: float | None = None
+    def _submit(
+        self, request: Request, idem: bool | None, deadline: float | None, block: bool = True
     ) -> asyncio.Future[Any]:
-        if not isinstance(request, Request):
-            raise TypeError(f"submit takes an apcrypto.requests.Request, not {type(request).__name__}")
-        return self._submit(request, idempotent, deadline)
-
-    def _build(
-        self, cls: type[Request], args: tuple[Any, ...], idem: bool | None, deadline: float | None
-    ) -> asyncio.Future[Any]:
-        try:
-            request = cls(*args)
-        except ValueError as exc:
-            fut: asyncio.Future[Any] = self.loop.create_future()
-            fut.set_exception(BadRequest(f"invalid {cls.__name__}: {exc}"))
-            return fut
-        return self._submit(request, idem, deadline)
-
-    def _submit(self, request: Request, idem: bool | None, deadline: float | None) -> asyncio.Future[Any]:
+        """``block`` has no meaning on an event loop: a full host-side queue raises HostQueueFull."""
         if self._closed:
             raise ClientClosed("client is closed")
         if self.core.backlog_size >= self.config.backlog_limit:

@@ -15,21 +15,14 @@ from typing import Any
 
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
-from apcrypto.errors import ApcryptoError, BadRequest, ClientClosed, HostQueueFull
-from apcrypto.requests import (
-    CounterIncrement,
-    KeyRead,
-    KeyStore,
-    ModExpo,
-    ModExpoCrt,
-    RandomBytes,
-    Request,
-)
+from apcrypto.errors import ApcryptoError, ClientClosed, HostQueueFull
+from apcrypto.operations import Operations
+from apcrypto.requests import Request
 from apcrypto.runners.threaded import ThreadedRunner
 from apcrypto.transport.base import Transport
 
 
-class Client:
+class Client(Operations):
     """A connection to a set of AP queues.  Thread-safe; use as a context manager."""
 
     def __init__(
@@ -52,85 +45,14 @@ class Client:
         self._local: Counter[str] = Counter()
         self._runner.start()
 
-    # ---------------------------------------------------------------- the operations
-    def mod_expo(
-        self,
-        data: bytes,
-        exponent: int | bytes,
-        modulus: int | bytes,
-        *,
-        idempotent: bool = True,
-        deadline: float | None = None,
-        block: bool = True,
-    ) -> Future[bytes]:
-        """RSA ME; the result is bytes of the modulus length."""
-        return self._build_and_submit(ModExpo, (data, exponent, modulus), idempotent, deadline, block)
-
-    def mod_expo_crt(
-        self,
-        data: bytes,
-        p: int | bytes,
-        q: int | bytes,
-        dp: int | bytes,
-        dq: int | bytes,
-        qinv: int | bytes,
-        *,
-        idempotent: bool = True,
-        deadline: float | None = None,
-        block: bool = True,
-    ) -> Future[bytes]:
-        """RSA with CRT key parts (``qinv`` = q⁻¹ mod p); idempotent by default."""
-        return self._build_and_submit(ModExpoCrt, (data, p, q, dp, dq, qinv), idempotent, deadline, block)
-
-    def random_bytes(self, n: int, *, deadline: float | None = None) -> Future[bytes]:
-        return self._build_and_submit(RandomBytes, (n,), None, deadline, True)
-
-    def counter_increment(self, by: int = 1, *, deadline: float | None = None) -> Future[int]:
-        """State-changing: never run twice; may end ``Indeterminate`` if a card fails under it."""
-        return self._build_and_submit(CounterIncrement, (by,), None, deadline, True)
-
-    def key_store(self, slot: int, key: bytes, *, deadline: float | None = None) -> Future[None]:
-        return self._build_and_submit(KeyStore, (slot, key), None, deadline, True)
-
-    def key_read(self, slot: int, *, deadline: float | None = None) -> Future[bytes]:
-        return self._build_and_submit(KeyRead, (slot,), None, deadline, True)
-
-    def submit(
-        self,
-        request: Request,
-        idempotent: bool = False,
-        *,
-        deadline: float | None = None,
-        block: bool = True,
-    ) -> Future[Any]:
-        """Submit any :class:`~apcrypto.requests.Request`; not idempotent unless the caller says so.
-
-        ``deadline``: seconds from now (``DeadlineExceeded`` after it).  ``block``: when the
-        host-side queue is full, wait for room (True) or raise :class:`HostQueueFull` (False).
-        """
-        if not isinstance(request, Request):
-            raise TypeError(f"submit takes an apcrypto.requests.Request, not {type(request).__name__}")
-        return self._submit(request, idempotent, deadline, block)
-
     # ---------------------------------------------------------------- plumbing
-    def _build_and_submit(
-        self,
-        cls: type[Request],
-        args: tuple[Any, ...],
-        idem: bool | None,
-        deadline: float | None,
-        block: bool,
-    ) -> Future[Any]:
-        try:
-            request = cls(*args)
-        except ValueError as exc:
-            fut: Future[Any] = Future()
-            fut.set_running_or_notify_cancel()
-            fut.set_exception(BadRequest(f"invalid {cls.__name__}: {exc}"))
-            with self._lock:
-                self._local["failed"] += 1
-            return fut
-        return self._submit(request, idem, deadline, block)
+    def _failed(self, error: BaseException) -> Future[Any]:
+        fut: Future[Any] = Future()
+        fut.set_running_or_notify_cancel()
+        fut.set_exception(error)
+        with self._lock:
+            self._local["failed"] += 1
+        return fut
 
     def _submit(
         self, request: Request, idem: bool | None, deadline: float | None, block: bool

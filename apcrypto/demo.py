@@ -12,46 +12,12 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TextIO
-
-import gmpy2
 
 import apcrypto
 from apcrypto.audit import audit
 from apcrypto.errors import ApcryptoError
-
-
-@dataclass(frozen=True)
-class RsaKey:
-    n: int
-    e: int
-    d: int
-    p: int
-    q: int
-    dp: int
-    dq: int
-    qinv: int
-
-    @property
-    def bytes(self) -> int:
-        return (self.n.bit_length() + 7) // 8
-
-
-def make_key(bits: int, rng: random.Random, e: int = 65537) -> RsaKey:
-    """A reproducible RSA key from ``rng`` (gmpy2 primality; for demos and tests, not for secrets)."""
-    while True:
-        p = int(gmpy2.next_prime(rng.getrandbits(bits // 2) | (3 << (bits // 2 - 2))))
-        q = int(gmpy2.next_prime(rng.getrandbits(bits - bits // 2) | (3 << (bits - bits // 2 - 2))))
-        if p == q:
-            continue
-        if p < q:
-            p, q = q, p
-        n, phi = p * q, (p - 1) * (q - 1)
-        if n.bit_length() != bits or gmpy2.gcd(e, phi) != 1:
-            continue
-        d = int(gmpy2.invert(e, phi))
-        return RsaKey(n, e, d, p, q, d % (p - 1), d % (q - 1), int(gmpy2.invert(q, p)))
+from apcrypto.testing import RsaKey, make_key
 
 
 def _result_ok(how: str, val: Any, key: RsaKey | None, res: Any) -> bool:
@@ -128,7 +94,7 @@ def run_demo(*, seed: int = 7, requests: int = 3000, out: TextIO = sys.stdout) -
         if kind.startswith(("ME", "CRT")):
             key = keys[int(kind.split("-")[1])]
             m = rng.randrange(2, key.n - 1)
-            data = m.to_bytes(key.bytes, "big")
+            data = m.to_bytes(key.size, "big")
             if kind.startswith("ME"):
                 fut = client.mod_expo(data, key.e, key.n)
                 expect: Any = ("me", pow(m, key.e, key.n), key)

@@ -14,6 +14,7 @@ from math import gcd
 import gmpy2
 import pytest
 
+from apcrypto.testing import RsaKey, seeded_key
 from apformats.codes import ResponseCode
 from apformats.messages import build_cprb, build_crt, build_mex, parse_reply
 from apformats.results import ApResult, qid_of
@@ -26,37 +27,11 @@ RC = ResponseCode
 Q00, Q01, Q10, Q11 = qid_of(0, 0), qid_of(0, 1), qid_of(1, 0), qid_of(1, 1)
 
 
-@dataclass(frozen=True)
-class Key:
-    n: int
-    d: int
-    p: int
-    q: int
-    dp: int
-    dq: int
-    qinv: int
-
-    @property
-    def size(self) -> int:
-        return (self.n.bit_length() + 7) // 8
+Key = RsaKey
 
 
-def _prime(rng: random.Random, bits: int) -> int:
-    while True:
-        p = int(gmpy2.next_prime(rng.getrandbits(bits) | (3 << (bits - 2)) | 1))
-        if p.bit_length() == bits and gcd(p - 1, E) == 1:
-            return p
-
-
-@functools.cache
 def key(bits: int = 1024, seed: int = 0) -> Key:
-    rng = random.Random(f"emulator-test-rsa-{bits}-{seed}")
-    p = _prime(rng, bits // 2)
-    q = _prime(rng, bits // 2)
-    if p < q:  # qinv = q^-1 mod p, p the larger prime as CRT tables usually have it
-        p, q = q, p
-    d = pow(E, -1, (p - 1) * (q - 1))
-    return Key(p * q, d, p, q, d % (p - 1), d % (q - 1), pow(q, -1, p))
+    return seeded_key(bits, f"emulator-{seed}")
 
 
 def mex(x: int, k: Key | None = None) -> bytes:

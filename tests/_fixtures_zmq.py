@@ -22,6 +22,7 @@ from typing import Any
 import gmpy2
 import pytest
 
+from apcrypto.testing import RsaKey, seeded_key
 from apcrypto.transport.base import Transport, TransportEvent
 from emulator.control_client import ControlClient
 
@@ -170,28 +171,6 @@ def collect(
     return events
 
 
-@dataclass(frozen=True)
-class RsaKey:
-    n: int
-    d: int
-    p: int
-    q: int
-    dp: int
-    dq: int
-    qinv: int
-
-
-@functools.cache
 def rsa_key(bits: int = 1024) -> RsaKey:
-    """A deterministic RSA key (primes from a fixed seed) for checking results with ``pow``."""
-    rng = random.Random(f"zmq-test-rsa-{bits}")
-
-    def prime() -> int:
-        while True:
-            p = int(gmpy2.next_prime(rng.getrandbits(bits // 2) | (3 << (bits // 2 - 2)) | 1))
-            if p.bit_length() == bits // 2 and (p - 1) % E:
-                return p
-
-    p, q = sorted((prime(), prime()), reverse=True)
-    d = pow(E, -1, (p - 1) * (q - 1))
-    return RsaKey(p * q, d, p, q, d % (p - 1), d % (q - 1), pow(q, -1, p))
+    """A deterministic RSA key for checking results with ``pow``."""
+    return seeded_key(bits, "zmq")
