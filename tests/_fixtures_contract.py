@@ -24,9 +24,7 @@ import apcrypto
 from emulator import Emulator
 from emulator.usb_backend import EmulatorUsbBackend, VirtualBus
 from tests._fixtures_zmq import ServerProcess, start_server
-
-#: Child processes that belong to module fixtures (the shared server), not to a single test.
-MODULE_CHILDREN: set[int] = set()
+from tests._leaks import SHARED_CHILDREN
 
 PROFILE = "default"  # 2 CEX8A accelerators (cards 0, 1) + 2 CEX8C coprocessors (cards 2, 3)
 TRANSPORTS = ["emu", "tcp", "usb"]
@@ -57,57 +55,14 @@ class Adapter:
         self.clients.clear()
 
 
-def _socket_fds() -> set[str]:
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:"):
-            out.add(target)
-    return out
-
-
-def _children() -> set[int]:
-    me = str(os.getpid())
-    kids = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == me and fields[0] != "Z":
-            kids.add(int(pid))
-    return kids
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_sockets_or_processes(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A contract test leaves no socket and no child process behind (the module's server aside)."""
-    sockets, kids = _socket_fds(), _children()
-    yield
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline:
-        leaked_s, leaked_k = _socket_fds() - sockets, _children() - kids - MODULE_CHILDREN
-        if not leaked_s and not leaked_k:
-            return
-        time.sleep(0.02)  # bounded wait for sockets the kernel is still tearing down
-    assert not leaked_s, f"test leaked sockets: {sorted(leaked_s)}"
-    assert not leaked_k, f"test leaked child processes: {sorted(leaked_k)}"
-
-
 @pytest.fixture(scope="module")
 def tcp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv = start_server("--profile", PROFILE, "--seed", "11", log_dir=tmp_path_factory.mktemp("contract"))
-    MODULE_CHILDREN.add(srv.proc.pid)
+    SHARED_CHILDREN.add(srv.proc.pid)
     try:
         yield srv
     finally:
-        MODULE_CHILDREN.discard(srv.proc.pid)
+        SHARED_CHILDREN.discard(srv.proc.pid)
         if srv.proc.stdout is not None:
             srv.proc.stdout.close()
         srv.stop()

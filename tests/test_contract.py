@@ -21,7 +21,6 @@ from apformats.results import Instr, qid_card, qid_domain, qid_of
 from tests._fixtures_contract import (  # fixtures
     Adapter,
     adapter,
-    no_leaked_sockets_or_processes,
     tcp_server,
     wait_until,
 )

@@ -20,7 +20,11 @@ def _batch(client: apcrypto.Client, start: int) -> list[cf.Future]:
 
 def test_interrupts_are_registered_again_after_a_reconnect(zmq_server) -> None:
     ctl = zmq_server.control_client()
-    with apcrypto.connect(zmq_server.data, config="fast", irq_safety_poll=30.0, reconnect_delay=0.01) as c:
+    zmq_server.clients.remove(ctl)  # closed by this test, not at module teardown
+    with (
+        ctl,
+        apcrypto.connect(zmq_server.data, config="fast", irq_safety_poll=30.0, reconnect_delay=0.01) as c,
+    ):
         assert c.wait_ready(10)
         first = _batch(c, 2)
         assert [int.from_bytes(f.result(timeout=10), "big") for f in first] == [
