@@ -595,10 +595,13 @@ class DriverCore:
             max(q.offline_backoff * 2, self.cfg.offline_probe_interval), self.cfg.offline_probe_max
         )
         self._arm(("poll", q.qid), q.offline_backoff, force=True)
-        if not self._mode_alive(q.mode):
-            self._fail_backlog(q.mode, f"every queue of kind {q.mode!r} is offline")
-        else:
-            self._fill(q.mode)
+        # a queue lost during bring-up has no mode yet, but requests of every kind counted on it
+        modes = [q.mode] if q.mode != "unknown" else sorted({*self.backlog, *self.retry})
+        for mode in modes:
+            if not self._mode_alive(mode):
+                self._fail_backlog(mode, f"every queue of kind {mode!r} is offline")
+            else:
+                self._fill(mode)
 
     def _on_limit(self, q: Queue) -> None:
         if q.limit_gen != q.gen:
