@@ -595,13 +595,18 @@ class DriverCore:
             max(q.offline_backoff * 2, self.cfg.offline_probe_interval), self.cfg.offline_probe_max
         )
         self._arm(("poll", q.qid), q.offline_backoff, force=True)
-        # a queue lost during bring-up has no mode yet, but requests of every kind counted on it
-        modes = [q.mode] if q.mode != "unknown" else sorted({*self.backlog, *self.retry})
-        for mode in modes:
-            if not self._mode_alive(mode):
-                self._fail_backlog(mode, f"every queue of kind {mode!r} is offline")
-            else:
-                self._fill(mode)
+        if q.mode == "unknown":  # lost during bring-up: requests of every kind counted on it
+            self._fail_dead_kinds()
+        elif not self._mode_alive(q.mode):
+            self._fail_backlog(q.mode, f"every queue of kind {q.mode!r} is offline")
+        else:
+            self._fill(q.mode)
+
+    def _fail_dead_kinds(self) -> None:
+        """Fail the waiting work of every kind that no queue can serve any more."""
+        for mode in sorted({*self.backlog, *self.retry}):
+            if mode != "unknown" and not self._mode_alive(mode):
+                self._fail_backlog(mode, f"no queue of kind {mode!r} is in service or recovering")
 
     def _on_limit(self, q: Queue) -> None:
         if q.limit_gen != q.gen:
@@ -682,6 +687,7 @@ class DriverCore:
             q.mode = hw.mode
             self._by_mode.setdefault(q.mode, []).append(q)
             self.backlog.setdefault(q.mode, deque())
+            self._fail_dead_kinds()  # work of a kind this queue was counted for may have none left
 
     def _on_reset(self, q: Queue, res: ApResult) -> None:
         row = classify_rc("RESET", res.status.response_code)
