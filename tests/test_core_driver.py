@@ -630,6 +630,42 @@ def test_submit_with_no_queue_of_the_kind_is_unavailable() -> None:
     assert isinstance(s.resolved[rid].error, DeviceUnavailable)
 
 
+def test_work_of_a_kind_no_queue_serves_fails_once_bring_up_tells() -> None:
+    """Submitted during bring-up (mode unknown): waits; when TAPQ shows no queue of its kind, fails."""
+    s = Script()
+    s.add_queue(Q0)
+    ci_rid = s.submit(CounterIncrement(1))
+    me_rid = s.submit(me_request(2, K))
+    assert not s.resolved  # the queue might have been a coprocessor
+    s.answer(s.one(Instr.RAPQ), res())
+    s.fire(("poll", Q0))
+    s.answer(s.one(Instr.TAPQ), res(hw=HW_ACCEL, empty=True))
+    assert isinstance(s.resolved[ci_rid].error, DeviceUnavailable)
+    assert me_rid not in s.resolved
+
+
+def test_queues_lost_during_bring_up_fail_the_waiting_work() -> None:
+    """Every accelerator dies before TAPQ named its mode, a coprocessor comes up: the accel work
+    waiting since connect ends DeviceUnavailable instead of waiting forever."""
+    s = Script()
+    s.add_queue(Q0)
+    s.add_queue(C2)
+    rid = s.submit(me_request(2, K))
+    s.answer(s.one(Instr.RAPQ, Q0), res(RC.CHECKSTOPPED))
+    assert s.state(Q0) is QState.OFFLINE
+    assert rid not in s.resolved  # C2's kind is not known yet
+    s.answer(s.one(Instr.RAPQ, C2), res())
+    s.fire(("poll", C2))
+    s.answer(s.one(Instr.TAPQ, C2), res(hw=HW_CCA, empty=True))
+    assert isinstance(s.resolved[rid].error, DeviceUnavailable)
+    # with a single queue the failure is immediate
+    s = Script()
+    s.add_queue(Q0)
+    rid = s.submit(me_request(2, K))
+    s.answer(s.one(Instr.RAPQ), res(RC.CHECKSTOPPED))
+    assert isinstance(s.resolved[rid].error, DeviceUnavailable)
+
+
 def test_last_queue_offline_fails_the_backlog() -> None:
     s = up(Q0, hw=replace(HW_ACCEL, qd=0))
     s.submit(me_request(2, K))
