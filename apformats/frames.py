@@ -37,12 +37,16 @@ them; ``tests/test_frames.py`` proves (with hypothesis, on valid, corrupted and 
 agrees with :func:`decode_frame_spec`/:func:`encode_frame_spec`.  Every decode failure raises
 :class:`~apformats.errors.FormatError`, and the length field is checked against the limit from a fixed-size
 header parse before any body is looked at.
+
+On a byte stream with no message boundaries (a USB bulk pipe) :class:`FrameStream` cuts the frames out,
+the same on both ends of the pipe.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
@@ -68,6 +72,8 @@ __all__ = [
     "ErrorFrame",
     "Frame",
     "FrameKind",
+    "FrameSize",
+    "FrameStream",
     "Hello",
     "InterruptFrame",
     "Ping",
@@ -456,6 +462,96 @@ def _error_code(code: int) -> ErrorCode | int:
         return ErrorCode(code)
     except ValueError:
         return code
+
+
+# --- byte streams: whole frames out of bytes split anyhow --------------------------------------------
+
+#: Reads a frame header (the first ``HEADER_LEN`` bytes of a frame): the frame's total length, or None
+#: to wait for more bytes; raises ValueError (FormatError) for a header it refuses.
+FrameSize = Callable[[bytes], "int | None"]
+
+
+class FrameStream:
+    """Cuts whole frames out of a byte stream split anyhow (sans-I/O, not thread-safe).
+
+    A bulk pipe has no message boundaries: one frame may take several transfers, and one transfer may
+    carry the tail of a frame, several whole frames and the head of the next.  Each header is checked
+    (:func:`frame_length`, against ``max_len``) as soon as its ``HEADER_LEN`` bytes are in, so a bad
+    or oversized length is refused before any of its body is waited for.  After a refused header the
+    stream is out of step for good: only :meth:`reset` (once the peers start over) brings it back.
+
+    The frames completed before a bad header are returned first and the error is kept for the next
+    call (or :meth:`check`), because a host must not lose the answers it read before the garbage.  A
+    receiver that refuses a transfer whole (a USB device stalls it: the host then resends it) calls
+    :meth:`check` right after :meth:`feed` and drops what feed returned.
+
+    ``frame_size`` replaces the codec's header reader (for tests of the plumbing alone); it is given
+    exactly the header bytes.
+    """
+
+    __slots__ = ("_buf", "_error", "_frame_size", "_need", "max_len")
+
+    def __init__(self, max_len: int = DEFAULT_MAX_FRAME, *, frame_size: FrameSize | None = None) -> None:
+        self.max_len = max_len
+        self._frame_size = frame_size
+        self._buf = bytearray()
+        self._need = 0  # length of the frame at the head once its header is in, else 0
+        self._error: ValueError | None = None  # a bad header found behind good frames
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Append ``data``; return the frames now complete, in stream order.
+
+        Raises :class:`FormatError` for a bad header with no good frame before it in this call; the
+        error is raised again by every call until :meth:`reset`.
+        """
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        buf += data
+        out: list[bytes] = []
+        while True:
+            if not self._need:
+                if len(buf) < HEADER_LEN:
+                    return out
+                try:
+                    need = self._header(buf)
+                except ValueError as exc:
+                    self._error = exc
+                    if not out:
+                        raise
+                    return out
+                if need is None:
+                    return out
+                self._need = need
+            if len(buf) < self._need:
+                return out
+            out.append(bytes(buf[: self._need]))
+            del buf[: self._need]
+            self._need = 0
+
+    def _header(self, buf: bytearray) -> int | None:
+        if self._frame_size is None:
+            return frame_length(buf, max_len=self.max_len)  # reads the first HEADER_LEN bytes only
+        need = self._frame_size(bytes(buf[:HEADER_LEN]))
+        if need is not None and need < HEADER_LEN:  # would never consume a byte: loop for ever
+            raise FormatError(f"frame length {need} is shorter than a header", kind="truncated")
+        return need
+
+    def check(self) -> None:
+        """Raise the bad-header error a :meth:`feed` found behind good frames, if any."""
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def pending(self) -> int:
+        """Bytes held that are not yet part of a complete frame."""
+        return len(self._buf)
+
+    def reset(self) -> None:
+        """Drop everything buffered and any error (the peers start the stream over)."""
+        self._buf.clear()
+        self._need = 0
+        self._error = None
 
 
 # --- spec path: construct ---------------------------------------------------------------------------

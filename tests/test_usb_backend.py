@@ -258,6 +258,20 @@ def test_a_bad_frame_header_stalls_bulk_out_until_cleared(echo) -> None:
     assert vdev.stats.faults["bad-frame-stall"] == 1
 
 
+def test_a_transfer_with_a_bad_header_reaches_the_session_not_at_all(echo, usb_bus: UsbBus) -> None:
+    """The frames before the bad header are refused with it: the host resends the stalled transfer
+    whole, so delivering them would run them twice."""
+    vdev, dev = echo
+    seen = usb_bus.sessions[-1].seen
+    before = len(seen)
+    with pytest.raises(usb.core.USBError):
+        dev.write(EP_OUT, frames.encode_ping(1) + frames.encode_ping(2) + b"XX" + b"\x00" * 10)
+    assert len(seen) == before and vdev.stats.faults["bad-frame-stall"] == 1
+    dev.clear_halt(EP_OUT)
+    dev.write(EP_OUT, frames.encode_ping(1) + frames.encode_ping(2))
+    assert seen[before:] == [frames.encode_ping(1), frames.encode_ping(2)]
+
+
 def test_backlog_full_naks_bulk_out_until_the_host_reads(usb_bus: UsbBus) -> None:
     usb_bus.plug_echo(in_backlog=100)
     dev = _find(usb_bus)

@@ -11,8 +11,8 @@ configuration change, as with pyvisa-sim.
 Threads: pyusb promises nothing about sharing a ``Device`` between threads (pyusb#325), so one I/O
 thread owns it.  ``submit`` encodes on the caller's thread and queues; the I/O thread writes the
 queue in one bulk transfer (many commands in flight), reads bulk IN and interrupt IN, cuts frames
-out of those byte streams with :class:`FrameReader` whatever sizes the transfers have, and turns
-them into events for :meth:`poll`.  The device answers in the order commands were written.
+out of those byte streams with :class:`apformats.frames.FrameStream` whatever sizes the transfers
+have, and turns them into events for :meth:`poll`.  The device answers in the order commands were written.
 
 Failure semantics -- the same as ``tcp://`` (``apcrypto.transport.zmq_client``), so a runner sees one
 contract whatever the transport:
@@ -71,7 +71,6 @@ from apformats.status import QueueStatus
 __all__ = [
     "BACKEND_ENV",
     "ERROR_RESPONSE_CODES",
-    "FrameReader",
     "UsbDeviceNotFound",
     "UsbHandshakeRefused",
     "UsbLocator",
@@ -180,62 +179,6 @@ def resolve_backend(backend: Any = None) -> Any:
     return backend
 
 
-# --- bulk stream reassembly -------------------------------------------------------------------------
-
-
-class FrameReader:
-    """Cuts whole frames out of a byte stream split anyhow (sans-I/O).  The frame codec reads each
-    header (:func:`apformats.frames.frame_length`); a header it refuses raises :class:`FormatError`,
-    and the stream is out of step for good."""
-
-    __slots__ = ("_buf", "_error", "_need", "max_len")
-
-    def __init__(self, max_len: int = frames.DEFAULT_MAX_FRAME) -> None:
-        self.max_len = max_len
-        self._buf = bytearray()
-        self._need = 0  # length of the frame at the head once its header is in, else 0
-        self._error: FormatError | None = None  # a bad header found behind good frames
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """Append ``data``; return the frames now complete.  The frames before a bad header are
-        returned first; the error is raised by the next call (and every call until :meth:`reset`)."""
-        if self._error is not None:
-            raise self._error
-        buf = self._buf
-        buf += data
-        out: list[bytes] = []
-        while True:
-            if not self._need:
-                if len(buf) < frames.HEADER_LEN:
-                    return out
-                try:
-                    self._need = frames.frame_length(buf[: frames.HEADER_LEN], max_len=self.max_len)
-                except FormatError as exc:
-                    if not out:
-                        raise
-                    self._error = exc
-                    return out
-            if len(buf) < self._need:
-                return out
-            out.append(bytes(buf[: self._need]))
-            del buf[: self._need]
-            self._need = 0
-
-    def check(self) -> None:
-        """Raise the bad-header error a :meth:`feed` deferred, if any."""
-        if self._error is not None:
-            raise self._error
-
-    @property
-    def pending(self) -> int:
-        return len(self._buf)
-
-    def reset(self) -> None:
-        self._buf.clear()
-        self._need = 0
-        self._error = None
-
-
 # --- the transport ----------------------------------------------------------------------------------
 
 
@@ -309,8 +252,8 @@ class UsbTransport(Transport):
         self._irq_qids: set[int] = set()  # queues an AQIC enable went to (no disable or reset since)
         # the I/O thread's own
         self._link: _Link | None = None
-        self._in_reader = FrameReader()
-        self._irq_reader = FrameReader()
+        self._in_reader = frames.FrameStream()
+        self._irq_reader = frames.FrameStream()
         self._out: list[_Out] = []  # being written, in order
         self._out_pos = 0  # bytes of _out[0] the device has accepted
         self._in_flight: OrderedDict[int, tuple[int, float]] = OrderedDict()  # tag -> (qid, written at)
@@ -637,7 +580,7 @@ class UsbTransport(Transport):
                 self._clear_stall(link.ep_out)
                 sent = 0
 
-    def _read(self, ep: int, reader: FrameReader, size: int, timeout_ms: int) -> list[bytes]:
+    def _read(self, ep: int, reader: frames.FrameStream, size: int, timeout_ms: int) -> list[bytes]:
         """The whole frames one read completes; a timeout is just "nothing yet"."""
         link = self._link
         assert link is not None

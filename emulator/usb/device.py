@@ -3,10 +3,11 @@
 What the host sees is a vendor-specific interface with three endpoints, found by kind, not by number
 (the description decides the numbers): bulk OUT carries instruction frames to the adapter, bulk IN
 carries result frames back, interrupt IN carries AP interrupts.  Bulk OUT bytes are cut into frames
-(:mod:`emulator.usb.stream`), each frame goes to a frame session (``one frame in -> frames out``,
-transport-independent) and what it answers is queued on bulk IN as a byte stream the host reads in
-whatever sizes it likes.  The session's ``notify`` callback (an AP interrupt, from the emulator's
-clock) queues an INTERRUPT frame on the interrupt endpoint.
+(:class:`apformats.frames.FrameStream`, the host's reassembler too), each frame goes to a frame
+session (``one frame in -> frames out``, transport-independent) and what it answers is queued on
+bulk IN as a byte stream the host reads in whatever sizes it likes.  The session's ``notify``
+callback (an AP interrupt, from the emulator's clock) queues an INTERRUPT frame on the interrupt
+endpoint.
 
 Faults come through a small control API (the lewis idea: a control plane beside the data plane):
 :meth:`VirtualUsbDevice.stall`, :meth:`inject_timeouts`, :meth:`limit_reads`, unplug/replug through
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from apformats.frames import HEADER_LEN, TRAILER_LEN, FrameKind, peek_kind
+from apformats.frames import HEADER_LEN, TRAILER_LEN, FrameKind, FrameSize, FrameStream, peek_kind
 from emulator.usb import errors
 from emulator.usb.descriptors import (
     DT_CONFIG,
@@ -41,7 +42,6 @@ from emulator.usb.descriptors import (
     langid_descriptor_bytes,
     string_descriptor_bytes,
 )
-from emulator.usb.stream import FrameAssembler, FrameSize
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class VirtualUsbDevice:
         self._claims: dict[int, object] = {}
         self._roles: Roles | None = None
         # pipes
-        self._out = FrameAssembler(frame_size)
+        self._out = FrameStream(frame_size=frame_size)
         self._in: dict[int, bytearray] = {}
         self._session: Session | None = None
         self._session_id = 0
@@ -386,6 +386,9 @@ class VirtualUsbDevice:
                     self._transfer_checks_locked(generation, token, ep, out=True, count_timeout=False)
                 try:
                     frames = self._out.feed(data)
+                    # a stalled transfer consumed nothing (the host resends it whole): no frame of a
+                    # transfer with a bad header reaches the session, not even those before it
+                    self._out.check()
                 except ValueError as exc:  # the codec rejected a header: the stream is out of step
                     self._halted.add(ep)
                     self._out.reset()
