@@ -53,6 +53,7 @@ from tests._fixtures_driver import (
 SEEDS = range(200)
 MAX_REDRIVES = FAST.max_redrives
 SOAK_SEEDS = range(10_000, 12_000)
+SOAK_SCALE = 3  # soak workloads are this many times larger
 
 #: RSA keys the workloads draw from (fixed primes; results are checked with plain pow).
 KEYS: tuple[Key, ...] = (key(1024, 0), key(1024, 1), key(2048, 0))
@@ -73,9 +74,10 @@ BAD_REQUEST_CODES = {int(RY.OPERAND_INVALID), int(RY.MALFORMED_MSG)}
 
 def replay_hint(seed: int, soak: bool = False) -> str:
     name = "test_soak" if soak else "test_campaign"
+    scale = f"APCRYPTO_SIM_SCALE={SOAK_SCALE} " if soak else ""
     return (
         f"reproduce with: pytest 'tests/test_sim_campaign.py::{name}[seed_{seed}]'  "
-        f"(or APCRYPTO_SIM_SEED={seed} pytest tests/test_sim_campaign.py -k replay -s)"
+        f"(or {scale}APCRYPTO_SIM_SEED={seed} pytest tests/test_sim_campaign.py -k replay -s)"
     )
 
 
@@ -314,15 +316,16 @@ def test_campaign(seed: int) -> None:
 @pytest.mark.soak
 @pytest.mark.parametrize("seed", SOAK_SEEDS, ids=[f"seed_{s}" for s in SOAK_SEEDS])
 def test_soak(seed: int) -> None:
-    run_seed(seed, scale=3, soak=True)
+    run_seed(seed, scale=SOAK_SCALE, soak=True)
 
 
 def test_replay() -> None:
-    """Replay one seed from the environment: ``APCRYPTO_SIM_SEED=N pytest ... -k replay -s``."""
+    """Replay one seed from the environment: ``APCRYPTO_SIM_SEED=N pytest ... -k replay -s``
+    (``APCRYPTO_SIM_SCALE=3`` for a soak seed)."""
     seed = os.environ.get("APCRYPTO_SIM_SEED")
     if seed is None:
         pytest.skip("set APCRYPTO_SIM_SEED to replay a seed")
-    print(run_seed(int(seed)))
+    print(run_seed(int(seed), scale=int(os.environ.get("APCRYPTO_SIM_SCALE", "1"))))
 
 
 def test_same_seed_same_run() -> None:
