@@ -785,8 +785,13 @@ class DriverCore:
         elif v is Verdict.RETRY_SAME:
             if st.response_code == ResponseCode.BUSY:
                 self._enter_recovery(q, card_recovered=False)
-            elif st.response_code == ResponseCode.RESET_IN_PROGRESS and q.state.in_service:
-                self._external_reset(q)
+            elif st.response_code == ResponseCode.RESET_IN_PROGRESS:
+                if q.state.in_service:
+                    self._external_reset(q)
+            elif q.state.in_service:
+                # another transient state (SE state change in progress): back off as for BUSY;
+                # an immediate re-NQAP to the same queue would spin without time passing
+                self._enter_recovery(q, card_recovered=False)
         elif v is Verdict.RESET_QUEUE:
             self._start_reset(q, f"NQAP answered {st.rc_name()}")
         else:
