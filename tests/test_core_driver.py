@@ -529,6 +529,20 @@ def test_busy_on_nqap_bounces_and_enters_recovery() -> None:
     assert s.core.ledger.records[rid].redrives == 0
 
 
+def test_state_change_in_progress_on_nqap_backs_off() -> None:
+    """retry-same means after a back-off: no immediate re-NQAP to the queue that refused."""
+    s = up(Q0)
+    rid = s.submit(me_request(2, K))
+    em = s.answer(s.one(Instr.NQAP), res(RC.STATE_CHANGE_IN_PROGRESS))
+    assert not [c for c in em.commands if c.instr is Instr.NQAP]
+    assert s.state(Q0) is QState.RECOVERY_WAIT and rid not in s.resolved
+    # the queue answers again: drained, reset, probed, and the request goes out then
+    s.fire(("poll", Q0))
+    for c in s.cmds(qid=Q0):
+        s.answer(c, res(NO_PENDING_REPLY, empty=True) if c.instr is Instr.DQAP else res(empty=True))
+    assert s.state(Q0) in (QState.RESET_START, QState.RESET_WAIT)
+
+
 def test_recovery_wait_is_bounded() -> None:
     s = up(Q0)
     s.submit(me_request(2, K))
