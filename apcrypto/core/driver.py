@@ -1093,8 +1093,7 @@ class DriverCore:
         while backlog:
             rec = records.get(backlog[0])
             if rec is None or rec.resolved:
-                backlog.popleft()
-                self._backlog_len -= 1
+                backlog.popleft()  # decided while it waited (deadline): no longer counted
                 continue
             q = self._pick(mode, rec.avoid_qid, rec.weight)
             if q is None:
@@ -1141,8 +1140,8 @@ class DriverCore:
         for backlog in (self.retry.get(mode), self.backlog.get(mode)):
             while backlog:
                 rec = self.ledger.records.get(backlog.popleft())
-                self._backlog_len -= 1
                 if rec is not None and not rec.resolved:
+                    self._backlog_len -= 1
                     self._fail_unavailable(rec, why)
 
     def _on_deadline(self, rid: int) -> None:
@@ -1151,6 +1150,8 @@ class DriverCore:
             return
         rec.has_deadline = False
         sent = rec.phase in (Phase.SENDING, Phase.ON_CARD)
+        if rec.phase is Phase.QUEUED:
+            self._backlog_len -= 1  # it stays in its deque, skipped lazily, but waits no more
         att = rec.current
         self._resolve(
             rec,
