@@ -371,6 +371,24 @@ def test_deadline_while_queued_never_runs() -> None:
     assert s.core.backlog_size == 0
 
 
+def test_expired_requests_stop_counting_against_the_host_bound() -> None:
+    s = up(Q0, hw=replace(HW_ACCEL, qd=0))
+    s.submit(me_request(2, K))  # takes the only slot, and keeps it
+    rids = [s.submit(me_request(3 + i, K), deadline=0.01) for i in range(10)]
+    later = s.submit(me_request(20, K))
+    assert s.core.backlog_size == 11
+    for r in rids:
+        s.fire(("deadline", r))
+    assert s.core.backlog_size == 1  # only `later` still waits
+    assert s.core.stats()["backlog"] == 1
+    nq = s.one(Instr.NQAP)
+    s.answer(nq, res(irq=True))
+    s.interrupt(Q0)
+    reply_to(s, s.one(Instr.DQAP), nq, x=2)
+    assert s.core.backlog_size == 0  # the expired ones were skipped, `later` went out
+    assert s.core.ledger.record_for_psmid(s.one(Instr.NQAP).psmid).rid == later
+
+
 def test_deadline_cancelled_when_resolved() -> None:
     s = up(Q0)
     rid = s.submit(me_request(2, K), deadline=5.0)

@@ -105,6 +105,15 @@ class DriverMachine(RuleBasedStateMachine):
         self.outcomes_seen = decided
 
     @invariant()
+    def host_backlog_counts_what_waits(self) -> None:
+        waiting = sum(
+            1
+            for r in self.sim.core.ledger.records.values()
+            if r.outcome is None and r.phase.value == "queued"
+        )
+        assert self.sim.core.backlog_size == waiting
+
+    @invariant()
     def safety_against_the_execution_log(self) -> None:
         rep = audit(self.sim.core.ledger, self.emu.execution_log.entries())
         assert not rep.ran_twice, rep.summary()
