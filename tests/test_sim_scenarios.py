@@ -424,6 +424,26 @@ def test_fail_request_unknown_reply_code_is_safe_default(small) -> None:
     check_verdicts(sim, emu)
 
 
+def test_reply_timeout_resets_and_the_ledger_decides(small) -> None:
+    """A card that stops answering without saying so (engines slowed past the reply timeout): the
+    queue is reset; idempotent work is re-driven, state-changing work that had started is
+    indeterminate, nothing is lost, and the queue comes back."""
+    emu, sim = small
+    emu.control.slow_engines(0, 20_000.0, duration=10.0)  # ME 2K: 8 s, past FAST's 2 s reply timeout
+    idem = [sim.submit(me_request(i + 2, K2)) for i in range(16)]
+    sc = [sim.submit(me_request(i + 50, K2), idempotent=False) for i in range(16)]
+    sim.run_until_settled(idem + sc, max_time=30.0)
+    assert sim.core.ledger.counters["reply_timeouts"] >= 1
+    assert [f.result() for f in idem] == [expected_me(i + 2, K2) for i in range(16)]
+    for f in sc:
+        err = f.exception()
+        assert err is None or (isinstance(err, Indeterminate) and err.qid >> 8 == 0), err
+    assert any(isinstance(f.exception(), Indeterminate) for f in sc)
+    check_verdicts(sim, emu, card_may_die=True)
+    emu.control.clear()
+    run_until(sim, lambda: all_in_service(sim))
+
+
 # --- machine failure ----------------------------------------------------------------------------
 
 
