@@ -144,10 +144,13 @@ class Client(Operations):
         limit = self.close_timeout if timeout is None else timeout
         self._wait_settled(limit)
         done = threading.Event()
+
+        def shutdown() -> None:
+            self._runner.apply(self.core.shutdown(self._runner.now()))
+            done.set()
+
         try:
-            self._runner.call(
-                lambda: (self._runner.apply(self.core.shutdown(self._runner.now())), done.set())
-            )
+            self._runner.call(shutdown)
             done.wait(limit if limit > 0 else 1.0)
         except RuntimeError:
             pass

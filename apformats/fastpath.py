@@ -15,6 +15,7 @@ count wrong), ``"reserved"`` (nonzero reserved field), ``"malformed"`` (bad func
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from apformats.errors import FormatError
 from apformats.msgtypes import (
@@ -106,7 +107,9 @@ def parse_request(data: bytes) -> Request:
             )
         if r1 or r2 or r3 or r4 != _ZERO6:
             raise FormatError("nonzero reserved field in type 50 header", kind="reserved")
-        values = {name: int.from_bytes(data[off : off + size], "big") for name, off, size in variant.fields}
+        values: dict[str, Any] = {
+            name: int.from_bytes(data[off : off + size], "big") for name, off, size in variant.fields
+        }
         return Request(0x50, variant.name, **values)
     if msg_type == 0x06:
         r1, _, msg_len, r2, fc_raw, domain, payload_len = _T6_HEAD.unpack_from(data)

@@ -16,7 +16,7 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from apformats.results import qid_card, qid_domain, qid_str
 from emulator.clock import TimerHandle
@@ -31,6 +31,9 @@ from emulator.faults import (
     SlowEngines,
 )
 from emulator.lifecycle import CardEvent
+
+#: Any one fault type: ``inject`` returns the very object it was given, with its type.
+F = TypeVar("F", MachineFailure, Checkstop, Deconfigure, ResetInProgress, Busy, SlowEngines, FailRequest)
 
 if TYPE_CHECKING:
     from emulator.core import Emulator
@@ -203,7 +206,7 @@ class ControlPlane:
 
     # --- generic -------------------------------------------------------------------------------
 
-    def inject(self, fault: Fault) -> Fault:  # type: ignore[misc]
+    def inject(self, fault: F) -> F:
         """Arm any fault object (the named methods above all come here)."""
         with self._emu.lock:
             self._validate(fault)
@@ -336,7 +339,11 @@ class ControlPlane:
             card = self._card(f.card)
             rt = emu.profile.timing.recovery_time if f.recovery_time is None else f.recovery_time
             if emu._card_event(card, CardEvent.MACHINE_FAILURE, recovery_time=rt, on_end=finished):
-                a.end = lambda: emu._card_event(card, CardEvent.RECOVERY_DONE)
+
+                def end_recovery() -> None:
+                    emu._card_event(card, CardEvent.RECOVERY_DONE)
+
+                a.end = end_recovery
             else:
                 finished()
         elif isinstance(f, Checkstop | Deconfigure):
@@ -344,7 +351,11 @@ class ControlPlane:
             event = CardEvent.CHECKSTOP if isinstance(f, Checkstop) else CardEvent.DECONFIGURE
             emu._card_event(card, event)
             card.on_revive.append(finished)
-            a.end = lambda: emu._card_event(card, CardEvent.RESTORE)
+
+            def restore() -> None:
+                emu._card_event(card, CardEvent.RESTORE)
+
+            a.end = restore
         elif isinstance(f, ResetInProgress):
             q = self._queue(f.qid)
             emu._reset_queue(q, f.duration, zeroize=False, on_end=finished)

@@ -29,7 +29,7 @@ class ThreadedRunner(RunnerBase):
     def __init__(self, core: DriverCore, transport: Transport, *, name: str = "apcrypto-runner") -> None:
         super().__init__(core, transport)
         self._cv = threading.Condition(threading.Lock())
-        self._inbox: deque[Callable[[], None]] = deque()
+        self._inbox: deque[Callable[[], object]] = deque()
         self._wake = False
         self._stop = False
         self._sleeping = False  # the runner is (about to be) waiting on the condition
@@ -83,7 +83,7 @@ class ThreadedRunner(RunnerBase):
             with self._cv:
                 self._cv.notify()
 
-    def call(self, fn: Callable[[], None]) -> None:
+    def call(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the runner thread (with the core lock held)."""
         if self._stop:
             raise RuntimeError("runner stopped")

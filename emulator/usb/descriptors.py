@@ -290,7 +290,7 @@ _DEVICE_KEYS = {
     "bus": 1,
     "port_numbers": [1],
 }
-_CONFIG_KEYS = {
+_CONFIG_KEYS: dict[str, Any] = {
     "bConfigurationValue": 1,
     "name": None,
     "bmAttributes": 0x80,
@@ -298,7 +298,7 @@ _CONFIG_KEYS = {
     "extra_descriptors": [],
     "interfaces": None,
 }
-_INTERFACE_KEYS = {
+_INTERFACE_KEYS: dict[str, Any] = {
     "bInterfaceNumber": 0,
     "bAlternateSetting": 0,
     "bInterfaceClass": 0xFF,
@@ -308,7 +308,7 @@ _INTERFACE_KEYS = {
     "extra_descriptors": [],
     "endpoints": [],
 }
-_ENDPOINT_KEYS = {
+_ENDPOINT_KEYS: dict[str, Any] = {
     "bEndpointAddress": None,
     "type": None,
     "wMaxPacketSize": None,
