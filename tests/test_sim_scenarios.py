@@ -31,7 +31,7 @@ from apformats import messages as msgs
 from apformats.codes import MachineFailureState as MF
 from apformats.codes import ReplyCode as RY
 from apformats.codes import ResponseCode as RC
-from apformats.results import qid_of
+from apformats.results import qid_of, qid_str
 from emulator import Emulator
 from tests._fixtures_driver import (
     check_verdicts,
@@ -100,7 +100,7 @@ def naive_utilisation(profile: Any, n: int, k: Any) -> float:
     one-at-a-time driver can do."""
     emu = Emulator(profile, seed=1)
     qid = emu.qids()[0]
-    cards = tuple(sorted({c.card for c in emu.stats().cards}))
+    cards = ACCEL_CARDS
     busy0, engines = engine_busy(emu, cards)
     t0 = emu.clock.now()
     for i in range(n):
@@ -113,12 +113,15 @@ def naive_utilisation(profile: Any, n: int, k: Any) -> float:
     return (busy1 - busy0) / (engines * (emu.clock.now() - t0))
 
 
-def test_slots_stay_full_under_backlog_and_engines_stay_busy() -> None:
-    prof = exact_profile("small")
+@pytest.mark.parametrize(("profile", "n"), [("small", 600), ("default", 1200)])
+def test_slots_stay_full_under_backlog_and_engines_stay_busy(profile: str, n: int) -> None:
+    """DESIGN §7: with a backlog, accelerator engines busy / available on the virtual clock, driver
+    against the best possible one-request-at-a-time loop (1 / engines)."""
+    prof = exact_profile(profile)
     emu, sim = make_sim(prof, seed=1)
+    accel = [q for q in sim.core.queues.values() if q.mode == "accel"]
     busy0, engines = engine_busy(emu, ACCEL_CARDS)
     t0 = sim.now()
-    n = 600
     futs = [sim.submit(me_request(i + 2, K2)) for i in range(n)]
     not_full = 0
     samples = 0
@@ -126,20 +129,20 @@ def test_slots_stay_full_under_backlog_and_engines_stay_busy() -> None:
         assert sim.step()
         if sim.core.backlog_size:
             samples += 1
-            not_full += sum(q.held != q.slots for q in sim.core.queues.values())
+            not_full += sum(q.held != q.slots for q in accel)
     elapsed = sim.now() - t0
     busy1, _ = engine_busy(emu, ACCEL_CARDS)
     driver = (busy1 - busy0) / (engines * elapsed)
     assert [f.result() for f in futs] == [expected_me(i + 2, K2) for i in range(n)]
     naive = naive_utilisation(prof, 50, K2)
-    print(f"utilisation on the virtual clock: driver {driver:.3f}, naive one-at-a-time {naive:.3f}")
-    assert samples > n / 2 and not_full == 0  # every slot of every queue taken while work waits
+    print(f"{profile}: engine utilisation driver {driver:.3f}, naive one-at-a-time {naive:.3f}")
+    assert samples > n / 4 and not_full == 0  # every slot of every queue taken while work waits
     assert driver >= 0.9
-    assert naive <= 0.3
+    assert naive == pytest.approx(1 / engines)  # one engine of the accelerators' busy at a time
     assert driver >= 3 * naive
-    # the driver's own slot-occupancy integral agrees: queues held 8 of 8 slots nearly all the time
+    # the driver's own slot-occupancy integral agrees: the queues held their slots most of the time
     st = sim.core.stats()["queues"]
-    assert all(q["slot_utilisation"] > 0.5 for q in st.values())
+    assert all(st[qid_str(q.qid)]["slot_utilisation"] > 0.5 for q in accel)
     sim.shutdown()
 
 
