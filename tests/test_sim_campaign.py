@@ -279,9 +279,12 @@ def run_seed(seed: int, *, scale: int = 1, soak: bool = False) -> dict[str, Any]
         try:
             for i, ((req, exp), fut) in enumerate(zip(work, futs, strict=True)):
                 _check_outcome(i, req, exp, fut, cfg, sim.core.ledger.records[i + 1])
+            # a card can go silent on the driver: killed, reset under it, too slow for the reply
+            # timeout, or taken out of service for an unknown code; then the ledger decides
             dies = any(k in cfg.kinds for k in ("checkstop", "deconfigure", "reset")) or any(
                 f.code == 0xEE for f in cfg.faults
             )
+            dies = dies or sim.core.ledger.counters["reply_timeouts"] > 0
             check_verdicts(sim, emu, card_may_die=dies)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{cfg.describe()}\n{hint}") from None
