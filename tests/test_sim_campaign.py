@@ -222,7 +222,10 @@ def _inject(emu: Emulator, sim: SimRunner, cfg: SimConfig, t0: float) -> list[An
 
 
 def _check_outcome(i: int, req: Any, exp: Expect, fut: Future[Any], cfg: SimConfig, rec: Any) -> None:
-    where = f"request #{i} {type(req).__name__} {exp}"
+    where = (
+        f"request #{i} {type(req).__name__} (rid {rec.rid}, idempotent={exp.idempotent}, "
+        f"deadline={exp.deadline})"
+    )
     assert rec.request is req, where
     assert fut.done(), f"{where}: never resolved"
     err = fut.exception()
