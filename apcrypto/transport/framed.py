@@ -1,0 +1,532 @@
+"""What ``tcp://`` and ``usb://`` share: a transport that carries :mod:`apformats.frames` over a link
+owned by one I/O thread.
+
+Template methods, as python-can's ``BusABC``: :class:`FramedTransport` holds the policy, and a
+backend keeps only what its link does differently (open a socket or a device, read and write it,
+notice that it broke).  Both backends therefore answer a runner in the same way:
+
+* Every submitted tag ends in exactly one event: a :class:`Completion`, or a :class:`TransportLost`
+  naming it.  A tag named in a TransportLost, permanent or not, never completes (the base
+  ``Transport.poll`` drops it from ``outstanding()``; a late answer is counted as ``stale_rx``).
+* **ERROR frames** for a tag: the codes with an AP meaning complete the command with that response
+  code (:data:`ERROR_RESPONSE_CODES`: TOO_BIG -> MESSAGE_TOO_BIG, UNKNOWN_OPCODE -> REQ_FAC_NOT_INST,
+  DOMAIN_DENIED -> Q_NOT_AVAIL), as the hardware would answer.  Any other code is protocol breakage
+  (MALFORMED, CORRUPT, INTERNAL, ...) and ends the tag with a non-permanent TransportLost: the
+  command's effect is unknown, or the bytes were not what we sent.  :data:`SESSION_GONE` codes
+  (NOT_HELLO, SHUTTING_DOWN) mean the peer forgot us: the link is renewed.
+* A frame larger than the peer's limit (WELCOME's ``max_frame``) completes with MESSAGE_TOO_BIG
+  without being sent.  A frame from the peer that does not decode (CRC) is counted and dropped: its
+  tag cannot be trusted, so that command ends by the backend's reply deadline.
+* **Link down** (the backend says why) -> ``TransportLost(tags=<commands sent on that link and
+  unanswered>, permanent=False)``; the backend reconnects and says HELLO again.  Commands submitted
+  meanwhile are held in the outbox and sent after the new WELCOME; nothing sent on the old link is
+  ever re-sent (the driver decides from its ledger).
+* **Lost for good** (no handshake within ``peer_deadline``, a refused HELLO on a reconnect) -> one
+  ``TransportLost(tags=<every unanswered command>, permanent=True, unsent=<the held ones>)``; later
+  submits get a permanent TransportLost, ``unsent``, at once.
+* A HELLO answered with a :data:`HANDSHAKE_REFUSALS` code fails the open with
+  :class:`HandshakeRefused` (retrying cannot help); other ERRORs before WELCOME are only logged.
+
+Threads: ``submit`` encodes on the caller's thread and appends to the outbox; the I/O thread takes
+the outbox while the link is up, and turns frames in into events that :meth:`poll` returns.  The
+outbox, the event queue and ``_state`` changes that a submit must see are guarded by ``_cv``; the
+rest (``_inflight``, the link) is the I/O thread's alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import abstractmethod
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, TypedDict, cast
+
+from apcrypto.transport.base import Command, Completion, Interrupt, Transport, TransportEvent, TransportLost
+from apformats.codes import ResponseCode
+from apformats.errors import FormatError
+from apformats.frames import (
+    DEFAULT_MAX_FRAME,
+    Bye,
+    ErrorCode,
+    ErrorFrame,
+    Frame,
+    InterruptFrame,
+    Ping,
+    Pong,
+    ResultFrame,
+    Welcome,
+    decode_frame,
+    encode_command,
+    encode_pong,
+    peek_kind,
+)
+from apformats.results import ApResult
+from apformats.status import QueueStatus
+
+__all__ = [
+    "ERROR_RESPONSE_CODES",
+    "HANDSHAKE_REFUSALS",
+    "SESSION_GONE",
+    "FramedTransport",
+    "HandshakeRefused",
+    "LinkOptions",
+    "code_name",
+    "link_options",
+    "lost",
+]
+
+#: ERROR codes that mean what an AP response code means: the command completes with that code.
+ERROR_RESPONSE_CODES: dict[int, ResponseCode] = {
+    ErrorCode.TOO_BIG: ResponseCode.MESSAGE_TOO_BIG,
+    ErrorCode.UNKNOWN_OPCODE: ResponseCode.REQ_FAC_NOT_INST,
+    ErrorCode.DOMAIN_DENIED: ResponseCode.Q_NOT_AVAIL,
+}
+#: ERROR codes meaning the peer has no session for us (it restarted, dropped us, or is stopping).
+SESSION_GONE: frozenset[int] = frozenset({ErrorCode.NOT_HELLO, ErrorCode.SHUTTING_DOWN})
+#: ERROR codes that refuse a HELLO: retrying cannot help.
+HANDSHAKE_REFUSALS: frozenset[int] = frozenset({ErrorCode.BAD_VERSION, ErrorCode.DOMAIN_DENIED})
+
+# one immutable result per code, shared by every completion that carries it
+_RESULTS: dict[int, ApResult] = {
+    code: ApResult(QueueStatus(response_code=rc)) for code, rc in ERROR_RESPONSE_CODES.items()
+}
+_TOO_BIG = _RESULTS[ErrorCode.TOO_BIG]
+
+
+class LinkOptions(TypedDict, total=False):
+    """The options every frame-carrying transport takes (defaults: :class:`FramedTransport`'s).
+
+    ``domains``: the domains to ask for (None: whatever the peer grants).  ``timeout``: handshake and
+    per-answer deadline, seconds.  ``reconnect_delay``: the first pause between reconnection attempts,
+    doubling up to ``reconnect_delay_max``.  ``peer_deadline``: how long a vanished peer may take to
+    come back before the loss is permanent.
+    """
+
+    domains: Sequence[int] | None
+    timeout: float
+    reconnect_delay: float
+    reconnect_delay_max: float
+    peer_deadline: float
+
+
+_LINK_KEYS = tuple(LinkOptions.__annotations__)
+
+
+def link_options(options: Mapping[str, Any]) -> LinkOptions:
+    """The :class:`LinkOptions` among ``options``; the rest belong to other layers or transports
+    (one ``connect(url, **options)`` serves every transport)."""
+    return cast(LinkOptions, {k: options[k] for k in _LINK_KEYS if k in options})
+
+
+class HandshakeRefused(ConnectionError):
+    """The peer refused the session at open: an ERROR to HELLO (``code``: BAD_VERSION,
+    DOMAIN_DENIED), or for ``tcp://`` a failed security handshake (``code`` 0: CURVE key not on the
+    allow-list, CURVE on one side only)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def code_name(code: int) -> str:
+    """An ERROR code's name for messages (the number when this codec does not know it)."""
+    return ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
+
+
+def lost(
+    reason: str, cmds: Sequence[Command], *, permanent: bool, unsent: Sequence[Command] = ()
+) -> TransportLost:
+    """The event that ends ``cmds``.  ``unsent``: those that provably never left this host (held
+    while the link was down), which the driver may re-drive as never sent."""
+    return TransportLost(
+        reason,
+        tuple(c.tag for c in cmds),
+        permanent,
+        tuple(sorted({c.qid for c in cmds})),
+        tuple(c.tag for c in unsent),
+    )
+
+
+class FramedTransport(Transport):
+    """Base of the frame-carrying transports: the shared policy (see the module doc).
+
+    A backend calls :meth:`_start_io` at the end of its constructor and implements, on its I/O
+    thread: :meth:`_io_main` (open the link, handshake, serve until ``_stop``), :meth:`_write_frame`,
+    :meth:`_say_bye`, :meth:`_drop_link` and :meth:`_link_broken`.  While it serves, it feeds what it
+    reads to :meth:`_on_frames`, sends what :meth:`_take_outbox` gives it and records each sent
+    command in ``_inflight``; it reports a WELCOME with :meth:`_session_up`, a refusal with
+    :meth:`_refused`, a broken link with :meth:`_link_down` and a peer gone for good with
+    :meth:`_lose_everything`.
+    """
+
+    supports_interrupts = True
+    #: how messages name the peer ("server", "adapter")
+    peer_kind: ClassVar[str] = "peer"
+    #: what a refused HELLO raises (a backend may narrow it for its own callers)
+    refused_error: ClassVar[type[HandshakeRefused]] = HandshakeRefused
+    #: the I/O thread's name, before the endpoint (what debuggers and log formats show)
+    thread_name: ClassVar[str] = "apcrypto-io"
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        domains: Sequence[int] | None = None,
+        timeout: float = 2.0,
+        reconnect_delay: float = 0.1,
+        reconnect_delay_max: float = 2.0,
+        peer_deadline: float = 5.0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("timeout", timeout), ("peer_deadline", peer_deadline)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        self.endpoint = endpoint
+        self.domains = None if domains is None else tuple(sorted(set(domains)))
+        self.timeout = timeout
+        self.reconnect_delay = reconnect_delay
+        self.reconnect_delay_max = max(reconnect_delay, reconnect_delay_max)
+        self.peer_deadline = peer_deadline
+        self.counters: Counter[str] = Counter()
+        #: the last WELCOME (the session's qids, limit and interrupt support); None before the first
+        self.welcome: Welcome | None = None
+        self._log = logging.getLogger(type(self).__module__)  # each backend logs under its own name
+        # shared between caller threads and the I/O thread, guarded by _cv
+        self._cv = threading.Condition()
+        self._outbox: deque[tuple[Command, bytes]] = deque()  # submitted, not yet sent (held)
+        self._events: deque[TransportEvent] = deque()
+        self._woken = False
+        self._stop = False
+        self._state = "connecting"  # connecting | up | down | lost
+        # the I/O thread's own
+        self._inflight: OrderedDict[int, tuple[Command, float]] = OrderedDict()  # in send order
+        self._connected_once = False
+        self._ready = threading.Event()  # set by the first WELCOME, or by a failed open
+        self._open_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.endpoint} state={self._state} inflight={len(self._inflight)}>"
+
+    @property
+    def state(self) -> str:
+        """``connecting``, ``up``, ``down`` (reconnecting) or ``lost``."""
+        return self._state
+
+    # -- runner side -------------------------------------------------------------------------------
+    def qids(self) -> list[int]:
+        w = self.welcome
+        return list(w.qids) if w is not None else []
+
+    def _send(self, commands: Sequence[Command]) -> None:
+        try:
+            encoded = [
+                (c, encode_command(c.tag, c.instr, c.qid, c.psmid, c.message, flag=c.flag)) for c in commands
+            ]
+        except ValueError:
+            for c in commands:  # never sent, never outstanding
+                self._outstanding.pop(c.tag, None)
+            raise
+        with self._cv:
+            self._note_submitted(commands)
+            gone = self._state == "lost"
+            if gone:
+                self._events.append(lost(f"{self._peer} is gone", commands, permanent=True, unsent=commands))
+            else:
+                self._outbox.extend(encoded)
+            self._cv.notify_all()
+        if gone:
+            self._notify_ready()
+        else:
+            self._wake_io()
+
+    def _recv(self, timeout: float) -> list[TransportEvent]:
+        with self._cv:
+            if not self._events and not self._woken and timeout > 0:
+                self._cv.wait_for(lambda: self._events or self._woken, timeout)
+            self._woken = False
+            out = list(self._events)
+            self._events.clear()
+        return out
+
+    def wakeup(self) -> None:
+        with self._cv:
+            self._woken = True
+            self._cv.notify_all()
+
+    def _close(self) -> None:
+        self._stop_io()
+
+    def _start_io(self, open_timeout: float | None = None, timed_out: BaseException | None = None) -> None:
+        """Start the I/O thread and wait for the first handshake; raise what failed the open
+        (``timed_out`` when ``open_timeout`` passes with no verdict)."""
+        name = f"{self.thread_name} {self.endpoint}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        answered = self._ready.wait(open_timeout)
+        err = self._open_error
+        if err is None and not answered:
+            err = timed_out or ConnectionError(f"{self.endpoint}: no handshake within {open_timeout} s")
+        if err is not None:
+            self._stop_io()
+            self._closed = True
+            raise err
+
+    def _stop_io(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._wake_io()
+        t = self._thread
+        if t is not None and t.is_alive() and t is not threading.current_thread():
+            t.join(max(5.0, 2 * self.timeout))
+            if t.is_alive():  # a backend call that ignores its timeout
+                self._log.error("%r: I/O thread did not stop", self)
+        self._release()
+
+    def _emit(self, *events: TransportEvent) -> None:
+        with self._cv:
+            self._events.extend(events)
+            self._cv.notify_all()
+        self._notify_ready()
+
+    # -- runner-side hooks -------------------------------------------------------------------------
+    def _note_submitted(self, commands: Sequence[Command]) -> None:
+        """Called under ``_cv`` for every submit (a backend may track what it implies)."""
+
+    def _wake_io(self) -> None:
+        """Make the I/O thread look at the outbox and ``_stop`` now.  Default: it waits on ``_cv``,
+        which every submit and close notifies."""
+
+    def _release(self) -> None:
+        """Free what outlives the I/O thread (after it is joined).  Default: nothing."""
+
+    # -- the I/O thread: life cycle ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._io_main()
+        except BaseException as exc:  # a bug here must end in an event, not in a silent hang
+            self._log.exception("%r: I/O thread failed", self)
+            if not self._ready.is_set():
+                self._fail_open(exc)
+            else:
+                self._lose_everything(f"I/O thread failed: {exc!r}")
+        finally:
+            try:
+                if self._state == "up":
+                    self._say_bye()
+            finally:
+                self._drop_link()
+
+    def _fail_open(self, exc: BaseException) -> None:
+        """The first handshake failed: the constructor raises ``exc``."""
+        self._drop_link()
+        self._open_error = exc
+        with self._cv:
+            self._state = "lost"
+        self._ready.set()
+
+    def _session_up(self, welcome: Welcome) -> None:
+        """A WELCOME: the session is up (the backend then sends what the outbox holds)."""
+        old = self.welcome
+        if old is not None and set(welcome.qids) != set(old.qids):
+            self._log.warning(
+                "%r: the %s now offers %s (was %s)", self, self.peer_kind, welcome.qids, old.qids
+            )
+        self.welcome = welcome
+        if not welcome.interrupts:
+            self.supports_interrupts = False
+        with self._cv:
+            self._state = "up"
+        if self._connected_once:
+            self.counters["reconnects"] += 1
+            self._log.info("%r: reconnected", self)
+        self._connected_once = True
+        self._ready.set()
+
+    def _refusal(self, err: ErrorFrame) -> HandshakeRefused | None:
+        """The exception for an ERROR that refuses our HELLO; None for one that does not."""
+        code = int(err.code)
+        if code not in HANDSHAKE_REFUSALS:
+            return None
+        return self.refused_error(f"{self.endpoint} refused the session: {code_name(code)}: {err.text}", code)
+
+    def _refused(self, exc: HandshakeRefused) -> None:
+        """HELLO refused: the open fails; on a reconnect the peer is lost for good."""
+        if self._connected_once:
+            self._lose_everything(str(exc))
+        else:
+            self._fail_open(exc)
+
+    def _link_down(self, reason: str) -> None:
+        """Transient loss: end what was sent on this link and is unanswered; the backend reconnects."""
+        self._log.warning("%r: link down (%s); reconnecting", self, reason)
+        self.counters["links_lost"] += 1
+        cmds = self._sent_and_unanswered()
+        with self._cv:
+            self._state = "down"
+        self._emit(lost(reason, cmds, permanent=False))
+
+    def _lose_everything(self, reason: str) -> None:
+        """Permanent loss: every unanswered command (sent or held), and every later one, ends lost."""
+        self._log.warning("%r: lost for good: %s", self, reason)
+        sent = self._sent_and_unanswered()
+        with self._cv:
+            held = [c for c, _ in self._outbox]
+            self._outbox.clear()
+            self._state = "lost"
+        self._emit(lost(reason, sent + held, permanent=True, unsent=held))
+
+    def _sent_and_unanswered(self) -> list[Command]:
+        doubt = self._drop_link()
+        cmds = [c for c, _ in self._inflight.values()] + doubt
+        self._inflight.clear()
+        return cmds
+
+    # -- the I/O thread: commands out ----------------------------------------------------------------
+    @property
+    def _max_frame(self) -> int:
+        """The largest frame the peer takes (its WELCOME says)."""
+        w = self.welcome
+        return w.max_frame if w is not None else DEFAULT_MAX_FRAME
+
+    @property
+    def _rx_limit(self) -> int:
+        """The largest frame taken from the peer: its own limit, never less than the default."""
+        return max(self._max_frame, DEFAULT_MAX_FRAME)
+
+    def _take_outbox(self) -> list[tuple[Command, bytes]]:
+        """Everything submitted and not yet taken, in order (called while the link is up).  A frame
+        over the peer's limit completes now, unsent; the limit is the one the current session
+        announced, which a reconnect may have changed since the submit."""
+        with self._cv:
+            if not self._outbox:
+                return []
+            batch = list(self._outbox)
+            self._outbox.clear()
+        limit = self._max_frame
+        if any(len(f) > limit for _, f in batch):
+            self._emit(*[Completion(c.tag, _TOO_BIG) for c, f in batch if len(f) > limit])
+            batch = [e for e in batch if len(e[1]) <= limit]
+        return batch
+
+    def _hold_back(self, rest: Sequence[tuple[Command, bytes]]) -> None:
+        """Put commands the link would not take now back at the head of the outbox, in order."""
+        with self._cv:
+            self._outbox.extendleft(reversed(rest))
+
+    def _no_answer(self, tags: Iterable[int], reason: str) -> TransportLost | None:
+        """The answers to ``tags`` were lost in transit while the link stayed up: end the commands
+        still in flight among them (None if none is)."""
+        cmds = [self._inflight.pop(t)[0] for t in tags if t in self._inflight]
+        if not cmds:
+            return None
+        self.counters["reply_timeouts"] += len(cmds)
+        return lost(reason, cmds, permanent=False)
+
+    # -- the I/O thread: frames in -------------------------------------------------------------------
+    def _on_frames(self, raws: Iterable[bytes]) -> int:
+        """Decode and act on frames from the peer, in order, and emit their events in one go.
+        Returns how many decoded (a backend's sign of life)."""
+        events: list[TransportEvent] = []
+        good = 0
+        limit = self._rx_limit
+        try:
+            for raw in raws:
+                try:
+                    f = decode_frame(raw, max_len=limit)
+                except FormatError as exc:  # corrupted in flight: no field can be trusted, not the tag
+                    self.counters["corrupt_rx"] += 1
+                    self._log.warning("%r: dropping a bad %s frame: %s", self, peek_kind(raw), exc)
+                    continue
+                good += 1
+                ev = self._on_frame(f)
+                if ev is not None:
+                    events.append(ev)
+        finally:  # a frame that breaks the link must not swallow the answers read before it
+            if events:
+                self._emit(*events)
+        return good
+
+    def _on_frame(self, f: Frame) -> TransportEvent | None:
+        if isinstance(f, ResultFrame):  # the hot path first
+            if self._inflight.pop(f.tag, None) is None:
+                self.counters["stale_rx"] += 1
+                return None
+            return Completion(f.tag, f.to_result())
+        if isinstance(f, InterruptFrame):
+            self.counters["interrupts"] += 1
+            return Interrupt(f.qid)
+        if isinstance(f, ErrorFrame):
+            return self._on_error(f)
+        if isinstance(f, Ping):
+            self._write_frame(encode_pong(f.token))
+            return None
+        if isinstance(f, Pong):
+            return self._on_pong(f.token)
+        if isinstance(f, Welcome):
+            self._on_welcome(f)
+            return None
+        if isinstance(f, Bye):
+            self._link_broken(f"{self.peer_kind} said BYE: {f.reason}")
+            return None
+        self.counters["unexpected_rx"] += 1
+        return None
+
+    def _on_error(self, err: ErrorFrame) -> TransportEvent | None:
+        self.counters["errors_rx"] += 1
+        code = int(err.code)
+        if self._state == "connecting":
+            refusal = self._refusal(err)
+            if refusal is not None:
+                self._refused(refusal)
+                return None
+        if code in SESSION_GONE:  # it restarted, dropped us or is stopping: a new session is needed
+            self._link_broken(f"{self.peer_kind} has no session for us: {code_name(code)}: {err.text}")
+            return None
+        entry = self._inflight.pop(err.tag, None) if err.tag else None
+        if entry is None:
+            self._log.info("%r: %s reported %s: %s", self, self.peer_kind, code_name(code), err.text)
+            return None
+        result = _RESULTS.get(code)
+        if result is not None:
+            return Completion(err.tag, result)
+        reason = f"{self.peer_kind} refused the command: {code_name(code)}: {err.text}"
+        return lost(reason, [entry[0]], permanent=False)
+
+    def _on_pong(self, token: int) -> TransportEvent | None:
+        """A PONG to one of our PINGs (default: a heartbeat answer, nothing to do)."""
+        return None
+
+    def _on_welcome(self, welcome: Welcome) -> None:
+        """A WELCOME outside a handshake the backend runs itself (default: unexpected)."""
+        self.counters["unexpected_rx"] += 1
+
+    @property
+    def _peer(self) -> str:
+        return f"{self.peer_kind} {self.endpoint}"
+
+    # -- what a backend implements (on its I/O thread) -----------------------------------------------
+    @abstractmethod
+    def _io_main(self) -> None:
+        """Open the link and handshake (:meth:`_session_up`, or :meth:`_fail_open`/:meth:`_refused`),
+        then serve until ``_stop``, reconnecting when the link breaks."""
+
+    @abstractmethod
+    def _write_frame(self, frame: bytes) -> None:
+        """Send one frame of our own (PONG, PING, HELLO) now."""
+
+    @abstractmethod
+    def _say_bye(self) -> None:
+        """Tell the peer we are leaving (best effort, never raises); the link is up."""
+
+    @abstractmethod
+    def _drop_link(self) -> list[Command]:
+        """Close the link without a word (idempotent) and return the commands handed to it that are
+        not in ``_inflight`` yet: a write that failed may have delivered them, so they are in doubt
+        like those in flight."""
+
+    @abstractmethod
+    def _link_broken(self, reason: str) -> None:
+        """The peer ended the session (BYE, NOT_HELLO): give up this link and reconnect."""
