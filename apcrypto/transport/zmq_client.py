@@ -158,8 +158,8 @@ class ZmqTransport(FramedTransport):
                 self._waker.drain()
             if self._mon is not None and self._mon in ready:
                 self._read_monitor()
-            if self._sock is not None and self._sock in ready and self._on_frames(self._incoming()):
-                self._last_rx = time.monotonic()
+            if self._sock is not None and self._sock in ready:
+                self._read_socket()
             if self._state == "up":
                 self._flush()
             self._timers(time.monotonic())
@@ -260,6 +260,8 @@ class ZmqTransport(FramedTransport):
             except zmq.Again:
                 return
             if event == zmq.EVENT_DISCONNECTED:
+                if self._state == "up":  # what the server sent before it closed comes first: its
+                    self._read_socket()  # answers, and a BYE that says why (the poll may not show it)
                 if self._state == "up":
                     self._link_down("the server closed the connection")
             elif not self._connected_once and self._state == "connecting":
@@ -290,6 +292,10 @@ class ZmqTransport(FramedTransport):
             self._inflight[cmd.tag] = (cmd, now)
             sent += 1
         self.counters["sent"] += sent
+
+    def _read_socket(self) -> None:
+        if self._on_frames(self._incoming()):
+            self._last_rx = time.monotonic()  # a frame that decodes is a sign of life
 
     def _incoming(self) -> Iterator[bytes]:
         """The frames waiting on the socket, one per message, until the link goes (maybe mid-batch)."""
