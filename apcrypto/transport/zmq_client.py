@@ -197,9 +197,10 @@ class ZmqTransport(FramedTransport):
                 if now - sent < self.timeout:
                     break
                 expired.append(t)
-            ev = self._no_answer(expired, f"no answer within {self.timeout} s")
-            if ev is not None:
-                self._emit(ev)
+            if expired:
+                ev = self._no_answer(expired, f"no answer within {self.timeout} s")
+                if ev is not None:
+                    self._emit(ev)
             return
         if state in ("connecting", "down") and now >= self._lost_at():
             if not self._connected_once:
