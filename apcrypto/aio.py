@@ -77,6 +77,16 @@ class AsyncClient(Operations):
     def stats(self) -> dict[str, Any]:
         return self.core.stats()
 
+    async def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Wait until every queue has left bring-up (in service or offline); False on timeout."""
+        waiter: asyncio.Future[bool] = self.loop.create_future()
+        self._runner.ready_waiters.append(waiter)
+        self._runner.schedule()
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            return False
+
     async def aclose(self) -> None:
         """Wait (bounded) for outstanding requests, resolve the rest with ``ClientClosed``, release all."""
         if self._closed:

@@ -446,24 +446,27 @@ def test_cca_application_error_fails_the_caller() -> None:
     assert s.core.ledger.records[rid].outcome is Outcome.FAILED
 
 
-def test_unknown_reply_code_takes_queue_offline_and_decides_from_the_ledger() -> None:
+def test_unknown_reply_code_drains_the_queue_then_takes_it_offline() -> None:
+    """An unknown reply code: the card still answers, so what it holds is collected first (a
+    sibling request completes normally), then the queue leaves service.  Only the request whose
+    reply could not be read is in doubt: idempotent, so it is re-driven elsewhere."""
     s = up(Q0, Q1)
-    idem = s.submit(me_request(2, K))
-    state_changing = s.submit(me_request(3, K), idempotent=False)
-    nq = {c.psmid: c for c in s.cmds(Instr.NQAP)}
+    rids = [s.submit(me_request(x, K), idempotent=(x == 2)) for x in (2, 3, 4)]
+    nq = {s.core.ledger.record_for_psmid(c.psmid).rid: c for c in s.cmds(Instr.NQAP)}
     accept_all(s)
-    a, b = (
-        next(c for c in nq.values() if s.core.ledger.record_for_psmid(c.psmid).rid == r)
-        for r in (idem, state_changing)
-    )
+    a = nq[rids[0]]
+    sib = next(nq[r] for r in rids[1:] if nq[r].qid == a.qid)  # the dispatcher alternates queues
+    other = Q1 if a.qid == Q0 else Q0
     s.interrupt(a.qid)
     em = reply_to(s, s.one(Instr.DQAP, a.qid), a, data=build_error_reply(0xEE))
+    assert s.state(a.qid) is QState.RECOVERY_WAIT  # draining, not yet offline
+    assert not em.resolved  # the idempotent request is re-driven, not failed
+    assert s.core.ledger.records[rids[0]].redrives == 1
+    assert s.one(Instr.NQAP).qid == other  # ... on the other queue; nothing new for this one
+    done = reply_to(s, s.one(Instr.DQAP, a.qid), sib, x=int.from_bytes(sib.message[-128:], "big"), empty=True)
+    (r,) = done.resolved
+    assert r.error is None and r.value == expected_me(int.from_bytes(sib.message[-128:], "big"), K)
     assert s.state(a.qid) is QState.OFFLINE
-    # the idempotent request is re-driven on the other queue; unknown code "may have run"
-    assert not em.resolved
-    redo = s.one(Instr.NQAP)
-    assert redo.qid == b.qid
-    assert s.core.ledger.records[idem].redrives == 1
 
 
 def test_protocol_anomaly_resets_the_queue() -> None:

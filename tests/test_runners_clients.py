@@ -370,3 +370,20 @@ def test_virtual_clock_autojump_through_a_long_recovery(kind: str) -> None:
             rig.close()
         finally:
             emu.close()
+
+
+def test_asyncio_client_on_a_virtual_clock_comes_up_while_idle() -> None:
+    """Bring-up takes (virtual) time; an idle asyncio client must let it pass, not wait for work."""
+    import apcrypto.aio
+    from emulator import Emulator
+
+    async def main() -> tuple[bool, set[str]]:
+        emu = Emulator("small", seed=3)
+        async with apcrypto.aio.connect("emu:", emulator=emu, config="fast") as c:
+            ready = await c.wait_ready(5.0)
+            states = {q["state"] for q in c.stats()["queues"].values()}
+        emu.close()
+        return ready, states
+
+    ready, states = asyncio.run(main())
+    assert ready and states == {"idle"}

@@ -585,6 +585,7 @@ class DriverCore:
             log.warning("queue %s offline: %s", qid_str(q.qid), why)
             self.ledger.counters["offlined"] += 1
         q.offline_reason = why
+        q.offline_after_drain = ""
         q.probe_psmid = None
         q.probe_sent = False
         q.full_hold = False
@@ -874,7 +875,11 @@ class DriverCore:
     def _recovery_drained(self, q: Queue) -> None:
         self.ledger.counters["recoveries_drained"] += 1
         self._abandon_on_card(q, "not among the card's stored replies")
-        self._start_reset(q, "stored replies drained after machine failure")
+        if q.offline_after_drain:
+            why, q.offline_after_drain = q.offline_after_drain, ""
+            self._take_offline(q, why)
+        else:
+            self._start_reset(q, "stored replies drained after machine failure")
 
     # ---------------------------------------------------------------- replies
     def _deliver(self, q: Queue, psmid: int, data: bytes) -> None:
@@ -951,7 +956,10 @@ class DriverCore:
         if v is Verdict.RESET_QUEUE:
             self._start_reset(q, row.note)
         elif v is Verdict.TAKE_OFFLINE:
-            self._take_offline(q, row.note)
+            # the card still answers: collect what it holds for us first (no new work meanwhile),
+            # then take the queue out of service; only the unreadable reply's request is in doubt
+            q.offline_after_drain = row.note
+            self._enter_recovery(q, card_recovered=True)
 
     def _protocol_anomaly(self, q: Queue, rec: Record, why: str) -> None:
         """The card answered something we cannot read: it ran the request, the result is lost."""

@@ -110,6 +110,7 @@ class Queue:
     reset_attempts: int = 0
     offline_backoff: float = 0.0
     offline_reason: str = ""
+    offline_after_drain: str = ""  # go offline (not reset) once the stored replies are drained
     load: int = 0  # sum of dispatch weights on this queue
     requests_total: int = 0  # accepted by the card over the queue's life
     progress: int = 0  # bumped on every reply; the reply-timeout check compares it

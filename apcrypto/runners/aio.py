@@ -25,6 +25,7 @@ class AsyncioRunner(RunnerBase):
         self._timers: dict[tuple[Any, ...], Any] = {}
         self._scheduled = False
         self._closed = False
+        self.ready_waiters: list[asyncio.Future[bool]] = []
         self._t0 = time.monotonic()
         transport.set_notify(self._notify)
 
@@ -79,7 +80,7 @@ class AsyncioRunner(RunnerBase):
             if (
                 not did
                 and self._vclock is not None
-                and self.resolvers
+                and (self.resolvers or self._bringing_up())
                 and self._vclock.next_deadline() is not None
             ):
                 self._vclock.step()
@@ -88,8 +89,17 @@ class AsyncioRunner(RunnerBase):
         finally:
             if ctx is not None:
                 ctx.release()
+        if self.ready_waiters and not self._bringing_up():
+            for w in self.ready_waiters:
+                if not w.done():
+                    w.set_result(True)
+            self.ready_waiters.clear()
         if did and self._vclock is not None:
             self.schedule()  # keep time moving while requests wait; other tasks run in between
+
+    def _bringing_up(self) -> bool:
+        """A queue is still between reset and service: let virtual time run for it too."""
+        return any(not q.state.in_service and q.state.value != "offline" for q in self.core.queues.values())
 
     def close(self) -> None:
         self._closed = True
