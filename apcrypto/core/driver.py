@@ -45,15 +45,6 @@ from apformats.results import ApResult, Instr, qid_str
 
 log = logging.getLogger("apcrypto.core")
 
-_RC_SOURCE = {
-    Instr.TAPQ: "TAPQ",
-    Instr.RAPQ: "RESET",
-    Instr.ZAPQ: "RESET",
-    Instr.AQIC: "AQIC",
-    Instr.NQAP: "NQAP",
-    Instr.DQAP: "DQAP",
-}
-
 # Known-answer probe for accelerators: an odd 512-bit modulus and its expected ME result.
 _PROBE_MOD = (1 << 511) + 0x2F
 _PROBE_EXPECT = pow(2, 65537, _PROBE_MOD).to_bytes(64, "big")
