@@ -703,7 +703,7 @@ def _encode_result(tag: int, status: int, psmid: int, reply: bytes, hwinfo: int 
     return _seal(_RES_HDR, (fixed, bytes(reply)))
 
 
-def _decode_command(data: bytes | memoryview, length: int) -> CommandFrame:
+def _decode_command(data: bytes | bytearray | memoryview, length: int) -> CommandFrame:
     if length < _CMD.size:
         raise FormatError("COMMAND body too short", kind="truncated", offset=HEADER_LEN)
     tag, opcode, flags, qid, psmid, mlen = _CMD.unpack_from(data, HEADER_LEN)
@@ -719,7 +719,7 @@ def _decode_command(data: bytes | memoryview, length: int) -> CommandFrame:
     )
 
 
-def _decode_result(data: bytes | memoryview, length: int) -> ResultFrame:
+def _decode_result(data: bytes | bytearray | memoryview, length: int) -> ResultFrame:
     if length < _RES.size:
         raise FormatError("RESULT body too short", kind="truncated", offset=HEADER_LEN)
     tag, status, psmid, hwinfo, flags, r1, r2, rlen = _RES.unpack_from(data, HEADER_LEN)
