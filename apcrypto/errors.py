@@ -66,7 +66,16 @@ class ApcryptoError(Exception):
         )
 
 
-def _rebuild(cls, message, qid, psmid, rc, ry, mf, state):  # type: ignore[no-untyped-def]
+def _rebuild(
+    cls: type[ApcryptoError],
+    message: str,
+    qid: int | None,
+    psmid: int | None,
+    rc: int | None,
+    ry: int | None,
+    mf: int | None,
+    state: dict[str, object],
+) -> ApcryptoError:
     obj = cls.__new__(cls)
     ApcryptoError.__init__(obj, message, qid=qid, psmid=psmid, response_code=rc, reply_code=ry, mf_state=mf)
     obj.__dict__.update(state)
