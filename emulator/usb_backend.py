@@ -29,6 +29,7 @@ from typing import Any
 
 import usb.backend
 
+from apformats.frames import FrameSize
 from emulator.usb import errors
 from emulator.usb.descriptors import (
     Configuration,
@@ -40,7 +41,6 @@ from emulator.usb.descriptors import (
     load_description,
 )
 from emulator.usb.device import DEFAULT_IN_BACKLOG, SessionFactory, VirtualUsbDevice
-from emulator.usb.stream import FrameSize
 
 log = logging.getLogger(__name__)
 
