@@ -321,8 +321,9 @@ def parse_profile(data: Mapping[str, Any], *, source: str = "<memory>") -> Profi
 
 
 def bundled_profiles() -> list[str]:
-    """Names of the profiles shipped in ``emulator/profiles/``."""
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+    """Names of the adapter profiles shipped in ``emulator/profiles/`` (``usb_*.toml`` files there
+    describe USB devices, not adapters, and are not profiles)."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml") if not p.stem.startswith("usb_"))
 
 
 def load_profile(name_or_path: str | Path) -> Profile:

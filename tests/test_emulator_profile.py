@@ -20,7 +20,11 @@ RATINGS = {
 
 
 def test_bundled_profiles() -> None:
-    assert {"default", "fast", "small"} <= set(bundled_profiles())
+    names = set(bundled_profiles())
+    assert {"default", "fast", "small"} <= names
+    assert not {n for n in names if n.startswith("usb_")}  # USB device descriptions are not profiles
+    for name in names:
+        load_profile(name)  # every listed name loads as an adapter profile
 
 
 def test_default_topology() -> None:
