@@ -43,6 +43,18 @@ def _to_bytes(value: int | bytes | bytearray, name: str, length: int | None = No
     return bytes(value)
 
 
+def _length(value: int | bytes | bytearray, name: str, *, significant: bool = True) -> int:
+    """Length in bytes of a key part or operand (without leading zeros when ``significant``),
+    computed without converting an int to bytes: this runs once per request."""
+    if isinstance(value, bytes | bytearray):
+        return len(value.lstrip(b"\0")) if significant else len(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{name} must not be negative")
+        return (value.bit_length() + 7) // 8
+    raise TypeError(f"{name} must be int or big-endian bytes, not {type(value).__name__}")
+
+
 def _class(kind: str, mod_len: int) -> str:
     return f"{kind}_{'1K' if mod_len <= 128 else '2K' if mod_len <= 256 else '4K'}"
 
@@ -74,15 +86,16 @@ class ModExpo(Request):
     idempotent_default = True
 
     def __init__(self, data: bytes, exponent: int | bytes, modulus: int | bytes) -> None:
-        mod = _to_bytes(modulus, "modulus").lstrip(b"\0") or b"\0"
-        if not 1 <= len(mod) <= 512 or mod == b"\0":
-            raise ValueError(f"modulus must be 1..512 bytes and nonzero, got {len(mod)} bytes")
-        self.mod_len = len(mod)
-        d = _to_bytes(data, "data")
-        if len(d) > self.mod_len:
-            raise ValueError(f"data is {len(d)} bytes, longer than the {self.mod_len}-byte modulus")
+        if isinstance(modulus, bytes | bytearray):
+            modulus = bytes(modulus).lstrip(b"\0")  # the variant follows the significant length
+        self.mod_len = _length(modulus, "modulus")
+        if not 1 <= self.mod_len <= 512:
+            raise ValueError(f"modulus must be 1..512 bytes and nonzero, got {self.mod_len} bytes")
+        if _length(data, "data", significant=False) > self.mod_len:
+            raise ValueError(f"data is longer than the {self.mod_len}-byte modulus")
+        _length(exponent, "exponent")
         self.function = _class("MEX", self.mod_len)
-        self._msg = msgs.build_mex(d, _to_bytes(exponent, "exponent"), mod)
+        self._msg = msgs.build_mex(data, exponent, modulus)
 
     def message(self, domain: int) -> bytes:
         return self._msg

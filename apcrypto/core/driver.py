@@ -125,8 +125,12 @@ class DriverCore:
                 return rec.rid, self._flush()
             rec.has_deadline = True
             self._arm(("deadline", rec.rid), deadline, force=True)
+        # Work waits on the host only while every serving queue of its kind is full (every flush
+        # leaves it so), so a request behind waiting work need not look for a slot.
+        waiting = bool(self.retry.get(rec.mode) or self.backlog.get(rec.mode))
         self._enqueue(rec)
-        self._fill(rec.mode)
+        if not waiting:
+            self._fill(rec.mode)
         return rec.rid, self._flush()
 
     def on_completion(self, tag: int, result: ApResult, now: float = 0.0) -> list[Action]:
@@ -487,7 +491,7 @@ class DriverCore:
         return Wait.INTERRUPT if q.held else Wait.NONE
 
     def _step_write(self, q: Queue) -> Wait:
-        self._fill(q.mode)
+        self._fill_queue(q)
         self._settle(q)
         return Wait.INTERRUPT if q.held else Wait.NONE
 
@@ -1086,6 +1090,22 @@ class DriverCore:
             if retry:
                 return  # bounced and re-driven work goes first
         self._fill_from(mode, self.backlog.get(mode))
+
+    def _fill_queue(self, q: Queue) -> None:
+        """A slot of ``q`` may have freed: give it waiting work.  Every other serving queue of its
+        kind is full whenever work waits, so the weighted pick could only choose ``q``; re-driven
+        work still goes through the pick, which steers it away from the queue it failed on."""
+        if self.retry.get(q.mode):
+            self._fill(q.mode)
+            return
+        backlog = self.backlog.get(q.mode)
+        records = self.ledger.records
+        while backlog and q.state.in_service and not q.full_hold and q.held < q.slots:
+            rec = records.get(backlog.popleft())
+            if rec is None or rec.resolved:
+                continue  # decided while it waited (deadline): no longer counted
+            self._backlog_len -= 1
+            self._send(q, rec)
 
     def _fill_from(self, mode: str, backlog: deque[int] | None) -> None:
         records = self.ledger.records
