@@ -105,30 +105,20 @@ class Client(Operations):
         return st
 
     def wait_ready(self, timeout: float = 10.0) -> bool:
-        """Wait until every queue has left bring-up (in service or offline)."""
+        """Wait until every queue has left bring-up (in service or offline); False on timeout."""
         done = threading.Event()
 
-        def check() -> None:
+        def ready() -> bool:
             if all(q.state.in_service or q.state.value == "offline" for q in self.core.queues.values()):
                 done.set()
-            elif not done.is_set() and not self._closed:
-                self._runner.arm(("client-ready",), 0.001)
+                return True
+            return False
 
-        # piggy-back on the runner's timer: the key is unknown to the core, so intercept it
-        orig_fire = self._runner.fire
-
-        def fire(key: tuple[Any, ...]) -> None:
-            if key == ("client-ready",):
-                check()
-            else:
-                orig_fire(key)
-
-        self._runner.fire = fire  # type: ignore[method-assign]
         try:
-            self._runner.call(check)
-            return done.wait(timeout)
-        finally:
-            self._runner.fire = orig_fire  # type: ignore[method-assign]
+            self._runner.watch(ready)
+        except RuntimeError:
+            return False
+        return done.wait(timeout)
 
     @property
     def closed(self) -> bool:

@@ -44,6 +44,7 @@ class ThreadedRunner(RunnerBase):
         self._seq = itertools.count()
         self._t0 = time.monotonic()
         self.error: BaseException | None = None
+        self._watchers: list[Callable[[], bool]] = []  # checked after every turn; True: done
         transport.set_notify(self.wake)
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
@@ -98,6 +99,14 @@ class ThreadedRunner(RunnerBase):
     ) -> None:
         self.call(lambda: self.submit_now(request, idempotent, deadline, resolver))
 
+    def watch(self, condition: Callable[[], bool]) -> None:
+        """Run ``condition`` on the runner thread after every turn until it returns True (how a
+        caller waits for a state of the core without polling it from outside)."""
+        self.call(lambda: self._watchers.append(condition))
+
+    def _check_watchers(self) -> None:
+        self._watchers = [w for w in self._watchers if not w()]
+
     @property
     def inbox_size(self) -> int:
         """Work handed to the runner and not yet taken in (counts toward the host-side bound)."""
@@ -132,6 +141,8 @@ class ThreadedRunner(RunnerBase):
                         fn()
                     did = self.pump() + len(batch)
                     did += self._run_due_timers()
+                    if self._watchers:
+                        self._check_watchers()
                     if did:
                         continue
                     if self._vclock is not None and self._vclock.next_deadline() is not None:
