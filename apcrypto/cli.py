@@ -83,7 +83,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from apcrypto.demo import run_demo
 
-    return run_demo(seed=args.seed, requests=args.requests)
+    return run_demo(seed=args.seed, requests=args.requests, sim=args.sim)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -109,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("demo", help="mixed workload with a machine failure on the embedded emulator")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--requests", type=int, default=3000)
+    p.add_argument("--sim", action="store_true", help="simulation runner: the same seed replays exactly")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="driver throughput against the raw NQAP/DQAP loop and the firmware")
     p.add_argument("--requests", type=int, default=4000)

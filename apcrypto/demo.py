@@ -55,17 +55,32 @@ class Progress:
             self.out.write("\n")
 
 
-def run_demo(*, seed: int = 7, requests: int = 3000, out: TextIO = sys.stdout) -> int:
-    """Run the demo; returns 0 when every verdict checks out, 1 otherwise."""
+def run_demo(*, seed: int = 7, requests: int = 3000, sim: bool = False, out: TextIO = sys.stdout) -> int:
+    """Run the demo; returns 0 when every verdict checks out, 1 otherwise.
+
+    By default it goes through the public client (``apcrypto.connect``): a runner thread drives the
+    card on a virtual clock while this thread submits, so thread timing varies the details between
+    runs.  ``sim=True`` runs the same workload on the simulation runner, single-threaded: the same
+    seed then replays the same run exactly.
+    """
     from emulator import Emulator, VirtualClock  # the demo builds the emulator it then connects to
 
     rng = random.Random(seed)
     t_start = time.perf_counter()
-    out.write(f"apcrypto demo  seed={seed}  requests={requests}  (replay: apcrypto demo --seed {seed})\n")
+    mode = "simulation runner: replays exactly" if sim else "public client, runner thread"
+    out.write(f"apcrypto demo  seed={seed}  requests={requests}  ({mode})\n")
+    out.write(f"  replay exactly: apcrypto demo --sim --seed {seed} --requests {requests}\n")
     keys = {bits: make_key(bits, rng) for bits in (1024, 2048, 4096)}
     emu = Emulator("default", clock=VirtualClock(), seed=seed)
-    client = apcrypto.connect("emu:", emulator=emu, config="fast", psmid_base=0xDE40 << 32)
-    client.wait_ready(10.0)
+    client: Any
+    if sim:
+        from apcrypto.runners.sim import SimClient, SimRunner
+
+        client = SimClient(SimRunner(emu, psmid_base=0xDE40 << 32))
+        client.runner.run(emu.clock.now() + 0.05)  # bring-up
+    else:
+        client = apcrypto.connect("emu:", emulator=emu, config="fast", psmid_base=0xDE40 << 32)
+        client.wait_ready(10.0)
     out.write(
         "  " + ", ".join(f"card {c.name} {c.type} ({c.mode}, {c.engines} engines)" for c in emu.stats().cards)
     )
@@ -110,11 +125,16 @@ def run_demo(*, seed: int = 7, requests: int = 3000, out: TextIO = sys.stdout) -
         plan.append((kind, fut, expect))
 
     done = 0
+    futures = [f for _, f, _ in plan]
     while done < len(plan):
-        done = sum(1 for _, f, _ in plan if f.done())
+        done = sum(1 for f in futures if f.done())
         progress.show(done, f"virtual t={min(emu.clock.now() - t_virtual0, 999):.3f}s")
         if done < len(plan):
-            plan[min(done, len(plan) - 1)][1].exception(timeout=30)  # wait for progress, bounded
+            nxt = next(f for f in futures if not f.done())  # outcomes arrive in any order
+            if sim:  # advance the simulation to the next outcome
+                client.settle([nxt])
+            else:
+                nxt.exception(timeout=30)  # wait for progress, bounded
     progress.end()
 
     # outcomes per kind, with every RSA result checked independently

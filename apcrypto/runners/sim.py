@@ -12,6 +12,8 @@ from typing import Any
 
 from apcrypto.core.config import FAST, DriverConfig
 from apcrypto.core.driver import DriverCore
+from apcrypto.operations import Operations
+from apcrypto.requests import Request
 from apcrypto.runners.base import RunnerBase
 from apcrypto.transport.inproc import InprocTransport
 
@@ -107,3 +109,36 @@ class SimRunner(RunnerBase):
             h.cancel()
         self._timers.clear()
         self.transport.close()
+
+
+class SimClient(Operations):
+    """The client's operations on a :class:`SimRunner`: same calls, same futures, no threads.
+
+    Futures resolve only while the simulation runs: call :meth:`settle` (or step the runner).
+    Because one thread submits and steps, a run replays exactly from its seeds.
+    """
+
+    def __init__(self, runner: SimRunner) -> None:
+        self.runner = runner
+        self.core = runner.core
+        self.transport = runner.transport
+
+    def _submit(
+        self, request: Request, idem: bool | None, deadline: float | None, block: bool
+    ) -> Future[Any]:
+        return self.runner.submit(request, idempotent=idem, deadline=deadline)
+
+    def _failed(self, error: BaseException) -> Future[Any]:
+        fut: Future[Any] = Future()
+        fut.set_running_or_notify_cancel()
+        fut.set_exception(error)
+        return fut
+
+    def settle(self, futures: list[Future[Any]], *, max_time: float = 600.0) -> None:
+        self.runner.run_until_settled(futures, max_time=max_time)
+
+    def stats(self) -> dict[str, Any]:
+        return self.core.stats()
+
+    def close(self) -> None:
+        self.runner.shutdown()
