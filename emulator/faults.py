@@ -39,54 +39,41 @@ def _check_duration(name: str, value: float | None, *, optional: bool = False) -
 
 
 @dataclass(frozen=True, kw_only=True)
-class MachineFailure:
+class _CardFault:
+    """What every whole-card fault has: the card, and when it strikes."""
+
+    card: int
+    at: float | None = None
+    after_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_trigger(self.at, self.after_requests)
+
+    @property
+    def trigger_card(self) -> int:
+        return self.card
+
+
+@dataclass(frozen=True, kw_only=True)
+class MachineFailure(_CardFault):
     """A non-recoverable error: held messages get in-process / request-pending replies, stored until
     ``recovery_time`` (profile default when None) has passed; BUSY on all but DQAP meanwhile."""
 
-    card: int
     recovery_time: float | None = None
-    at: float | None = None
-    after_requests: int | None = None
 
     def __post_init__(self) -> None:
-        _check_trigger(self.at, self.after_requests)
+        super().__post_init__()
         _check_duration("recovery_time", self.recovery_time, optional=True)
 
-    @property
-    def trigger_card(self) -> int:
-        return self.card
-
 
 @dataclass(frozen=True, kw_only=True)
-class Checkstop:
+class Checkstop(_CardFault):
     """The card stops dead: RC 0x04 everywhere, held messages lost, no replies, until restored."""
 
-    card: int
-    at: float | None = None
-    after_requests: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_trigger(self.at, self.after_requests)
-
-    @property
-    def trigger_card(self) -> int:
-        return self.card
-
 
 @dataclass(frozen=True, kw_only=True)
-class Deconfigure:
+class Deconfigure(_CardFault):
     """The card is configured off: RC 0x03 everywhere, held messages lost, until restored."""
-
-    card: int
-    at: float | None = None
-    after_requests: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_trigger(self.at, self.after_requests)
-
-    @property
-    def trigger_card(self) -> int:
-        return self.card
 
 
 @dataclass(frozen=True, kw_only=True)
