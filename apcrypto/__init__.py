@@ -91,6 +91,10 @@ def connect(url: str = "emu:", **options: Any) -> Client:
         raise
 
 
+# ``apcrypto.aio`` is part of the public surface (DESIGN §5): reachable after a bare ``import
+# apcrypto``.  Imported last: it builds on ``split_options`` above.
+from apcrypto import aio  # noqa: E402
+
 __all__ = [
     "ApcryptoError",
     "BadRequest",
@@ -108,6 +112,7 @@ __all__ = [
     "RandomBytes",
     "Request",
     "__version__",
+    "aio",
     "connect",
     "errors",
 ]

@@ -57,3 +57,35 @@ def test_unknown_url_scheme_is_a_clear_error() -> None:
 
     with pytest.raises(UnknownTransport, match="unknown transport scheme 'bogus'"):
         apcrypto.connect("bogus://x")
+
+
+def test_public_surface_from_a_fresh_interpreter() -> None:
+    """DESIGN §5 as an outside caller writes it, in a new process so no earlier import helps."""
+    import subprocess
+    import sys
+
+    code = """
+import asyncio, apcrypto
+from emulator import Emulator
+n = (1 << 1023) | 0x1D7
+with apcrypto.connect("emu:") as client:
+    r = client.mod_expo(bytes([5]), 65537, n).result(timeout=10)
+    assert len(r) == 128 and int.from_bytes(r, "big") == pow(5, 65537, n)
+    assert client.submit(apcrypto.CounterIncrement(1), idempotent=False).result(timeout=10) >= 1
+    assert {"outcomes", "states", "queues"} <= set(client.stats())
+emu = Emulator()
+with apcrypto.connect("emu:", emulator=emu) as c:
+    crt = c.mod_expo_crt(bytes([7]), 61, 53, 53, 49, 38).result(timeout=10)  # toy key: d = 2753
+    assert int.from_bytes(crt, "big") == pow(7, 2753, 61 * 53)
+assert emu.execution_log.entries() and emu.control is not None
+for name in ("BadRequest", "Indeterminate", "DeviceUnavailable", "DeadlineExceeded"):
+    assert issubclass(getattr(apcrypto.errors, name), apcrypto.errors.ApcryptoError)
+async def main():
+    async with apcrypto.aio.connect("emu:") as c:
+        assert len(await c.mod_expo(bytes([5]), 65537, n)) == 128
+asyncio.run(main())
+print("surface ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "surface ok" in out.stdout
