@@ -77,9 +77,8 @@ class Deconfigure(_CardFault):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ResetInProgress:
-    """An externally initiated reset of one queue: its messages are discarded, RC 0x02 for
-    ``duration`` seconds, interrupts end disabled."""
+class _QueueFault:
+    """What every fault on one queue for a while has: the queue, how long, and when it strikes."""
 
     qid: int
     duration: float
@@ -96,22 +95,15 @@ class ResetInProgress:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Busy:
+class ResetInProgress(_QueueFault):
+    """An externally initiated reset of one queue: its messages are discarded, RC 0x02 for
+    ``duration`` seconds, interrupts end disabled."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Busy(_QueueFault):
     """RC 0x05 on NQAP, DQAP and TAPQ of one queue for ``duration`` seconds; the engines keep
     working on what the queue holds."""
-
-    qid: int
-    duration: float
-    at: float | None = None
-    after_requests: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_trigger(self.at, self.after_requests)
-        _check_duration("duration", self.duration)
-
-    @property
-    def trigger_card(self) -> int:
-        return qid_card(self.qid)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,6 @@ class AsyncioRunner(RunnerBase):
         super().__init__(core, transport)
         self.loop = loop
         self._vclock = getattr(transport, "virtual_clock", None)
-        self._timers: dict[tuple[Any, ...], Any] = {}
         self._scheduled = False
         self._closed = False
         self.ready_waiters: list[asyncio.Future[bool]] = []
@@ -40,15 +39,6 @@ class AsyncioRunner(RunnerBase):
             self._timers[key] = self._vclock.call_later(delay, lambda: self._fired(key))
         else:
             self._timers[key] = self.loop.call_later(delay, self._fired_and_process, key)
-
-    def cancel(self, key: tuple[Any, ...]) -> None:
-        h = self._timers.pop(key, None)
-        if h is not None:
-            h.cancel()
-
-    def _fired(self, key: tuple[Any, ...]) -> None:
-        self._timers.pop(key, None)
-        self.fire(key)
 
     def _fired_and_process(self, key: tuple[Any, ...]) -> None:
         if self._closed:

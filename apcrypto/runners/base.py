@@ -24,6 +24,7 @@ class RunnerBase(ABC):
         self.core = core
         self.transport = transport
         self.resolvers: dict[int, Resolver] = {}
+        self._timers: dict[tuple[Any, ...], Any] = {}  # key -> clock handle with .cancel()
 
     # -- the clock, per runner --
     @abstractmethod
@@ -32,8 +33,15 @@ class RunnerBase(ABC):
     @abstractmethod
     def arm(self, key: tuple[Any, ...], delay: float) -> None: ...
 
-    @abstractmethod
-    def cancel(self, key: tuple[Any, ...]) -> None: ...
+    def cancel(self, key: tuple[Any, ...]) -> None:
+        """Cancel the timer ``key`` (for runners whose clock hands out cancellable handles)."""
+        h = self._timers.pop(key, None)
+        if h is not None:
+            h.cancel()
+
+    def _fired(self, key: tuple[Any, ...]) -> None:
+        self._timers.pop(key, None)
+        self.fire(key)
 
     # -- shared --
     def apply(self, actions: list[Action]) -> None:

@@ -36,7 +36,6 @@ class SimRunner(RunnerBase):
         super().__init__(DriverCore(config, psmid_base=psmid_base, supports_interrupts=True), transport)
         self.emulator = emulator
         self.clock = clock
-        self._timers: dict[tuple[Any, ...], Any] = {}
         self.start_queues()
         self.pump()
 
@@ -44,20 +43,12 @@ class SimRunner(RunnerBase):
         return self.clock.now()
 
     def arm(self, key: tuple[Any, ...], delay: float) -> None:
-        old = self._timers.pop(key, None)
-        if old is not None:
-            old.cancel()
+        self.cancel(key)
         self._timers[key] = self.clock.call_later(delay, lambda: self._fired(key))
 
-    def cancel(self, key: tuple[Any, ...]) -> None:
-        h = self._timers.pop(key, None)
-        if h is not None:
-            h.cancel()
-
     def _fired(self, key: tuple[Any, ...]) -> None:
-        self._timers.pop(key, None)
-        self.fire(key)
-        self.pump()
+        super()._fired(key)
+        self.pump()  # what the timer's actions sent has answered already (in-process)
 
     # -- the caller's side --
     def submit(
