@@ -8,7 +8,11 @@ socket.  Signal handlers (SIGTERM/SIGINT in the CLI) use the same wake-up.
 
 Data plane: one ROUTER socket (``ROUTER_MANDATORY``, ``linger=0``), one :class:`FrameSession` per client
 routing id.  Each ZeroMQ message from a client is ``[frame]`` (the ROUTER prepends the routing id); each
-reply is one frame.  Clients are DEALERs: no REQ sockets, so no EFSM after a timeout.
+reply is one frame.  Clients are DEALERs: no REQ sockets, so no EFSM after a timeout.  Every session of
+the server shares one :class:`~emulator.frame_server.Tenancy`: an APQN is driven by one session at a time,
+and a session whose connection drops keeps its APQNs and replies for ``session_grace`` seconds, for its
+client to resume (under CURVE, only from the same client key, which ZeroMQ's ZAP handler reports as the
+message's ``User-Id``).
 
 Control plane: a second ROUTER socket.  A request is one JSON object ``{"op": NAME, "args": {...}, "id": X}``
 (``id`` optional, echoed); the answer is ``{"id": X, "ok": true, "result": ...}`` or ``{"id": X, "ok": false,
@@ -34,7 +38,7 @@ import random
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +46,7 @@ import zmq
 
 from apformats.frames import DEFAULT_MAX_FRAME, HEADER_LEN, TRAILER_LEN, FrameKind, encode_bye, peek_kind
 from emulator import faults as fault_types
-from emulator.frame_server import FrameSession
+from emulator.frame_server import DEFAULT_GRACE, FrameSession, Tenancy
 
 __all__ = ["CONTROL_OPS", "EmulatorServer", "Waker", "jsonable", "normalize_bind"]
 
@@ -128,6 +132,10 @@ class EmulatorServer:
     ``server.key_secret`` (``zmq.auth`` certificate) and ``clients/*.key``, the allow-list of client public
     keys; an unknown client key fails the handshake.  Sessions silent for ``session_idle`` seconds (a live
     client pings well within that) are dropped so a vanished client's state does not accumulate.
+    ``session_grace``: how long a dropped session's APQNs wait for its client; ``apqn_matrix`` (CURVE
+    only): client key -> the APQNs it may ever be assigned (:func:`emulator.frame_server.load_apqn_matrix`);
+    ``default_grant``: what a HELLO without domains gets (``domain``: one free domain on every card;
+    ``all``: every free APQN).
     """
 
     def __init__(
@@ -141,7 +149,12 @@ class EmulatorServer:
         max_frame: int = DEFAULT_MAX_FRAME,
         seed: int = 0,
         session_idle: float = 60.0,
+        session_grace: float = DEFAULT_GRACE,
+        apqn_matrix: Mapping[str, Iterable[int]] | None = None,
+        default_grant: str = "domain",
     ) -> None:
+        if apqn_matrix is not None and curve_dir is None:
+            raise ValueError("an APQN matrix maps CURVE client keys: it needs CURVE (curve_dir)")
         self.emu = emulator
         self.bind_url = normalize_bind(bind)
         self.control_bind_url = normalize_bind(control)
@@ -153,6 +166,9 @@ class EmulatorServer:
         self.data_url = ""
         self.control_url = ""
         self._rng = random.Random(f"apcrypto-emulator-server:{seed}")
+        self.tenancy = Tenancy(
+            emulator, self.domains, grace=session_grace, matrix=apqn_matrix, default_grant=default_grant
+        )
         self._peers: dict[bytes, _Peer] = {}
         self._irqs: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()
         self._waker = Waker()
@@ -261,15 +277,21 @@ class EmulatorServer:
     def _serve_data(self) -> None:
         assert self._data is not None
         for _ in range(BATCH):
+            key = None
             try:
-                parts = self._data.recv_multipart(zmq.NOBLOCK)
+                if self.curve_dir is None:
+                    parts = self._data.recv_multipart(zmq.NOBLOCK)
+                else:  # the ZAP handler's verdict rides on the message: the client's CURVE key
+                    msg = self._data.recv_multipart(zmq.NOBLOCK, copy=False)
+                    parts = [f.bytes for f in msg]
+                    key = self._user_id(msg[-1])
             except zmq.Again:
                 return
             self.stats["frames_in"] += 1
             ident = parts[0]
             peer = self._peers.get(ident)
             if peer is None:
-                peer = self._peers[ident] = _Peer(ident, self._new_session(ident))
+                peer = self._peers[ident] = _Peer(ident, self._new_session(ident, key))
                 self.stats["sessions_opened"] += 1
             peer.last_seen = time.monotonic()
             # One frame per message; a multipart message is refused as a whole (the session says how).
@@ -278,13 +300,44 @@ class EmulatorServer:
                 self._send(ident, frame)
             if peer.session.closed:
                 self._drop_peer(ident)
+            self._drop_evicted()
 
-    def _new_session(self, ident: bytes) -> FrameSession:
+    @staticmethod
+    def _user_id(frame: zmq.Frame) -> str | None:
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            return None
+        return user if isinstance(user, str) else None
+
+    def _drop_evicted(self) -> None:
+        """Connections whose session was just resumed elsewhere: BYE, and forget them (the lease
+        lives on with the new connection)."""
+        evicted = self.tenancy.take_evicted()
+        if not evicted:
+            return
+        gone = {id(s) for s in evicted}
+        for ident, peer in list(self._peers.items()):
+            if id(peer.session) in gone:
+                bye = encode_bye("session resumed on another connection")
+                if self._data is not None:
+                    with contextlib.suppress(zmq.ZMQError):
+                        self._data.send_multipart([ident, bye], zmq.NOBLOCK)
+                self._drop_peer(ident)
+
+    def _new_session(self, ident: bytes, key: str | None = None) -> FrameSession:
         def notify(frame: bytes, ident: bytes = ident) -> None:  # pump thread: queue and wake, nothing more
             self._irqs.put((ident, frame))
             self._waker.wake()
 
-        return FrameSession(self.emu, self.domains, notify, max_frame=self.max_frame, name=ident.hex())
+        return FrameSession(
+            self.emu,
+            notify=notify,
+            max_frame=self.max_frame,
+            name=ident.hex(),
+            tenancy=self.tenancy,
+            key=key,
+        )
 
     def _flush_interrupts(self) -> None:
         while True:
@@ -350,6 +403,9 @@ class EmulatorServer:
             if now - peer.last_seen > self.session_idle:
                 log.info("dropping idle session %s", ident.hex())
                 self._drop_peer(ident)
+        for lease in self.tenancy.expire():
+            self.stats["sessions_expired"] += 1
+            log.info("session grace over: APQNs %s zeroized and free", sorted(lease.qids))
 
     # -- control plane -----------------------------------------------------------------------------
     def _serve_control(self) -> None:
@@ -466,16 +522,30 @@ class EmulatorServer:
 
     def _op_sessions(self) -> list[dict[str, Any]]:
         now = time.monotonic()
-        return [
+        live = [
             {
                 "client": ident.hex(),
                 "established": p.session.established,
-                "domains": None if p.session.domains is None else sorted(p.session.domains),
+                "domains": sorted(p.session.domains),
+                "apqns": p.session.qids(),
                 "idle": round(now - p.last_seen, 3),
                 "stats": dict(p.session.stats),
             }
             for ident, p in self._peers.items()
         ]
+        clock = self.tenancy.clock()
+        detached = [  # dropped without a BYE: kept for their clients until the grace ends
+            {
+                "client": None,
+                "established": False,
+                "domains": sorted({q & 0xFF for q in lease.qids}),
+                "apqns": sorted(lease.qids),
+                "detached_for": round(clock - lease.detached_at, 3),
+            }
+            for lease in self.tenancy.leases()
+            if lease.holder is None and lease.detached_at is not None
+        ]
+        return live + detached
 
     # transport faults
     def _op_drop_frames(self, n: int = 1) -> dict[str, int]:

@@ -25,7 +25,13 @@ notice that it broke).  Both backends therefore answer a runner in the same way:
   ``TransportLost(tags=<every unanswered command>, permanent=True, unsent=<the held ones>)``; later
   submits get a permanent TransportLost, ``unsent``, at once.
 * A HELLO answered with a :data:`HANDSHAKE_REFUSALS` code fails the open with
-  :class:`HandshakeRefused` (retrying cannot help); other ERRORs before WELCOME are only logged.
+  :class:`HandshakeRefused` (retrying cannot help), or :class:`apcrypto.errors.ApqnInUse` when the
+  APQNs are held by other sessions; other ERRORs before WELCOME are only logged.
+* **Sessions survive a reconnect**: every HELLO after the first presents the resume token of the
+  last WELCOME, so a server that kept our session (within its grace) gives back the same APQNs and the
+  replies they hold (WELCOME ``resumed``); the driver drains them and decides from what it finds.  A
+  WELCOME that is not a resume after an earlier session means the server lost what it held for us
+  (restarted, or the grace ran out): counted as ``sessions_lost`` and logged.
 
 Threads: ``submit`` encodes on the caller's thread and appends to the outbox; the I/O thread takes
 the outbox while the link is up, and turns frames in into events that :meth:`poll` returns.  The
@@ -42,6 +48,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypedDict, cast
 
+from apcrypto.errors import ApqnInUse
 from apcrypto.transport.base import Command, Completion, Interrupt, Transport, TransportEvent, TransportLost
 from apformats.codes import ResponseCode
 from apformats.errors import FormatError
@@ -85,7 +92,9 @@ ERROR_RESPONSE_CODES: dict[int, ResponseCode] = {
 #: ERROR codes meaning the peer has no session for us (it restarted, dropped us, or is stopping).
 SESSION_GONE: frozenset[int] = frozenset({ErrorCode.NOT_HELLO, ErrorCode.SHUTTING_DOWN})
 #: ERROR codes that refuse a HELLO: retrying cannot help.
-HANDSHAKE_REFUSALS: frozenset[int] = frozenset({ErrorCode.BAD_VERSION, ErrorCode.DOMAIN_DENIED})
+HANDSHAKE_REFUSALS: frozenset[int] = frozenset(
+    {ErrorCode.BAD_VERSION, ErrorCode.DOMAIN_DENIED, ErrorCode.APQN_IN_USE}
+)
 
 # one immutable result per code, shared by every completion that carries it
 _RESULTS: dict[int, ApResult] = {
@@ -208,6 +217,12 @@ class FramedTransport(Transport):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.endpoint} state={self._state} inflight={len(self._inflight)}>"
+
+    @property
+    def resume_token(self) -> bytes | None:
+        """The token the next HELLO presents (the last WELCOME's), None before the first."""
+        w = self.welcome
+        return None if w is None else w.token
 
     @property
     def state(self) -> str:
@@ -334,6 +349,14 @@ class FramedTransport(Transport):
             self._log.warning(
                 "%r: the %s now offers %s (was %s)", self, self.peer_kind, welcome.qids, old.qids
             )
+        if old is not None:
+            if welcome.resumed:
+                self.counters["resumed"] += 1
+            else:
+                self.counters["sessions_lost"] += 1
+                self._log.warning(
+                    "%r: the %s did not resume our session; what it held for us is gone", self, self.peer_kind
+                )
         self.welcome = welcome
         if not welcome.interrupts:
             self.supports_interrupts = False
@@ -345,14 +368,17 @@ class FramedTransport(Transport):
         self._connected_once = True
         self._ready.set()
 
-    def _refusal(self, err: ErrorFrame) -> HandshakeRefused | None:
+    def _refusal(self, err: ErrorFrame) -> Exception | None:
         """The exception for an ERROR that refuses our HELLO; None for one that does not."""
         code = int(err.code)
         if code not in HANDSHAKE_REFUSALS:
             return None
-        return self.refused_error(f"{self.endpoint} refused the session: {code_name(code)}: {err.text}", code)
+        text = f"{self.endpoint} refused the session: {code_name(code)}: {err.text}"
+        if code == ErrorCode.APQN_IN_USE:
+            return ApqnInUse(text, code=code)
+        return self.refused_error(text, code)
 
-    def _refused(self, exc: HandshakeRefused) -> None:
+    def _refused(self, exc: Exception) -> None:
         """HELLO refused: the open fails; on a reconnect the peer is lost for good."""
         if self._connected_once:
             self._lose_everything(str(exc))

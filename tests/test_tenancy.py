@@ -1,0 +1,392 @@
+"""The emulator server as a shared service, against a real ``python -m emulator serve`` process: APQN
+ownership (no theft, forgery or key theft by another client; no widening by a second HELLO), sessions that
+survive a reconnect within the grace and are zeroized after it, and eight client processes sharing one
+server fairly.
+
+Every verdict about what ran is checked against the server's execution log, read through its control
+plane, never against the driver's own belief.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import wait
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+import apcrypto
+from apcrypto.errors import ApqnInUse
+from apcrypto.transport import Command, Completion, open_transport
+from apcrypto.transport.base import Transport
+from apformats.codes import NO_PENDING_REPLY, ResponseCode
+from apformats.frames import ErrorCode, ErrorFrame, Welcome, decode_frame, encode_command, encode_hello
+from apformats.messages import build_cprb, build_mex, parse_reply
+from apformats.results import ApResult, Instr, qid_domain, qid_of
+from tests._fixtures_zmq import ROOT, E, ServerProcess, collect, rsa_key, server_factory
+
+__all__ = ["server_factory"]  # fixture, imported for pytest
+
+RC = ResponseCode
+CCA0, CCA0_D1 = qid_of(2, 0), qid_of(2, 1)
+
+
+def run(t: Transport, *cmds: Command, timeout: float = 5.0) -> dict[int, ApResult]:
+    t.submit(cmds)
+    want = {c.tag for c in cmds}
+    evs = collect(t, lambda evs: want <= {e.tag for e in evs if isinstance(e, Completion)}, timeout)
+    return {e.tag: e.result for e in evs if isinstance(e, Completion)}
+
+
+def dqap_one(t: Transport, qid: int, tag: int, timeout: float = 5.0) -> ApResult:
+    """DQAP until a reply comes (bounded polls: the engine needs a few ms)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        res = run(t, Command(tag, Instr.DQAP, qid))[tag]
+        if res.status.rc != NO_PENDING_REPLY:
+            return res
+        assert time.monotonic() < deadline, "no reply"
+        t.poll(0.005)
+
+
+def sessions(srv: ServerProcess) -> list[dict[str, Any]]:
+    return srv.control_client(timeout=5.0).sessions()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+
+
+# --- ownership --------------------------------------------------------------------------------------
+
+
+def test_second_client_can_neither_steal_nor_forge_replies_nor_touch_keys(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    srv = server_factory("--profile", "default", "--seed", "3")
+    k = rsa_key(1024)
+    with open_transport(srv.data) as victim, open_transport(srv.data) as thief:
+        mine, theirs = set(victim.qids()), set(thief.qids())
+        assert mine and theirs and mine.isdisjoint(theirs)
+        assert {qid_domain(q) for q in mine} == {0} and {qid_domain(q) for q in theirs} == {1}
+        # the victim stores a key in its CCA domain and leaves work on its accelerator queue
+        assert (
+            run(victim, Command(1, Instr.NQAP, CCA0, 11, build_cprb("KS", 0, b"\x05secret-key")))[1].status.rc
+            == 0
+        )
+        assert parse_reply(dqap_one(victim, CCA0, 2).reply).kind == "ok"
+        acc = qid_of(0, 0)
+        work = [Command(10 + i, Instr.NQAP, acc, 100 + i, build_mex(i + 2, E, k.n)) for i in range(6)]
+        assert all(r.status.rc == 0 for r in run(victim, *work).values())
+        # the thief: every instruction on the victim's APQNs is refused before it reaches the card
+        tries = [
+            Command(20, Instr.DQAP, acc),  # reply theft
+            Command(21, Instr.NQAP, acc, 103, build_mex(9, E, k.n)),  # forgery under the victim's next psmid
+            Command(22, Instr.NQAP, CCA0, 77, build_cprb("KR", 0, b"\x05")),  # key theft
+            Command(23, Instr.ZAPQ, CCA0),  # key wipe
+            Command(24, Instr.RAPQ, acc),  # throwing the victim's work away
+            Command(25, Instr.TAPQ, acc, flag=True),
+        ]
+        assert {t: r.status.rc for t, r in run(thief, *tries).items()} == dict.fromkeys(
+            range(20, 26), RC.Q_NOT_AVAIL
+        )
+        # ... and naming the victim's domain in a CPRB on its own queue reads nothing
+        assert (
+            run(thief, Command(30, Instr.NQAP, CCA0_D1, 78, build_cprb("KR", 0, b"\x05")))[30].status.rc == 0
+        )
+        assert parse_reply(dqap_one(thief, CCA0_D1, 31).reply).kind == "error"
+        # the victim gets exactly its own six results, right, and its key is intact
+        got = {}
+        tag = 40
+        while len(got) < 6:
+            res = dqap_one(victim, acc, tag)
+            tag += 1
+            got[res.psmid] = int.from_bytes(parse_reply(res.reply).result, "big")
+        assert got == {100 + i: pow(i + 2, E, k.n) for i in range(6)}
+        run(victim, Command(50, Instr.NQAP, CCA0, 12, build_cprb("KR", 0, b"\x05")))
+        assert parse_reply(dqap_one(victim, CCA0, 51).reply).result == b"secret-key"
+        # asking for the victim's domain by name is refused with a specific error the client reports
+        with pytest.raises(ApqnInUse) as ei:
+            apcrypto.connect(srv.data, domains=[0], config="fast")
+        assert ei.value.code == ErrorCode.APQN_IN_USE and "00.0000" in str(ei.value)
+    log = srv.control_client(timeout=5.0).execution_log()
+    assert {e["psmid"] for e in log if e["qid"] == acc} == {100 + i for i in range(6)}  # nothing forged ran
+
+
+def test_a_second_hello_cannot_widen_a_session(server_factory: Callable[..., ServerProcess]) -> None:
+    srv = server_factory("--profile", "small")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(srv.data)
+
+    def ask(frame: bytes) -> Any:
+        sock.send(frame)
+        assert sock.poll(5000), "no answer"
+        return decode_frame(sock.recv())
+
+    try:
+        first = ask(encode_hello([1]))
+        assert isinstance(first, Welcome) and first.qids == (qid_of(0, 1), qid_of(1, 1))
+        wider = ask(encode_hello([0, 1]))
+        assert isinstance(wider, ErrorFrame) and wider.code == ErrorCode.DOMAIN_DENIED
+        again = ask(encode_hello())
+        assert isinstance(again, Welcome) and again.qids == first.qids and again.token == first.token
+        res = ask(encode_command(1, Instr.TAPQ, qid_of(0, 0)))
+        assert res.to_result().status.rc == RC.Q_NOT_AVAIL
+        # domain 0 is still free for somebody else
+        with open_transport(srv.data, domains=[0]) as other:
+            assert other.qids() == [qid_of(0, 0), qid_of(1, 0)]
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+# --- sessions that survive a reconnect --------------------------------------------------------------
+
+
+def _effects(log: list[dict[str, Any]]) -> dict[int, int]:
+    """psmid -> the counter value a completed CI left (``effect`` reads ``counter A->B``)."""
+    out = {}
+    for e in log:
+        m = re.fullmatch(r"counter (\d+)->(\d+)", e.get("effect") or "")
+        if m and e["outcome"] == "completed":
+            out[e["psmid"]] = int(m.group(2))
+    return out
+
+
+def test_reconnect_within_the_grace_drains_replies_and_verdicts_match_the_log(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """The victim's connection is cut while its state-changing work runs; an intruder connects meanwhile
+    with default options.  The victim resumes its session, drains what its queues hold, and every request
+    ends completed with the value the card's log says it produced."""
+    srv = server_factory("--profile", "default", "--seed", "5", "--session-grace", "30")
+    ctl = srv.control_client(timeout=5.0)
+    victim = apcrypto.connect(srv.data, config="fast", reconnect_delay=1.0, peer_deadline=20.0)
+    intruder = None
+    try:
+        assert victim.wait_ready(10)
+        for card in (2, 3):
+            ctl.slow_engines(card, 100.0, 3.0)  # CI: 0.4 s each, so work is in process when the link goes
+        futs = [victim.counter_increment() for _ in range(16)]
+        wait_for(lambda: sum(e["outcome"] == "running" for e in ctl.execution_log()) >= 4, 5, "work running")
+        (mine,) = [s for s in ctl.sessions() if s["established"]]
+        assert ctl.disconnect(mine["client"]) == 1
+        # meanwhile another client comes with default options: it gets other APQNs and resets only those
+        intruder = apcrypto.connect(srv.data, config="fast")
+        assert intruder.wait_ready(10)
+        assert {qid_domain(q) for q in intruder.transport.qids()} == {1}
+        _, pending = wait(futs, timeout=30)
+        assert not pending
+        values = [f.result() for f in futs]  # raises if any ended Indeterminate (or anything else)
+        assert victim.transport.counters["resumed"] == 1
+        records = [r for r in victim.core.ledger.records.values() if r.attempts]
+        log = ctl.execution_log()
+        effects = _effects(log)
+        by_psmid = {r.attempts[-1].psmid: r for r in records}
+        assert len(records) == 16 and all(len(r.attempts) == 1 for r in records)  # nothing re-driven
+        assert sorted(effects[p] for p in by_psmid) == sorted(values)
+        ran = [e for e in log if e["psmid"] in by_psmid]
+        assert len(ran) == 16 and {e["outcome"] for e in ran} == {"completed"}  # each ran once, none lost
+        assert victim.stats()["counters"].get("external_resets", 0) == 0
+    finally:
+        if intruder is not None:
+            intruder.close()
+        victim.close()
+
+
+def test_after_the_grace_the_apqns_are_zeroized_and_free(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    grace = 0.5
+    srv = server_factory("--profile", "default", "--session-grace", str(grace))
+    ctl = srv.control_client(timeout=5.0)
+    # a client that will not come back in time (its first reconnect attempt is 30 s away)
+    gone = open_transport(srv.data, domains=[0], reconnect_delay=30.0, peer_deadline=60.0)
+    try:
+        run(gone, Command(1, Instr.NQAP, CCA0, 1, build_cprb("KS", 0, b"\x07left-behind")))
+        assert parse_reply(dqap_one(gone, CCA0, 2).reply).kind == "ok"
+        run(
+            gone, Command(3, Instr.NQAP, CCA0, 2, build_cprb("CI", 0, (1).to_bytes(8, "big")))
+        )  # reply left waiting
+        (s,) = [s for s in ctl.sessions() if s["established"]]
+        assert ctl.disconnect(s["client"]) == 1
+        dropped = time.monotonic()
+        with pytest.raises(ApqnInUse):  # reserved for its client during the grace
+            open_transport(srv.data, domains=[0])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                heir = open_transport(srv.data, domains=[0])
+                break
+            except ApqnInUse:
+                assert time.monotonic() < deadline, "APQNs not freed after the grace"
+                time.sleep(0.05)
+        assert time.monotonic() - dropped >= grace
+        with heir:
+            assert heir.qids() == [qid_of(c, 0) for c in range(4)]
+            # zeroized: the reply the last holder left is gone, and so is its key
+            wait_for(lambda: run(heir, Command(9, Instr.TAPQ, CCA0))[9].status.rc == 0, 2, "reset over")
+            assert run(heir, Command(10, Instr.DQAP, CCA0))[10].status.queue_empty
+            run(heir, Command(11, Instr.NQAP, CCA0, 5, build_cprb("KR", 0, b"\x07")))
+            assert parse_reply(dqap_one(heir, CCA0, 12).reply).kind == "error"  # slot empty
+        left = [e for e in ctl.execution_log() if e["psmid"] == 2]
+        assert [e["outcome"] for e in left] == ["discarded"]
+    finally:
+        gone.close()
+
+
+# --- many clients, one server -----------------------------------------------------------------------
+
+WORKER = r"""
+import json, sys, time
+from concurrent.futures import wait, FIRST_COMPLETED
+import apcrypto
+from apcrypto.errors import Indeterminate
+from apcrypto.testing import seeded_key
+
+url = sys.argv[1]
+k = seeded_key(1024, "tenancy")
+c = apcrypto.connect(url, config="fast")  # default options: the server assigns the APQNs
+ok = c.wait_ready(30)
+print("READY" if ok else "NOTREADY", flush=True)
+start, duration = map(float, sys.stdin.readline().split()[1:3])
+while time.time() < start:
+    time.sleep(0.001)
+end = start + duration
+out = {"done": 0, "late": 0, "indeterminate": 0, "errors": 0, "wrong": 0}
+inflight = {}
+n = 0
+def settle(f):
+    x = inflight.pop(f)
+    err = f.exception()
+    if err is None:
+        if int.from_bytes(f.result(), "big") != pow(x, 65537, k.n):
+            out["wrong"] += 1
+        elif time.time() <= end:
+            out["done"] += 1
+        else:
+            out["late"] += 1
+    elif isinstance(err, Indeterminate):
+        out["indeterminate"] += 1
+    else:
+        out["errors"] += 1
+while time.time() < end:
+    while len(inflight) < 16:
+        n += 1
+        x = 2 + n
+        inflight[c.mod_expo(x.to_bytes(128, "big"), 65537, k.n, idempotent=False)] = x
+    fin, _ = wait(list(inflight), timeout=max(0.0, end - time.time()), return_when=FIRST_COMPLETED)
+    for f in fin:
+        settle(f)
+fin, _ = wait(list(inflight), timeout=30)
+for f in list(fin):
+    settle(f)
+out["unfinished"] = len(inflight)
+psmids = [a.psmid for r in c.core.ledger.records.values() for a in r.attempts]
+out["nonce"] = psmids[0] >> 32 if psmids else None
+out["qids"] = c.transport.qids()
+out["external_resets"] = c.stats()["counters"].get("external_resets", 0)
+c.close()
+print(json.dumps(out), flush=True)
+"""
+
+
+def shared_profile(tmp_path: Path, domains: int = 8) -> Path:
+    """The default profile with ``domains`` usage domains per card (room for that many clients)."""
+    text = (ROOT / "emulator" / "profiles" / "default.toml").read_text()
+    usage = ", ".join(str(d) for d in range(domains))
+    text = text.replace("usage_domains = [0, 1, 2, 3]", f"usage_domains = [{usage}]")
+    text = text.replace("control_domains = [4]", f"control_domains = [{domains}]")
+    text = text.replace('name = "default"', 'name = "shared"')
+    path = tmp_path / "shared.toml"
+    path.write_text(text)
+    return path
+
+
+def jain(xs: list[float]) -> float:
+    return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if any(xs) else 0.0
+
+
+def eight_clients(srv: ServerProcess, duration: float, n: int = 8) -> list[dict[str, Any]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, srv.data],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        for _ in range(n)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            assert p.stdout.readline().strip() == "READY"
+        start = time.time() + 0.3
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(f"GO {start} {duration}\n")
+            p.stdin.flush()
+        results = []
+        for p in procs:
+            out, _ = p.communicate(timeout=duration + 60)
+            assert p.returncode == 0, out
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+def check_eight(srv: ServerProcess, results: list[dict[str, Any]]) -> float:
+    assert all(r["unfinished"] == 0 for r in results), results
+    assert sum(r["indeterminate"] for r in results) == 0, results
+    assert sum(r["errors"] + r["wrong"] for r in results) == 0, results
+    assert all(r["external_resets"] == 0 for r in results), results
+    qids = [set(r["qids"]) for r in results]
+    assert all(len(q) == 4 for q in qids)  # one queue on every card: both kinds of card
+    assert len(set().union(*qids)) == sum(len(q) for q in qids)  # pairwise disjoint
+    # no client's request ran on another's queue, and no queue was reset under work (nothing discarded)
+    owner = {r["nonce"]: set(r["qids"]) for r in results}
+    log = srv.control_client(timeout=10.0).execution_log()
+    mine = [e for e in log if e["psmid"] >> 32 in owner]
+    assert len(mine) >= sum(r["done"] for r in results)
+    assert all(e["qid"] in owner[e["psmid"] >> 32] for e in mine)
+    assert [e for e in mine if e["outcome"] == "discarded"] == []
+    fairness = jain([float(r["done"]) for r in results])
+    assert fairness >= 0.95, ([r["done"] for r in results], fairness)
+    return fairness
+
+
+@pytest.mark.timeout(180)
+def test_eight_client_processes_share_one_server_fairly(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    srv = server_factory("--profile", str(shared_profile(tmp_path)), "--seed", "8")
+    check_eight(srv, eight_clients(srv, duration=2.0))
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(600)
+def test_eight_client_processes_share_one_server_fairly_long(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    srv = server_factory("--profile", str(shared_profile(tmp_path)), "--seed", "9")
+    check_eight(srv, eight_clients(srv, duration=30.0))
