@@ -30,6 +30,7 @@ from typing import Any
 import firmware_stubs
 from apformats.codes import MachineFailureState, ResponseCode
 from apformats.errors import FormatError
+from apformats.frames import Command
 from apformats.messages import build_error_reply, request_function
 from apformats.results import ApResult, Instr
 from apformats.status import QueueStatus
@@ -48,7 +49,7 @@ from emulator.model import Card, Message, Queue
 from emulator.profile import Profile, load_profile
 from emulator.stats import EmulatorStats, collect_stats
 
-__all__ = ["Emulator"]
+__all__ = ["INSTRUCTIONS", "Emulator"]
 
 RC = ResponseCode
 _MAX_PSMID = (1 << 64) - 1
@@ -161,6 +162,13 @@ class Emulator:
         return self._cards[card].state
 
     # --- instructions --------------------------------------------------------------------------
+
+    def execute(self, command: Command, notify: Callable[[int], object] | None = None) -> ApResult:
+        """Run one AP instruction: the entry every way in uses (the in-process transport, the frame
+        server for ZeroMQ and USB), so an opcode meets an instruction method in one table only
+        (:data:`INSTRUCTIONS`).  ``notify`` is what an AQIC that enables interrupts registers; the
+        other instructions ignore it."""
+        return INSTRUCTIONS[command.instr](self, command, notify)
 
     def tapq(self, qid: int, t_bit: bool = True) -> ApResult:
         """Test AP queue: the status word, plus GR2 hardware info when ``t_bit`` and the RC allow."""
@@ -626,3 +634,16 @@ class Emulator:
         callbacks.clear()
         for cb in pending:
             cb()
+
+
+_Notify = Callable[[int], object] | None
+
+#: opcode -> how :meth:`Emulator.execute` runs it.  The one place an ``Instr`` meets an emulator method.
+INSTRUCTIONS: dict[Instr, Callable[[Emulator, Command, _Notify], ApResult]] = {
+    Instr.TAPQ: lambda emu, c, irq: emu.tapq(c.qid, t_bit=c.flag),
+    Instr.NQAP: lambda emu, c, irq: emu.nqap(c.qid, c.psmid, c.message, special=c.special),
+    Instr.DQAP: lambda emu, c, irq: emu.dqap(c.qid),
+    Instr.RAPQ: lambda emu, c, irq: emu.rapq(c.qid, fbit=c.flag),
+    Instr.ZAPQ: lambda emu, c, irq: emu.zapq(c.qid, fbit=c.flag),
+    Instr.AQIC: lambda emu, c, irq: emu.aqic(c.qid, c.flag, notify=irq if c.flag else None),
+}

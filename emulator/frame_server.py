@@ -69,7 +69,7 @@ from apformats.frames import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
     Bye,
-    CommandFrame,
+    Command,
     ErrorCode,
     ErrorFrame,
     Hello,
@@ -85,7 +85,7 @@ from apformats.frames import (
     peek_kind,
     peek_tag,
 )
-from apformats.results import ApResult, Instr, qid_card, qid_domain, qid_of, qid_str
+from apformats.results import ApResult, qid_card, qid_domain, qid_of, qid_str
 from apformats.status import QueueStatus
 
 __all__ = [
@@ -114,14 +114,10 @@ NotifyFn = Callable[[bytes], None]
 
 
 class InstructionTarget(Protocol):
-    """The part of ``emulator.Emulator`` (INTERNALS §3) a session drives."""
+    """The part of ``emulator.Emulator`` (INTERNALS §3) a session drives: its one instruction entry
+    (``execute``, as the in-process transport uses it) and its topology."""
 
-    def tapq(self, qid: int, t_bit: bool = True) -> ApResult: ...
-    def nqap(self, qid: int, psmid: int, message: bytes, special: bool = False) -> ApResult: ...
-    def dqap(self, qid: int) -> ApResult: ...
-    def rapq(self, qid: int, fbit: bool = False) -> ApResult: ...
-    def zapq(self, qid: int, fbit: bool = False) -> ApResult: ...
-    def aqic(self, qid: int, enable: bool, notify: Callable[[int], None] | None = None) -> ApResult: ...
+    def execute(self, command: Command, notify: Callable[[int], object] | None = None) -> ApResult: ...
     def qids(self) -> list[int]: ...
 
 
@@ -132,18 +128,6 @@ class ZeroizeTarget(Protocol):
     def qids(self) -> list[int]: ...
     def zeroize(self, qid: int) -> None: ...
 
-
-_Exec = Callable[[InstructionTarget, CommandFrame, Callable[[int], None] | None], ApResult]
-
-#: opcode -> how to run it on the emulator.  The one place an Instr meets an emulator method.
-EXECUTE: dict[Instr, _Exec] = {
-    Instr.TAPQ: lambda emu, c, irq: emu.tapq(c.qid, t_bit=c.flag),
-    Instr.NQAP: lambda emu, c, irq: emu.nqap(c.qid, c.psmid, c.message, special=c.special),
-    Instr.DQAP: lambda emu, c, irq: emu.dqap(c.qid),
-    Instr.RAPQ: lambda emu, c, irq: emu.rapq(c.qid, fbit=c.flag),
-    Instr.ZAPQ: lambda emu, c, irq: emu.zapq(c.qid, fbit=c.flag),
-    Instr.AQIC: lambda emu, c, irq: emu.aqic(c.qid, c.flag, notify=irq if c.flag else None),
-}
 
 _NOT_AVAILABLE = ApResult(QueueStatus(response_code=ResponseCode.Q_NOT_AVAIL))
 
@@ -492,7 +476,7 @@ class FrameSession:
             frame = decode_frame(data, max_len=self.max_frame)
         except FormatError as exc:
             return [self._refuse(data, exc)]
-        if isinstance(frame, CommandFrame):
+        if isinstance(frame, Command):
             return [self._command(frame)]
         if isinstance(frame, Ping):
             return [encode_pong(frame.token)]
@@ -573,7 +557,7 @@ class FrameSession:
             token=self.lease.token,
         )
 
-    def _command(self, cmd: CommandFrame) -> bytes:
+    def _command(self, cmd: Command) -> bytes:
         if not self.established:
             self.stats["errors_sent"] += 1
             return encode_error(cmd.tag, ErrorCode.NOT_HELLO, "no session: send HELLO first")
@@ -582,7 +566,7 @@ class FrameSession:
             self.stats["denied"] += 1
             return encode_result(cmd.tag, _NOT_AVAILABLE)
         try:
-            result = EXECUTE[cmd.instr](self.emulator, cmd, self._on_interrupt if self._notify else None)
+            result = self.emulator.execute(cmd, self._on_interrupt if self._notify else None)
             return encode_result(cmd.tag, result)
         except Exception as exc:  # a bug in the emulator must not take the server down
             log.exception("%s: %s on qid %#06x failed", self.name, cmd.instr.name, cmd.qid)

@@ -17,6 +17,7 @@ import pytest
 
 from apformats.codes import ResponseCode
 from apformats.frames import (
+    Command,
     ErrorCode,
     ErrorFrame,
     InterruptFrame,
@@ -35,6 +36,7 @@ from apformats.frames import (
 )
 from apformats.results import ApResult, Instr, qid_of
 from apformats.status import HwInfo, QueueStatus
+from emulator.core import INSTRUCTIONS
 from emulator.frame_server import FrameSession, Tenancy, load_apqn_matrix
 
 
@@ -77,6 +79,9 @@ class FakeEmulator:
 
     def zeroize(self, qid: int) -> None:
         self.calls.append(("zeroize", qid))
+
+    def execute(self, command: Command, notify: Callable[[int], object] | None = None) -> ApResult:
+        return INSTRUCTIONS[command.instr](self, command, notify)  # type: ignore[arg-type]
 
 
 QIDS = [qid_of(c, d) for c in (0, 1) for d in (1, 2, 3)]

@@ -153,6 +153,44 @@ def test_a_second_hello_cannot_widen_a_session(server_factory: Callable[..., Ser
         ctx.term()
 
 
+def test_curve_matrix_bounds_each_key_and_a_token_serves_only_its_key(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    from apcrypto.transport.framed import HandshakeRefused
+    from emulator.cli import main as cli_main
+    from emulator.control_client import curve_options
+
+    keys = tmp_path / "keys"
+    assert cli_main(["keygen", str(keys), "--client", "alice", "--client", "bob"]) == 0
+    matrix = tmp_path / "matrix.toml"
+    matrix.write_text("[clients.alice]\ndomains = [0]\n[clients.bob]\ncards = [1]\ndomains = [1]\n")
+    srv = server_factory(
+        "--profile", "small", "--curve-dir", str(keys), "--apqn-matrix", str(matrix), "--session-grace", "30"
+    )
+    alice, bob = curve_options(keys, "alice"), curve_options(keys, "bob")
+    with open_transport(srv.data, **alice) as a:
+        assert a.qids() == [qid_of(0, 0), qid_of(1, 0)]
+        with pytest.raises(HandshakeRefused) as ei:  # bob's key may never have domain 0
+            open_transport(srv.data, domains=[0], **bob)
+        assert ei.value.code == ErrorCode.DOMAIN_DENIED
+        with open_transport(srv.data, **bob) as b:
+            assert b.qids() == [qid_of(1, 1)]
+        # alice's token in a HELLO signed with bob's key gets bob a session of his own, not alice's
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.linger = 0
+        sock.curve_serverkey = bob["curve_server_key"]
+        sock.curve_publickey, sock.curve_secretkey = bob["curve_keypair"]
+        try:
+            sock.connect(srv.data)
+            assert a.resume_token is not None
+            sock.send(encode_hello(token=a.resume_token))
+            assert sock.poll(5000)
+            w = decode_frame(sock.recv())
+            assert isinstance(w, Welcome) and not w.resumed and w.qids == (qid_of(1, 1),)
+        finally:
+            sock.close(linger=0)
+
+
 # --- sessions that survive a reconnect --------------------------------------------------------------
 
 

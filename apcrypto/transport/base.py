@@ -18,21 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from apformats.results import ApResult, Instr
+from apformats.frames import Command
+from apformats.results import ApResult
 
-# Command and Completion are NamedTuples, not frozen dataclasses: one of each is built per AP
-# instruction, and a tuple is built in C (about a third of a frozen dataclass's cost).
-
-
-class Command(NamedTuple):
-    """One AP instruction to execute.  ``flag`` is AQIC's enable bit or RAPQ/ZAPQ's F bit."""
-
-    tag: int
-    instr: Instr
-    qid: int
-    psmid: int = 0
-    message: bytes = b""
-    flag: bool = False
+# Command (one AP instruction) is apformats.frames.Command, the type a COMMAND frame decodes to and
+# the emulator executes.  Completion is a NamedTuple too: one is built per AP instruction, and a
+# tuple is built in C (about a third of a frozen dataclass's cost).
 
 
 class Completion(NamedTuple):
