@@ -258,6 +258,8 @@ class Tenancy:
             if denied:
                 raise Refusal(ErrorCode.DOMAIN_DENIED, f"domains {denied} are not granted to this client")
             wanted = frozenset(q for q in permitted if qid_domain(q) in domains)
+            if not wanted:  # an empty list: a session of nothing, that a client could open in bulk
+                raise Refusal(ErrorCode.DOMAIN_DENIED, "a HELLO's domain list must name a domain")
             busy = [q for q in wanted if q in self._owner]
             if busy:
                 raise Refusal(ErrorCode.APQN_IN_USE, f"APQNs {_apqns(busy)} are in use by another session")

@@ -249,6 +249,8 @@ def test_default_grant_is_one_free_domain_on_every_card_and_apqns_are_exclusive(
     err = one(d.handle(encode_hello()))
     assert err.code == ErrorCode.APQN_IN_USE and "no free APQN" in err.text
     assert one(d.handle(encode_hello([9]))).code == ErrorCode.DOMAIN_DENIED
+    assert one(d.handle(encode_hello([]))).code == ErrorCode.DOMAIN_DENIED  # a session of nothing
+    assert len(tenancy.leases()) == 3
     # b's APQN is not a's: every instruction on it is refused without reaching the emulator
     for instr in Instr:
         res = one(a.handle(encode_command(5, instr, qid_of(0, 2), 1, b"m", flag=True)))

@@ -264,6 +264,8 @@ def test_after_the_grace_the_apqns_are_zeroized_and_free(
         dropped = time.monotonic()
         with pytest.raises(ApqnInUse):  # reserved for its client during the grace
             open_transport(srv.data, domains=[0])
+        waiting = [x for x in ctl.sessions() if x["client"] is None]  # detached, kept for the grace
+        assert [x["apqns"] for x in waiting] == [[qid_of(c, 0) for c in range(4)]]
         deadline = time.monotonic() + 10
         while True:
             try:
