@@ -103,6 +103,12 @@ def _serve(opts: argparse.Namespace) -> int:
 
     matrix = None
     if opts.apqn_matrix is not None:
+        if opts.curve_dir is None:
+            print(
+                "apcrypto-emulator: cannot serve: --apqn-matrix maps CURVE client keys: give --curve-dir",
+                file=sys.stderr,
+            )
+            return 2
         try:
             matrix = load_apqn_matrix(opts.apqn_matrix, opts.curve_dir)
         except (OSError, ValueError) as exc:

@@ -191,6 +191,20 @@ def test_curve_matrix_bounds_each_key_and_a_token_serves_only_its_key(
             sock.close(linger=0)
 
 
+def test_serve_refuses_a_matrix_without_curve_or_a_bad_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emulator.cli import main as cli_main
+
+    matrix = tmp_path / "m.toml"
+    matrix.write_text("[clients.nobody]\ndomains = [0]\n")
+    assert cli_main(["serve", "--apqn-matrix", str(matrix)]) == 2
+    assert "--curve-dir" in capsys.readouterr().err
+    assert cli_main(["keygen", str(tmp_path / "keys")]) == 0
+    assert cli_main(["serve", "--apqn-matrix", str(matrix), "--curve-dir", str(tmp_path / "keys")]) == 2
+    assert "no certificate" in capsys.readouterr().err
+
+
 # --- sessions that survive a reconnect --------------------------------------------------------------
 
 
