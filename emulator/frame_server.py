@@ -35,8 +35,8 @@ APQN), and psmids stay the client's own business.
   a queue of each card to itself, and room for as many such clients as the profile has domains.  The
   price is paid by a client alone on a server: it keeps one queue's slots per card in flight, not every
   domain's, which costs throughput where the link's round trip is long against the service time (on
-  the ``fast`` profile over ``tcp://``, a lone default client does about half of what it does with every
-  domain).  A server for one user at a time says ``default_grant="all"`` (``serve --default-grant
+  the ``fast`` profile over ``tcp://``, a lone default client measured a third to a half of what it does with
+  every domain).  A server for one user at a time says ``default_grant="all"`` (``serve --default-grant
   all``): every free APQN the client may have; or the client names its ``domains``.
 * **Who may have what.**  The server's ``--domains`` bounds every client; under CURVE an APQN matrix
   (``serve --apqn-matrix FILE``, :func:`load_apqn_matrix`) maps client keys to the APQNs they may ever be
