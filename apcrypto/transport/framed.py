@@ -52,7 +52,15 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypedDict, cast
 
-from apcrypto.transport.base import Command, Completion, Interrupt, Transport, TransportEvent, TransportLost
+from apcrypto.transport.base import (
+    Command,
+    Completion,
+    Interrupt,
+    PeerRestored,
+    Transport,
+    TransportEvent,
+    TransportLost,
+)
 from apformats.codes import ResponseCode
 from apformats.errors import FormatError
 from apformats.frames import (
@@ -421,6 +429,7 @@ class FramedTransport(Transport):
         brings the queues it took out of service up again."""
         self.counters["restored"] += 1
         self._log.warning("%r: the %s is back", self, self.peer_kind)
+        self._emit(PeerRestored(f"{self._peer} answered a handshake again"))
 
     def _refusal(self, err: ErrorFrame) -> HandshakeRefused | None:
         """The exception for an ERROR that refuses our HELLO; None for one that does not."""
