@@ -14,6 +14,7 @@ from collections.abc import Generator
 from typing import Any
 
 from apcrypto import split_options
+from apcrypto.config import check_deadline
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
 from apcrypto.errors import ClientClosed, HostQueueFull
@@ -53,6 +54,7 @@ class AsyncClient(Operations):
         self, request: Request, idem: bool | None, deadline: float | None, block: bool = True
     ) -> asyncio.Future[Any]:
         """``block`` has no meaning on an event loop: a full host-side queue raises HostQueueFull."""
+        deadline = check_deadline(deadline)
         if self._closed:
             raise ClientClosed("client is closed")
         if self.core.backlog_size >= self.config.backlog_limit:

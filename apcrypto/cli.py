@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -98,7 +99,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``apcrypto`` command: every error is one line on stderr and a non-zero exit status.
+
+    A reader that goes away (``apcrypto list | head -2``) ends the command quietly.  The traceback
+    of an unexpected error is still logged at DEBUG (``apcrypto -v debug ...``) for a bug report.
+    """
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return rc
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # stdout's reader is gone: point stdout at /dev/null so the interpreter's last flush is quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        logging.getLogger("apcrypto.cli").debug("apcrypto failed", exc_info=True)
+        print(f"apcrypto: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from apcrypto import __version__
+
     parser = argparse.ArgumentParser(prog="apcrypto", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--log-level", default="WARNING", help="logging level (default WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="list cards and queues (lszcrypt style)")

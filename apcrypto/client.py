@@ -13,6 +13,7 @@ from collections import Counter
 from concurrent.futures import Future
 from typing import Any
 
+from apcrypto.config import check_deadline
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
 from apcrypto.errors import ApcryptoError, ClientClosed, HostQueueFull
@@ -57,8 +58,7 @@ class Client(Operations):
     def _submit(
         self, request: Request, idem: bool | None, deadline: float | None, block: bool
     ) -> Future[Any]:
-        if deadline is not None and deadline < 0:
-            raise ValueError("deadline must be >= 0 seconds from now")
+        deadline = check_deadline(deadline)
         if self._closed:
             raise ClientClosed("client is closed")
         runner = self._runner
