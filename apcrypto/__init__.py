@@ -11,6 +11,7 @@ every transport takes the same driver options and gives the same outcomes.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from dataclasses import fields
 from typing import Any
@@ -38,6 +39,10 @@ from apcrypto.requests import (
 from apcrypto.transport import open_transport
 
 __version__ = "0.1.0"
+
+# A library logs; the application decides where it goes (logging HOWTO, "Configuring Logging for a
+# Library").  Without a handler, Python's last-resort handler would print our warnings on stderr.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _CONFIG_FIELDS = {f.name for f in fields(DriverConfig)}
 _CLIENT_NUMBERS = itertools.count(1)
