@@ -14,7 +14,7 @@ from collections.abc import Generator
 from typing import Any
 
 from apcrypto import split_options
-from apcrypto.config import check_deadline
+from apcrypto.config import check_deadline, resolve
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
 from apcrypto.errors import ClientClosed, HostQueueFull
@@ -110,14 +110,15 @@ class AsyncClient(Operations):
 class _Connect:
     """``await connect(...)`` or ``async with connect(...) as client``."""
 
-    def __init__(self, url: str, options: dict[str, Any]) -> None:
+    def __init__(self, url: str | None, options: dict[str, Any]) -> None:
         self._url = url
         self._options = options
         self._client: AsyncClient | None = None
 
     async def _open(self) -> AsyncClient:
-        cfg, client_opts, transport_opts = split_options(self._options)
-        transport = open_transport(self._url, **transport_opts)
+        chosen = resolve(self._url, self._options)
+        cfg, client_opts, transport_opts = split_options(chosen.options)
+        transport = open_transport(chosen.url, **transport_opts)
         try:
             return AsyncClient(transport, cfg, **client_opts)
         except BaseException:
@@ -136,7 +137,7 @@ class _Connect:
             await self._client.aclose()
 
 
-def connect(url: str = "emu:", **options: Any) -> _Connect:
+def connect(url: str | None = None, **options: Any) -> _Connect:
     """Open an :class:`AsyncClient`; same URL and options as :func:`apcrypto.connect`."""
     return _Connect(url, options)
 
