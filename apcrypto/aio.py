@@ -25,7 +25,9 @@ from apcrypto.transport import open_transport
 from apcrypto.transport.base import Transport
 
 
-class AsyncClient(Operations):
+class AsyncClient(
+    Operations["asyncio.Future[bytes]", "asyncio.Future[int]", "asyncio.Future[None]", "asyncio.Future[Any]"]
+):
     """Asyncio twin of :class:`apcrypto.Client`; create it with :func:`connect`."""
 
     def __init__(

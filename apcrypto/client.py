@@ -23,7 +23,7 @@ from apcrypto.runners.threaded import ThreadedRunner
 from apcrypto.transport.base import Transport
 
 
-class Client(Operations):
+class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[Any]"]):
     """A connection to a set of AP queues.  Thread-safe; use as a context manager."""
 
     def __init__(

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from apcrypto.core.config import DriverConfig
+from apcrypto.transport.framed import LinkOptions
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ DEFAULT_URL = "emu:"
 DRIVER_OPTIONS = frozenset({"config"} | {f.name for f in fields(DriverConfig)})
 #: Options of the client object itself.
 CLIENT_OPTIONS = frozenset({"psmid_base", "close_timeout"})
-_LINK = frozenset({"domains", "timeout", "reconnect_delay", "reconnect_delay_max", "peer_deadline"})
+#: the link options every frame-carrying transport takes, read from their one definition
+_LINK = frozenset(LinkOptions.__annotations__)
 #: Options of each transport, by URL scheme (a test holds this against the factories' signatures).
 TRANSPORT_OPTIONS: dict[str, frozenset[str]] = {
     "emu": frozenset({"emulator", "seed", "clock", "domains"}),
