@@ -399,7 +399,7 @@ def _autoplug_from_environment() -> VirtualUsbDevice | None:
         return None
     from emulator.core import Emulator
 
-    seed = int(os.environ.get(SEED_ENV, "0") or 0, 0)
+    seed = int(os.environ.get(SEED_ENV) or "0", 0)
     log.info("usb: plugging an emulated adapter (profile %r, seed %d) from $%s", profile, seed, BACKEND_ENV)
     return plug(Emulator(profile, clock="wall", seed=seed))
 
