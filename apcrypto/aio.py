@@ -10,10 +10,12 @@ event loop (no runner thread); transports that need one (ZeroMQ, USB) keep their
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Generator
 from typing import Any
 
 from apcrypto import split_options
+from apcrypto.cardstats import client_stats
 from apcrypto.config import check_deadline, resolve
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
@@ -42,6 +44,8 @@ class AsyncClient(
         )
         self._runner = AsyncioRunner(self.core, transport, self.loop)
         self._pending: set[asyncio.Future[Any]] = set()
+        self._local: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()  # failed requests by exception class (stats())
         self._closed = False
         self._runner.start_queues()
         self._runner.schedule()
@@ -50,6 +54,8 @@ class AsyncClient(
     def _failed(self, error: BaseException) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self.loop.create_future()
         fut.set_exception(error)
+        self._local["failed"] += 1
+        self._errors[type(error).__name__] += 1
         return fut
 
     def _submit(
@@ -66,6 +72,8 @@ class AsyncClient(
 
         def resolved(value: Any, error: BaseException | None) -> None:
             self._pending.discard(fut)
+            if error is not None:
+                self._errors[type(error).__name__] += 1
             if fut.cancelled():
                 return
             if error is not None:
@@ -79,7 +87,10 @@ class AsyncClient(
 
     # ---------------------------------------------------------------- state
     def stats(self) -> dict[str, Any]:
-        return self.core.stats()
+        """The same shape as :meth:`apcrypto.Client.stats` (see :func:`apcrypto.cardstats.client_stats`)."""
+        return client_stats(
+            self.core.stats(), self._local, self._errors, getattr(self.transport, "emulator", None)
+        )
 
     async def wait_ready(self, timeout: float = 10.0) -> bool:
         """Wait until every queue has left bring-up (in service or offline); False on timeout."""

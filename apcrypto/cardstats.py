@@ -21,7 +21,7 @@ from typing import Any
 
 from apformats.results import qid_card, qid_str
 
-__all__ = ["CardSide", "function_table", "plain"]
+__all__ = ["CardSide", "StatsSampler", "client_stats", "function_table", "plain"]
 
 
 #: the class names the control plane tags its dataclasses with (a card's own ``type`` is kept)
@@ -138,3 +138,66 @@ def function_table(
             "avg_latency": row["latency"] / ops if ops else 0.0,
         }
     return out
+
+
+def client_stats(
+    core_stats: dict[str, Any], local: Mapping[str, int], errors: Mapping[str, int], emulator: Any = None
+) -> dict[str, Any]:
+    """The one shape of ``Client.stats()`` and ``AsyncClient.stats()``, on every transport (plain JSON):
+
+    * ``outcomes``: requests per final outcome (``completed``, ``failed``, ``indeterminate``,
+      ``unavailable``), this client's;
+    * ``errors``: the failed ones by exception class (``BadRequest``, ``Indeterminate``,
+      ``DeviceUnavailable``, ``DeadlineExceeded``, ``ClientClosed``, ...);
+    * ``counters``: the driver's event counters (re-drives, machine-failure replies, late replies...);
+    * ``states``: queues per state; ``queues``: per APQN (``"02.0003"``) its ``state``, ``mode``,
+      ``slots``, ``held``, ``requests``, ``load``, ``slot_seconds``, ``slot_utilisation``,
+      ``offline_reason``;
+    * ``backlog``, ``in_flight``: requests waiting on the host, and not yet decided;
+    * ``card``: the card's own counters (:meth:`CardSide.snapshot`) when the card is in this
+      process (``emu:``), else None (read them over the control plane: ``apcrypto stats``).
+    """
+    st = dict(core_stats)
+    outcomes = dict(st.get("outcomes", {}))
+    for k, v in local.items():
+        outcomes[k] = outcomes.get(k, 0) + v
+    st["outcomes"] = outcomes
+    st["errors"] = dict(sorted(errors.items()))
+    st["card"] = CardSide(emulator=emulator).snapshot() if emulator is not None else None
+    return st
+
+
+class StatsSampler:
+    """Interval statistics in the manner of ``zcryptstats``: each :meth:`sample` reports what the
+    card did since the previous one, per card and per APQN and function, on the card's clock."""
+
+    def __init__(self, side: CardSide) -> None:
+        self.side = side
+        self._last: dict[str, Any] | None = None
+
+    def sample(self) -> dict[str, Any]:
+        """``{"start", "end", "seconds", "cards": {"02": {utilisation, ops, errors, busy}},
+        "queues": {"02.0003": {"MEX_2K": {ops, errors, busy, utilisation, avg_latency}}}}``; the
+        first call reports the interval since the card started."""
+        snap = self.side.snapshot()
+        t1 = float(snap["time"])
+        prev = self._last
+        t0 = float(prev["time"]) if prev is not None else t1 - float(snap["elapsed"])
+        engines = {int(c["card"]): int(c["engines"]) for c in snap["cards"]}
+        per_queue = function_table(self.side.executions(), t0, t1, engines)
+        busy0 = {c["card"]: c["busy_time"] for c in prev["cards"]} if prev is not None else {}
+        cards: dict[str, dict[str, Any]] = {}
+        span = t1 - t0
+        for c in snap["cards"]:
+            busy = float(c["busy_time"]) - float(busy0.get(c["card"], 0.0))
+            rows = [r for q, fns in per_queue.items() if int(q[:2], 16) == c["card"] for r in fns.values()]
+            cards[str(c["name"])] = {
+                "type": c["type"],
+                "state": c["state"],
+                "ops": sum(int(r["ops"]) for r in rows),
+                "errors": sum(int(r["errors"]) for r in rows),
+                "busy": busy,
+                "utilisation": busy / (c["engines"] * span) if span > 0 and c["engines"] else 0.0,
+            }
+        self._last = snap
+        return {"start": t0, "end": t1, "seconds": span, "cards": cards, "queues": per_queue}

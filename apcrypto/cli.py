@@ -47,12 +47,14 @@ def _targets(words: Sequence[str]) -> tuple[str | None, list[tuple[int, int | No
     return url, filters
 
 
-def _open_for_listing(url: str | None, timeout: float) -> Any:
+def _open_for_listing(url: str | None, timeout: float, *, virtual: bool = True) -> Any:
+    """A client for looking: short bring-up timings; an embedded emulator on a virtual clock (a
+    listing needs no real time to pass) unless ``virtual`` is False (interval statistics)."""
     import apcrypto
 
     opts: dict[str, Any] = {"config": "fast"}
     chosen = url or os.environ.get("APCRYPTO_URL") or "emu:"
-    if chosen.startswith("emu:"):
+    if virtual and chosen.startswith("emu:"):
         opts["clock"] = "virtual"
     client = apcrypto.connect(url, **opts)
     client.wait_ready(timeout)
@@ -208,6 +210,125 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats_rows(
+    report: dict[str, Any], index: int, filters: Sequence[tuple[int, int | None]]
+) -> list[dict[str, Any]]:
+    """One interval as flat rows: a card total, then each APQN x function (the table and CSV rows)."""
+
+    def wanted(card: int, domain: int | None) -> bool:
+        return not filters or any(
+            c == card and (d is None or domain is None or d == domain) for c, d in filters
+        )
+
+    rows: list[dict[str, Any]] = []
+    for name, c in report["cards"].items():
+        card = int(name, 16)
+        if not wanted(card, None):
+            continue
+        rows.append(
+            {
+                "interval": index,
+                "end": round(report["end"], 6),
+                "seconds": round(report["seconds"], 6),
+                "apqn": name,
+                "function": "*",
+                "ops": c["ops"],
+                "errors": c["errors"],
+                "ops_per_s": c["ops"] / report["seconds"] if report["seconds"] > 0 else 0.0,
+                "utilisation": c["utilisation"],
+                "avg_latency_ms": 0.0,  # per function only: a mean over functions would mix unlike costs
+            }
+        )
+        for apqn, fns in report["queues"].items():
+            if int(apqn[:2], 16) != card or not wanted(card, int(apqn[3:], 16)):
+                continue
+            for fn, r in fns.items():
+                rows.append(
+                    {
+                        "interval": index,
+                        "end": round(report["end"], 6),
+                        "seconds": round(report["seconds"], 6),
+                        "apqn": apqn,
+                        "function": fn,
+                        "ops": r["ops"],
+                        "errors": r["errors"],
+                        "ops_per_s": r["ops"] / report["seconds"] if report["seconds"] > 0 else 0.0,
+                        "utilisation": r["utilisation"],
+                        "avg_latency_ms": r["avg_latency"] * 1e3,
+                    }
+                )
+    return rows
+
+
+_STATS_FIELDS = [
+    "interval",
+    "end",
+    "seconds",
+    "apqn",
+    "function",
+    "ops",
+    "errors",
+    "ops_per_s",
+    "utilisation",
+    "avg_latency_ms",
+]
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """zcryptstats: every ``-i`` seconds, ``-c`` times, what the cards did, per card and APQN and function."""
+    import csv
+    import time
+
+    from apcrypto.cardstats import CardSide, StatsSampler
+
+    url, filters = _targets(args.targets)
+    url = args.url or url
+    if args.interval <= 0 or args.count <= 0:
+        raise ValueError("--interval and --count must be > 0")
+    with _open_for_listing(url, args.timeout, virtual=False) as client:
+        side = CardSide.for_client(client, args.control)
+        if side is None:
+            raise ValueError(
+                f"no card-side counters for {client.transport!r}: give --control tcp://HOST:PORT "
+                "(the server's control plane)"
+            )
+        try:
+            sampler = StatsSampler(side)
+            sampler.sample()  # the baseline: each report covers one interval after it
+            writer = csv.DictWriter(sys.stdout, _STATS_FIELDS) if args.output == "csv" else None
+            if writer is not None:
+                writer.writeheader()
+            for i in range(1, args.count + 1):
+                time.sleep(args.interval)
+                report = sampler.sample()
+                rows = _stats_rows(report, i, filters)
+                if args.output == "json":
+                    print(json.dumps({"interval": i, **report}), flush=True)
+                elif writer is not None:
+                    for row in rows:
+                        writer.writerow(
+                            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+                        )
+                    sys.stdout.flush()
+                else:
+                    span, end = report["seconds"], report["end"]
+                    print(f"interval {i} of {args.count}: {span:.3f} s of card time ending at {end:.3f}")
+                    heads = ("CARD.DOM", "FUNCTION", "OPS", "ERRORS", "OPS/S", "UTIL%", "AVG_LAT_MS")
+                    print("{:<9} {:<10} {:>8} {:>7} {:>10} {:>7} {:>11}".format(*heads))
+                    for r in rows:
+                        lat = f"{r['avg_latency_ms']:11.3f}" if r["function"] != "*" else f"{'-':>11}"
+                        name = r["apqn"]
+                        fn = r["function"] if r["function"] != "*" else "(all)"
+                        print(
+                            f"{name:<9} {fn:<10} {r['ops']:>8} {r['errors']:>7} {r['ops_per_s']:>10.1f} "
+                            f"{r['utilisation'] * 100:>7.2f} {lat}"
+                        )
+                    print(flush=True)
+        finally:
+            side.close()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from apcrypto.demo import run_demo
 
@@ -282,6 +403,21 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for bring-up")
     p.set_defaults(func=cmd_list)
+    p = sub.add_parser(
+        "stats",
+        help="interval statistics per card, APQN and function (zcryptstats style)",
+        description="Every --interval seconds, --count times, what the cards did (all clients' work, "
+        "read on the card's side): per card and APQN, per function, ops, errors, ops/s, utilisation "
+        "(engine time used over engine time available) and average latency (enqueue to end).",
+    )
+    p.add_argument("targets", nargs="*", metavar="URL|CARD[.DOMAIN]", help="as for 'apcrypto list'")
+    p.add_argument("--url", help="transport URL")
+    p.add_argument("--control", help="the server's control plane (tcp://HOST:PORT); needed for tcp://")
+    p.add_argument("-i", "--interval", type=float, default=10.0, help="seconds per report (default 10)")
+    p.add_argument("-c", "--count", type=int, default=1, help="number of reports (default 1)")
+    p.add_argument("-o", "--output", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for bring-up")
+    p.set_defaults(func=cmd_stats)
     p = sub.add_parser("demo", help="mixed workload with a machine failure on the embedded emulator")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--requests", type=int, default=3000)
