@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
         help="a client asking for no domain gets one free domain on every card (default), or all free APQNs",
     )
     s.add_argument("--apqn-matrix", type=Path, help="CURVE: TOML, APQNs per client key")
+    s.add_argument("--exec-log", type=Path, metavar="FILE", help="spill the exec log to this SQLite file")
+    s.add_argument(
+        "--exec-log-size", type=int, default=100_000, metavar="N", help="execution-log entries kept in memory"
+    )
+    s.add_argument(
+        "--exec-log-flush",
+        type=float,
+        default=0.05,
+        metavar="SECONDS",
+        help="longest time between commits of --exec-log (staleness after a SIGKILL)",
+    )
     s.add_argument("--log-level", default="WARNING")
 
     k = sub.add_parser("keygen", help="create CURVE certificates in the layout --curve-dir expects")
@@ -115,6 +127,14 @@ def _serve(opts: argparse.Namespace) -> int:
             print(f"apcrypto-emulator: cannot serve: {exc}", file=sys.stderr)
             return 2
     emu = Emulator(opts.profile, clock=WallClock(), seed=opts.seed)
+    try:
+        emu.execution_log.configure(
+            capacity=opts.exec_log_size, spill=opts.exec_log, flush_interval=opts.exec_log_flush
+        )
+    except (ValueError, OSError, sqlite3.Error) as exc:
+        emu.close()
+        print(f"apcrypto-emulator: cannot serve: --exec-log: {exc}", file=sys.stderr)
+        return 2
     server = EmulatorServer(
         emu,
         bind=opts.bind,
@@ -143,6 +163,7 @@ def _serve(opts: argparse.Namespace) -> int:
     finally:
         server.close()
         emu.close()
+        emu.execution_log.close()
 
 
 def _keygen(directory: Path, clients: list[str]) -> int:
