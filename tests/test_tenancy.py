@@ -9,6 +9,7 @@ plane, never against the driver's own belief.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -120,8 +121,15 @@ def test_second_client_can_neither_steal_nor_forge_replies_nor_touch_keys(
         with pytest.raises(ApqnInUse) as ei:
             apcrypto.connect(srv.data, domains=[0], config="fast")
         assert ei.value.code == ErrorCode.APQN_IN_USE and "00.0000" in str(ei.value)
+        with pytest.raises(ApqnInUse):  # the asyncio client reports it the same way
+            asyncio.run(_aio_connect(srv.data, domains=[0]))
     log = srv.control_client(timeout=5.0).execution_log()
     assert {e["psmid"] for e in log if e["qid"] == acc} == {100 + i for i in range(6)}  # nothing forged ran
+
+
+async def _aio_connect(url: str, **options: Any) -> None:
+    async with apcrypto.aio.connect(url, config="fast", **options):
+        pass
 
 
 def test_a_second_hello_cannot_widen_a_session(server_factory: Callable[..., ServerProcess]) -> None:
@@ -257,6 +265,23 @@ def test_reconnect_within_the_grace_drains_replies_and_verdicts_match_the_log(
         if intruder is not None:
             intruder.close()
         victim.close()
+
+
+def test_a_restarted_server_does_not_resume_and_the_client_says_so(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """A token the server never issued (it restarted) gets a new session: not ``resumed``, counted as
+    ``sessions_lost``; the same default grant as before, since the new server has nobody else."""
+    srv = server_factory("--profile", "small")
+    with open_transport(srv.data, peer_deadline=10.0, reconnect_delay=0.05, reconnect_delay_max=0.2) as t:
+        first = t.welcome
+        assert first is not None and first.token is not None and not first.resumed
+        srv.kill()
+        server_factory("--profile", "small", "--bind", srv.data)
+        wait_for(lambda: t.counters["reconnects"] == 1, 10, "reconnected")
+        assert t.welcome is not None and not t.welcome.resumed and t.welcome.token != first.token
+        assert t.counters["sessions_lost"] == 1 and t.counters["resumed"] == 0
+        assert t.qids() == list(first.qids)
 
 
 def test_after_the_grace_the_apqns_are_zeroized_and_free(
