@@ -216,6 +216,42 @@ def test_serve_refuses_a_matrix_without_curve_or_a_bad_one(
 # --- sessions that survive a reconnect --------------------------------------------------------------
 
 
+def test_driver_does_not_reset_for_silence_while_the_link_is_down() -> None:
+    """Sans-I/O: the reply timeout must not reset a queue while the link is down (a resumed session
+    would come back to queues whose replies the reset threw away); once answers flow again, a card
+    that stays silent is reset as before."""
+    from apcrypto.core.queue import QState
+    from apformats.messages import build_type80
+    from tests._fixtures_driver import Script, expected_me, key, me_request, res
+
+    k = key(1024)
+    q = qid_of(0, 0)
+    s = Script()
+    s.bring_up(q)
+    rid = s.submit(me_request(2, k), idempotent=False)
+    nq = s.one(Instr.NQAP, q)
+    s.answer(nq, res(irq=True))  # on the card
+    s.lose_transport(permanent=False)  # the connection drops; the transport reconnects meanwhile
+    for _ in range(4):
+        s.fire(("reply", q))
+    assert not s.cmds(Instr.RAPQ) and not s.cmds(Instr.ZAPQ) and rid not in s.resolved
+    assert s.core.ledger.counters["reply_timeouts_deferred"] >= 3 and s.state(q).in_service
+    # the session is resumed: the AQIC re-registration is answered, then the kept reply is drained
+    s.answer(s.one(Instr.AQIC, q), res(irq=True))
+    s.interrupt(q)
+    s.answer(
+        s.one(Instr.DQAP, q), res(psmid=nq.psmid, reply=build_type80(expected_me(2, k)), empty=True, irq=True)
+    )
+    assert s.resolved[rid].error is None and s.resolved[rid].value == expected_me(2, k)
+    # with the link up, a card that holds work and says nothing is still reset
+    rid2 = s.submit(me_request(3, k), idempotent=False)
+    s.answer(s.one(Instr.NQAP, q), res(irq=True))
+    for _ in range(2):
+        s.fire(("reply", q))
+    assert s.cmds(Instr.RAPQ, q) and s.state(q) is QState.RESET_START
+    assert isinstance(s.resolved[rid2].error, Exception)  # decided from the ledger: may have run
+
+
 def _effects(log: list[dict[str, Any]]) -> dict[int, int]:
     """psmid -> the counter value a completed CI left (``effect`` reads ``counter A->B``)."""
     out = {}
@@ -234,7 +270,16 @@ def test_reconnect_within_the_grace_drains_replies_and_verdicts_match_the_log(
     ends completed with the value the card's log says it produced."""
     srv = server_factory("--profile", "default", "--seed", "5", "--session-grace", "30")
     ctl = srv.control_client(timeout=5.0)
-    victim = apcrypto.connect(srv.data, config="fast", reconnect_delay=1.0, peer_deadline=20.0)
+    # the outage (2.5 s: the victim's first reconnect attempt) outlasts two reply timeouts, so a driver
+    # that took the link's silence for the card's would reset the queues and lose what they kept
+    victim = apcrypto.connect(
+        srv.data,
+        config="fast",
+        reply_timeout=1.0,
+        reconnect_delay=2.5,
+        reconnect_jitter=0.0,
+        peer_deadline=20.0,
+    )
     intruder = None
     try:
         assert victim.wait_ready(10)
@@ -260,7 +305,8 @@ def test_reconnect_within_the_grace_drains_replies_and_verdicts_match_the_log(
         assert sorted(effects[p] for p in by_psmid) == sorted(values)
         ran = [e for e in log if e["psmid"] in by_psmid]
         assert len(ran) == 16 and {e["outcome"] for e in ran} == {"completed"}  # each ran once, none lost
-        assert victim.stats()["counters"].get("external_resets", 0) == 0
+        counters = victim.stats()["counters"]
+        assert counters.get("external_resets", 0) == 0 and counters.get("reply_timeouts", 0) == 0
     finally:
         if intruder is not None:
             intruder.close()
