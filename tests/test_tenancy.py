@@ -37,6 +37,7 @@ from tests._fixtures_zmq import ROOT, E, ServerProcess, collect, rsa_key, server
 __all__ = ["server_factory"]  # fixture, imported for pytest
 
 RC = ResponseCode
+T = 10.0  # handshake and answer patience: the test machine may be loaded
 CCA0, CCA0_D1 = qid_of(2, 0), qid_of(2, 1)
 
 
@@ -77,7 +78,7 @@ def test_second_client_can_neither_steal_nor_forge_replies_nor_touch_keys(
 ) -> None:
     srv = server_factory("--profile", "default", "--seed", "3")
     k = rsa_key(1024)
-    with open_transport(srv.data) as victim, open_transport(srv.data) as thief:
+    with open_transport(srv.data, timeout=T) as victim, open_transport(srv.data, timeout=T) as thief:
         mine, theirs = set(victim.qids()), set(thief.qids())
         assert mine and theirs and mine.isdisjoint(theirs)
         assert {qid_domain(q) for q in mine} == {0} and {qid_domain(q) for q in theirs} == {1}
@@ -119,7 +120,7 @@ def test_second_client_can_neither_steal_nor_forge_replies_nor_touch_keys(
         assert parse_reply(dqap_one(victim, CCA0, 51).reply).result == b"secret-key"
         # asking for the victim's domain by name is refused with a specific error the client reports
         with pytest.raises(ApqnInUse) as ei:
-            apcrypto.connect(srv.data, domains=[0], config="fast")
+            apcrypto.connect(srv.data, domains=[0], config="fast", timeout=T)
         assert ei.value.code == ErrorCode.APQN_IN_USE and "00.0000" in str(ei.value)
         with pytest.raises(ApqnInUse):  # the asyncio client reports it the same way
             asyncio.run(_aio_connect(srv.data, domains=[0]))
@@ -154,7 +155,7 @@ def test_a_second_hello_cannot_widen_a_session(server_factory: Callable[..., Ser
         res = ask(encode_command(1, Instr.TAPQ, qid_of(0, 0)))
         assert res.to_result().status.rc == RC.Q_NOT_AVAIL
         # domain 0 is still free for somebody else
-        with open_transport(srv.data, domains=[0]) as other:
+        with open_transport(srv.data, domains=[0], timeout=T) as other:
             assert other.qids() == [qid_of(0, 0), qid_of(1, 0)]
     finally:
         sock.close(linger=0)
@@ -176,12 +177,12 @@ def test_curve_matrix_bounds_each_key_and_a_token_serves_only_its_key(
         "--profile", "small", "--curve-dir", str(keys), "--apqn-matrix", str(matrix), "--session-grace", "30"
     )
     alice, bob = curve_options(keys, "alice"), curve_options(keys, "bob")
-    with open_transport(srv.data, **alice) as a:
+    with open_transport(srv.data, timeout=T, **alice) as a:
         assert a.qids() == [qid_of(0, 0), qid_of(1, 0)]
         with pytest.raises(HandshakeRefused) as ei:  # bob's key may never have domain 0
-            open_transport(srv.data, domains=[0], **bob)
+            open_transport(srv.data, domains=[0], timeout=T, **bob)
         assert ei.value.code == ErrorCode.DOMAIN_DENIED
-        with open_transport(srv.data, **bob) as b:
+        with open_transport(srv.data, timeout=T, **bob) as b:
             assert b.qids() == [qid_of(1, 1)]
         # alice's token in a HELLO signed with bob's key gets bob a session of his own, not alice's
         sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -270,13 +271,14 @@ def test_reconnect_within_the_grace_drains_replies_and_verdicts_match_the_log(
     ends completed with the value the card's log says it produced."""
     srv = server_factory("--profile", "default", "--seed", "5", "--session-grace", "30")
     ctl = srv.control_client(timeout=5.0)
-    # the outage (2.5 s: the victim's first reconnect attempt) outlasts two reply timeouts, so a driver
+    # the outage (3.5 s: the victim's first reconnect attempt) outlasts two reply timeouts, so a driver
     # that took the link's silence for the card's would reset the queues and lose what they kept
     victim = apcrypto.connect(
         srv.data,
         config="fast",
-        reply_timeout=1.0,
-        reconnect_delay=2.5,
+        reply_timeout=1.5,
+        reconnect_delay=3.5,
+        timeout=T,
         reconnect_jitter=0.0,
         peer_deadline=20.0,
     )
@@ -290,7 +292,7 @@ def test_reconnect_within_the_grace_drains_replies_and_verdicts_match_the_log(
         (mine,) = [s for s in ctl.sessions() if s["established"]]
         assert ctl.disconnect(mine["client"]) == 1
         # meanwhile another client comes with default options: it gets other APQNs and resets only those
-        intruder = apcrypto.connect(srv.data, config="fast")
+        intruder = apcrypto.connect(srv.data, config="fast", timeout=T)
         assert intruder.wait_ready(10)
         assert {qid_domain(q) for q in intruder.transport.qids()} == {1}
         _, pending = wait(futs, timeout=30)
@@ -337,7 +339,7 @@ def test_after_the_grace_the_apqns_are_zeroized_and_free(
     srv = server_factory("--profile", "default", "--session-grace", str(grace))
     ctl = srv.control_client(timeout=5.0)
     # a client that will not come back in time (its first reconnect attempt is 30 s away)
-    gone = open_transport(srv.data, domains=[0], reconnect_delay=30.0, peer_deadline=60.0)
+    gone = open_transport(srv.data, domains=[0], timeout=T, reconnect_delay=30.0, peer_deadline=60.0)
     try:
         run(gone, Command(1, Instr.NQAP, CCA0, 1, build_cprb("KS", 0, b"\x07left-behind")))
         assert parse_reply(dqap_one(gone, CCA0, 2).reply).kind == "ok"
@@ -348,13 +350,13 @@ def test_after_the_grace_the_apqns_are_zeroized_and_free(
         assert ctl.disconnect(s["client"]) == 1
         dropped = time.monotonic()
         with pytest.raises(ApqnInUse):  # reserved for its client during the grace
-            open_transport(srv.data, domains=[0])
+            open_transport(srv.data, domains=[0], timeout=T)
         waiting = [x for x in ctl.sessions() if x["client"] is None]  # detached, kept for the grace
         assert [x["apqns"] for x in waiting] == [[qid_of(c, 0) for c in range(4)]]
         deadline = time.monotonic() + 10
         while True:
             try:
-                heir = open_transport(srv.data, domains=[0])
+                heir = open_transport(srv.data, domains=[0], timeout=T)
                 break
             except ApqnInUse:
                 assert time.monotonic() < deadline, "APQNs not freed after the grace"
