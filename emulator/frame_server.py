@@ -41,7 +41,12 @@ APQN), and psmids stay the client's own business.
 * **Who may have what.**  The server's ``--domains`` bounds every client; under CURVE an APQN matrix
   (``serve --apqn-matrix FILE``, :func:`load_apqn_matrix`) maps client keys to the APQNs they may ever be
   assigned.
-* **Sessions survive a reconnect.**  WELCOME issues a 128-bit resume token (``secrets``).  When a
+* **Sessions survive a reconnect.**  WELCOME issues a 128-bit resume token.  The client proposes it
+  in its first HELLO (``apcrypto`` draws it from ``secrets`` when the transport is made) and the
+  server adopts it unless another key holds it (then it draws a fresh one): so a first handshake that
+  the client retried on a new connection, because the WELCOME was slow, finds the session the first
+  attempt was granted instead of taking a second one and leaving the first reserved.  Like a secret
+  key, a token only protects the client that chose it well (a server given none draws one).  When a
   connection drops without a BYE, its APQNs and the replies the cards hold for it stay reserved for
   ``grace`` seconds; a HELLO presenting the token (under CURVE: from the same client key) gets the same
   APQNs back (WELCOME ``resumed``) and drains what is waiting.  A resume on a new connection while the
@@ -227,13 +232,17 @@ class Tenancy:
     # -- a session comes, goes, comes back ------------------------------------------------------------
     def open(self, hello: Hello, key: str | None, session: FrameSession) -> tuple[Lease, bool]:
         """Grant ``hello`` for ``session``: ``(lease, resumed)``.  Raises :class:`Refusal`."""
-        if hello.token is not None:
-            lease = self._leases.get(hello.token)
+        token = hello.token
+        if token is not None:
+            lease = self._leases.get(token)
             if lease is not None and lease.key == key:
                 return self._resume(lease, session), True
-            self.stats["unknown_tokens"] += 1  # expired, issued before a restart, or not this key's
+            if lease is not None:  # another key's: never shared, never revealed
+                token = None
+            self.stats["unknown_tokens"] += 1  # new, expired, issued before a restart, or not this key's
         qids = self._assign(hello.domains, key)
-        lease = Lease(secrets.token_bytes(16), key, qids, session)
+        # the client's own token when it proposed one (see the module doc), else a fresh one
+        lease = Lease(token or secrets.token_bytes(16), key, qids, session)
         if self.shared:
             for q in qids:
                 self._owner[q] = lease

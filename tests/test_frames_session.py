@@ -309,7 +309,7 @@ def test_resume_within_the_grace_then_expiry_zeroizes_and_frees() -> None:
     assert [lease.qids for lease in tenancy.expire()] == [frozenset(w.qids)]
     assert sorted(emu.calls) == sorted(("zeroize", q) for q in w.qids)
     late = one(new().handle(encode_hello(token=w.token)))  # too late: a new session, not a resume
-    assert not late.resumed and late.token != w.token
+    assert not late.resumed and late.token == w.token  # (the client's token is adopted again)
 
 
 def test_a_token_is_honoured_only_for_its_own_curve_key_and_a_resume_takes_over() -> None:
@@ -317,7 +317,7 @@ def test_a_token_is_honoured_only_for_its_own_curve_key_and_a_resume_takes_over(
     a = new("alice")
     w = one(a.handle(encode_hello()))
     thief = one(new("mallory").handle(encode_hello(token=w.token)))
-    assert not thief.resumed and set(thief.qids).isdisjoint(w.qids)
+    assert not thief.resumed and set(thief.qids).isdisjoint(w.qids) and thief.token != w.token
     b = new("alice")  # the client reconnected before the server noticed the old connection died
     assert one(b.handle(encode_hello(token=w.token))).resumed
     assert tenancy.take_evicted() == [a] and a.closed and not a.established
@@ -336,3 +336,17 @@ def test_apqn_matrix_file(tmp_path: Path) -> None:
     f.write_text('[clients."*"]\napqns = ["zz"]\n')
     with pytest.raises(ValueError, match="bad APQN"):
         load_apqn_matrix(f)
+
+
+def test_a_first_handshake_retried_on_a_new_connection_finds_its_session() -> None:
+    """The client proposes its token in its first HELLO: when the WELCOME is slow and the client tries
+    again on a fresh connection, the retry gets the session the first attempt was granted (and the
+    abandoned connection is let go) instead of a second one that would stay reserved."""
+    tenancy, _, _, new = shared()
+    mine = bytes(range(16))
+    first, retry = new(), new()
+    w1 = one(first.handle(encode_hello(token=mine)))  # this WELCOME never reaches the client
+    w2 = one(retry.handle(encode_hello(token=mine)))
+    assert w1.token == w2.token == mine and w2.resumed and w2.qids == w1.qids
+    assert tenancy.take_evicted() == [first] and len(tenancy.leases()) == 1
+    assert one(new().handle(encode_hello())).qids == (qid_of(0, 2), qid_of(1, 2))  # domain 1 not leaked

@@ -318,7 +318,7 @@ def test_reconnect_within_the_grace_drains_replies_and_verdicts_match_the_log(
 def test_a_restarted_server_does_not_resume_and_the_client_says_so(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
-    """A token the server never issued (it restarted) gets a new session: not ``resumed``, counted as
+    """A token the server does not know (it restarted) gets a new session: not ``resumed``, counted as
     ``sessions_lost``; the same default grant as before, since the new server has nobody else."""
     srv = server_factory("--profile", "small")
     with open_transport(srv.data, peer_deadline=10.0, reconnect_delay=0.05, reconnect_delay_max=0.2) as t:
@@ -327,7 +327,7 @@ def test_a_restarted_server_does_not_resume_and_the_client_says_so(
         srv.kill()
         server_factory("--profile", "small", "--bind", srv.data)
         wait_for(lambda: t.counters["reconnects"] == 1, 10, "reconnected")
-        assert t.welcome is not None and not t.welcome.resumed and t.welcome.token != first.token
+        assert t.welcome is not None and not t.welcome.resumed
         assert t.counters["sessions_lost"] == 1 and t.counters["resumed"] == 0
         assert t.qids() == list(first.qids)
 

@@ -36,9 +36,10 @@ notice that it broke).  Both backends therefore answer a runner in the same way:
   :class:`apcrypto.errors.ApqnInUse` when the APQNs are held by other sessions; other ERRORs
   before WELCOME are only logged.  On a reconnect the same refusal declares the peer gone, and the
   back-off goes on: an operator may fix the server while the client waits.
-* **Sessions survive a reconnect**: every HELLO after the first presents the resume token of the
-  last WELCOME, so a server that kept our session (within its grace) gives back the same APQNs and the
-  replies they hold (WELCOME ``resumed``); the driver drains them and decides from what it finds.  A
+* **Sessions survive a reconnect**: every HELLO presents our resume token (our own proposal until
+  a WELCOME names it), so a server that kept our session (within its grace) gives back the same APQNs
+  and the replies they hold (WELCOME ``resumed``); the driver drains them and decides from what it
+  finds.  A first handshake retried on a new connection finds the session its first attempt got.  A
   WELCOME that is not a resume after an earlier session means the server lost what it held for us
   (restarted, or the grace ran out): counted as ``sessions_lost`` and logged.
 
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import threading
 from abc import abstractmethod
 from collections import Counter, OrderedDict, deque
@@ -72,6 +74,7 @@ from apformats.codes import ResponseCode
 from apformats.errors import FormatError
 from apformats.frames import (
     DEFAULT_MAX_FRAME,
+    TOKEN_LEN,
     Bye,
     ErrorCode,
     ErrorFrame,
@@ -270,6 +273,7 @@ class FramedTransport(Transport):
         self.counters: Counter[str] = Counter()
         #: the last WELCOME (the session's qids, limit and interrupt support); None before the first
         self.welcome: Welcome | None = None
+        self._token = secrets.token_bytes(TOKEN_LEN)  # our session's proposed identity
         self._log = logging.getLogger(type(self).__module__)  # each backend logs under its own name
         # shared between caller threads and the I/O thread, guarded by _cv
         self._cv = threading.Condition()
@@ -290,10 +294,12 @@ class FramedTransport(Transport):
         return f"<{type(self).__name__} {self.endpoint} state={self._state} inflight={len(self._inflight)}>"
 
     @property
-    def resume_token(self) -> bytes | None:
-        """The token the next HELLO presents (the last WELCOME's), None before the first."""
+    def resume_token(self) -> bytes:
+        """The token every HELLO presents: the last WELCOME's, and before the first one our own
+        proposal, so that a handshake retried on a new connection finds the session an earlier
+        attempt was granted (instead of leaving it reserved on the server)."""
         w = self.welcome
-        return None if w is None else w.token
+        return w.token if w is not None and w.token is not None else self._token
 
     @property
     def state(self) -> str:
