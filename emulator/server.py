@@ -44,7 +44,15 @@ from typing import Any
 
 import zmq
 
-from apformats.frames import DEFAULT_MAX_FRAME, HEADER_LEN, TRAILER_LEN, FrameKind, encode_bye, peek_kind
+from apformats.frames import (
+    DEFAULT_MAX_FRAME,
+    HEADER_LEN,
+    TRAILER_LEN,
+    FrameKind,
+    encode_bye,
+    encode_ping,
+    peek_kind,
+)
 from emulator import faults as fault_types
 from emulator.frame_server import DEFAULT_GRACE, FrameSession, Tenancy
 
@@ -59,6 +67,11 @@ FAULTABLE: frozenset[int] = frozenset({FrameKind.RESULT, FrameKind.ERROR, FrameK
 FAULT_TYPES: dict[str, type] = {
     name: getattr(fault_types, name) for name in fault_types.__all__ if name != "Fault"
 }
+
+#: A session silent this long gets a PING from the server (a live client pings every 0.5 s or less).
+#: Sending to a connection that is gone fails at once (ROUTER_MANDATORY), so a client that died
+#: without a BYE is detached -- its grace starts -- within seconds, not after ``session_idle``.
+PROBE_SILENT = 3.0
 
 #: Most data messages handled per poll round before control and interrupts get a turn.
 BATCH = 256
@@ -117,12 +130,13 @@ def jsonable(obj: Any) -> Any:
 
 
 class _Peer:
-    __slots__ = ("ident", "last_seen", "session")
+    __slots__ = ("ident", "last_seen", "probed", "session")
 
     def __init__(self, ident: bytes, session: FrameSession) -> None:
         self.ident = ident
         self.session = session
         self.last_seen = time.monotonic()
+        self.probed = 0.0  # when the server last sent it a PING (see _gc)
 
 
 class EmulatorServer:
@@ -421,6 +435,14 @@ class EmulatorServer:
             if now - peer.last_seen > self.session_idle:
                 log.info("dropping idle session %s", ident.hex())
                 self._drop_peer(ident)
+            elif (
+                peer.session.established
+                and now - peer.last_seen > PROBE_SILENT
+                and now - peer.probed > PROBE_SILENT
+            ):
+                peer.probed = now
+                self.stats["probes"] += 1
+                self._send(ident, encode_ping(0))  # a connection that is gone: dropped (detached) here
         for lease in self.tenancy.expire():
             self.stats["sessions_expired"] += 1
             log.info("session grace over: APQNs %s zeroized and free", sorted(lease.qids))

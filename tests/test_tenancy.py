@@ -375,6 +375,56 @@ def test_after_the_grace_the_apqns_are_zeroized_and_free(
         gone.close()
 
 
+KILLED_CLIENT = r"""
+import sys, time
+from apcrypto.transport import Command, open_transport
+from apformats.messages import build_cprb
+from apformats.results import Instr, qid_of
+t = open_transport(sys.argv[1], domains=[0], timeout=10.0)
+t.submit([Command(1, Instr.NQAP, qid_of(2, 0), 0xDEAD, build_cprb("CI", 0, (1).to_bytes(8, "big")))])
+while not t.poll(1.0):
+    pass
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_client_killed_without_a_word_is_detached_within_seconds(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """SIGKILL: no BYE, and the server is never told.  It probes sessions that fell silent, finds the
+    connection gone, and starts the grace; then the APQNs are zeroized and free -- seconds, not the
+    minute of ``--session-idle``."""
+    srv = server_factory("--profile", "default", "--session-grace", "0.5")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    client = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CLIENT, srv.data], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
+    try:
+        assert client.stdout is not None and client.stdout.readline().strip() == "READY"
+        client.kill()
+        client.wait(10)
+        killed = time.monotonic()
+        with pytest.raises(ApqnInUse):
+            open_transport(srv.data, domains=[0], timeout=T)
+        while True:
+            try:
+                heir = open_transport(srv.data, domains=[0], timeout=T)
+                break
+            except ApqnInUse:
+                assert time.monotonic() - killed < 15, "the dead client's APQNs were not freed"
+                time.sleep(0.1)
+        heir.close()
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(10)
+        if client.stdout is not None:
+            client.stdout.close()
+    log = srv.control_client(timeout=5.0).execution_log(psmid=0xDEAD)
+    assert [e["outcome"] for e in log] == ["discarded"]  # its reply was zeroized with the APQN
+
+
 # --- many clients, one server -----------------------------------------------------------------------
 
 WORKER = r"""
