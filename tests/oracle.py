@@ -46,8 +46,8 @@ Rules (each violation names its rule; ``RULES`` lists them; the negative tests i
                      from the log), and no NQAP is refused as full on a queue no fault touched
 ``full``             while work of a kind waits on the host, every queue of that kind holds
                      ``qd + 1`` messages (checked until the first fault)
-``probe``            after a machine-failure reply, a queue gets work again only after a known-answer
-                     probe on it came back completed (when the driver is configured to probe)
+``probe``            after a machine-failure reply or a wrong probe answer, a queue gets work again
+                     only after a known-answer probe on it came back completed (if probes are on)
 """
 
 from __future__ import annotations
@@ -121,7 +121,9 @@ INF = float("inf")
 #: Driver bugs a caller may ask the oracle to excuse while they are being fixed, each only in its
 #: exact shape.  ``deadline-after-redrive``: ``DeadlineExceeded(may_have_run=False)`` for a request
 #: whose earlier attempt started, when the deadline found it back on the host (issue 8 §1).
-KNOWN_BUGS = frozenset({"deadline-after-redrive"})
+#: ``redrive-into-recovering-queue``: work accepted by a queue in the very instant the host read its
+#: card's machine-failure replies, before the queue's reset and probe (issue 8 §1, first defect).
+KNOWN_BUGS = frozenset({"deadline-after-redrive", "redrive-into-recovering-queue"})
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -357,6 +359,10 @@ class Violation:
 class Report:
     violations: list[Violation] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # outcomes, for the record
+    #: each request's attempts as the log shows them (by work index), and the driver's own
+    #: messages (probes) per queue: for tests that look closer at a scenario
+    attempts: dict[int, list[LogEntry]] = field(default_factory=dict)
+    others: dict[int, list[LogEntry]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -433,6 +439,7 @@ def judge(
             if seen_psmid.setdefault(e.psmid, idx) != idx:
                 rep.add("attribution", f"psmid {e.psmid:#x}", "carries two different requests")
 
+    rep.attempts, rep.others = dict(of_req), dict(probes_on)
     _log_consistency(rep, entries)
     silent_after = _silencing_times(faults, entries, topology)
     tainted_at = _taint_times(faults, entries, topology)
@@ -457,7 +464,7 @@ def judge(
     _slots(rep, entries, sends, topology, tainted_at)
     _full(rep, entries, work, outcomes, of_req, topology, faults)
     if probes:
-        _probe_rule(rep, entries, of_req, probes_on, topology)
+        _probe_rule(rep, entries, of_req, probes_on, topology, known)
     return rep
 
 
@@ -819,10 +826,12 @@ def _probe_rule(
     of_req: Mapping[int, list[LogEntry]],
     probes_on: Mapping[int, list[LogEntry]],
     topo: Topology,
+    known: frozenset[str],
 ) -> None:
-    """After the card told the host a queue failed (a machine-failure reply the host read), the
-    next work on that queue must follow a probe there that completed (DESIGN §4.4: the recovery
-    routine probes health with a known-answer request before the queue re-enters service)."""
+    """After the card told the host a queue failed (a machine-failure reply the host read, or an
+    error reply to the host's own known-answer probe), the next work on that queue must follow a
+    probe there that completed (DESIGN §4.4: the recovery routine probes health with a
+    known-answer request before the queue re-enters service)."""
     work_entries = {e.seq for es in of_req.values() for e in es}
     per_q: dict[int, list[LogEntry]] = defaultdict(list)
     for e in entries:
@@ -832,6 +841,7 @@ def _probe_rule(
             continue
         disrupted_at: float | None = None
         good_probe_at: float | None = None
+        drained_at: float | None = None  # when the host read the card's failure replies here
         for e in es:  # in acceptance order
             is_work = e.seq in work_entries
             if disrupted_at is not None and e.enqueued > disrupted_at + EPS:
@@ -840,6 +850,12 @@ def _probe_rule(
                     good_probe_at = e.dequeued if ok else None
                     continue
                 if good_probe_at is None or good_probe_at > e.enqueued + EPS:
+                    if (
+                        "redrive-into-recovering-queue" in known
+                        and drained_at is not None
+                        and abs(e.enqueued - drained_at) <= EPS
+                    ):
+                        continue  # the known shape: sent in the very batch that drained the queue
                     rep.add(
                         "probe",
                         f"queue {qid:#06x}",
@@ -850,8 +866,16 @@ def _probe_rule(
                 disrupted_at = None
                 good_probe_at = None
             # did the card tell the host it failed (a machine-failure reply the host read)?
-            if e.dequeued is not None and (
-                e.outcome in ("pending-failed", "in-process-failed") or e.reply_code == MACHINE_FAILURE
-            ):
-                disrupted_at = e.dequeued if disrupted_at is None else max(disrupted_at, e.dequeued)
+            # (a card-wide failure: from the failure on, the card refused all work until its
+            # recovery ended, so anything it accepted later came after the host could know)
+            t_fail: float | None = None
+            if e.dequeued is not None and not is_work and e.outcome == "error":
+                t_fail = e.dequeued  # the known-answer probe answered wrong: not healthy either
+            elif e.dequeued is not None and e.outcome in ("pending-failed", "in-process-failed"):
+                t_fail = e.ended if e.ended is not None else e.dequeued
+            elif e.dequeued is not None and e.reply_code == MACHINE_FAILURE:
+                t_fail = e.dequeued
+            if t_fail is not None:
+                disrupted_at = t_fail if disrupted_at is None else max(disrupted_at, t_fail)
                 good_probe_at = None
+                drained_at = e.dequeued

@@ -411,3 +411,16 @@ def test_a_known_bug_is_excused_only_in_its_shape() -> None:
     assert "deadline" in h.judge(known=frozenset({"deadline-after-redrive"})).rules()
     with pytest.raises(ValueError):
         h.judge(known=frozenset({"anything-goes"}))
+
+
+def test_redrive_into_a_recovering_queue_is_excused_only_in_its_shape() -> None:
+    """``redrive-into-recovering-queue`` excuses work a queue accepted in the very instant the host
+    read its card's machine-failure replies -- not work sent there any later without a probe."""
+    h = good()
+    h.work.append(Work(4, "accel", ("me", 1004), True, 1.0))
+    h.outcomes[4] = Outcome("completed", 3.3, b"")
+    h.add(LogEntry(16, A1, 3.0, "completed", 3.0, 3.3, 0, None, 3.3), t50(1004))  # drained at 3.0
+    assert "probe" in h.judge().rules()
+    assert h.judge(known=frozenset({"redrive-into-recovering-queue"})).ok, str(h.judge())
+    h.put(16, enqueued=3.1, started=3.1)  # a moment later: no excuse
+    assert "probe" in h.judge(known=frozenset({"redrive-into-recovering-queue"})).rules()
