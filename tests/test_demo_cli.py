@@ -57,7 +57,7 @@ def _figures(text: str) -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize(("seed", "requests"), [(1, 1), (2, 2), (3, 3), (4, 5), (5, 7), (6, 10), (7, 40)])
+@pytest.mark.parametrize(("seed", "requests"), [(1, 1), (2, 3), (6, 10), (7, 40)])
 def test_small_demos_never_crash_and_every_figure_adds_up(seed: int, requests: int) -> None:
     """Small runs are where the old wait crashed (StopIteration) and the figures went wrong."""
     rc, text = _demo(seed=seed, requests=requests)
