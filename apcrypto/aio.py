@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections import Counter
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
 from apcrypto import split_options
+from apcrypto.cardstats import client_stats
+from apcrypto.config import check_deadline, resolve
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
 from apcrypto.errors import ClientClosed, HostQueueFull
@@ -69,7 +72,9 @@ async def _off_loop(fn: Callable[[], T], name: str, orphan: Callable[[T], None] 
     return await fut
 
 
-class AsyncClient(Operations):
+class AsyncClient(
+    Operations["asyncio.Future[bytes]", "asyncio.Future[int]", "asyncio.Future[None]", "asyncio.Future[Any]"]
+):
     """Asyncio twin of :class:`apcrypto.Client`; create it with :func:`connect`."""
 
     def __init__(
@@ -84,6 +89,8 @@ class AsyncClient(Operations):
         )
         self._runner = AsyncioRunner(self.core, transport, self.loop)
         self._pending: set[asyncio.Future[Any]] = set()
+        self._local: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()  # failed requests by exception class (stats())
         self._closed = False
         self._runner.start_queues()
         self._runner.schedule()
@@ -92,12 +99,15 @@ class AsyncClient(Operations):
     def _failed(self, error: BaseException) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self.loop.create_future()
         fut.set_exception(error)
+        self._local["failed"] += 1
+        self._errors[type(error).__name__] += 1
         return fut
 
     def _submit(
         self, request: Request, idem: bool | None, deadline: float | None, block: bool = True
     ) -> asyncio.Future[Any]:
         """``block`` has no meaning on an event loop: a full host-side queue raises HostQueueFull."""
+        deadline = check_deadline(deadline)
         if self._closed:
             raise ClientClosed("client is closed")
         if self.core.backlog_size >= self.config.backlog_limit:
@@ -107,6 +117,8 @@ class AsyncClient(Operations):
 
         def resolved(value: Any, error: BaseException | None) -> None:
             self._pending.discard(fut)
+            if error is not None:
+                self._errors[type(error).__name__] += 1
             if fut.cancelled():
                 return
             if error is not None:
@@ -120,7 +132,10 @@ class AsyncClient(Operations):
 
     # ---------------------------------------------------------------- state
     def stats(self) -> dict[str, Any]:
-        return self.core.stats()
+        """The same shape as :meth:`apcrypto.Client.stats` (see :func:`apcrypto.cardstats.client_stats`)."""
+        return client_stats(
+            self.core.stats(), self._local, self._errors, getattr(self.transport, "emulator", None)
+        )
 
     async def wait_ready(self, timeout: float = 10.0) -> bool:
         """Wait until every queue has left bring-up (in service or offline); False on timeout."""
@@ -153,14 +168,15 @@ class AsyncClient(Operations):
 class _Connect:
     """``await connect(...)`` or ``async with connect(...) as client``."""
 
-    def __init__(self, url: str, options: dict[str, Any]) -> None:
+    def __init__(self, url: str | None, options: dict[str, Any]) -> None:
         self._url = url
         self._options = options
         self._client: AsyncClient | None = None
 
     async def _open(self) -> AsyncClient:
-        cfg, client_opts, transport_opts = split_options(self._options)
-        url = self._url
+        chosen = resolve(self._url, self._options)
+        cfg, client_opts, transport_opts = split_options(chosen.options)
+        url = chosen.url
         transport = await _off_loop(
             lambda: open_transport(url, **transport_opts), "apcrypto-aio-open", _close_quietly
         )
@@ -187,7 +203,7 @@ def _close_quietly(transport: Transport) -> None:
         transport.close()
 
 
-def connect(url: str = "emu:", **options: Any) -> _Connect:
+def connect(url: str | None = None, **options: Any) -> _Connect:
     """Open an :class:`AsyncClient`; same URL and options as :func:`apcrypto.connect`."""
     return _Connect(url, options)
 
