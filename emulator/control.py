@@ -105,9 +105,13 @@ class TransportFaults:
             self._drop = self._corrupt = self._disconnect = 0
 
 
+#: Most frames one drop_frames / corrupt_frames call may ask for.
+MAX_FRAMES = 1_000_000
+
+
 def _count(n: int) -> int:
-    if type(n) is not int or n < 0:
-        raise ValueError(f"frame count must be an int >= 0, got {n!r}")
+    if type(n) is not int or not 0 <= n <= MAX_FRAMES:
+        raise ValueError(f"frame count must be an int in [0, {MAX_FRAMES}], got {n!r}")
     return n
 
 
