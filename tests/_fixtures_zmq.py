@@ -4,19 +4,25 @@ Every server process is terminated and waited for in teardown, and a server that
 purpose must exit 0 after SIGTERM (the clean-stop contract).  Waits are bounded polls, never sleeps.
 
 The control plane needs its credential: each server writes its control token to an owner-only file in
-the test's log directory (``--control-token-file``), named on its READY line; :meth:`ServerProcess.
-control_client` passes it (tests for a CURVE server pass their certificate instead).
+the runtime directory, which for a test run is a private temporary one (``$APCRYPTO_RUNTIME_DIR``, set
+here when this module is imported, inherited by every server and CLI the tests start), so a plain
+``ControlClient(srv.control)`` finds it by itself as an operator's would; :meth:`ServerProcess.
+control_client` passes the file named on the READY line explicitly (tests for a CURVE server pass their
+certificate instead).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import random
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +38,11 @@ from emulator.control_client import ControlClient
 
 ROOT = Path(__file__).resolve().parent.parent
 E = 65537
+
+if not os.environ.get("APCRYPTO_RUNTIME_DIR"):  # token files of this test run's servers, not ~/.local
+    _RUNTIME = tempfile.mkdtemp(prefix="apcrypto-runtime-")
+    os.environ["APCRYPTO_RUNTIME_DIR"] = _RUNTIME
+    atexit.register(shutil.rmtree, _RUNTIME, True)
 
 
 @dataclass
@@ -96,13 +107,14 @@ def start_server(
     ready_timeout: float = 30.0,
     env: dict[str, str] | None = None,
     nofile: int | None = None,
-    token_in_log_dir: bool = True,
+    token_in_log_dir: bool = False,
 ) -> ServerProcess:
     """Start ``python -m emulator serve ARGS`` on free loopback ports and wait for its READY line.
 
     ``env`` adds environment variables; ``nofile`` starts the process with that soft descriptor limit
     (as a default Linux login has 1024), so a test sees what the server does about it.  The control
-    token goes to a file in ``log_dir`` unless ``token_in_log_dir`` is False (the server's default place).
+    token goes to the runtime directory (the server's default), or to a file in ``log_dir`` with
+    ``token_in_log_dir``.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.monotonic_ns()

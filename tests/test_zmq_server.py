@@ -153,7 +153,10 @@ def test_control_client_times_out_without_a_server() -> None:
 
 
 def test_cli_control_and_keygen(
-    zmq_server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    zmq_server: ServerProcess,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     token = ["--token-file", str(zmq_server.token_file)]
     assert cli_main(["control", zmq_server.control, "ping", *token]) == 0
@@ -164,7 +167,10 @@ def test_cli_control_and_keygen(
     capsys.readouterr()
     assert cli_main(["control", zmq_server.control, "execution_log", *token]) == 0
     assert isinstance(json.loads(capsys.readouterr().out), list)
-    assert cli_main(["control", zmq_server.control, "ping"]) == 1  # no credential: refused
+    assert cli_main(["control", zmq_server.control, "ping"]) == 0  # found in the runtime dir
+    capsys.readouterr()
+    monkeypatch.setenv("APCRYPTO_CONTROL_TOKEN", "guess")
+    assert cli_main(["control", zmq_server.control, "ping"]) == 1  # a wrong credential: refused
     assert "credential" in capsys.readouterr().err
     assert cli_main(["keygen", str(tmp_path / "keys"), "--client", "a", "--client", "b"]) == 0
     assert sorted(p.name for p in (tmp_path / "keys" / "clients").iterdir()) == ["a.key", "b.key"]
