@@ -42,6 +42,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import queue
 import random
 import secrets
@@ -314,7 +315,9 @@ class EmulatorServer:
             try:
                 sock.bind(url)
             except zmq.ZMQError as exc:
-                raise OSError(exc.errno, f"cannot bind {url}: {exc.strerror}") from None
+                err = OSError(f"cannot bind {url}: {os.strerror(exc.errno) if exc.errno else exc}")
+                err.errno = exc.errno
+                raise err from None
         except BaseException:
             sock.close(linger=0)  # an unclosed socket would hang Context.term() forever
             raise
