@@ -399,6 +399,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
+    return int(args.func(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``apcrypto`` argument parser (docs/cli.md is checked against it)."""
     from apcrypto import __version__
 
     parser = argparse.ArgumentParser(prog="apcrypto", description=__doc__)
@@ -479,9 +487,7 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--no-raw", action="store_true", help="skip the raw NQAP/DQAP loop comparison")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
-    return int(args.func(args))
+    return parser
 
 
 if __name__ == "__main__":
