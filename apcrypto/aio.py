@@ -5,14 +5,20 @@
 
 ``connect`` takes exactly the options of :func:`apcrypto.connect`.  The driver core runs on the
 event loop (no runner thread); transports that need one (ZeroMQ, USB) keep their own I/O thread.
+
+Nothing here blocks the loop: opening a transport (which waits for the peer's handshake, up to
+``timeout`` and more) and closing one (which joins its I/O thread) run on a short-lived helper
+thread while the loop serves other tasks; ``wait_ready`` is a future the runner resolves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections import Counter
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
 
 from apcrypto import split_options
 from apcrypto.cardstats import client_stats
@@ -25,6 +31,45 @@ from apcrypto.requests import Request
 from apcrypto.runners.aio import AsyncioRunner
 from apcrypto.transport import open_transport
 from apcrypto.transport.base import Transport
+
+T = TypeVar("T")
+
+
+async def _off_loop(fn: Callable[[], T], name: str, orphan: Callable[[T], None] | None = None) -> T:
+    """``fn()`` on a thread of its own, awaited without blocking the loop.
+
+    A thread per call rather than the loop's default executor: the thread ends with the call, so
+    nothing outlives the client, whichever loop (or ``asyncio.run``) ran it.  If the awaiting task
+    is cancelled, or its loop is gone, before ``fn`` returns, ``orphan(result)`` releases what ``fn``
+    built (a transport nobody will close otherwise).
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: T | None, error: BaseException | None) -> None:  # on the loop
+        if fut.done():  # the awaiting task was cancelled meanwhile
+            if error is None and orphan is not None:
+                orphan(value)  # type: ignore[arg-type]
+        elif error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)  # type: ignore[arg-type]
+
+    def work() -> None:
+        value: T | None = None
+        error: BaseException | None = None
+        try:
+            value = fn()
+        except BaseException as exc:  # handed to the awaiting task
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, value, error)
+        except RuntimeError:  # the loop is closed: nobody awaits this any more
+            if error is None and orphan is not None:
+                orphan(value)  # type: ignore[arg-type]
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return await fut
 
 
 class AsyncClient(
@@ -111,7 +156,7 @@ class AsyncClient(
             await asyncio.wait(set(self._pending), timeout=self.close_timeout)
         self._runner.apply(self.core.shutdown(self._runner.now()))
         self._runner.close()
-        self.transport.close()
+        await _off_loop(self.transport.close, "apcrypto-aio-close")  # joins the I/O thread
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -131,11 +176,14 @@ class _Connect:
     async def _open(self) -> AsyncClient:
         chosen = resolve(self._url, self._options)
         cfg, client_opts, transport_opts = split_options(chosen.options)
-        transport = open_transport(chosen.url, **transport_opts)
+        url = chosen.url
+        transport = await _off_loop(
+            lambda: open_transport(url, **transport_opts), "apcrypto-aio-open", _close_quietly
+        )
         try:
             return AsyncClient(transport, cfg, **client_opts)
         except BaseException:
-            transport.close()
+            await _off_loop(transport.close, "apcrypto-aio-close")
             raise
 
     def __await__(self) -> Generator[Any, None, AsyncClient]:
@@ -148,6 +196,11 @@ class _Connect:
     async def __aexit__(self, *exc: object) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+def _close_quietly(transport: Transport) -> None:
+    with contextlib.suppress(Exception):
+        transport.close()
 
 
 def connect(url: str | None = None, **options: Any) -> _Connect:

@@ -329,6 +329,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from apcrypto.demo import run_demo
 
@@ -457,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
     p = sub.add_parser("demo", help="mixed workload with a machine failure on the embedded emulator")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--requests", type=int, default=3000)
+    p.add_argument("--requests", type=_at_least_one, default=3000)
     p.add_argument("--sim", action="store_true", help="simulation runner: the same seed replays exactly")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser(
