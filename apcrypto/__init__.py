@@ -11,7 +11,6 @@ every transport takes the same driver options and gives the same outcomes.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import fields
 from typing import Any
 
