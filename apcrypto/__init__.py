@@ -11,12 +11,11 @@ every transport takes the same driver options and gives the same outcomes.
 from __future__ import annotations
 
 import logging
-import secrets
 from dataclasses import fields
 from typing import Any
 
 from apcrypto import errors
-from apcrypto.client import Client
+from apcrypto.client import Client, new_psmid_base
 from apcrypto.config import check_options, resolve
 from apcrypto.core.config import FAST, DriverConfig
 from apcrypto.errors import (
@@ -69,10 +68,9 @@ def split_options(options: dict[str, Any]) -> tuple[DriverConfig, dict[str, Any]
     if changes:
         cfg = cfg.with_(**changes)
     client_opts = {k: opts.pop(k) for k in list(opts) if k in _CLIENT_OPTIONS}
-    # psmids unique per client: a random 32-bit nonce per client in the high half (not the pid, as
-    # the kernel has it: a pid is public, and psmids learnt from a log must not let anyone predict
-    # the next ones), a counter in the low half
-    client_opts.setdefault("psmid_base", secrets.randbits(32) << 32)
+    # psmids unique per client: a random nonce (not the pid) above the ledger's counter
+    if "psmid_base" not in client_opts:
+        client_opts["psmid_base"] = new_psmid_base()
     return cfg, client_opts, opts
 
 
