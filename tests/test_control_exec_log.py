@@ -215,3 +215,20 @@ def test_the_fast_json_of_a_log_page_matches_the_generic_one() -> None:
         {"type": "Execution", **{f.name: getattr(e, f.name) for f in dataclasses.fields(e)}} for e in entries
     ]
     assert _executions(entries) == generic
+
+
+def test_control_answers_encode_to_the_same_json_either_way() -> None:
+    """The server encodes answers with orjson, falling back to the standard encoder for what orjson
+    refuses; either way a reader decodes the same data."""
+    import json
+
+    from emulator.server import _dumps, jsonable
+
+    emu = twin(None)
+    run_all(emu, [1, (1 << 64) - 1])
+    rows, nxt, oldest, end, _ = emu.execution_log.page_rows(0, 10)
+    page = {"id": 3, "ok": True, "result": {"rows": rows, "next": nxt, "oldest": oldest, "end": end}}
+    listing = {"id": 4, "ok": True, "result": jsonable(emu.execution_log.entries())}
+    huge = {"id": 5, "ok": True, "result": 1 << 70}  # beyond orjson: the fallback
+    for answer in (page, listing, huge):
+        assert json.loads(_dumps(answer)) == json.loads(json.dumps(answer))
