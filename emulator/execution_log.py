@@ -291,7 +291,9 @@ class ExecutionLog:
         self._ring: list[_Entry] = []
         self._base = 0  # seq of this run's first entry (a reused spill file continues its numbering)
         self._next = 0  # seq of the next entry
-        self._by_psmid: dict[int, list[_Entry]] = {}
+        # psmid -> its entry, or a list of them when it was sent more than once: one object fewer per
+        # entry for the cyclic GC to walk (a full collection over a 100k ring pauses the serving thread)
+        self._by_psmid: dict[int, _Entry | list[_Entry]] = {}
         self._spill: _Spill | None = None
         self._fresh: list[_Entry] = []  # added since the last spill commit (only while spilling)
         self._flush_lock = threading.Lock()
@@ -316,9 +318,11 @@ class ExecutionLog:
             ring[i] = entry
         bucket = self._by_psmid.get(psmid)
         if bucket is None:
-            self._by_psmid[psmid] = [entry]
-        else:
+            self._by_psmid[psmid] = entry
+        elif type(bucket) is list:
             bucket.append(entry)
+        else:
+            self._by_psmid[psmid] = [bucket, entry]  # type: ignore[list-item]
         if self._spill is not None:
             self._fresh.append(entry)
         key = (qid, function)
@@ -327,12 +331,21 @@ class ExecutionLog:
 
     def _forget(self, old: _Entry) -> None:
         bucket = self._by_psmid[old.psmid]
+        if type(bucket) is not list:
+            del self._by_psmid[old.psmid]
+            return
         if bucket[0] is old:
             del bucket[0]
         else:
             bucket.remove(old)
-        if not bucket:
-            del self._by_psmid[old.psmid]
+        if len(bucket) == 1:
+            self._by_psmid[old.psmid] = bucket[0]
+
+    def _of(self, psmid: int) -> tuple[_Entry, ...] | list[_Entry]:
+        bucket = self._by_psmid.get(psmid)
+        if bucket is None:
+            return ()
+        return bucket if type(bucket) is list else (bucket,)  # type: ignore[return-value]
 
     def _ordered(self) -> list[_Entry]:
         ring, cap = self._ring, self._capacity
@@ -511,22 +524,22 @@ class ExecutionLog:
     def for_psmid(self, psmid: int) -> list[Execution]:
         """Every execution of ``psmid`` still in memory (more than one if it was sent more than once)."""
         with self._lock:
-            return [e.snapshot() for e in self._by_psmid.get(psmid, ())]
+            return [e.snapshot() for e in self._of(psmid)]
 
     def started(self, psmid: int) -> bool:
         """True if any execution of ``psmid`` was started by an engine."""
         with self._lock:
-            return any(e.started is not None for e in self._by_psmid.get(psmid, ()))
+            return any(e.started is not None for e in self._of(psmid))
 
     def starts(self, psmid: int) -> int:
         """How many times an engine started ``psmid``: more than 1 means it ran twice."""
         with self._lock:
-            return sum(e.started is not None for e in self._by_psmid.get(psmid, ()))
+            return sum(e.started is not None for e in self._of(psmid))
 
     def executions_started(self, psmids: Iterable[int]) -> int:
         """Total engine starts over ``psmids`` (each psmid counted as often as it ran)."""
         with self._lock:
-            return sum(e.started is not None for p in psmids for e in self._by_psmid.get(p, ()))
+            return sum(e.started is not None for p in psmids for e in self._of(p))
 
     def function_counts(self) -> dict[tuple[int, str], int]:
         """Requests accepted per ``(qid, function)`` since the emulator was built (not bounded by the
