@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 import zmq
 
 from apformats.frames import (
@@ -202,9 +203,24 @@ def _executions(entries: list[Execution]) -> list[dict[str, Any]]:
     return [{"type": "Execution", **dict(zip(FIELDS, _execution_row(e), strict=True))} for e in entries]
 
 
+def _dumps(answer: dict[str, Any]) -> bytes:
+    """Encode a control answer.  orjson: a log page's thousands of floats cost the serving thread a
+    tenth of what the standard library's encoder takes.  Anything orjson refuses (an int beyond 64
+    bits, a non-str key) falls back to the standard encoder; a non-finite float, which JSON cannot
+    spell, becomes null (answers carry none: arguments are finite and so are the clocks)."""
+    try:
+        return orjson.dumps(answer)
+    except TypeError:
+        return json.dumps(answer).encode()
+
+
+class PlainJson(dict[str, Any]):
+    """An answer that is plain JSON data already (a log page): :func:`jsonable` passes it through."""
+
+
 def jsonable(obj: Any) -> Any:
     """Plain JSON data for control-plane answers: dataclasses (with their type), enums, bytes, paths."""
-    if obj is None or isinstance(obj, bool | int | float | str):
+    if obj is None or isinstance(obj, bool | int | float | str | PlainJson):
         return obj
     if isinstance(obj, list) and obj and all(type(x) is Execution for x in obj):
         return _executions(obj)
@@ -613,7 +629,7 @@ class EmulatorServer:
             envelope, payload = parts[:-1], parts[-1]
             answer = self._control(payload)
             with contextlib.suppress(zmq.ZMQError):  # a control client that left gets no answer
-                self._ctrl.send_multipart([*envelope, json.dumps(answer).encode()], zmq.NOBLOCK)
+                self._ctrl.send_multipart([*envelope, _dumps(answer)], zmq.NOBLOCK)
 
     def _control(self, payload: bytes) -> dict[str, Any]:
         req_id = None
@@ -721,14 +737,11 @@ class EmulatorServer:
                     "read it in pages (cursor=, limit=)"
                 )
             return log_.entries()
-        page = log_.page(0 if cursor is None else cursor, DEFAULT_PAGE if limit is None else limit)
-        return {
-            "entries": _executions(page.entries),
-            "next": page.next,
-            "oldest": page.oldest,
-            "end": page.end,
-            "missed": page.missed,
-        }
+        rows, nxt, oldest, end, missed = log_.page_rows(
+            0 if cursor is None else cursor, DEFAULT_PAGE if limit is None else limit
+        )
+        # columns once, then rows: a third of the bytes of one object per entry, and quick to encode
+        return PlainJson(fields=FIELDS, rows=rows, next=nxt, oldest=oldest, end=end, missed=missed)
 
     def _op_now(self) -> float:
         return float(self.emu.clock.now())
