@@ -410,6 +410,8 @@ def judge(
         raise ValueError("the oracle needs every request's content to be unique in its workload")
 
     # --- attribution: log entry -> message -> request -----------------------------------------
+    if [e.seq for e in entries] != list(range(len(entries))):
+        rep.add("attribution", "execution log", "not the whole log (entries missing or renumbered)")
     msg_of: dict[int, bytes] = {}
     for s in sends:
         if s.rc != 0:

@@ -106,6 +106,11 @@ class History:
     def put(self, psmid: int, **changes: Any) -> None:
         self.log = [replace(e, **changes) if e.psmid == psmid else e for e in self.log]
 
+    def drop(self, *psmids: int) -> None:
+        """Remove entries, renumbering the rest as a log that never had them."""
+        kept = [e for e in self.log if e.psmid not in psmids]
+        self.log = [replace(e, seq=i) for i, e in enumerate(sorted(kept, key=lambda e: e.seq))]
+
     def add(self, e: LogEntry, message: bytes) -> None:
         self.log.append(replace(e, seq=max(x.seq for x in self.log) + 1))
         self.sent.append(Sent(e.enqueued, e.qid, e.psmid, message, 0))
@@ -176,6 +181,10 @@ def unknown_psmid(h: History) -> None:
     h.sent = [s for s in h.sent if s.psmid != 12]  # the card ran something nobody sent
 
 
+def log_incomplete(h: History) -> None:
+    h.log = h.log[2:]  # a ring that dropped its oldest entries: the oracle cannot judge from it
+
+
 def psmid_reused(h: History) -> None:
     h.sent.append(Sent(4.0, A0, 10, t50(9999), 0))
 
@@ -198,7 +207,7 @@ def redriven_twice(h: History) -> None:
 
 
 def not_redriven(h: History) -> None:
-    h.log = [e for e in h.log if e.psmid != 14]
+    h.drop(14)
     h.outcomes[1] = Outcome("Indeterminate", 3.0, qid=A1, psmid=11)
 
 
@@ -250,7 +259,7 @@ def reset_before_drain(h: History) -> None:
 
 
 def unavailable_with_healthy_queue(h: History) -> None:
-    h.log = [e for e in h.log if e.psmid != 14]
+    h.drop(14)
     h.outcomes[1] = Outcome("DeviceUnavailable", 3.0)  # A0 was never touched by a fault
 
 
@@ -306,7 +315,7 @@ def slots_idle_while_waiting(h: History) -> None:
     h.faults = []  # no fault at all: nothing excuses the idle slots
     h.put(11, outcome="completed", started=1.0, ended=1.4, reply_code=0, dequeued=1.4)
     h.put(14, enqueued=2.5, started=2.5)  # (its own second attempt aside)
-    h.log = [e for e in h.log if e.psmid not in (14, 15)]
+    h.drop(14, 15)
     h.outcomes[1] = Outcome("completed", 1.4, b"r1")
 
 
@@ -322,6 +331,7 @@ BROKEN: list[tuple[str, Callable[[History], None]]] = [
     ("one-outcome", decided_twice),
     ("attribution", unknown_psmid),
     ("attribution", psmid_reused),
+    ("attribution", log_incomplete),
     ("log-consistency", pending_but_started),
     ("same-kind", wrong_kind),
     ("redrive-once", redrive_before_reply),
@@ -392,7 +402,7 @@ def test_unavailable_once_every_queue_of_the_kind_is_hit() -> None:
 def test_unavailable_when_the_redrive_budget_is_spent() -> None:
     h = good()
     over_budget(h)
-    h.log = [e for e in h.log if e.psmid not in (23, 14)]  # four attempts: three re-drives, all pending
+    h.drop(23, 14)  # four attempts: three re-drives, all pending
     h.outcomes[1] = Outcome("DeviceUnavailable", 8.6)
     rep = h.judge()
     assert "unavailable" not in rep.rules() and "redrive-budget" not in rep.rules(), str(rep)
