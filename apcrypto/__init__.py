@@ -11,12 +11,14 @@ every transport takes the same driver options and gives the same outcomes.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from dataclasses import fields
 from typing import Any
 
 from apcrypto import errors
 from apcrypto.client import Client
+from apcrypto.config import check_options, resolve
 from apcrypto.core.config import FAST, DriverConfig
 from apcrypto.errors import (
     ApcryptoError,
@@ -39,6 +41,10 @@ from apcrypto.transport import open_transport
 
 __version__ = "0.1.0"
 
+# A library logs; the application decides where it goes (logging HOWTO, "Configuring Logging for a
+# Library").  Without a handler, Python's last-resort handler would print our warnings on stderr.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
 _CONFIG_FIELDS = {f.name for f in fields(DriverConfig)}
 _CLIENT_NUMBERS = itertools.count(1)
 _CLIENT_OPTIONS = {"psmid_base", "close_timeout"}
@@ -50,6 +56,7 @@ def split_options(options: dict[str, Any]) -> tuple[DriverConfig, dict[str, Any]
     ``config=`` gives a whole :class:`DriverConfig` (``"fast"`` for short test timings); any config
     field given by name overrides it.  Everything else goes to the transport.
     """
+    check_options(options)
     opts = dict(options)
     base = opts.pop("config", None)
     if base is None or base == "default":
@@ -72,18 +79,23 @@ def split_options(options: dict[str, Any]) -> tuple[DriverConfig, dict[str, Any]
     return cfg, client_opts, opts
 
 
-def connect(url: str = "emu:", **options: Any) -> Client:
+def connect(url: str | None = None, **options: Any) -> Client:
     """Open a client on the adapter(s) behind ``url``.
+
+    ``url`` and each option come from the argument, else the environment (``APCRYPTO_URL``,
+    ``APCRYPTO_OPTIONS``), else a config file (``apcrypto.toml``), else ``"emu:"``; see
+    :mod:`apcrypto.config`.  An option no layer knows raises ``TypeError`` naming it.
 
     Driver options (same on every transport): ``config``, and any :class:`DriverConfig` field
     (``reply_timeout``, ``max_redrives``, ``use_interrupts``, ``backlog_limit``, ...);
     ``psmid_base``, ``close_timeout``.  Transport options: ``emulator=`` (``emu:``: drive an
-    emulator you built), ``domains=`` (restrict to these domains), ``timeout``,
-    ``reconnect_delay``, ``reconnect_delay_max``, ``peer_deadline`` (``tcp://``, ``usb://``),
-    ``backend=`` (``usb://``), CURVE keys (``tcp://``).
+    emulator you built), ``seed``, ``clock`` (``emu:``), ``domains=`` (restrict to these domains),
+    ``timeout``, ``reconnect_delay``, ``reconnect_delay_max``, ``peer_deadline`` (``tcp://``,
+    ``usb://``), ``heartbeat``, CURVE keys (``tcp://``), ``backend=`` (``usb://``).
     """
-    cfg, client_opts, transport_opts = split_options(options)
-    transport = open_transport(url, **transport_opts)
+    chosen = resolve(url, options)
+    cfg, client_opts, transport_opts = split_options(chosen.options)
+    transport = open_transport(chosen.url, **transport_opts)
     try:
         return Client(transport, cfg, **client_opts)
     except BaseException:

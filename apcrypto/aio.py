@@ -5,15 +5,24 @@
 
 ``connect`` takes exactly the options of :func:`apcrypto.connect`.  The driver core runs on the
 event loop (no runner thread); transports that need one (ZeroMQ, USB) keep their own I/O thread.
+
+Nothing here blocks the loop: opening a transport (which waits for the peer's handshake, up to
+``timeout`` and more) and closing one (which joins its I/O thread) run on a short-lived helper
+thread while the loop serves other tasks; ``wait_ready`` is a future the runner resolves.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
-from typing import Any
+import contextlib
+import threading
+from collections import Counter
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
 
 from apcrypto import split_options
+from apcrypto.cardstats import client_stats
+from apcrypto.config import check_deadline, resolve
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
 from apcrypto.errors import ClientClosed, HostQueueFull
@@ -23,8 +32,49 @@ from apcrypto.runners.aio import AsyncioRunner
 from apcrypto.transport import open_transport
 from apcrypto.transport.base import Transport
 
+T = TypeVar("T")
 
-class AsyncClient(Operations):
+
+async def _off_loop(fn: Callable[[], T], name: str, orphan: Callable[[T], None] | None = None) -> T:
+    """``fn()`` on a thread of its own, awaited without blocking the loop.
+
+    A thread per call rather than the loop's default executor: the thread ends with the call, so
+    nothing outlives the client, whichever loop (or ``asyncio.run``) ran it.  If the awaiting task
+    is cancelled, or its loop is gone, before ``fn`` returns, ``orphan(result)`` releases what ``fn``
+    built (a transport nobody will close otherwise).
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: T | None, error: BaseException | None) -> None:  # on the loop
+        if fut.done():  # the awaiting task was cancelled meanwhile
+            if error is None and orphan is not None:
+                orphan(value)  # type: ignore[arg-type]
+        elif error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)  # type: ignore[arg-type]
+
+    def work() -> None:
+        value: T | None = None
+        error: BaseException | None = None
+        try:
+            value = fn()
+        except BaseException as exc:  # handed to the awaiting task
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, value, error)
+        except RuntimeError:  # the loop is closed: nobody awaits this any more
+            if error is None and orphan is not None:
+                orphan(value)  # type: ignore[arg-type]
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return await fut
+
+
+class AsyncClient(
+    Operations["asyncio.Future[bytes]", "asyncio.Future[int]", "asyncio.Future[None]", "asyncio.Future[Any]"]
+):
     """Asyncio twin of :class:`apcrypto.Client`; create it with :func:`connect`."""
 
     def __init__(
@@ -39,6 +89,8 @@ class AsyncClient(Operations):
         )
         self._runner = AsyncioRunner(self.core, transport, self.loop)
         self._pending: set[asyncio.Future[Any]] = set()
+        self._local: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()  # failed requests by exception class (stats())
         self._closed = False
         self._runner.start_queues()
         self._runner.schedule()
@@ -47,12 +99,15 @@ class AsyncClient(Operations):
     def _failed(self, error: BaseException) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self.loop.create_future()
         fut.set_exception(error)
+        self._local["failed"] += 1
+        self._errors[type(error).__name__] += 1
         return fut
 
     def _submit(
         self, request: Request, idem: bool | None, deadline: float | None, block: bool = True
     ) -> asyncio.Future[Any]:
         """``block`` has no meaning on an event loop: a full host-side queue raises HostQueueFull."""
+        deadline = check_deadline(deadline)
         if self._closed:
             raise ClientClosed("client is closed")
         if self.core.backlog_size >= self.config.backlog_limit:
@@ -62,6 +117,8 @@ class AsyncClient(Operations):
 
         def resolved(value: Any, error: BaseException | None) -> None:
             self._pending.discard(fut)
+            if error is not None:
+                self._errors[type(error).__name__] += 1
             if fut.cancelled():
                 return
             if error is not None:
@@ -75,7 +132,10 @@ class AsyncClient(Operations):
 
     # ---------------------------------------------------------------- state
     def stats(self) -> dict[str, Any]:
-        return self.core.stats()
+        """The same shape as :meth:`apcrypto.Client.stats` (see :func:`apcrypto.cardstats.client_stats`)."""
+        return client_stats(
+            self.core.stats(), self._local, self._errors, getattr(self.transport, "emulator", None)
+        )
 
     async def wait_ready(self, timeout: float = 10.0) -> bool:
         """Wait until every queue has left bring-up (in service or offline); False on timeout."""
@@ -96,7 +156,7 @@ class AsyncClient(Operations):
             await asyncio.wait(set(self._pending), timeout=self.close_timeout)
         self._runner.apply(self.core.shutdown(self._runner.now()))
         self._runner.close()
-        self.transport.close()
+        await _off_loop(self.transport.close, "apcrypto-aio-close")  # joins the I/O thread
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -108,18 +168,22 @@ class AsyncClient(Operations):
 class _Connect:
     """``await connect(...)`` or ``async with connect(...) as client``."""
 
-    def __init__(self, url: str, options: dict[str, Any]) -> None:
+    def __init__(self, url: str | None, options: dict[str, Any]) -> None:
         self._url = url
         self._options = options
         self._client: AsyncClient | None = None
 
     async def _open(self) -> AsyncClient:
-        cfg, client_opts, transport_opts = split_options(self._options)
-        transport = open_transport(self._url, **transport_opts)
+        chosen = resolve(self._url, self._options)
+        cfg, client_opts, transport_opts = split_options(chosen.options)
+        url = chosen.url
+        transport = await _off_loop(
+            lambda: open_transport(url, **transport_opts), "apcrypto-aio-open", _close_quietly
+        )
         try:
             return AsyncClient(transport, cfg, **client_opts)
         except BaseException:
-            transport.close()
+            await _off_loop(transport.close, "apcrypto-aio-close")
             raise
 
     def __await__(self) -> Generator[Any, None, AsyncClient]:
@@ -134,7 +198,12 @@ class _Connect:
             await self._client.aclose()
 
 
-def connect(url: str = "emu:", **options: Any) -> _Connect:
+def _close_quietly(transport: Transport) -> None:
+    with contextlib.suppress(Exception):
+        transport.close()
+
+
+def connect(url: str | None = None, **options: Any) -> _Connect:
     """Open an :class:`AsyncClient`; same URL and options as :func:`apcrypto.connect`."""
     return _Connect(url, options)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,66 +20,320 @@ def _functions(fac: int) -> str:
 
 
 _TYPE_NAMES = {10: "CEX4", 11: "CEX5", 12: "CEX6", 13: "CEX7", 14: "CEX8"}
+_MODE_NAMES = {"accel": "Accelerator", "cca": "CCA-Coproc", "ep11": "EP11-Coproc"}
+#: lszcrypt's STATUS for a card the card side reports dead; otherwise the driver says online/offline
+_CARD_STATUS = {"checkstopped": "chkstop", "deconfigured": "deconfig"}
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+def _targets(words: Sequence[str]) -> tuple[str | None, list[tuple[int, int | None]]]:
+    """Split ``apcrypto list`` words into a URL (has a ':') and lszcrypt filters ``CARD[.DOMAIN]``
+    (hex, as lszcrypt and sysfs spell them)."""
+    url: str | None = None
+    filters: list[tuple[int, int | None]] = []
+    for word in words:
+        if ":" in word:
+            if url is not None:
+                raise ValueError(f"two URLs given: {url!r} and {word!r}")
+            url = word
+            continue
+        card, _, dom = word.partition(".")
+        try:
+            c, d = int(card, 16), (int(dom, 16) if dom else None)
+        except ValueError:
+            raise ValueError(f"not a URL nor a CARD[.DOMAIN] filter: {word!r} (e.g. 02 or 02.0003)") from None
+        if not 0 <= c <= 0xFF or (d is not None and not 0 <= d <= 0xFF):
+            raise ValueError(f"{word!r}: card and domain are 00..ff")
+        filters.append((c, d))
+    return url, filters
+
+
+def _open_for_listing(url: str | None, timeout: float, *, virtual: bool = True) -> Any:
+    """A client for looking: short bring-up timings; an embedded emulator on a virtual clock (a
+    listing needs no real time to pass) unless ``virtual`` is False (interval statistics)."""
     import apcrypto
 
     opts: dict[str, Any] = {"config": "fast"}
-    if args.url.startswith("emu:"):
+    chosen = url or os.environ.get("APCRYPTO_URL") or "emu:"
+    if virtual and chosen.startswith("emu:"):
         opts["clock"] = "virtual"
-    with apcrypto.connect(args.url, **opts) as client:
-        client.wait_ready(args.timeout)
-        core = client.core
-        header = f"{'CARD.DOM':<10} {'TYPE':<7} {'MODE':<12} {'STATUS':<14} {'REQUESTS':>8}"
+    client = apcrypto.connect(url, **opts)
+    client.wait_ready(timeout)
+    return client
+
+
+def listing(client: Any, card_side: Any, filters: Sequence[tuple[int, int | None]] = ()) -> dict[str, Any]:
+    """The data of ``apcrypto list``: cards, each with its queues, REQUESTS and PENDING as the card
+    counts them when ``card_side`` is given (else this client's own, and ``requests_source`` says so)."""
+    snap = card_side.snapshot() if card_side is not None else None
+    card_rows = {c["card"]: c for c in snap["cards"]} if snap else {}
+    queue_rows = {q["qid"]: q for q in snap["queues"]} if snap else {}
+    by_card: dict[int, list[Any]] = {}
+    for q in client.core.queues.values():
+        by_card.setdefault(q.card, []).append(q)
+
+    def wanted(card: int, domain: int | None) -> bool:
+        if not filters:
+            return True
+        return any(c == card and (d is None or domain is None or d == domain) for c, d in filters)
+
+    cards = []
+    for card, qs in sorted(by_card.items()):
+        if not wanted(card, None):
+            continue
+        hw = next((q.hw for q in qs if q.hw is not None), None)
+        mode = qs[0].mode
+        tname = (
+            (_TYPE_NAMES.get(hw.at, f"T{hw.at}") + {"accel": "A", "cca": "C", "ep11": "P"}.get(mode, ""))
+            if hw
+            else "-"
+        )
+        side = card_rows.get(card)
+        dead = _CARD_STATUS.get(side["state"]) if side else None
+        queues = []
+        for q in sorted(qs, key=lambda q: q.qid):
+            if not wanted(card, q.domain):
+                continue
+            qside = queue_rows.get(q.qid)
+            queues.append(
+                {
+                    "name": qid_str(q.qid),
+                    "card": card,
+                    "domain": q.domain,
+                    "type": tname,
+                    "mode": _MODE_NAMES.get(q.mode, "Unknown"),
+                    "status": dead or ("online" if q.state.in_service else "offline"),
+                    "state": q.state.value,
+                    "requests": qside["requests"] if qside else q.requests_total,
+                    "pending": qside["held"] if qside else q.held,
+                    "hwtype": q.hw.at if q.hw else None,
+                    "depth": q.hw.slots if q.hw else None,
+                    "functions": _functions(q.hw.fac) if q.hw else None,
+                    "driver": "apcrypto",
+                }
+            )
+        cards.append(
+            {
+                "name": f"{card:02x}",
+                "card": card,
+                "type": side["type"] if side else tname,
+                "mode": _MODE_NAMES.get(mode, "Unknown"),
+                "status": dead or ("online" if any(q.state.in_service for q in qs) else "offline"),
+                "requests": side["requests"] if side else sum(q.requests_total for q in qs),
+                "pending": side["held"] if side else sum(q.held for q in qs),
+                "hwtype": hw.at if hw else None,
+                "depth": hw.slots if hw else None,
+                "functions": _functions(hw.fac) if hw else None,
+                "driver": "apcrypto",
+                "queues": queues,
+            }
+        )
+    return {"requests_source": "card" if snap else "client", "cards": cards}
+
+
+def _bus(client: Any) -> list[str]:
+    """``lszcrypt -b``: the bus attributes, as this driver has them."""
+    cfg = client.config
+    domains = sorted({q.domain for q in client.core.queues.values()})
+    irq = client.transport.supports_interrupts and cfg.use_interrupts
+    return [
+        f"ap_domain={f'{domains[0]:#x}' if domains else '-'}",
+        f"ap_max_domain_id={f'{max(domains):#x}' if domains else '-'}",
+        f"ap_interrupts are {'enabled' if irq else 'disabled'}",
+        f"config_time={cfg.offline_probe_max:g} (seconds)",
+        "poll_thread is disabled",
+        f"poll_timeout={round(cfg.poll_high * 1e9)} (nanoseconds)",
+    ]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from apcrypto.cardstats import CardSide
+
+    url, filters = _targets(args.targets)
+    url = args.url or url
+    kinds = {"accel": args.accelonly, "cca": args.ccaonly, "ep11": args.ep11only}
+    with _open_for_listing(url, args.timeout) as client:
+        if args.bus:
+            print("\n".join(_bus(client)))
+            return 0
+        side = CardSide.for_client(client, args.control)
+        try:
+            data = listing(client, side, filters)
+        finally:
+            if side is not None:
+                side.close()
+        if any(kinds.values()):
+            data["cards"] = [
+                c for c in data["cards"] if any(on and c["mode"] == _MODE_NAMES[k] for k, on in kinds.items())
+            ]
+        if data["requests_source"] == "client":
+            print(
+                "apcrypto: note: REQUESTS and PENDING count this client's requests only; "
+                "give --control tcp://HOST:PORT for the card's counts",
+                file=sys.stderr,
+            )
+        if args.json:
+            if args.cardonly:
+                for c in data["cards"]:
+                    c.pop("queues")
+            elif args.queueonly:
+                data["queues"] = [q for c in data["cards"] for q in c["queues"]]
+                del data["cards"]
+            print(json.dumps(data, indent=2))
+            return 0
+        cols = [
+            ("name", "CARD.DOM", "<10"),
+            ("type", "TYPE", "<7"),
+            ("mode", "MODE", "<12"),
+            ("status", "STATUS", "<9"),
+            ("requests", "REQUESTS", ">9"),
+        ]
         if args.verbose:
-            header += f" {'PENDING':>7} {'HWTYPE':>6} {'QDEPTH':>6} {'FUNCTIONS':>10}"
-        print(header)
-        cards: dict[int, list[Any]] = {}
-        for q in core.queues.values():
-            cards.setdefault(q.card, []).append(q)
-        for card, qs in sorted(cards.items()):
-            hw = next((q.hw for q in qs if q.hw is not None), None)
-            mode = {"accel": "Accelerator", "cca": "CCA-Coproc", "ep11": "EP11-Coproc"}.get(
-                qs[0].mode, "Unknown"
-            )
-            tname = (
-                (_TYPE_NAMES.get(hw.at, f"T{hw.at}") + {"accel": "A", "cca": "C"}.get(qs[0].mode, ""))
-                if hw
-                else "-"
-            )
-            online = any(q.state.in_service for q in qs)
-            rows = [
-                (
-                    f"{card:02x}",
-                    tname,
-                    mode,
-                    "online" if online else "offline",
-                    sum(q.requests_total for q in qs),
-                    hw,
-                    qs,
-                )
+            cols += [
+                ("pending", "PENDING", ">8"),
+                ("hwtype", "HWTYPE", ">7"),
+                ("depth", "QDEPTH", ">7"),
+                ("functions", "FUNCTIONS", ">11"),
+                ("driver", "DRIVER", ">9"),
             ]
-            rows += [
-                (
-                    qid_str(q.qid),
-                    tname,
-                    mode,
-                    "online" if q.state.in_service else q.state.value,
-                    q.requests_total,
-                    q.hw,
-                    [q],
-                )
-                for q in sorted(qs, key=lambda q: q.qid)
-            ]
-            for name, t, m, status, reqs, h, group in rows:
-                line = f"{name:<10} {t:<7} {m:<12} {status:<14} {reqs:>8}"
-                if args.verbose:
-                    pending = sum(q.held for q in group)
-                    at, depth, funcs = (h.at, h.slots, _functions(h.fac)) if h else ("-", "-", "-")
-                    line += f" {pending:>7} {at:>6} {depth:>6} {funcs:>10}"
-                print(line)
+
+        def line(row: dict[str, Any]) -> str:
+            return " ".join(f"{'-' if row[k] is None else row[k]:{fmt}}" for k, _, fmt in cols).rstrip()
+
+        print(" ".join(f"{h:{fmt}}" for _, h, fmt in cols).rstrip())
+        print("-" * (sum(int(fmt[1:]) + 1 for _, _, fmt in cols) - 1))
+        for c in data["cards"]:
+            if not args.queueonly:
+                print(line(c))
+            if not args.cardonly:
+                for q in c["queues"]:
+                    print(line(q))
     return 0
+
+
+def _stats_rows(
+    report: dict[str, Any], index: int, filters: Sequence[tuple[int, int | None]]
+) -> list[dict[str, Any]]:
+    """One interval as flat rows: a card total, then each APQN x function (the table and CSV rows)."""
+
+    def wanted(card: int, domain: int | None) -> bool:
+        return not filters or any(
+            c == card and (d is None or domain is None or d == domain) for c, d in filters
+        )
+
+    rows: list[dict[str, Any]] = []
+    for name, c in report["cards"].items():
+        card = int(name, 16)
+        if not wanted(card, None):
+            continue
+        rows.append(
+            {
+                "interval": index,
+                "end": round(report["end"], 6),
+                "seconds": round(report["seconds"], 6),
+                "apqn": name,
+                "function": "*",
+                "ops": c["ops"],
+                "errors": c["errors"],
+                "ops_per_s": c["ops"] / report["seconds"] if report["seconds"] > 0 else 0.0,
+                "utilisation": c["utilisation"],
+                "avg_latency_ms": 0.0,  # per function only: a mean over functions would mix unlike costs
+            }
+        )
+        for apqn, fns in report["queues"].items():
+            if int(apqn[:2], 16) != card or not wanted(card, int(apqn[3:], 16)):
+                continue
+            for fn, r in fns.items():
+                rows.append(
+                    {
+                        "interval": index,
+                        "end": round(report["end"], 6),
+                        "seconds": round(report["seconds"], 6),
+                        "apqn": apqn,
+                        "function": fn,
+                        "ops": r["ops"],
+                        "errors": r["errors"],
+                        "ops_per_s": r["ops"] / report["seconds"] if report["seconds"] > 0 else 0.0,
+                        "utilisation": r["utilisation"],
+                        "avg_latency_ms": r["avg_latency"] * 1e3,
+                    }
+                )
+    return rows
+
+
+_STATS_FIELDS = [
+    "interval",
+    "end",
+    "seconds",
+    "apqn",
+    "function",
+    "ops",
+    "errors",
+    "ops_per_s",
+    "utilisation",
+    "avg_latency_ms",
+]
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """zcryptstats: every ``-i`` seconds, ``-c`` times, what the cards did, per card and APQN and function."""
+    import csv
+    import time
+
+    from apcrypto.cardstats import CardSide, StatsSampler
+
+    url, filters = _targets(args.targets)
+    url = args.url or url
+    if args.interval <= 0 or args.count <= 0:
+        raise ValueError("--interval and --count must be > 0")
+    with _open_for_listing(url, args.timeout, virtual=False) as client:
+        side = CardSide.for_client(client, args.control)
+        if side is None:
+            raise ValueError(
+                f"no card-side counters for {client.transport!r}: give --control tcp://HOST:PORT "
+                "(the server's control plane)"
+            )
+        try:
+            sampler = StatsSampler(side)
+            sampler.sample()  # the baseline: each report covers one interval after it
+            writer = csv.DictWriter(sys.stdout, _STATS_FIELDS) if args.output == "csv" else None
+            if writer is not None:
+                writer.writeheader()
+            for i in range(1, args.count + 1):
+                time.sleep(args.interval)
+                report = sampler.sample()
+                rows = _stats_rows(report, i, filters)
+                if args.output == "json":
+                    print(json.dumps({"interval": i, **report}), flush=True)
+                elif writer is not None:
+                    for row in rows:
+                        writer.writerow(
+                            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+                        )
+                    sys.stdout.flush()
+                else:
+                    span, end = report["seconds"], report["end"]
+                    print(f"interval {i} of {args.count}: {span:.3f} s of card time ending at {end:.3f}")
+                    heads = ("CARD.DOM", "FUNCTION", "OPS", "ERRORS", "OPS/S", "UTIL%", "AVG_LAT_MS")
+                    print("{:<9} {:<10} {:>8} {:>7} {:>10} {:>7} {:>11}".format(*heads))
+                    for r in rows:
+                        lat = f"{r['avg_latency_ms']:11.3f}" if r["function"] != "*" else f"{'-':>11}"
+                        name = r["apqn"]
+                        fn = r["function"] if r["function"] != "*" else "(all)"
+                        print(
+                            f"{name:<9} {fn:<10} {r['ops']:>8} {r['errors']:>7} {r['ops_per_s']:>10.1f} "
+                            f"{r['utilisation'] * 100:>7.2f} {lat}"
+                        )
+                    print(flush=True)
+        finally:
+            side.close()
+    return 0
+
+
+def _at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -98,17 +354,80 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``apcrypto`` command: every error is one line on stderr and a non-zero exit status.
+
+    A reader that goes away (``apcrypto list | head -2``) ends the command quietly.  The traceback
+    of an unexpected error is still logged at DEBUG (``apcrypto -v debug ...``) for a bug report.
+    """
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return rc
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # stdout's reader is gone: point stdout at /dev/null so the interpreter's last flush is quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        logging.getLogger("apcrypto.cli").debug("apcrypto failed", exc_info=True)
+        print(f"apcrypto: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from apcrypto import __version__
+
     parser = argparse.ArgumentParser(prog="apcrypto", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--log-level", default="WARNING", help="logging level (default WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="list cards and queues (lszcrypt style)")
-    p.add_argument("url", nargs="?", default="emu:", help="transport URL (default: embedded emulator)")
-    p.add_argument("-V", "--verbose", action="store_true", help="more columns")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p = sub.add_parser(
+        "list",
+        help="list cards and queues (lszcrypt style)",
+        description="List cards and APQNs in the manner of lszcrypt.  REQUESTS and PENDING are the "
+        "card's own counts (all clients): the in-process emulator's for emu:, the server's control "
+        "plane for tcp:// (--control).",
+    )
+    p.add_argument(
+        "targets",
+        nargs="*",
+        metavar="URL|CARD[.DOMAIN]",
+        help="a transport URL (default: $APCRYPTO_URL, the config file, else emu:) and/or lszcrypt "
+        "filters such as 02 or 02.0003 (hex)",
+    )
+    p.add_argument("--url", help="transport URL (same as giving it among the targets)")
+    p.add_argument("--control", help="the server's control plane (tcp://HOST:PORT) for card-side counts")
+    p.add_argument("-V", "--verbose", action="store_true", help="more columns: PENDING HWTYPE QDEPTH ...")
+    p.add_argument("-b", "--bus", action="store_true", help="show the bus attributes only")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--cardonly", action="store_true", help="cards only, no queues")
+    only.add_argument("--queueonly", action="store_true", help="queues only, no cards")
+    p.add_argument("--accelonly", action="store_true", help="accelerator cards only")
+    p.add_argument("--ccaonly", action="store_true", help="CCA coprocessor cards only")
+    p.add_argument("--ep11only", action="store_true", help="EP11 coprocessor cards only")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for bring-up")
     p.set_defaults(func=cmd_list)
+    p = sub.add_parser(
+        "stats",
+        help="interval statistics per card, APQN and function (zcryptstats style)",
+        description="Every --interval seconds, --count times, what the cards did (all clients' work, "
+        "read on the card's side): per card and APQN, per function, ops, errors, ops/s, utilisation "
+        "(engine time used over engine time available) and average latency (enqueue to end).",
+    )
+    p.add_argument("targets", nargs="*", metavar="URL|CARD[.DOMAIN]", help="as for 'apcrypto list'")
+    p.add_argument("--url", help="transport URL")
+    p.add_argument("--control", help="the server's control plane (tcp://HOST:PORT); needed for tcp://")
+    p.add_argument("-i", "--interval", type=float, default=10.0, help="seconds per report (default 10)")
+    p.add_argument("-c", "--count", type=int, default=1, help="number of reports (default 1)")
+    p.add_argument("-o", "--output", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for bring-up")
+    p.set_defaults(func=cmd_stats)
     p = sub.add_parser("demo", help="mixed workload with a machine failure on the embedded emulator")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--requests", type=int, default=3000)
+    p.add_argument("--requests", type=_at_least_one, default=3000)
     p.add_argument("--sim", action="store_true", help="simulation runner: the same seed replays exactly")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="driver throughput against the raw NQAP/DQAP loop and the firmware")

@@ -13,6 +13,8 @@ from collections import Counter
 from concurrent.futures import Future
 from typing import Any
 
+from apcrypto.cardstats import client_stats
+from apcrypto.config import check_deadline
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
 from apcrypto.errors import ApcryptoError, ClientClosed, HostQueueFull
@@ -22,7 +24,7 @@ from apcrypto.runners.threaded import ThreadedRunner
 from apcrypto.transport.base import Transport
 
 
-class Client(Operations):
+class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[Any]"]):
     """A connection to a set of AP queues.  Thread-safe; use as a context manager."""
 
     def __init__(
@@ -43,6 +45,7 @@ class Client(Operations):
         self._lock = threading.Condition()
         self._closed = False
         self._local: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()  # failed requests by exception class (stats())
         self._runner.start()
 
     # ---------------------------------------------------------------- plumbing
@@ -52,13 +55,13 @@ class Client(Operations):
         fut.set_exception(error)
         with self._lock:
             self._local["failed"] += 1
+            self._errors[type(error).__name__] += 1
         return fut
 
     def _submit(
         self, request: Request, idem: bool | None, deadline: float | None, block: bool
     ) -> Future[Any]:
-        if deadline is not None and deadline < 0:
-            raise ValueError("deadline must be >= 0 seconds from now")
+        deadline = check_deadline(deadline)
         if self._closed:
             raise ClientClosed("client is closed")
         runner = self._runner
@@ -71,6 +74,8 @@ class Client(Operations):
 
         def resolved(value: Any, error: BaseException | None) -> None:
             if error is not None:
+                with self._lock:
+                    self._errors[type(error).__name__] += 1
                 fut.set_exception(error)
             else:
                 fut.set_result(value)
@@ -94,15 +99,13 @@ class Client(Operations):
 
     # ---------------------------------------------------------------- state
     def stats(self) -> dict[str, Any]:
-        """Counts per outcome, per APQN state, utilisation; plus the emulator's engine view if local."""
+        """Counts per outcome and error type, per APQN state, utilisation: one JSON-serialisable
+        shape on every transport (:func:`apcrypto.cardstats.client_stats` documents it)."""
         with self._runner.core_lock:
             st = self.core.stats()
-        for k, v in self._local.items():
-            st["outcomes"][k] = st["outcomes"].get(k, 0) + v
-        emu = getattr(self.transport, "emulator", None)
-        if emu is not None and hasattr(emu, "stats"):
-            st["emulator"] = emu.stats()
-        return st
+        with self._lock:
+            local, errors = dict(self._local), dict(self._errors)
+        return client_stats(st, local, errors, getattr(self.transport, "emulator", None))
 
     def wait_ready(self, timeout: float = 10.0) -> bool:
         """Wait until every queue has left bring-up (in service or offline); False on timeout."""

@@ -7,7 +7,74 @@ state), so an operator can tie a caller's error to the card's log.
 
 from __future__ import annotations
 
+from apformats.codes import ReplyCode, ResponseCode
 from apformats.results import qid_str
+
+#: What each error-reply code (type 82/88/86 ``reply_code``, reference §4.3) means to the caller, in
+#: words.  Data, not code: the names come from :class:`apformats.codes.ReplyCode`; this adds why.
+REPLY_MEANINGS: dict[int, str] = {
+    ReplyCode.MACHINE_FAILURE: "the card suffered a machine failure while holding the request",
+    ReplyCode.PREEMPT_FAILURE: "the card pre-empted the request; it may have run",
+    ReplyCode.CHECKPT_FAILURE: "the card failed a checkpoint; the request may have run",
+    ReplyCode.MESSAGE_TYPE: "the card does not accept this message type",
+    ReplyCode.INVALID_COMM_CD: "the card does not know this command code",
+    ReplyCode.MESSAGE_MALFORMD: "the message is malformed",
+    ReplyCode.INVALID_MSG_LEN: "the message length is not valid for its type",
+    ReplyCode.RESERVD_FIELD: "a reserved field of the message is not zero",
+    ReplyCode.FORMAT_FIELD: "a format field of the message is not valid",
+    ReplyCode.INVALID_COMMAND: "the card does not support this function",
+    ReplyCode.KEY_TYPE: "the key type is not valid",
+    ReplyCode.MALFORMED_MSG: "the message is malformed",
+    ReplyCode.INVALID_SPECIAL_CMD: "the special-command flag is not valid here",
+    ReplyCode.INVALID_DOMAIN_PRECHECK: "the request names a domain this queue does not serve",
+    ReplyCode.RESERVED_FIELDO: "a reserved field of the message is not zero",
+    ReplyCode.WORD_ALIGNMENT: "an operand is not word-aligned",
+    ReplyCode.MESSAGE_LENGTH: "the message is longer or shorter than its fields say",
+    ReplyCode.OPERAND_INVALID: "an operand is invalid (data not below the modulus, a zero or bad key part)",
+    ReplyCode.OPERAND_SIZE: "an operand has a size the function does not support",
+    ReplyCode.EVEN_MOD_IN_OPND: "the modulus is even (RSA needs an odd modulus)",
+    ReplyCode.RESERVED_FIELD: "a reserved field of the message is not zero",
+    ReplyCode.INVALID_DOMAIN_PENDING: "the request names a domain this queue does not serve",
+    ReplyCode.FILTERED_BY_HYPERVISOR: "the hypervisor filtered the request out",
+    ReplyCode.TRANSPORT_FAIL: "the card's internal transport failed; the request may have run",
+    ReplyCode.PACKET_TRUNCATED: "the message was truncated",
+    ReplyCode.ZERO_BUFFER_LEN: "a buffer length is zero",
+}
+
+#: What each AP response code (status word, reference §2.2) means, where a caller may meet it.
+RESPONSE_MEANINGS: dict[int, str] = {
+    ResponseCode.NORMAL: "accepted",
+    ResponseCode.Q_NOT_AVAIL: "the queue is not available to this host",
+    ResponseCode.RESET_IN_PROGRESS: "the queue is being reset",
+    ResponseCode.DECONFIGURED: "the card is deconfigured",
+    ResponseCode.CHECKSTOPPED: "the card is checkstopped",
+    ResponseCode.BUSY: "the card is busy (machine-failure recovery or firmware work)",
+    ResponseCode.INVALID_ADDRESS: "the card has no such domain",
+    ResponseCode.OTHERWISE_CHANGED: "the queue state changed otherwise",
+    ResponseCode.Q_FULL: "every slot of the queue is in use (or, for DQAP, no reply is pending)",
+    ResponseCode.MESSAGE_TOO_BIG: "the message exceeds the card's maximum size",
+    ResponseCode.REQ_FAC_NOT_INST: "the requested facility is not installed",
+    ResponseCode.INVALID_DOMAIN: "this domain accepts no requests (control-only domain)",
+}
+
+
+def _code_name(enum: type[ReplyCode] | type[ResponseCode], code: int) -> str:
+    try:
+        return enum(code).name
+    except ValueError:
+        return "unknown code"
+
+
+def describe_reply_code(code: int) -> str:
+    """``"0x82 OPERAND_INVALID: an operand is invalid (...)"``: the number, its name, what it means."""
+    meaning = REPLY_MEANINGS.get(code, "not a code this driver knows")
+    return f"{code:#04x} {_code_name(ReplyCode, code)}: {meaning}"
+
+
+def describe_response_code(code: int) -> str:
+    """``"0x05 BUSY: the card is busy (...)"``: an AP response code, its name and what it means."""
+    meaning = RESPONSE_MEANINGS.get(code, "not a code this driver knows")
+    return f"{code:#04x} {_code_name(ResponseCode, code)}: {meaning}"
 
 
 class ApcryptoError(Exception):
@@ -36,8 +103,23 @@ class ApcryptoError(Exception):
         """The APQN in sysfs spelling (``XX.YYYY``), if the error belongs to a queue."""
         return None if self.qid is None else qid_str(self.qid)
 
+    @property
+    def meaning(self) -> str | None:
+        """What the card's codes mean, in words (None when no code led to this error)."""
+        said = []
+        if self.reply_code is not None:
+            said.append(describe_reply_code(self.reply_code))
+        if self.response_code is not None:
+            said.append(describe_response_code(self.response_code))
+        return "; ".join(said) or None
+
     def _render(self) -> str:
-        parts = [self.message]
+        # a message that ends in ":" had nothing to add after it; the code's meaning says what happened
+        parts = [self.message.rstrip().rstrip(":")]
+        if self.reply_code is not None:
+            parts.append(f"[reply code {describe_reply_code(self.reply_code)}]")
+        elif self.response_code is not None:
+            parts.append(f"[response code {describe_response_code(self.response_code)}]")
         if self.qid is not None:
             parts.append(f"apqn={qid_str(self.qid)}")
         if self.psmid is not None:

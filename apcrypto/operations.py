@@ -9,13 +9,21 @@ the card gives for an operand it rejects; arguments of the wrong type raise ``Ty
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from apcrypto.errors import BadRequest
 from apcrypto.requests import CounterIncrement, KeyRead, KeyStore, ModExpo, ModExpoCrt, RandomBytes, Request
 
+#: What each client returns for a result of bytes, int, None and any type: ``Future[bytes]`` ... for
+#: the threaded client, ``asyncio.Future[bytes]`` ... for the asyncio one, so that a type checker
+#: sees ``client.mod_expo(...)`` as the future it is (``py.typed``).
+FBytes = TypeVar("FBytes", covariant=True)
+FInt = TypeVar("FInt", covariant=True)
+FNone = TypeVar("FNone", covariant=True)
+FAny = TypeVar("FAny", covariant=True)
 
-class Operations:
+
+class Operations(Generic[FBytes, FInt, FNone, FAny]):
     """Mixin: ``mod_expo``, ``mod_expo_crt``, ``random_bytes``, ``counter_increment``, ``key_store``,
     ``key_read`` and ``submit``.  ``deadline`` is seconds from now; ``block`` says what to do when the
     host-side queue is at its bound (wait, or raise ``HostQueueFull``)."""
@@ -29,7 +37,7 @@ class Operations:
         idempotent: bool = True,
         deadline: float | None = None,
         block: bool = True,
-    ) -> Any:
+    ) -> FBytes:
         """RSA ME (``data ** exponent mod modulus``); the result is bytes of the modulus length."""
         return self._request(ModExpo, (data, exponent, modulus), idempotent, deadline, block)
 
@@ -45,21 +53,21 @@ class Operations:
         idempotent: bool = True,
         deadline: float | None = None,
         block: bool = True,
-    ) -> Any:
+    ) -> FBytes:
         """RSA with CRT key parts (``qinv`` = q⁻¹ mod p); idempotent by default."""
         return self._request(ModExpoCrt, (data, p, q, dp, dq, qinv), idempotent, deadline, block)
 
-    def random_bytes(self, n: int, *, deadline: float | None = None, block: bool = True) -> Any:
+    def random_bytes(self, n: int, *, deadline: float | None = None, block: bool = True) -> FBytes:
         return self._request(RandomBytes, (n,), None, deadline, block)
 
-    def counter_increment(self, by: int = 1, *, deadline: float | None = None, block: bool = True) -> Any:
+    def counter_increment(self, by: int = 1, *, deadline: float | None = None, block: bool = True) -> FInt:
         """State-changing: never run twice; may end ``Indeterminate`` if a card fails under it."""
         return self._request(CounterIncrement, (by,), None, deadline, block)
 
-    def key_store(self, slot: int, key: bytes, *, deadline: float | None = None, block: bool = True) -> Any:
+    def key_store(self, slot: int, key: bytes, *, deadline: float | None = None, block: bool = True) -> FNone:
         return self._request(KeyStore, (slot, key), None, deadline, block)
 
-    def key_read(self, slot: int, *, deadline: float | None = None, block: bool = True) -> Any:
+    def key_read(self, slot: int, *, deadline: float | None = None, block: bool = True) -> FBytes:
         return self._request(KeyRead, (slot,), None, deadline, block)
 
     def submit(
@@ -69,7 +77,7 @@ class Operations:
         *,
         deadline: float | None = None,
         block: bool = True,
-    ) -> Any:
+    ) -> FAny:
         """Submit any :class:`~apcrypto.requests.Request`; not idempotent unless the caller says so."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes an apcrypto.requests.Request, not {type(request).__name__}")

@@ -190,7 +190,7 @@ class CounterIncrement(Cprb):
 
     def __init__(self, by: int = 1) -> None:
         if not 0 <= by < (1 << 64):
-            raise ValueError("increment must fit in 64 bits")
+            raise ValueError(f"the counter only moves forward: by must be 0..2**64-1, got {by}")
         super().__init__(struct.pack(">Q", by))
 
     def decode(self, reply: Reply) -> int:

@@ -5,6 +5,8 @@ virtual or a wall clock; ``emu.control`` injects faults; ``emu.execution_log`` r
 ran.  The servers (ZeroMQ, USB) put an ``Emulator`` behind a transport; in-process use needs none.
 """
 
+import logging
+
 from emulator.clock import ClockError, TimerHandle, VirtualClock, WallClock
 from emulator.control import ControlPlane, TransportFaults
 from emulator.core import Emulator
@@ -22,6 +24,9 @@ from emulator.faults import (
 from emulator.lifecycle import CardState, QueueState
 from emulator.profile import Profile, ProfileError, bundled_profiles, load_profile
 from emulator.stats import CardStats, EmulatorStats, QueueStats
+
+# a library logs, the application decides where (logging HOWTO); no last-resort output on stderr
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "Busy",

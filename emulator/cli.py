@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--domains", type=_domains, help="domains clients may use, e.g. 0,1,4-7 (default: all)")
     s.add_argument("--max-frame", type=int, default=None, help="largest frame accepted, bytes")
     s.add_argument("--session-idle", type=float, default=60.0, help="drop sessions silent this long, s")
+    s.add_argument("--exec-log", type=Path, metavar="FILE", help="spill the exec log to this SQLite file")
+    s.add_argument(
+        "--exec-log-size", type=int, default=100_000, metavar="N", help="execution-log entries kept in memory"
+    )
+    s.add_argument(
+        "--exec-log-flush",
+        type=float,
+        default=0.05,
+        metavar="SECONDS",
+        help="longest time between commits of --exec-log (staleness after a SIGKILL)",
+    )
     s.add_argument("--log-level", default="WARNING")
 
     k = sub.add_parser("keygen", help="create CURVE certificates in the layout --curve-dir expects")
@@ -88,6 +100,14 @@ def _serve(opts: argparse.Namespace) -> int:
     from emulator.server import EmulatorServer
 
     emu = Emulator(opts.profile, clock=WallClock(), seed=opts.seed)
+    try:
+        emu.execution_log.configure(
+            capacity=opts.exec_log_size, spill=opts.exec_log, flush_interval=opts.exec_log_flush
+        )
+    except (ValueError, OSError, sqlite3.Error) as exc:
+        emu.close()
+        print(f"apcrypto-emulator: cannot serve: --exec-log: {exc}", file=sys.stderr)
+        return 2
     server = EmulatorServer(
         emu,
         bind=opts.bind,
@@ -113,6 +133,7 @@ def _serve(opts: argparse.Namespace) -> int:
     finally:
         server.close()
         emu.close()
+        emu.execution_log.close()
 
 
 def _keygen(directory: Path, clients: list[str]) -> int:

@@ -259,6 +259,24 @@ class EmulatorServer:
         self._disconnect(None, "server shutting down")
 
     def _serve_data(self) -> None:
+        """Handle a batch of data messages; the answers go out after the execution log's spill (if
+        any) has committed, so nothing a client is told is missing from the file after a SIGKILL."""
+        out: list[tuple[bytes, bytes]] = []
+        try:
+            self._recv_data(out)
+        finally:
+            if out:
+                self._sync_log()
+                for ident, frame in out:
+                    self._send(ident, frame)
+
+    def _sync_log(self) -> None:
+        try:
+            self.emu.execution_log.flush()
+        except Exception:  # a full disk loses the spill's freshness, never the data plane
+            log.exception("execution-log spill commit failed")
+
+    def _recv_data(self, out: list[tuple[bytes, bytes]]) -> None:
         assert self._data is not None
         for _ in range(BATCH):
             try:
@@ -275,7 +293,7 @@ class EmulatorServer:
             # One frame per message; a multipart message is refused as a whole (the session says how).
             payload = parts[1] if len(parts) == 2 else b""
             for frame in peer.session.handle(payload):
-                self._send(ident, frame)
+                out.append((ident, frame))
             if peer.session.closed:
                 self._drop_peer(ident)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import array
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -225,6 +226,8 @@ class EmulatorUsbBackend(usb.backend.IBackend):
 
     # -- enumeration and descriptors --------------------------------------------------------------
     def enumerate_devices(self) -> list[_DevRef]:
+        if self.bus is BUS:
+            _autoplug_from_environment()
         out = []
         for d in self.bus.devices():
             gen, addr, ports = d.generation, d.address, d.port_numbers
@@ -367,6 +370,38 @@ def get_backend(*_args: object) -> EmulatorUsbBackend:
         if _backend is None:
             _backend = EmulatorUsbBackend(BUS)
         return _backend
+
+
+#: ``$APCRYPTO_USB_BACKEND`` naming this module is all a fresh process needs: the first time the bus is
+#: searched and nothing was ever plugged in, one emulated adapter is plugged in for the life of the
+#: process.  ``$APCRYPTO_USB_PROFILE`` picks its profile (default ``default``), ``$APCRYPTO_USB_SEED``
+#: its seed (default 0); ``APCRYPTO_USB_PROFILE=none`` leaves the bus empty.
+BACKEND_ENV = "APCRYPTO_USB_BACKEND"
+PROFILE_ENV = "APCRYPTO_USB_PROFILE"
+SEED_ENV = "APCRYPTO_USB_SEED"
+_auto_done = False
+
+
+def _autoplug_from_environment() -> VirtualUsbDevice | None:
+    """Plug the environment's emulated adapter once, if the environment asks and the bus never had one.
+
+    Why here and not at import: pyusb finds devices through ``enumerate_devices``, so a process that
+    only imports the module (or plugs its own emulator first) never gets an extra device."""
+    global _auto_done
+    with _backend_lock:
+        if _auto_done:
+            return None
+        _auto_done = True
+    if os.environ.get(BACKEND_ENV, "").strip() != __name__ or BUS.all_devices():
+        return None
+    profile = os.environ.get(PROFILE_ENV, "").strip() or "default"
+    if profile.lower() == "none":
+        return None
+    from emulator.core import Emulator
+
+    seed = int(os.environ.get(SEED_ENV) or "0", 0)
+    log.info("usb: plugging an emulated adapter (profile %r, seed %d) from $%s", profile, seed, BACKEND_ENV)
+    return plug(Emulator(profile, clock="wall", seed=seed))
 
 
 def plug(emulator: Any = None, description: Description = None, **options: Any) -> VirtualUsbDevice:

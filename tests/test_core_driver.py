@@ -748,3 +748,34 @@ def test_stats_reports_queues_and_outcomes() -> None:
     assert st["in_flight"] == 1
     q = st["queues"]["00.0000"]
     assert q["slots"] == 8 and q["mode"] == "accel"
+
+
+def test_peer_restored_reprobes_offline_queues_at_once() -> None:
+    """After a permanent loss the queues are offline with a re-probe back-off; ``PeerRestored``
+    re-probes each at once (no waiting out the back-off) and the queue comes back into service."""
+    from apcrypto.core.events import PeerRestored
+
+    s = up(Q0, Q1)
+    for x in (2, 3):
+        s.submit(me_request(x, K))
+    assert {c.qid for c in s.cmds(Instr.NQAP)} == {Q0, Q1}
+    s.lose_transport(permanent=True)
+    assert s.state(Q0) is QState.OFFLINE and s.state(Q1) is QState.OFFLINE
+    assert not s.cmds(Instr.TAPQ)
+    s._take(s.core.on_events([PeerRestored("back")], s.now))
+    probes = s.cmds(Instr.TAPQ)
+    assert sorted(c.qid for c in probes) == [Q0, Q1]
+    s.answer(s.one(Instr.TAPQ, Q0), res(hw=HW_ACCEL, empty=True))
+    assert s.state(Q0) is QState.RESET_START  # back through reset, irq and probe into service
+    s.answer(s.one(Instr.TAPQ, Q1), res(RC.Q_NOT_AVAIL))
+    assert s.state(Q1) is QState.OFFLINE
+    assert s.timers[("poll", Q1)] > s.now  # still unreachable: the back-off resumes, no spin
+
+
+def test_transport_package_reexports_the_core_events() -> None:
+    """The core owns its event types; the transport package re-exports the very same classes."""
+    from apcrypto.core import events
+    from apcrypto.transport import base
+
+    for name in ("Command", "Completion", "Interrupt", "TransportLost", "PeerRestored"):
+        assert getattr(base, name) is getattr(events, name)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 
 from apcrypto.cli import main
-from apcrypto.demo import run_demo
+from apcrypto.demo import ordinal, run_demo
 
 
 def _demo(**kw: object) -> tuple[int, str]:
@@ -32,6 +33,112 @@ def test_simulated_demo_replays_exactly_from_its_seed() -> None:
     assert any("Indeterminate" in ln for ln in strip[0])  # the outcome table is there
     other_seed = [ln for ln in _demo(seed=6, requests=400, sim=True)[1].splitlines() if "s wall)" not in ln]
     assert other_seed != strip[0]
+
+
+def _figures(text: str) -> dict[str, object]:
+    """What a demo printed, read back: outcome table, windows, utilisation percentages."""
+    lines = text.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split()[:1] == ["kind"])
+    cols = lines[head].split()[1:]
+    table = {}
+    for ln in lines[head + 1 :]:
+        if not ln.strip():
+            break
+        name, *nums = ln.split()
+        table[name] = dict(zip(cols, map(int, nums), strict=True))
+    done_ln = [ln for ln in lines if " done " in ln][-1]
+    window = [ln for ln in lines if "utilisation over" in ln]
+    return {
+        "table": table,
+        "progress_ms": float(re.search(r"in ([0-9.]+) ms of virtual time", done_ln).group(1)),  # type: ignore[union-attr]
+        "summary_ms": float(window[0].split("utilisation over ")[1].split()[0]) if window else None,
+        "percents": [float(p) for p in re.findall(r"(-?[0-9.]+)%", text)],
+        "negatives": re.findall(r"(?<![\w.])-\d", text),  # a minus sign that is not ME-1024's
+    }
+
+
+@pytest.mark.parametrize(("seed", "requests"), [(1, 1), (2, 2), (3, 3), (4, 5), (5, 7), (6, 10), (7, 40)])
+def test_small_demos_never_crash_and_every_figure_adds_up(seed: int, requests: int) -> None:
+    """Small runs are where the old wait crashed (StopIteration) and the figures went wrong."""
+    rc, text = _demo(seed=seed, requests=requests)
+    assert rc == 0, text
+    f = _figures(text)
+    table = f["table"]
+    assert sum(sum(row.values()) for row in table.values()) == requests  # type: ignore[attr-defined]
+    assert f"{requests}/{requests} done in" in text
+    assert f["progress_ms"] == f["summary_ms"]  # one window, said twice the same
+    assert all(0 <= p <= 100 for p in f["percents"])  # type: ignore[attr-defined]
+    assert f["negatives"] == []
+    assert "th request" not in text or re.search(r"\b(1|2|3)th\b", text) is None
+
+
+def test_the_machine_failure_line_says_whether_it_fired() -> None:
+    fired = _demo(seed=3, requests=400)[1]
+    assert "machine failure on card 02 fired" in fired and "<- machine failure" in fired
+    for seed in range(1, 30):  # a tiny run where no request reaches the failing card
+        rc, text = _demo(seed=seed, requests=1, sim=True)
+        if "did not fire" in text:
+            break
+    else:
+        raise AssertionError("no tiny run missed the failing card")
+    assert rc == 0 and "(the card took only 0 requests)" in text and "<- machine failure" not in text
+    assert "machine-failure replies 0" in text
+
+
+def test_only_a_simulated_run_claims_to_replay_exactly() -> None:
+    threaded = _demo(seed=3, requests=20)[1]
+    assert "replays this run exactly" not in threaded
+    assert (
+        "thread timing varies the details" in threaded
+        and "`apcrypto demo --sim --seed 3 --requests 20`" in threaded
+    )
+    simulated = _demo(seed=3, requests=20, sim=True)[1]
+    assert "`apcrypto demo --sim --seed 3 --requests 20` replays this run exactly" in simulated
+
+
+def test_a_demo_without_requests_is_refused_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        main(["demo", "--requests", "0"])
+    assert ei.value.code == 2 and "--requests: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least one request"):
+        _demo(requests=0)
+
+
+def test_ordinals() -> None:
+    words = [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 101, 111, 112)]
+    assert words == [
+        "1st",
+        "2nd",
+        "3rd",
+        "4th",
+        "11th",
+        "12th",
+        "13th",
+        "21st",
+        "22nd",
+        "23rd",
+        "101st",
+        "111th",
+        "112th",
+    ]
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(3000)
+def test_soak_200_default_demos_and_200_small_ones() -> None:
+    """The issue's bar: 200 consecutive default runs and 200 with 1-10 requests, 0 failures."""
+    failures = []
+    for i in range(200):
+        rc, text = _demo(seed=1000 + i)
+        if rc != 0:
+            failures.append(("default", 1000 + i, text))
+    for i in range(200):
+        requests = 1 + i % 10
+        rc, text = _demo(seed=2000 + i, requests=requests)
+        f = _figures(text)
+        if rc != 0 or f["progress_ms"] != f["summary_ms"]:
+            failures.append(("small", 2000 + i, text))
+    assert not failures, failures[:3]
 
 
 def test_list_shows_every_queue(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,7 +12,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from apcrypto.transport import Command, Completion, Interrupt, TransportClosed, TransportLost, open_transport
+from apcrypto.transport import (
+    Command,
+    Completion,
+    Interrupt,
+    PeerRestored,
+    TransportClosed,
+    TransportLost,
+    open_transport,
+)
 from apcrypto.transport.usb import (
     BACKEND_ENV,
     UsbDeviceNotFound,
@@ -43,6 +51,7 @@ class Runner:
         self.ended: dict[int, Completion | TransportLost] = {}
         self.lost: list[TransportLost] = []
         self.interrupts: list[int] = []
+        self.restored = 0  # PeerRestored events
         self._tags = iter(range(1, 1 << 30))
 
     def tag(self) -> int:
@@ -67,6 +76,8 @@ class Runner:
                 self.ended[ev.tag] = ev
             elif isinstance(ev, Interrupt):
                 self.interrupts.append(ev.qid)
+            elif isinstance(ev, PeerRestored):
+                self.restored += 1
             else:
                 assert isinstance(ev, TransportLost)
                 self.lost.append(ev)
@@ -300,7 +311,7 @@ def test_stalls_are_cleared(usb_bus: UsbBus, adapter: VirtualUsbDevice) -> None:
         assert t.counters["stalls_cleared"] == 3 and not r.lost
 
 
-def test_unplug_then_transport_lost_past_the_deadline(
+def test_unplug_past_the_deadline_declares_the_device_gone_until_it_returns(
     usb_bus: UsbBus, adapter: VirtualUsbDevice, wall_emulator: Emulator
 ) -> None:
     with _fast(usb_bus) as t:
@@ -318,13 +329,37 @@ def test_unplug_then_transport_lost_past_the_deadline(
         t.submit([held])  # held while the device is away
         (final,) = r.wait([held.tag], timeout=2.0)
         assert isinstance(final, TransportLost) and final.permanent and final.tags == (held.tag,)
-        assert t.state == "lost" and t.outstanding() == []
+        assert t.state == "gone" and t.outstanding() == []
         late = r.cmd(Instr.TAPQ)
-        (ev,) = r.run([late])
-        assert isinstance(ev, TransportLost) and ev.permanent
+        (ev,) = r.run([late])  # bounced at once, never held: the driver decides where it goes
+        assert isinstance(ev, TransportLost) and ev.permanent and ev.unsent == (late.tag,)
         # the adapter ran both in-flight NQAPs: only the driver's ledger can decide what they mean
         assert {e.psmid for e in wall_emulator.execution_log.entries()} >= {1, 2}
-    t.close()  # again, on a dead device: no error
+        adapter.replug()  # long after the deadline: the transport is still looking for it
+        r.until(lambda: r.restored == 1)  # said once, after the new session is up
+        assert t.state == "up" and t.counters["restored"] == 1 and t.counters["peer_gone"] == 1
+        assert _rc(r.run([r.cmd(Instr.TAPQ)])[0]) == 0  # and serves new commands
+        # one permanent loss for the outage (the held DQAP), one for the bounced TAPQ
+        assert [e.tags for e in r.lost if e.permanent] == [(held.tag,), (late.tag,)]
+    t.close()  # again: no error
+
+
+def test_give_up_after_is_the_only_way_to_lose_the_device_for_good(
+    usb_bus: UsbBus, adapter: VirtualUsbDevice
+) -> None:
+    with _fast(usb_bus, give_up_after=0.6) as t:
+        r = Runner(t)
+        adapter.unplug()
+        r.until(lambda: t.state == "gone")  # past peer_deadline (0.4 s): gone, still looking
+        r.until(lambda: t.state == "lost")  # past give_up_after: no more looking
+        adapter.replug()
+        time.sleep(0.2)  # several back-off periods (at most 0.05 s each)
+        r.pump(0.01)
+        assert t.state == "lost" and adapter.stats.sessions == 1 and r.restored == 0
+        (ev,) = r.run([r.cmd(Instr.TAPQ)])
+        assert isinstance(ev, TransportLost) and ev.permanent
+    with pytest.raises(ValueError, match="give_up_after"):
+        _fast(usb_bus, give_up_after=0)
 
 
 def test_replug_within_the_deadline_reconnects(usb_bus: UsbBus, adapter: VirtualUsbDevice) -> None:
@@ -339,6 +374,7 @@ def test_replug_within_the_deadline_reconnects(usb_bus: UsbBus, adapter: Virtual
         adapter.replug()
         assert all(_rc(ev) == 0 for ev in r.wait([c.tag for c in held]))  # written after the new HELLO
         assert t.counters["reconnects"] == 1 and t.state == "up" and len(r.lost) == 1
+        assert r.restored == 0  # back within the deadline: never declared gone, nothing to restore
         assert adapter.stats.sessions == 2
 
 

@@ -5,19 +5,27 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from apcrypto.transport import Command, Completion, Interrupt, TransportClosed, TransportLost, open_transport
+from apcrypto.transport import (
+    Command,
+    Completion,
+    Interrupt,
+    PeerRestored,
+    TransportClosed,
+    TransportLost,
+    open_transport,
+)
 from apcrypto.transport.zmq_client import ServerUnreachable, ZmqTransport
 from apformats.codes import NO_PENDING_REPLY, ResponseCode
 from apformats.messages import build_crt, build_mex, parse_reply
 from apformats.results import Instr, qid_of
 from emulator.control_client import ControlClient
-from tests._fixtures_zmq import E, ServerProcess, collect, control, rsa_key, zmq_server
+from tests._fixtures_zmq import E, ServerProcess, collect, control, rsa_key, server_factory, zmq_server
 
-__all__ = ["control", "zmq_server"]  # fixtures, imported for pytest
+__all__ = ["control", "server_factory", "zmq_server"]  # fixtures, imported for pytest
 
 RC = ResponseCode
 Q00, Q01, Q10, Q11 = qid_of(0, 0), qid_of(0, 1), qid_of(1, 0), qid_of(1, 1)
@@ -246,3 +254,46 @@ def test_driver_over_tcp_survives_a_machine_failure(
         e["outcome"] for e in control.execution_log() if e["qid"] >> 8 == 0
     }  # only this test fails card 0
     assert card0 & {"in-process-failed", "pending-failed"}
+
+
+def test_a_server_back_after_the_peer_deadline_is_found_again(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """Past ``peer_deadline`` the server is declared gone (one permanent loss; submits bounce at once,
+    never held), but the transport keeps knocking: a server restarted on the same port serves again."""
+    srv = server_factory("--profile", "small")
+    opts = {"peer_deadline": 0.5, "reconnect_delay": 0.05, "reconnect_delay_max": 0.2}
+    with open_transport(srv.data, timeout=1.0, **opts) as t:
+        assert isinstance(t, ZmqTransport)
+        srv.kill()
+        evs = collect(t, lambda evs: any(isinstance(e, TransportLost) and e.permanent for e in evs), 5)
+        assert t.state == "gone" and not any(isinstance(e, PeerRestored) for e in evs)
+        t.submit([Command(1, Instr.TAPQ, Q00)])
+        (bounced,) = collect(t, bool, 1)
+        assert isinstance(bounced, TransportLost) and bounced.permanent and bounced.unsent == (1,)
+        time.sleep(0.5)  # well past the deadline: a lost-for-good transport would stop here
+        server_factory("--profile", "small", "--bind", srv.data)
+        back = collect(t, lambda evs: bool(evs), 5)  # nothing to say until the handshake
+        assert [type(e) for e in back] == [PeerRestored] and t.state == "up"
+        assert run(t, Command(2, Instr.TAPQ, Q00))[2].result.status.rc == RC.NORMAL
+        assert t.counters["peer_gone"] == 1 and t.counters["restored"] == 1
+        assert sum(isinstance(e, TransportLost) and e.permanent for e in evs) == 1
+
+
+def test_backoff_doubles_to_its_cap_with_bounded_jitter() -> None:
+    import random
+
+    from apcrypto.transport.framed import Backoff
+
+    plain = Backoff(0.1, 1.0)
+    assert [round(plain.next(), 6) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    plain.reset()
+    assert plain.next() == 0.1
+    jittered = Backoff(0.1, 1.0, jitter=0.5, rng=random.Random(3))
+    pauses = [jittered.next() for _ in range(40)]
+    bases = [min(1.0, 0.1 * 2**i) for i in range(40)]
+    assert all(b / 2 <= p <= b for p, b in zip(pauses, bases, strict=True))
+    assert len({round(p, 9) for p in pauses[5:]}) > 30  # the jitter spreads the capped pauses
+    for bad in ({"first": 0.0, "cap": 1.0}, {"first": 0.1, "cap": 1.0, "jitter": 1.0}):
+        with pytest.raises(ValueError):
+            Backoff(**bad)  # type: ignore[arg-type]

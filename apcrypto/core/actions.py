@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from apcrypto.transport.base import Command
+from apcrypto.core.events import Command
 
 
 @dataclass(frozen=True, slots=True)

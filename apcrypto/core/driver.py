@@ -24,6 +24,7 @@ from typing import Any
 from apcrypto.core.actions import Action, ArmTimer, CancelTimer, Execute, Resolve
 from apcrypto.core.classifier import Row, Verdict, classify_cca, classify_rc, classify_reply
 from apcrypto.core.config import DriverConfig
+from apcrypto.core.events import Command, Completion, Interrupt, PeerRestored, TransportLost
 from apcrypto.core.formatter import Fate, decide
 from apcrypto.core.ledger import Ledger, Outcome, Phase, Record
 from apcrypto.core.queue import STATE_LIMITS, QEvent, QState, Queue, Wait
@@ -37,7 +38,6 @@ from apcrypto.errors import (
     Indeterminate,
 )
 from apcrypto.requests import ModExpo, RandomBytes, Request
-from apcrypto.transport.base import Command, Completion, Interrupt, TransportLost
 from apformats.codes import MachineFailureState, ResponseCode
 from apformats.errors import FormatError
 from apformats.messages import parse_reply
@@ -157,9 +157,20 @@ class DriverCore:
                     self._kick(q)
             elif t is TransportLost:
                 self._transport_lost(ev.tags, permanent=ev.permanent, reason=ev.reason, unsent=ev.unsent)
+            elif t is PeerRestored:
+                self._peer_restored(ev.reason)
             else:
                 raise CoreMisuse(f"unknown transport event {ev!r}")
         return self._flush()
+
+    def _peer_restored(self, reason: str) -> None:
+        """The peer is back: re-probe every offline queue now instead of after its back-off."""
+        self.ledger.counters["peer_restored"] += 1
+        log.info("transport peer restored (%s): re-probing offline queues", reason)
+        for q in self.queues.values():
+            if q.state is QState.OFFLINE:
+                q.offline_backoff = 0.0
+                self._run(q, QEvent.TIMEOUT)
 
     def _completion(self, tag: int, result: ApResult) -> None:
         entry = self._tag_map.pop(tag, None)
@@ -641,7 +652,9 @@ class DriverCore:
                 q.reset_attempts = 0
                 self._start_reset(q, "re-probe after offline")
             else:
-                q.offline_backoff = min(q.offline_backoff * 2, self.cfg.offline_probe_max)
+                q.offline_backoff = min(
+                    max(q.offline_backoff * 2, self.cfg.offline_probe_interval), self.cfg.offline_probe_max
+                )
                 self._arm(("poll", q.qid), q.offline_backoff, force=True)
             return
         if v is Verdict.TAKE_OFFLINE:

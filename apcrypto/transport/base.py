@@ -15,57 +15,28 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from apformats.results import ApResult, Instr
+from apcrypto.core.events import (
+    Command,
+    Completion,
+    Interrupt,
+    PeerRestored,
+    TransportEvent,
+    TransportLost,
+)
 
-# Command and Completion are NamedTuples, not frozen dataclasses: one of each is built per AP
-# instruction, and a tuple is built in C (about a third of a frozen dataclass's cost).
-
-
-class Command(NamedTuple):
-    """One AP instruction to execute.  ``flag`` is AQIC's enable bit or RAPQ/ZAPQ's F bit."""
-
-    tag: int
-    instr: Instr
-    qid: int
-    psmid: int = 0
-    message: bytes = b""
-    flag: bool = False
-
-
-class Completion(NamedTuple):
-    """The adapter's answer to the command submitted under ``tag``."""
-
-    tag: int
-    result: ApResult
-
-
-class Interrupt(NamedTuple):
-    """An AP adapter interrupt for ``qid``: a reply may be waiting (only after AQIC enabled it)."""
-
-    qid: int
-
-
-@dataclass(frozen=True, slots=True)
-class TransportLost:
-    """Commands that will never be answered.  ``tags`` lists them all, whether or not the link recovers.
-
-    ``permanent`` is False while the transport still tries to reach the peer (a dropped frame, a
-    reconnect in progress): the tags are still dead, but the queues need not go out of service.
-    ``unsent`` is the subset that provably never left the host (held while disconnected), so the
-    driver may re-drive them as never sent.
-    """
-
-    reason: str
-    tags: tuple[int, ...] = ()
-    permanent: bool = True
-    qids: tuple[int, ...] = field(default=())
-    unsent: tuple[int, ...] = ()
-
-
-TransportEvent = Completion | Interrupt | TransportLost
+# The event types are the core's (it consumes them): defined in apcrypto.core.events, re-exported
+# here for backends and for callers that import them from the transport package.
+__all__ = [
+    "Command",
+    "Completion",
+    "Interrupt",
+    "PeerRestored",
+    "Transport",
+    "TransportClosed",
+    "TransportEvent",
+    "TransportLost",
+]
 
 
 class TransportClosed(RuntimeError):

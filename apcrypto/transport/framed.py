@@ -21,11 +21,20 @@ notice that it broke).  Both backends therefore answer a runner in the same way:
   unanswered>, permanent=False)``; the backend reconnects and says HELLO again.  Commands submitted
   meanwhile are held in the outbox and sent after the new WELCOME; nothing sent on the old link is
   ever re-sent (the driver decides from its ledger).
-* **Lost for good** (no handshake within ``peer_deadline``, a refused HELLO on a reconnect) -> one
-  ``TransportLost(tags=<every unanswered command>, permanent=True, unsent=<the held ones>)``; later
-  submits get a permanent TransportLost, ``unsent``, at once.
+* **Peer gone** (no handshake within ``peer_deadline`` of the last sign of life, or a refused HELLO
+  on a reconnect) -> one ``TransportLost(tags=<every unanswered command>, permanent=True,
+  unsent=<the held ones>)``; while the peer stays gone, every submit gets a permanent
+  TransportLost, ``unsent``, at once (never silently held).  The transport keeps trying to reach
+  the peer, for as long as it is open, with capped exponential back-off and jitter
+  (:class:`Backoff`).  When a handshake succeeds again it emits :class:`PeerRestored` and serves
+  new commands as before: the driver brings its queues up again, and the application needs no new
+  client.
+* **Lost for good** only when the caller asked for it (``give_up_after`` seconds without the peer)
+  or the I/O thread itself failed: the state is ``lost``, and every later submit bounces as above.
 * A HELLO answered with a :data:`HANDSHAKE_REFUSALS` code fails the open with
-  :class:`HandshakeRefused` (retrying cannot help); other ERRORs before WELCOME are only logged.
+  :class:`HandshakeRefused` (retrying cannot help a caller that is still opening); other ERRORs
+  before WELCOME are only logged.  On a reconnect the same refusal declares the peer gone, and the
+  back-off goes on: an operator may fix the server while the client waits.
 
 Threads: ``submit`` encodes on the caller's thread and appends to the outbox; the I/O thread takes
 the outbox while the link is up, and turns frames in into events that :meth:`poll` returns.  The
@@ -36,13 +45,22 @@ rest (``_inflight``, the link) is the I/O thread's alone.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from abc import abstractmethod
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypedDict, cast
 
-from apcrypto.transport.base import Command, Completion, Interrupt, Transport, TransportEvent, TransportLost
+from apcrypto.transport.base import (
+    Command,
+    Completion,
+    Interrupt,
+    PeerRestored,
+    Transport,
+    TransportEvent,
+    TransportLost,
+)
 from apformats.codes import ResponseCode
 from apformats.errors import FormatError
 from apformats.frames import (
@@ -68,6 +86,7 @@ __all__ = [
     "ERROR_RESPONSE_CODES",
     "HANDSHAKE_REFUSALS",
     "SESSION_GONE",
+    "Backoff",
     "FramedTransport",
     "HandshakeRefused",
     "LinkOptions",
@@ -99,15 +118,20 @@ class LinkOptions(TypedDict, total=False):
 
     ``domains``: the domains to ask for (None: whatever the peer grants).  ``timeout``: handshake and
     per-answer deadline, seconds.  ``reconnect_delay``: the first pause between reconnection attempts,
-    doubling up to ``reconnect_delay_max``.  ``peer_deadline``: how long a vanished peer may take to
-    come back before the loss is permanent.
+    doubling up to ``reconnect_delay_max``, each pause shortened by a random fraction of at most
+    ``reconnect_jitter`` (0: none) so that the clients of a restarted server do not all knock at once.
+    ``peer_deadline``: how long a vanished peer may take to come back before it is declared gone
+    (its queues go out of service; reconnection goes on).  ``give_up_after``: stop trying once the
+    peer has been silent that long (None, the default: never, while the transport is open).
     """
 
     domains: Sequence[int] | None
     timeout: float
     reconnect_delay: float
     reconnect_delay_max: float
+    reconnect_jitter: float
     peer_deadline: float
+    give_up_after: float | None
 
 
 _LINK_KEYS = tuple(LinkOptions.__annotations__)
@@ -117,6 +141,44 @@ def link_options(options: Mapping[str, Any]) -> LinkOptions:
     """The :class:`LinkOptions` among ``options``; the rest belong to other layers or transports
     (one ``connect(url, **options)`` serves every transport)."""
     return cast(LinkOptions, {k: options[k] for k in _LINK_KEYS if k in options})
+
+
+class Backoff:
+    """Capped exponential back-off with jitter: the pauses between attempts to reach a lost peer.
+
+    Pause *n* (from 0) is ``min(cap, first * 2**n)`` times a factor drawn from ``[1 - jitter, 1]``:
+    the cap bounds how long a returning peer waits to be noticed, the doubling keeps a long outage
+    cheap, and the jitter spreads the reconnections of many clients after a server restart.  It holds
+    no clock: the caller adds the pause to its own reading.  ``rng`` is for tests (seeded).
+    """
+
+    def __init__(
+        self, first: float, cap: float, jitter: float = 0.0, rng: random.Random | None = None
+    ) -> None:
+        if not first > 0:
+            raise ValueError(f"reconnect_delay must be > 0, got {first!r}")
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError(f"reconnect_jitter must be in [0, 1), got {jitter!r}")
+        self.first = first
+        self.cap = max(first, cap)
+        self.jitter = jitter
+        self._rng = rng or random.Random()
+        self._base = first
+
+    @property
+    def current(self) -> float:
+        """The un-jittered pause the next :meth:`next` is drawn from."""
+        return self._base
+
+    def next(self) -> float:
+        """The next pause, then double the base (up to the cap)."""
+        pause = self._base * (1.0 - self.jitter * self._rng.random())
+        self._base = min(self._base * 2.0, self.cap)
+        return pause
+
+    def reset(self) -> None:
+        """The peer answered: the next outage starts again from ``first``."""
+        self._base = self.first
 
 
 class HandshakeRefused(ConnectionError):
@@ -156,8 +218,9 @@ class FramedTransport(Transport):
     :meth:`_say_bye`, :meth:`_drop_link` and :meth:`_link_broken`.  While it serves, it feeds what it
     reads to :meth:`_on_frames`, sends what :meth:`_take_outbox` gives it and records each sent
     command in ``_inflight``; it reports a WELCOME with :meth:`_session_up`, a refusal with
-    :meth:`_refused`, a broken link with :meth:`_link_down` and a peer gone for good with
-    :meth:`_lose_everything`.
+    :meth:`_refused`, a broken link with :meth:`_link_down`, a peer silent past ``peer_deadline``
+    with :meth:`_declare_gone` (and keeps reconnecting), and the end of its patience
+    (``give_up_after``) with :meth:`_give_up`; :meth:`_outage_limits` says when those are due.
     """
 
     supports_interrupts = True
@@ -176,18 +239,25 @@ class FramedTransport(Transport):
         timeout: float = 2.0,
         reconnect_delay: float = 0.1,
         reconnect_delay_max: float = 2.0,
+        reconnect_jitter: float = 0.25,
         peer_deadline: float = 5.0,
+        give_up_after: float | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("timeout", timeout), ("peer_deadline", peer_deadline)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
+        if give_up_after is not None and not give_up_after > 0:
+            raise ValueError(f"give_up_after must be > 0 or None, got {give_up_after!r}")
         self.endpoint = endpoint
         self.domains = None if domains is None else tuple(sorted(set(domains)))
         self.timeout = timeout
         self.reconnect_delay = reconnect_delay
         self.reconnect_delay_max = max(reconnect_delay, reconnect_delay_max)
         self.peer_deadline = peer_deadline
+        self.give_up_after = give_up_after
+        #: the pauses between reconnection attempts (the I/O thread's)
+        self.backoff = Backoff(reconnect_delay, self.reconnect_delay_max, reconnect_jitter)
         self.counters: Counter[str] = Counter()
         #: the last WELCOME (the session's qids, limit and interrupt support); None before the first
         self.welcome: Welcome | None = None
@@ -198,7 +268,8 @@ class FramedTransport(Transport):
         self._events: deque[TransportEvent] = deque()
         self._woken = False
         self._stop = False
-        self._state = "connecting"  # connecting | up | down | lost
+        self._state = "connecting"  # connecting | up | down | lost (given up: nothing more happens)
+        self._gone = False  # the peer is declared gone: submits bounce; reconnection goes on
         # the I/O thread's own
         self._inflight: OrderedDict[int, tuple[Command, float]] = OrderedDict()  # in send order
         self._connected_once = False
@@ -211,8 +282,12 @@ class FramedTransport(Transport):
 
     @property
     def state(self) -> str:
-        """``connecting``, ``up``, ``down`` (reconnecting) or ``lost``."""
-        return self._state
+        """``connecting``, ``up``, ``down`` (reconnecting within ``peer_deadline``), ``gone`` (the peer
+        was declared gone; still reconnecting) or ``lost`` (given up, or the I/O thread failed)."""
+        with self._cv:
+            if self._gone and self._state != "lost":
+                return "gone"
+            return self._state
 
     # -- runner side -------------------------------------------------------------------------------
     def qids(self) -> list[int]:
@@ -230,7 +305,7 @@ class FramedTransport(Transport):
             raise
         with self._cv:
             self._note_submitted(commands)
-            gone = self._state == "lost"
+            gone = self._gone or self._state == "lost"
             if gone:
                 self._events.append(lost(f"{self._peer} is gone", commands, permanent=True, unsent=commands))
             else:
@@ -311,7 +386,7 @@ class FramedTransport(Transport):
             if not self._ready.is_set():
                 self._fail_open(exc)
             else:
-                self._lose_everything(f"I/O thread failed: {exc!r}")
+                self._give_up(f"I/O thread failed: {exc!r}")
         finally:
             try:
                 if self._state == "up":
@@ -339,11 +414,22 @@ class FramedTransport(Transport):
             self.supports_interrupts = False
         with self._cv:
             self._state = "up"
+            was_gone, self._gone = self._gone, False
+        self.backoff.reset()
         if self._connected_once:
             self.counters["reconnects"] += 1
             self._log.info("%r: reconnected", self)
         self._connected_once = True
         self._ready.set()
+        if was_gone:
+            self._peer_restored()
+
+    def _peer_restored(self) -> None:
+        """A handshake succeeded after the peer was declared gone: tell the runner, whose driver
+        brings the queues it took out of service up again."""
+        self.counters["restored"] += 1
+        self._log.warning("%r: the %s is back", self, self.peer_kind)
+        self._emit(PeerRestored(f"{self._peer} answered a handshake again"))
 
     def _refusal(self, err: ErrorFrame) -> HandshakeRefused | None:
         """The exception for an ERROR that refuses our HELLO; None for one that does not."""
@@ -353,9 +439,10 @@ class FramedTransport(Transport):
         return self.refused_error(f"{self.endpoint} refused the session: {code_name(code)}: {err.text}", code)
 
     def _refused(self, exc: HandshakeRefused) -> None:
-        """HELLO refused: the open fails; on a reconnect the peer is lost for good."""
+        """HELLO refused: the open fails; on a reconnect the peer is declared gone (the backend
+        goes on trying: the peer may be reconfigured while we wait)."""
         if self._connected_once:
-            self._lose_everything(str(exc))
+            self._declare_gone(str(exc))
         else:
             self._fail_open(exc)
 
@@ -368,15 +455,41 @@ class FramedTransport(Transport):
             self._state = "down"
         self._emit(lost(reason, cmds, permanent=False))
 
-    def _lose_everything(self, reason: str) -> None:
-        """Permanent loss: every unanswered command (sent or held), and every later one, ends lost."""
+    def _declare_gone(self, reason: str) -> None:
+        """The peer is gone: every unanswered command (sent or held) ends lost, permanently, and
+        every command submitted until a handshake succeeds again bounces at once.  The backend goes
+        on reconnecting (with :attr:`backoff`); :meth:`_session_up` ends this."""
+        if self._gone:
+            return
+        self._log.warning("%r: %s gone (%s); still trying to reach it", self, self.peer_kind, reason)
+        self.counters["peer_gone"] += 1
+        self._end_everything(reason, gone=True)
+
+    def _give_up(self, reason: str) -> None:
+        """Lost for good (``give_up_after`` passed, or the I/O thread failed): as :meth:`_declare_gone`,
+        but nothing will try again; only :meth:`close` is left."""
         self._log.warning("%r: lost for good: %s", self, reason)
+        self._end_everything(reason, gone=False)
+
+    def _end_everything(self, reason: str, *, gone: bool) -> None:
         sent = self._sent_and_unanswered()
         with self._cv:
             held = [c for c, _ in self._outbox]
             self._outbox.clear()
-            self._state = "lost"
-        self._emit(lost(reason, sent + held, permanent=True, unsent=held))
+            was_gone = self._gone
+            if gone:
+                self._gone = True
+            else:
+                self._state = "lost"
+        if sent or held or not was_gone:  # the first permanent loss is always said, even when empty
+            self._emit(lost(reason, sent + held, permanent=True, unsent=held))
+
+    def _outage_limits(self, since: float) -> tuple[float | None, float | None]:
+        """When a link silent since ``since`` makes the peer gone (None: already declared), and when
+        the transport gives up (None: never)."""
+        gone_at = None if self._gone else since + self.peer_deadline
+        give_up_at = None if self.give_up_after is None else since + self.give_up_after
+        return gone_at, give_up_at
 
     def _sent_and_unanswered(self) -> list[Command]:
         doubt = self._drop_link()

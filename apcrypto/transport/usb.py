@@ -30,9 +30,12 @@ transport.  What is particular to this link:
   within ``timeout`` either: the link is broken.
 * **Link broken**: ``ENODEV`` after an unplug, any other USB error, a BYE, ``NOT_HELLO``, a stream
   that no longer parses.  The frames of a write that failed count as sent (in doubt).  The thread
-  re-enumerates with back-off (``reconnect_delay`` doubling up to ``reconnect_delay_max``),
-  configures the device afresh and says HELLO again.
-* **Device gone**: no handshake within ``peer_deadline`` of the break.
+  re-enumerates with back-off (``reconnect_delay`` doubling up to ``reconnect_delay_max``, with
+  jitter: :class:`~apcrypto.transport.framed.Backoff`), configures the device afresh and says HELLO
+  again.
+* **Device gone**: no handshake within ``peer_deadline`` of the break.  The thread goes on looking
+  for the device at the capped back-off, so a device plugged in again is used again by itself,
+  until ``close()`` or, if the caller set it, ``give_up_after``.
 
 ``close()`` is idempotent, says BYE when it can, joins the thread and never raises, plugged or not.
 """
@@ -224,32 +227,40 @@ class UsbTransport(FramedTransport):
                 exc = UsbDeviceNotFound(f"usb: cannot open {self.locator}: {_describe(exc)}")
             self._fail_open(exc)
             return
-        delay = self.reconnect_delay
         down_since = 0.0
         while not self._stop:
             if self._state == "up":
                 try:
                     self._service()
                 except (usb.core.USBError, _LinkBroken, FormatError) as exc:
-                    down_since, delay = time.monotonic(), self.reconnect_delay
+                    down_since = time.monotonic()
                     self._link_down(f"usb: {_describe(exc)}")
             elif self._state == "down":
-                left = down_since + self.peer_deadline - time.monotonic()
-                if left <= 0:
-                    self._lose_everything(
-                        f"usb: {self.locator} did not come back within {self.peer_deadline} s"
-                    )
-                    continue
-                try:
-                    self._connect()
-                except HandshakeRefused as exc:
-                    self._refused(exc)
-                except (usb.core.USBError, _LinkBroken, FormatError, UsbDeviceNotFound) as exc:
-                    self._log.debug("%r: reconnect failed: %s", self, _describe(exc))
-                    self._wait(min(delay, left))
-                    delay = min(delay * 2, self.reconnect_delay_max)
+                self._reconnect(down_since)
             else:  # lost: nothing left but to be closed
                 self._wait(1.0)
+
+    def _reconnect(self, down_since: float) -> None:
+        """One attempt to find the device again; then a back-off pause, cut short when the peer is
+        due to be declared gone or given up on (the verdicts come on time whatever the pause)."""
+        now = time.monotonic()
+        gone_at, give_up_at = self._outage_limits(down_since)
+        if give_up_at is not None and now >= give_up_at:
+            self._give_up(f"usb: {self.locator} did not come back within {self.give_up_after} s")
+            return
+        if gone_at is not None and now >= gone_at:
+            self._declare_gone(f"usb: {self.locator} did not come back within {self.peer_deadline} s")
+            gone_at = None
+        try:
+            self._connect()
+            return
+        except HandshakeRefused as exc:
+            self._refused(exc)
+        except (usb.core.USBError, _LinkBroken, FormatError, UsbDeviceNotFound) as exc:
+            self._log.debug("%r: reconnect failed: %s", self, _describe(exc))
+        pause = self.backoff.next()
+        limits = [t - time.monotonic() for t in (gone_at, give_up_at) if t is not None]
+        self._wait(max(0.0, min([pause, *limits])))
 
     def _wait(self, seconds: float) -> None:
         with self._cv:

@@ -12,8 +12,12 @@ lost for good) are :mod:`apcrypto.transport.framed`'s.  What is particular to th
   alive (a dropped or corrupted frame) -> ``TransportLost(tags=(tag,), permanent=False)``.
 * **Link down**: the TCP connection dropped (seen by a socket monitor), no frame from the server for 3
   heartbeat intervals, a BYE, or ``NOT_HELLO``; reconnection uses a fresh socket and a new HELLO, after
-  ``reconnect_delay`` doubling up to ``reconnect_delay_max``.
+  a pause from the transport's :class:`~apcrypto.transport.framed.Backoff` (``reconnect_delay``
+  doubling up to ``reconnect_delay_max``, with jitter); each attempt waits for its WELCOME as long as
+  the current back-off step.
 * **Peer gone**: no handshake succeeded within ``peer_deadline`` of the last frame heard from the server.
+  Reconnection goes on at the capped back-off (a server killed and restarted on the same port is found
+  again by itself), until ``close()`` or, if the caller set it, ``give_up_after``.
 * At open, a refused CURVE handshake raises :class:`HandshakeRefused` (``code`` 0) at once, and no WELCOME
   within ``timeout`` raises :class:`ServerUnreachable`.
 
@@ -119,7 +123,6 @@ class ZmqTransport(FramedTransport):
         self._last_rx = time.monotonic()
         self._last_ping = 0.0
         self._pings = itertools.count(1)
-        self._delay = self.reconnect_delay
         self._attempt_ends = 0.0
         self._next_attempt = 0.0
         self._start_io(self.timeout + 1.0, ServerUnreachable(f"no answer from {url} within {self.timeout} s"))
@@ -173,14 +176,14 @@ class ZmqTransport(FramedTransport):
                 t = min(t, sent + self.timeout)
             return t
         if self._state == "connecting":
-            return min(self._attempt_ends, self._lost_at())
-        if self._state == "down":
-            return min(self._next_attempt, self._lost_at())
-        return now + 1.0
-
-    def _lost_at(self) -> float:
-        limit = self.peer_deadline if self._connected_once else self.timeout
-        return self._last_rx + limit
+            t = self._attempt_ends
+        elif self._state == "down":
+            t = self._next_attempt
+        else:  # lost: nothing more to do until close
+            return now + 1.0
+        if not self._connected_once:
+            return min(t, self._last_rx + self.timeout)
+        return min([t, *(limit for limit in self._outage_limits(self._last_rx) if limit is not None)])
 
     def _timers(self, now: float) -> None:
         state = self._state
@@ -202,15 +205,26 @@ class ZmqTransport(FramedTransport):
                 if ev is not None:
                     self._emit(ev)
             return
-        if state in ("connecting", "down") and now >= self._lost_at():
-            if not self._connected_once:
+        if state not in ("connecting", "down"):
+            return
+        if not self._connected_once:
+            if now >= self._last_rx + self.timeout:
                 why = "server down, or CURVE key refused?"
                 self._fail_open(
                     ServerUnreachable(f"no WELCOME from {self.url} within {self.timeout} s ({why})")
                 )
                 return
-            self._lose_everything(f"server {self.url} unreachable for {self.peer_deadline} s")
-            return
+        else:
+            gone_at, give_up_at = self._outage_limits(self._last_rx)
+            if give_up_at is not None and now >= give_up_at:
+                self._give_up(f"server {self.url} unreachable for {self.give_up_after} s (give_up_after)")
+                return
+            if gone_at is not None and now >= gone_at:
+                self._declare_gone(f"server {self.url} unreachable for {self.peer_deadline} s")
+                if self._sock is None and state == "connecting":  # the declaration dropped the attempt
+                    self._state = "down"
+                    self._retry_later()
+                return
         if state == "connecting" and now >= self._attempt_ends:
             self._close_socket()
             self._state = "down"
@@ -219,8 +233,7 @@ class ZmqTransport(FramedTransport):
             self._connect(now)
 
     def _retry_later(self) -> None:
-        self._next_attempt = time.monotonic() + self._delay
-        self._delay = min(self._delay * 2, self.reconnect_delay_max)
+        self._next_attempt = time.monotonic() + self.backoff.next()
 
     def _connect(self, now: float) -> None:
         """One handshake attempt: a fresh socket (nothing of an old link can leak into it) and a HELLO."""
@@ -237,7 +250,7 @@ class ZmqTransport(FramedTransport):
         sock.connect(self.url)
         self._sock = sock
         self._state = "connecting"
-        self._attempt_ends = now + max(self._delay, 0.05)
+        self._attempt_ends = now + max(self.backoff.current, 0.05)
         self.counters["handshakes"] += 1
         self._write(encode_hello(self.domains))
 
@@ -314,7 +327,6 @@ class ZmqTransport(FramedTransport):
         if self._state != "connecting":
             return
         self._session_up(welcome)
-        self._delay = self.reconnect_delay
         self._last_ping = time.monotonic()
         self._flush()
 

@@ -1,0 +1,72 @@
+"""The events the driver core consumes, and the instruction it emits, defined by the core itself.
+
+The core is the consumer of these types, so it owns them: a transport imports them from here (and
+``apcrypto.transport.base`` re-exports them for backends and older callers), never the other way
+round.  That keeps the sans-I/O core free of any import from the I/O side.
+
+``Command`` and ``Completion`` are NamedTuples, not frozen dataclasses: one of each is built per AP
+instruction, and a tuple is built in C (about a third of a frozen dataclass's cost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from apformats.results import ApResult, Instr
+
+
+class Command(NamedTuple):
+    """One AP instruction to execute.  ``flag`` is AQIC's enable bit or RAPQ/ZAPQ's F bit."""
+
+    tag: int
+    instr: Instr
+    qid: int
+    psmid: int = 0
+    message: bytes = b""
+    flag: bool = False
+
+
+class Completion(NamedTuple):
+    """The adapter's answer to the command submitted under ``tag``."""
+
+    tag: int
+    result: ApResult
+
+
+class Interrupt(NamedTuple):
+    """An AP adapter interrupt for ``qid``: a reply may be waiting (only after AQIC enabled it)."""
+
+    qid: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransportLost:
+    """Commands that will never be answered.  ``tags`` lists them all, whether or not the link recovers.
+
+    ``permanent`` is False while the transport still tries to reach the peer (a dropped frame, a
+    reconnect in progress): the tags are still dead, but the queues need not go out of service.
+    ``unsent`` is the subset that provably never left the host (held while disconnected), so the
+    driver may re-drive them as never sent.
+    """
+
+    reason: str
+    tags: tuple[int, ...] = ()
+    permanent: bool = True
+    qids: tuple[int, ...] = field(default=())
+    unsent: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRestored:
+    """The transport's peer is reachable again after a permanent :class:`TransportLost`.
+
+    Queues taken offline by the loss need not wait out their re-probe back-off: the core re-probes
+    every offline queue at once, brings the healthy ones up again and serves the work that waited.
+    ``reason`` is for the log only.
+    """
+
+    reason: str = ""
+
+
+TransportEvent = Completion | Interrupt | TransportLost | PeerRestored
