@@ -107,8 +107,8 @@ CALLER_FAULT = frozenset(
 )
 #: The machine-failure reply code (reference §4.3, DESIGN §6).
 MACHINE_FAILURE = 0x10
-#: NQAP response code "queue full" (reference §2.3).
-RC_Q_FULL = 0x02
+#: NQAP response code "queue full" (reference §2.3: AP_RESPONSE_Q_FULL, 0x10).
+RC_Q_FULL = 0x10
 #: Faults after which a card may legitimately never answer for what it held: dead cards, resets
 #: under the driver, engines too slow for the reply timeout.  A machine failure is *not* one: the
 #: card answers for every held message (DESIGN §1).

@@ -304,7 +304,7 @@ def over_slots(h: History) -> None:
 
 
 def refused_full(h: History) -> None:
-    h.sent.append(Sent(1.0, A0, 99, t50(1004), 0x02))  # the driver overfilled an untouched queue
+    h.sent.append(Sent(1.0, A0, 99, t50(1004), 0x10))  # the driver overfilled an untouched queue
 
 
 def slots_idle_while_waiting(h: History) -> None:
