@@ -434,3 +434,32 @@ def test_redrive_into_a_recovering_queue_is_excused_only_in_its_shape() -> None:
     assert h.judge(known=frozenset({"redrive-into-recovering-queue"})).ok, str(h.judge())
     h.put(16, enqueued=3.1, started=3.1)  # a moment later: no excuse
     assert "probe" in h.judge(known=frozenset({"redrive-into-recovering-queue"})).rules()
+
+
+def test_the_oracle_restatements_agree_with_the_product() -> None:
+    """The oracle restates codes, layouts and the slot rule from the reference instead of importing
+    them; two independent writings of one fact must agree, or one of them is wrong.  (A wrong
+    queue-full code once hid a driver that overfilled its queues from the whole campaign.)"""
+    from apcrypto.requests import CounterIncrement, ModExpo, ModExpoCrt, RandomBytes
+    from apformats.codes import ReplyCode, ResponseCode
+    from emulator import load_profile
+    from tests import oracle
+    from tests._fixtures_driver import crt_request, key
+
+    assert oracle.RC_Q_FULL == ResponseCode.Q_FULL
+    assert oracle.MACHINE_FAILURE == ReplyCode.MACHINE_FAILURE
+    assert {ReplyCode.MESSAGE_TYPE, ReplyCode.INVALID_COMM_CD} == oracle.REJECTED_UNRUN
+    assert {ReplyCode.OPERAND_INVALID, ReplyCode.MALFORMED_MSG} <= oracle.CALLER_FAULT
+    for name in ("small", "default"):
+        prof = load_profile(name)
+        topo = Topology.from_profile(name)
+        assert {q.slots for q in topo.queues.values()} == {c.slots for c in prof.card_types.values()}
+    for bits in (1024, 2048):
+        k = key(bits, 0)
+        x = k.n - 12345
+        me = ModExpo(x.to_bytes(k.size, "big"), 65537, k.n)
+        assert content_id(me.message(0)) == ("me", x)
+        assert content_id(crt_request(x, k).message(0)) == ("crt", x)
+        assert isinstance(crt_request(x, k), ModExpoCrt)
+    assert content_id(CounterIncrement(77).message(3)) == ("cprb", "CI", 77)
+    assert content_id(RandomBytes(300).message(1)) == ("cprb", "RL", 300)
