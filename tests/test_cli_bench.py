@@ -64,6 +64,10 @@ def test_duration_clients_and_every_op_name() -> None:
     res = run_bench("emu:fast", ["crt-1k"], [2], 3, duration=0.3, raw=False)
     (p,) = res["points"]
     assert p["clients"] == 3 and p["completed"] > 0 and p["errors"] == {} and 0.3 <= p["seconds"] < 30
+    # each client drives its own domains (4 on this profile): all four carried work
+    assert {q[3:] for q in p["utilisation"]["apqns"]} == {"0000", "0001", "0002", "0003"}
+    with pytest.raises(ValueError, match="each client needs its own"):
+        run_bench("emu:fast", ["me-1k"], [1], 5, requests=10, raw=False)
 
 
 @pytest.mark.parametrize(
