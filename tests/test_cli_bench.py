@@ -11,6 +11,14 @@ from apcrypto.bench import OPS, percentiles, run_bench
 from apcrypto.cli import main
 
 
+def test_depth_ranges_are_powers_of_two() -> None:
+    from apcrypto.cli import _depths
+
+    assert _depths("1-64") == [1, 2, 4, 8, 16, 32, 64]
+    assert _depths("3-20") == [3, 6, 12]
+    assert _depths("1,8, 64") == [1, 8, 64]
+
+
 def test_percentiles_are_nearest_rank_in_milliseconds() -> None:
     got = percentiles([i / 1000 for i in range(100, 0, -1)])  # 100..1 ms, descending
     assert got == pytest.approx({"p50": 50.0, "p90": 90.0, "p99": 99.0, "max": 100.0, "mean": 50.5})
@@ -75,6 +83,8 @@ def test_duration_clients_and_every_op_name() -> None:
     [
         (["--op", "me-3k"], "unknown --op ['me-3k']"),
         (["--depth", "0"], "--depth and --clients must be >= 1"),
+        (["--depth", "0-64"], "give N, a list such as 1,8,64, or a range"),
+        (["--depth", "fast"], "give N, a list such as 1,8,64, or a range"),
         (["--requests", "5", "--duration", "1"], "not both"),
     ],
 )
