@@ -779,3 +779,21 @@ def test_transport_package_reexports_the_core_events() -> None:
 
     for name in ("Command", "Completion", "Interrupt", "TransportLost", "PeerRestored"):
         assert getattr(base, name) is getattr(events, name)
+
+
+def test_public_queries_report_readiness_backlog_and_queue_snapshots() -> None:
+    """What the client and runners ask the core, without reaching into its records."""
+    s = Script()
+    s.add_queue(Q0)
+    assert not s.core.ready() and s.core.bringing_up()
+    s = up(Q0, hw=replace(HW_ACCEL, qd=0))
+    assert s.core.ready() and not s.core.bringing_up()
+    s.submit(me_request(2, K))
+    s.submit(me_request(3, K))
+    assert s.core.backlog_size == 1 and s.core.undecided() == 2
+    view = s.core.queue_states()[Q0]
+    assert view.state is QState.QUEUE_FULL and view.held == 1 and view.slots == 1 and view.mode == "accel"
+    with pytest.raises(AttributeError):
+        view.held = 0  # type: ignore[misc]  # a frozen snapshot
+
+    assert s.core.handle([], s.now) == []

@@ -19,10 +19,11 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from apcrypto.core.actions import Action, ArmTimer, CancelTimer, Execute, Resolve
-from apcrypto.core.classifier import Row, Verdict, classify_cca, classify_rc, classify_reply
+from apcrypto.core.classifier import Classifier, Row, Verdict
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.events import Command, Completion, Interrupt, PeerRestored, TransportLost
 from apcrypto.core.formatter import Fate, decide
@@ -63,6 +64,22 @@ def _probe_request(mode: str) -> tuple[Request, Any] | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    """One queue as the core's public queries show it: a frozen snapshot, never the live record."""
+
+    qid: int
+    state: QState
+    mode: str
+    slots: int
+    held: int
+    offline_reason: str = ""
+
+    @property
+    def in_service(self) -> bool:
+        return self.state.in_service
+
+
 class DriverCore:
     """All queues of one client.  Public entry points return the actions to carry out."""
 
@@ -75,6 +92,7 @@ class DriverCore:
     ) -> None:
         self.cfg = config or DriverConfig()
         self.ledger = Ledger(psmid_base)
+        self._clf = Classifier()
         self.queues: dict[int, Queue] = {}
         self.backlog: dict[str, deque[int]] = {}  # new requests per card mode, FIFO
         self.retry: dict[str, deque[int]] = {}  # bounced / re-driven requests, served first
@@ -391,6 +409,29 @@ class DriverCore:
         """Requests waiting on the host for a slot (the bound callers' submit is checked against)."""
         return self._backlog_len
 
+    def ready(self) -> bool:
+        """Every queue has left bring-up: in service, or offline (what ``wait_ready`` waits for)."""
+        return all(q.state.in_service or q.state is QState.OFFLINE for q in self.queues.values())
+
+    def bringing_up(self) -> bool:
+        """Some queue is between reset and service (a runner lets virtual time run for it)."""
+        return any(not q.state.in_service and q.state is not QState.OFFLINE for q in self.queues.values())
+
+    def undecided(self) -> int:
+        """Requests submitted and not yet decided (0: nothing left for a closing client to wait on)."""
+        return self.ledger.counters["submitted"] - sum(self.ledger.outcomes.values())
+
+    def queue_states(self) -> dict[int, QueueView]:
+        """A read-only snapshot of every queue, by APQN (callers never touch the live records)."""
+        return {
+            q.qid: QueueView(q.qid, q.state, q.mode, q.slots, q.held, q.offline_reason)
+            for q in self.queues.values()
+        }
+
+    def handle(self, events: Iterable[Any], now: float = 0.0) -> list[Action]:
+        """The one entry for transport events (same as :meth:`on_events`)."""
+        return self.on_events(events, now)
+
     # ---------------------------------------------------------------- plumbing
     def _flush(self) -> list[Action]:
         while self._kicked or self._refill:
@@ -706,7 +747,7 @@ class DriverCore:
     # ---------------------------------------------------------------- completions
     def _on_tapq(self, q: Queue, res: ApResult) -> None:
         st = res.status
-        row = classify_rc("TAPQ", st.response_code)
+        row = self._clf.rc("TAPQ", st.response_code)
         v = row.verdict
         if q.state is QState.OFFLINE:
             if v is Verdict.PROCEED:
@@ -761,7 +802,7 @@ class DriverCore:
             self._fail_dead_kinds()  # work of a kind this queue was counted for may have none left
 
     def _on_reset(self, q: Queue, res: ApResult) -> None:
-        row = classify_rc("RESET", res.status.response_code)
+        row = self._clf.rc("RESET", res.status.response_code)
         if q.state is QState.OFFLINE:
             return
         if row.verdict is Verdict.PROCEED:
@@ -773,7 +814,7 @@ class DriverCore:
         # retry-same (busy): the LOW poll issues the reset again
 
     def _on_aqic(self, q: Queue, res: ApResult) -> None:
-        row = classify_rc("AQIC", res.status.response_code)
+        row = self._clf.rc("AQIC", res.status.response_code)
         if q.state.in_service:  # a re-enable (see _check_irq and _transport_lost)
             if res.status.response_code in (ResponseCode.NORMAL, ResponseCode.OTHERWISE_CHANGED):
                 q.irq = True
@@ -794,7 +835,7 @@ class DriverCore:
     def _on_nqap(self, q: Queue, tag: int, psmid: int, res: ApResult) -> bool:
         """Handle an NQAP's status; True when it was simply accepted (the common case)."""
         st = res.status
-        row = classify_rc("NQAP", st.response_code)
+        row = self._clf.rc("NQAP", st.response_code)
         v = row.verdict
         if tag not in q.sending:
             if psmid != q.probe_psmid:
@@ -905,7 +946,7 @@ class DriverCore:
 
     def _on_dqap(self, q: Queue, res: ApResult) -> None:
         st = res.status
-        row = classify_rc("DQAP", st.response_code)
+        row = self._clf.rc("DQAP", st.response_code)
         v = row.verdict
         if q.irq is not st.irq_enabled and q.state.in_service and v is not Verdict.TAKE_OFFLINE:
             self._check_irq(q, st.irq_enabled)
@@ -1001,9 +1042,9 @@ class DriverCore:
             self._resolve(rec, Outcome.COMPLETED, value=value)
             return
         if reply.msg_type == 0x86 and reply.reply_code == 0:
-            row = classify_cca(reply.rtcode or 0)
+            row = self._clf.cca(reply.rtcode or 0)
         else:
-            row = classify_reply(reply.reply_code, reply.mf_state)
+            row = self._clf.reply(reply.reply_code, reply.mf_state)
         self._error_reply(q, rec, row, reply)
 
     def _error_reply(self, q: Queue, rec: Record, row: Row, reply: Any) -> None:

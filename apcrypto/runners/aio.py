@@ -89,7 +89,7 @@ class AsyncioRunner(RunnerBase):
 
     def _bringing_up(self) -> bool:
         """A queue is still between reset and service: let virtual time run for it too."""
-        return any(not q.state.in_service and q.state.value != "offline" for q in self.core.queues.values())
+        return self.core.bringing_up()
 
     def close(self) -> None:
         self._closed = True
