@@ -797,3 +797,24 @@ def test_public_queries_report_readiness_backlog_and_queue_snapshots() -> None:
         view.held = 0  # type: ignore[misc]  # a frozen snapshot
 
     assert s.core.handle([], s.now) == []
+
+
+def test_timers_are_typed_keys_at_absolute_deadlines() -> None:
+    """ArmTimer carries an absolute deadline on the runner's clock and a TimerKey that still equals
+    the plain tuple; re-arming keeps an earlier pending deadline however late it is asked."""
+    from apcrypto.core.actions import ArmTimer
+    from apcrypto.core.timers import TimerKey
+
+    s = up(Q0)
+    s.now = 10.0
+    rid, actions = s.core.submit(me_request(2, K), deadline=0.5, now=s.now)
+    arms = [a for a in actions if isinstance(a, ArmTimer)]
+    dl = next(a for a in arms if a.key[0] == "deadline")
+    assert isinstance(dl.key, TimerKey) and dl.key == ("deadline", rid) and dl.at == 10.5
+    reply = next(a for a in arms if a.key[0] == "reply")
+    assert reply.at == 10.0 + FAST.reply_timeout
+    s._take(actions)
+    # a second request a moment later must not push the pending reply timer back
+    s.now = 10.2
+    s.submit(me_request(3, K))
+    assert s.timers[("reply", Q0)] == 10.0 + FAST.reply_timeout

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from apcrypto.core.events import Command, Completion, Interrupt, PeerRestored, T
 from apcrypto.core.formatter import Fate, decide
 from apcrypto.core.ledger import Ledger, Outcome, Phase, Record
 from apcrypto.core.queue import STATE_LIMITS, QEvent, QState, Queue, Wait
+from apcrypto.core.timers import TimerKey
 from apcrypto.errors import (
     ApcryptoError,
     BadRequest,
@@ -101,7 +102,7 @@ class DriverCore:
         self._tag_map: dict[int, tuple[int, Instr, int]] = {}  # tag -> (qid, instr, psmid)
         self._cmds: list[Command] = []
         self._out: list[Action] = []
-        self._armed: dict[tuple[Any, ...], float] = {}
+        self._armed: dict[tuple[Any, ...], float] = {}  # key -> absolute deadline (runner's clock)
         self._card_load: dict[int, int] = {}
         self._by_mode: dict[str, list[Queue]] = {}  # dispatch candidates per card mode
         self._serving: dict[str, int] = {}  # queues in service per mode (a cheap "kind alive" check)
@@ -151,7 +152,7 @@ class DriverCore:
                 self._resolve(rec, Outcome.UNAVAILABLE, error=DeadlineExceeded("deadline already passed"))
                 return rec.rid, self._flush()
             rec.has_deadline = True
-            self._arm(("deadline", rec.rid), deadline, force=True)
+            self._arm(TimerKey.deadline(rec.rid), deadline, force=True)
         # Work waits on the host only while every serving queue of its kind is full (every flush
         # leaves it so), so a request behind waiting work need not look for a slot.
         waiting = bool(self.retry.get(rec.mode) or self.backlog.get(rec.mode))
@@ -213,7 +214,7 @@ class DriverCore:
             if self._on_nqap(q, tag, psmid, result) and gen == q.gen:
                 # accepted, nothing changed state: no slot freed, nothing to do but make sure a
                 # poll will come if the interrupt never does (an IDLE queue has no timer armed)
-                if ("poll", qid) not in self._armed:
+                if q.poll_key not in self._armed:
                     self._apply_wait(q, Wait.INTERRUPT)
                 return
         elif instr is Instr.DQAP:
@@ -239,25 +240,37 @@ class DriverCore:
         return self._flush()
 
     def on_timer(self, key: tuple[Any, ...], now: float = 0.0) -> list[Action]:
-        """The timer ``key`` (from an earlier ``ArmTimer``) fired."""
+        """The timer ``key`` (a :class:`TimerKey` from an earlier ``ArmTimer``) fired."""
         self._now = now
-        self._armed.pop(key, None)
-        kind = key[0]
-        if kind == "poll":
-            q = self.queues[key[1]]
-            self._occ(q)
-            self._run(q, QEvent.TIMEOUT)
-        elif kind == "limit":
-            self._on_limit(self.queues[key[1]])
-        elif kind == "reply":
-            self._on_reply_timer(self.queues[key[1]])
-        elif kind == "deadline":
-            self._on_deadline(key[1])
-        elif kind == "unavailable":
-            self._on_unavailable_timer(key[1])
-        else:
+        handler = self._TIMER_HANDLERS.get(key[0]) if key else None
+        if handler is None or len(key) != 2:
             raise CoreMisuse(f"unknown timer key {key!r}")
+        self._armed.pop(key, None)
+        handler(self, key[1])
         return self._flush()
+
+    def _on_poll_timer(self, qid: Any) -> None:
+        q = self.queues[qid]
+        self._occ(q)
+        self._run(q, QEvent.TIMEOUT)
+
+    def _on_limit_timer(self, qid: Any) -> None:
+        self._on_limit(self.queues[qid])
+
+    def _on_reply_timeout(self, qid: Any) -> None:
+        self._on_reply_timer(self.queues[qid])
+
+    def _on_deadline_timer(self, rid: Any) -> None:
+        self._on_deadline(rid)
+
+    #: one handler per timer kind (:data:`apcrypto.core.timers.KINDS`)
+    _TIMER_HANDLERS: dict[str, Callable[[DriverCore, Any], None]] = {
+        "poll": _on_poll_timer,
+        "limit": _on_limit_timer,
+        "reply": _on_reply_timeout,
+        "deadline": _on_deadline_timer,
+        "unavailable": lambda core, mode: core._on_unavailable_timer(mode),
+    }
 
     def on_transport_lost(
         self,
@@ -460,14 +473,17 @@ class DriverCore:
         self._cmds.append(Command(tag, instr, q.qid, psmid, message, flag))
         return tag
 
-    def _arm(self, key: tuple[Any, ...], delay: float, *, force: bool = False) -> None:
+    def _arm(self, key: TimerKey, delay: float, *, force: bool = False) -> None:
+        """Arm ``key`` to fire ``delay`` seconds from now, as an absolute deadline on the runner's
+        clock.  Without ``force`` an earlier-or-equal pending deadline is kept."""
+        at = self._now + delay
         cur = self._armed.get(key)
-        if cur is not None and cur <= delay and not force:
+        if cur is not None and cur <= at and not force:
             return  # an earlier-or-equal wake-up is already pending
-        self._armed[key] = delay
-        self._out.append(ArmTimer(key, delay))
+        self._armed[key] = at
+        self._out.append(ArmTimer(key, at))
 
-    def _disarm(self, key: tuple[Any, ...]) -> None:
+    def _disarm(self, key: TimerKey) -> None:
         if self._armed.pop(key, None) is not None:
             self._out.append(CancelTimer(key))
 
@@ -500,9 +516,9 @@ class DriverCore:
         limit = STATE_LIMITS.get(state)
         if limit is not None:
             q.limit_gen = q.gen
-            self._arm(("limit", q.qid), getattr(self.cfg, limit), force=True)
+            self._arm(q.limit_key, getattr(self.cfg, limit), force=True)
         if state.in_service and q.held:
-            self._arm(("reply", q.qid), self.cfg.reply_timeout)
+            self._arm(q.reply_key, self.cfg.reply_timeout)
 
     def _run(self, q: Queue, event: QEvent) -> None:
         idx = 0 if event is QEvent.KICK else 1  # TABLE[state][event], precomputed per state
@@ -514,7 +530,7 @@ class DriverCore:
         self._apply_wait(q, wait)
 
     def _apply_wait(self, q: Queue, wait: Wait) -> None:
-        key = ("poll", q.qid)
+        key = q.poll_key
         if wait is Wait.NONE:
             return
         if wait is Wait.HIGH:
@@ -634,7 +650,7 @@ class DriverCore:
         # a control instruction is still unanswered: owe the re-probe.  Its completion (or its
         # loss) kicks the queue, which pays it; the timer is a backstop in case neither comes soon.
         q.reprobe_due = True
-        self._arm(("poll", q.qid), max(q.offline_backoff, self.cfg.offline_probe_interval), force=True)
+        self._arm(q.poll_key, max(q.offline_backoff, self.cfg.offline_probe_interval), force=True)
         return Wait.NONE
 
     def _step_reprobe_if_due(self, q: Queue) -> Wait:
@@ -654,7 +670,7 @@ class DriverCore:
         q.offline_reason = ""
         q.probe_psmid = None
         q.probe_sent = False
-        self._disarm(("limit", q.qid))
+        self._disarm(q.limit_key)
         self._enter(q, QState.IDLE)
         self._settle(q)
         log.info("queue %s (%s, %d slots) in service", qid_str(q.qid), q.mode, q.slots)
@@ -699,12 +715,12 @@ class DriverCore:
         q.probe_sent = False
         q.full_hold = False
         self._enter(q, QState.OFFLINE)
-        self._disarm(("limit", q.qid))
+        self._disarm(q.limit_key)
         self._abandon_on_card(q, why)
         q.offline_backoff = min(
             max(q.offline_backoff * 2, self.cfg.offline_probe_interval), self.cfg.offline_probe_max
         )
-        self._arm(("poll", q.qid), q.offline_backoff, force=True)
+        self._arm(q.poll_key, q.offline_backoff, force=True)
         if q.mode == "unknown":  # lost during bring-up: requests of every kind counted on it
             self._fail_dead_kinds()
         elif not self._mode_alive(q.mode):
@@ -742,7 +758,7 @@ class DriverCore:
             return
         q.progress_seen = q.progress
         if q.held:
-            self._arm(("reply", q.qid), self.cfg.reply_timeout, force=True)
+            self._arm(q.reply_key, self.cfg.reply_timeout, force=True)
 
     # ---------------------------------------------------------------- completions
     def _on_tapq(self, q: Queue, res: ApResult) -> None:
@@ -758,7 +774,7 @@ class DriverCore:
                 q.offline_backoff = min(
                     max(q.offline_backoff * 2, self.cfg.offline_probe_interval), self.cfg.offline_probe_max
                 )
-                self._arm(("poll", q.qid), q.offline_backoff, force=True)
+                self._arm(q.poll_key, q.offline_backoff, force=True)
             return
         if v is Verdict.TAKE_OFFLINE:
             self._take_offline(q, f"TAPQ answered {st.rc_name()}")
@@ -1270,15 +1286,15 @@ class DriverCore:
         for mode in dict.fromkeys([*self.retry, *self.backlog]):
             if self._serving.get(mode) or not self._has_waiting(mode):
                 if self._unplaced.pop(mode, None) is not None:
-                    self._disarm(("unavailable", mode))
+                    self._disarm(TimerKey.unavailable(mode))
                 continue
             if not self._mode_alive(mode):
                 if self._unplaced.pop(mode, None) is not None:
-                    self._disarm(("unavailable", mode))
+                    self._disarm(TimerKey.unavailable(mode))
                 self._fail_backlog(mode, f"every queue of kind {mode!r} is offline")
             elif mode not in self._unplaced:
                 self._unplaced[mode] = self._now
-                self._arm(("unavailable", mode), self.cfg.unavailable_grace, force=True)
+                self._arm(TimerKey.unavailable(mode), self.cfg.unavailable_grace, force=True)
 
     def _on_unavailable_timer(self, mode: str) -> None:
         """The grace of waiting work whose kind has no queue in service: end what has waited it out."""
@@ -1311,7 +1327,7 @@ class DriverCore:
         if nxt is None:
             del self._unplaced[mode]
         else:
-            self._arm(("unavailable", mode), nxt - self._now, force=True)
+            self._arm(TimerKey.unavailable(mode), nxt - self._now, force=True)
 
     def _pick(self, mode: str, avoid: int | None, weight: int) -> Queue | None:
         best: Queue | None = None
@@ -1385,8 +1401,8 @@ class DriverCore:
             return
         tag = self._emit(q, Instr.NQAP, psmid=att.psmid, message=message)
         q.sending[tag] = rec.rid
-        if ("reply", q.qid) not in self._armed:
-            self._arm(("reply", q.qid), self.cfg.reply_timeout)
+        if q.reply_key not in self._armed:
+            self._arm(q.reply_key, self.cfg.reply_timeout)
         q.load += rec.weight
         self._card_load[q.card] = self._card_load.get(q.card, 0) + rec.weight
         if q.state is QState.IDLE:
@@ -1404,7 +1420,7 @@ class DriverCore:
     ) -> None:
         self.ledger.close(rec, outcome)
         if rec.has_deadline:
-            self._disarm(("deadline", rec.rid))
+            self._disarm(TimerKey.deadline(rec.rid))
         self._out.append(Resolve(rec.rid, value, error))
 
     def _fail_unavailable(self, rec: Record, why: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
+from apcrypto.core.timers import TimerKey
 from apformats.results import qid_card, qid_domain
 from apformats.status import HwInfo
 
@@ -128,9 +129,17 @@ class Queue:
     card: int = -1  # set from qid (plain attributes: read on every dispatch decision)
     domain: int = -1
 
+    # its timer keys, built once (the poll and reply keys are looked up on every instruction)
+    poll_key: TimerKey = field(init=False)
+    limit_key: TimerKey = field(init=False)
+    reply_key: TimerKey = field(init=False)
+
     def __post_init__(self) -> None:
         self.card = qid_card(self.qid)
         self.domain = qid_domain(self.qid)
+        self.poll_key = TimerKey.poll(self.qid)
+        self.limit_key = TimerKey.limit(self.qid)
+        self.reply_key = TimerKey.reply(self.qid)
 
     @property
     def held(self) -> int:
