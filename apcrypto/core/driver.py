@@ -1,16 +1,25 @@
 """The sans-I/O driver core: dispatcher, per-queue state machines, ledger, classifier, formatter.
 
-Events in (a submitted request, an instruction's completion, an interrupt, a timer, a lost
-transport), actions out (:mod:`apcrypto.core.actions`).  It never sleeps, reads a clock, draws
-entropy or touches a socket; runners pass ``now`` (their clock's reading) only so that utilisation
-can be integrated.  Not thread-safe: a runner serialises calls.
+Events in (a submitted request, an instruction's completion, an interrupt, a timer, a lost or
+restored transport), actions out (:mod:`apcrypto.core.actions`).  It never sleeps, reads a clock,
+draws entropy or touches a socket; runners pass ``now`` (their clock's reading): timers are armed
+at absolute deadlines on that clock and utilisation is integrated over it.  Not thread-safe: a
+runner serialises calls.
+
+**Everything that decides a queue's next state lives in this module**: the queue machine's table
+(``TABLE``, whose cells are the ``_step_*`` functions, as ``ap_jumptable`` holds function
+pointers), the completion handlers (one per control instruction, ``_CONTROL_HANDLERS``; NQAP and
+DQAP inline on the hot path), the transitions (``_enter`` for the bounded states, ``_become``
+between the in-service ones: the only two writers of ``Queue.state``) and the timers that bound
+each state.  :mod:`apcrypto.core.queue` holds only the data.
 
 How a request travels: ``submit`` records it in the ledger and appends it to its mode's backlog;
 ``_fill`` hands backlog heads to the in-service queue with the lowest weighted load that has a free
 slot, emitting NQAP; the NQAP's status accepts it (``on_card``), bounces it back to the backlog
 (Q_FULL, BUSY, reset in progress: it never left the host), or fails it (message too big); a reply
 dequeued by DQAP resolves it, or, for an error reply, goes through the classifier and the reply
-formatter.  Every path ends in exactly one ``Resolve``.
+formatter.  Work no queue of its kind can take waits at most ``unavailable_grace``.  Every path
+ends in exactly one ``Resolve``.
 """
 
 from __future__ import annotations
@@ -81,6 +90,19 @@ class QueueView:
         return self.state.in_service
 
 
+class QueueProtocolError(CoreMisuse):
+    """The queue machine has no cell for what happened: a bug in the core's table, named like
+    h11's LocalProtocolError -- the state, the event and the instruction that led there."""
+
+    def __init__(self, state: QState, event: QEvent | str, instr: Instr | None = None) -> None:
+        ev = event.value if isinstance(event, QEvent) else event
+        what = f" (after the completion of {instr.name})" if instr is not None else ""
+        super().__init__(f"queue machine: no cell for state {state.value!r}, event {ev!r}{what}")
+        self.state = state
+        self.event = event
+        self.instr = instr
+
+
 class DriverCore:
     """All queues of one client.  Public entry points return the actions to carry out."""
 
@@ -107,6 +129,7 @@ class DriverCore:
         self._by_mode: dict[str, list[Queue]] = {}  # dispatch candidates per card mode
         self._serving: dict[str, int] = {}  # queues in service per mode (a cheap "kind alive" check)
         self._kicked: set[int] = set()
+        self._instr: Instr | None = None  # the instruction whose completion is being handled
         self._refill: set[str] = set()  # modes whose waiting work may be placed at the next flush
         self._park_dirty = False  # something changed that may leave work waiting with no timer
         self._unplaced: dict[str, float] = {}  # mode -> since when no queue of it is in service
@@ -209,6 +232,7 @@ class DriverCore:
         qid, instr, psmid = entry
         q = self.queues[qid]
         self._occ(q)
+        self._instr = instr
         if instr is Instr.NQAP:
             gen = q.gen
             if self._on_nqap(q, tag, psmid, result) and gen == q.gen:
@@ -222,12 +246,10 @@ class DriverCore:
             self._on_dqap(q, result)
         else:
             q.ctl_inflight = False
-            if instr is Instr.TAPQ:
-                self._on_tapq(q, result)
-            elif instr is Instr.AQIC:
-                self._on_aqic(q, result)
-            else:
-                self._on_reset(q, result)
+            handler = _CONTROL_HANDLERS.get(instr)
+            if handler is None:
+                raise QueueProtocolError(q.state, "completion", instr)
+            handler(self, q, result)
         self._kick(q)
 
     def on_interrupt(self, qid: int, now: float = 0.0) -> list[Action]:
@@ -521,9 +543,14 @@ class DriverCore:
             self._arm(q.reply_key, self.cfg.reply_timeout)
 
     def _run(self, q: Queue, event: QEvent) -> None:
+        """The kernel's ``ap_sm_event_loop``: run the cell, again while it says AGAIN."""
         idx = 0 if event is QEvent.KICK else 1  # TABLE[state][event], precomputed per state
         while True:
-            wait = getattr(self, q.state.steps[idx])(q)
+            try:
+                step = q.state.jump[idx]
+            except (AttributeError, IndexError):
+                raise QueueProtocolError(q.state, event, self._instr) from None
+            wait = step(self, q)
             if wait is not Wait.AGAIN:
                 break
             idx = 0
@@ -551,10 +578,14 @@ class DriverCore:
         else:
             new = QState.QUEUE_FULL
         if new is not q.state:
-            q.state = new
-            q.gen += 1
+            self._become(q, new)
 
-    # -- steps (named in queue.TABLE) --
+    def _become(self, q: Queue, state: QState) -> None:
+        """Move between the in-service states (IDLE / WORKING / QUEUE_FULL): no limit, no withdraw."""
+        q.state = state
+        q.gen += 1
+
+    # -- steps (the cells of TABLE, below the class) --
     def _step_nop(self, q: Queue) -> Wait:
         return Wait.NONE
 
@@ -1406,8 +1437,7 @@ class DriverCore:
         q.load += rec.weight
         self._card_load[q.card] = self._card_load.get(q.card, 0) + rec.weight
         if q.state is QState.IDLE:
-            q.state = QState.WORKING
-            q.gen += 1
+            self._become(q, QState.WORKING)
         self._settle(q)
 
     def _unload(self, q: Queue, rec: Record) -> None:
@@ -1459,3 +1489,47 @@ class DriverCore:
             ),
         )
         # a queued record stays in the backlog deque and is skipped lazily by _fill
+
+
+# ---------------------------------------------------------------- the tables
+#: A cell of the queue machine: a step function of the core, run on one queue, returning its wait.
+Step = Callable[[DriverCore, Queue], Wait]
+_D = DriverCore
+
+#: state x event -> step function (the cells are the functions themselves, as ``ap_jumptable``
+#: holds function pointers; mypy checks each one).  Every cell is filled.  A KICK issues a state's
+#: instruction at most once per state entry (``*_once`` steps); repeating it is the poll timer's
+#: job, or a synchronous transport answering "still resetting" at once would spin the machine.
+TABLE: dict[QState, dict[QEvent, Step]] = {
+    QState.RESET_START: {QEvent.KICK: _D._step_reset_once, QEvent.TIMEOUT: _D._step_reset},
+    QState.RESET_WAIT: {QEvent.KICK: _D._step_wait_low, QEvent.TIMEOUT: _D._step_tapq},
+    QState.SETIRQ_WAIT: {QEvent.KICK: _D._step_wait_low, QEvent.TIMEOUT: _D._step_tapq},
+    QState.PROBE: {QEvent.KICK: _D._step_probe_once, QEvent.TIMEOUT: _D._step_probe},
+    QState.IDLE: {QEvent.KICK: _D._step_write, QEvent.TIMEOUT: _D._step_nop},
+    QState.WORKING: {QEvent.KICK: _D._step_write, QEvent.TIMEOUT: _D._step_read_write},
+    QState.QUEUE_FULL: {QEvent.KICK: _D._step_await, QEvent.TIMEOUT: _D._step_read},
+    QState.RECOVERY_WAIT: {QEvent.KICK: _D._step_drain_once, QEvent.TIMEOUT: _D._step_drain_probe},
+    QState.OFFLINE: {QEvent.KICK: _D._step_reprobe_if_due, QEvent.TIMEOUT: _D._step_reprobe},
+}
+
+#: One handler per control instruction's completion (NQAP and DQAP, the hot path, are inline).
+_CONTROL_HANDLERS: dict[Instr, Callable[[DriverCore, Queue, ApResult], None]] = {
+    Instr.TAPQ: _D._on_tapq,
+    Instr.AQIC: _D._on_aqic,
+    Instr.RAPQ: _D._on_reset,
+    Instr.ZAPQ: _D._on_reset,
+}
+
+
+def _install(table: dict[QState, dict[QEvent, Step]]) -> None:
+    """Check every cell exists and store each row on its state, in event order, for the hot path
+    (an Enum's hash is a Python function: the loop reads a plain attribute instead)."""
+    for state in QState:
+        row = table.get(state, {})
+        missing = [e for e in QEvent if e not in row]
+        if missing:
+            raise QueueProtocolError(state, missing[0])
+        state.jump = (row[QEvent.KICK], row[QEvent.TIMEOUT])
+
+
+_install(TABLE)
