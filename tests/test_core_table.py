@@ -135,3 +135,26 @@ def test_queue_slot_accounting() -> None:
     assert q.has_free_slot()
     q.full_hold = True
     assert not q.has_free_slot()
+
+
+def test_outbox_is_the_one_writer_of_actions() -> None:
+    """The batch goes out first as one Execute; timers keep the earlier deadline unless forced;
+    withdraw takes back one queue's NQAPs not yet sent and forgets their tags."""
+    from apcrypto.core.actions import ArmTimer, CancelTimer, Execute, Resolve
+    from apcrypto.core.outbox import Outbox
+
+    out = Outbox()
+    t1 = out.emit(1, Instr.NQAP, psmid=11)
+    t2 = out.emit(2, Instr.NQAP, psmid=12)
+    t3 = out.emit(1, Instr.DQAP)
+    out.arm(("poll", 1), 5.0)
+    out.arm(("poll", 1), 6.0)  # later: the pending 5.0 stays
+    out.resolve(7, b"x", None)
+    assert [c.tag for c in out.withdraw(1)] == [t1]
+    assert out.settle(t1) is None and out.settle(t2) == (2, Instr.NQAP, 12)
+    actions = out.take()
+    assert isinstance(actions[0], Execute) and [c.tag for c in actions[0].commands] == [t2, t3]
+    assert actions[1:] == [ArmTimer(("poll", 1), 5.0), Resolve(7, b"x", None)]
+    out.arm(("poll", 1), 6.0, force=True)
+    out.cancel_all()
+    assert out.take() == [ArmTimer(("poll", 1), 6.0), CancelTimer(("poll", 1))] and not out.armed

@@ -24,19 +24,19 @@ ends in exactly one ``Resolve``.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from apcrypto.core.actions import Action, ArmTimer, CancelTimer, Execute, Resolve
+from apcrypto.core.actions import Action
 from apcrypto.core.classifier import Classifier, Row, Verdict
 from apcrypto.core.config import DriverConfig
-from apcrypto.core.events import Command, Completion, Interrupt, PeerRestored, TransportLost
+from apcrypto.core.events import Completion, Interrupt, PeerRestored, TransportLost
 from apcrypto.core.formatter import Fate, decide
 from apcrypto.core.ledger import Ledger, Outcome, Phase, Record
+from apcrypto.core.outbox import Outbox
 from apcrypto.core.queue import STATE_LIMITS, QEvent, QState, Queue, Wait
 from apcrypto.core.timers import TimerKey
 from apcrypto.errors import (
@@ -120,11 +120,7 @@ class DriverCore:
         self.backlog: dict[str, deque[int]] = {}  # new requests per card mode, FIFO
         self.retry: dict[str, deque[int]] = {}  # bounced / re-driven requests, served first
         self.irq_ok = supports_interrupts and self.cfg.use_interrupts
-        self._tags = itertools.count(1)
-        self._tag_map: dict[int, tuple[int, Instr, int]] = {}  # tag -> (qid, instr, psmid)
-        self._cmds: list[Command] = []
-        self._out: list[Action] = []
-        self._armed: dict[tuple[Any, ...], float] = {}  # key -> absolute deadline (runner's clock)
+        self.out = Outbox()  # the one writer of actions; what is in flight, by tag
         self._card_load: dict[int, int] = {}
         self._by_mode: dict[str, list[Queue]] = {}  # dispatch candidates per card mode
         self._serving: dict[str, int] = {}  # queues in service per mode (a cheap "kind alive" check)
@@ -224,7 +220,7 @@ class DriverCore:
                 self._run(q, QEvent.TIMEOUT)
 
     def _completion(self, tag: int, result: ApResult) -> None:
-        entry = self._tag_map.pop(tag, None)
+        entry = self.out.settle(tag)
         if entry is None:
             log.warning("completion for unknown tag %d ignored", tag)
             self.ledger.counters["unknown_tags"] += 1
@@ -238,7 +234,7 @@ class DriverCore:
             if self._on_nqap(q, tag, psmid, result) and gen == q.gen:
                 # accepted, nothing changed state: no slot freed, nothing to do but make sure a
                 # poll will come if the interrupt never does (an IDLE queue has no timer armed)
-                if q.poll_key not in self._armed:
+                if q.poll_key not in self.out.armed:
                     self._apply_wait(q, Wait.INTERRUPT)
                 return
         elif instr is Instr.DQAP:
@@ -267,7 +263,7 @@ class DriverCore:
         handler = self._TIMER_HANDLERS.get(key[0]) if key else None
         if handler is None or len(key) != 2:
             raise CoreMisuse(f"unknown timer key {key!r}")
-        self._armed.pop(key, None)
+        self.out.fired(key)
         handler(self, key[1])
         return self._flush()
 
@@ -322,7 +318,7 @@ class DriverCore:
         touched: dict[int, Queue] = {}
         lost_now: list[tuple[Queue, Record]] = []
         for tag in tags:
-            entry = self._tag_map.pop(tag, None)
+            entry = self.out.settle(tag)
             if entry is None:
                 continue
             qid, instr, psmid = entry
@@ -374,7 +370,7 @@ class DriverCore:
                     q.ctl_inflight = True
                     q.irq = False  # poll until the AQIC is confirmed
                     self.ledger.counters["irq_reenabled"] += 1
-                    self._emit(q, Instr.AQIC, flag=True)
+                    self.out.emit(q.qid, Instr.AQIC, flag=True)
         going = [q for q in touched.values() if permanent and q.state is not QState.OFFLINE]
         for q in going:
             # every touched queue leaves service before any work is decided, so that a re-drive
@@ -405,9 +401,7 @@ class DriverCore:
                 psmid=rec.current.psmid if rec.current else None,
             )
             self._resolve(rec, Outcome.UNAVAILABLE, error=err)
-        for key in list(self._armed):
-            self._out.append(CancelTimer(key))
-        self._armed.clear()
+        self.out.cancel_all()
         return self._flush()
 
     # ---------------------------------------------------------------- queries
@@ -477,37 +471,18 @@ class DriverCore:
                 self._fill(self._refill.pop())
         if self._park_dirty:
             self._check_parked()
-        out = self._out
-        if self._cmds:
-            out.insert(0, Execute(tuple(self._cmds)))
-            self._cmds = []
-        self._out = []
-        return out
+        return self.out.take()
 
     def _kick(self, q: Queue) -> None:
         self._kicked.add(q.qid)
 
-    def _emit(
-        self, q: Queue, instr: Instr, *, psmid: int = 0, message: bytes = b"", flag: bool = False
-    ) -> int:
-        tag = next(self._tags)
-        self._tag_map[tag] = (q.qid, instr, psmid)
-        self._cmds.append(Command(tag, instr, q.qid, psmid, message, flag))
-        return tag
-
     def _arm(self, key: TimerKey, delay: float, *, force: bool = False) -> None:
         """Arm ``key`` to fire ``delay`` seconds from now, as an absolute deadline on the runner's
         clock.  Without ``force`` an earlier-or-equal pending deadline is kept."""
-        at = self._now + delay
-        cur = self._armed.get(key)
-        if cur is not None and cur <= at and not force:
-            return  # an earlier-or-equal wake-up is already pending
-        self._armed[key] = at
-        self._out.append(ArmTimer(key, at))
+        self.out.arm(key, self._now + delay, force=force)
 
     def _disarm(self, key: TimerKey) -> None:
-        if self._armed.pop(key, None) is not None:
-            self._out.append(CancelTimer(key))
+        self.out.disarm(key)
 
     def _occ(self, q: Queue) -> None:
         dt = self._now - q.occ_t
@@ -594,7 +569,7 @@ class DriverCore:
             self._abandon_on_card(q, "queue reset")
             q.ctl_inflight = True
             zap = q.reset_attempts >= 2  # RAPQ twice, then ZAPQ (DESIGN §4.4)
-            self._emit(q, Instr.ZAPQ if zap else Instr.RAPQ)
+            self.out.emit(q.qid, Instr.ZAPQ if zap else Instr.RAPQ)
         return Wait.LOW
 
     def _step_reset_once(self, q: Queue) -> Wait:
@@ -609,7 +584,7 @@ class DriverCore:
     def _step_tapq(self, q: Queue) -> Wait:
         if not q.ctl_inflight:
             q.ctl_inflight = True
-            self._emit(q, Instr.TAPQ, flag=True)
+            self.out.emit(q.qid, Instr.TAPQ, flag=True)
         return Wait.LOW
 
     def _step_probe_once(self, q: Queue) -> Wait:
@@ -628,7 +603,7 @@ class DriverCore:
                 self._to_service(q)
                 return Wait.AGAIN
             q.probe_psmid = self.ledger.new_psmid()
-            self._emit(q, Instr.NQAP, psmid=q.probe_psmid, message=probe[0].message(q.domain))
+            self.out.emit(q.qid, Instr.NQAP, psmid=q.probe_psmid, message=probe[0].message(q.domain))
             return Wait.HIGH
         if q.probe_sent:
             return self._step_read(q)
@@ -647,7 +622,7 @@ class DriverCore:
             return Wait.NONE
         if not q.dqap_inflight:
             q.dqap_inflight = True
-            self._emit(q, Instr.DQAP)
+            self.out.emit(q.qid, Instr.DQAP)
         return Wait.INTERRUPT
 
     def _step_read_write(self, q: Queue) -> Wait:
@@ -663,20 +638,20 @@ class DriverCore:
     def _step_drain(self, q: Queue) -> Wait:
         if not q.dqap_inflight:
             q.dqap_inflight = True
-            self._emit(q, Instr.DQAP)
+            self.out.emit(q.qid, Instr.DQAP)
         return Wait.LOW
 
     def _step_drain_probe(self, q: Queue) -> Wait:
         if not q.card_recovered and not q.ctl_inflight:
             q.ctl_inflight = True
-            self._emit(q, Instr.TAPQ, flag=True)
+            self.out.emit(q.qid, Instr.TAPQ, flag=True)
         return self._step_drain(q)
 
     def _step_reprobe(self, q: Queue) -> Wait:
         if not q.ctl_inflight:
             q.reprobe_due = False
             q.ctl_inflight = True
-            self._emit(q, Instr.TAPQ, flag=True)
+            self.out.emit(q.qid, Instr.TAPQ, flag=True)
             return Wait.NONE  # the TAPQ's completion re-arms the next probe
         # a control instruction is still unanswered: owe the re-probe.  Its completion (or its
         # loss) kicks the queue, which pays it; the timer is a backstop in case neither comes soon.
@@ -692,7 +667,7 @@ class DriverCore:
     def _want_read(self, q: Queue) -> None:
         if q.held and not q.dqap_inflight and q.state is not QState.OFFLINE:
             q.dqap_inflight = True
-            self._emit(q, Instr.DQAP)
+            self.out.emit(q.qid, Instr.DQAP)
 
     # -- transitions --
     def _to_service(self, q: Queue) -> None:
@@ -825,7 +800,7 @@ class DriverCore:
                 self._learn(q, res)
             if q.irq_wanted:
                 q.ctl_inflight = True
-                self._emit(q, Instr.AQIC, flag=True)
+                self.out.emit(q.qid, Instr.AQIC, flag=True)
                 self._enter(q, QState.SETIRQ_WAIT)
             else:
                 self._enter(q, QState.PROBE)
@@ -989,7 +964,7 @@ class DriverCore:
             q.irq_reissued = True
             q.ctl_inflight = True
             self.ledger.counters["irq_reenabled"] += 1
-            self._emit(q, Instr.AQIC, flag=True)
+            self.out.emit(q.qid, Instr.AQIC, flag=True)
 
     def _on_dqap(self, q: Queue, res: ApResult) -> None:
         st = res.status
@@ -1272,14 +1247,7 @@ class DriverCore:
         """Take back the NQAPs for ``q`` that are still in this flush's batch: they have not left the
         host, and the queue is leaving service (a reset or recovery in the same batch would throw
         them away after they started).  Requests go back to the host as never sent."""
-        if not self._cmds:
-            return
-        keep: list[Command] = []
-        for c in self._cmds:
-            if c.qid != q.qid or c.instr is not Instr.NQAP:
-                keep.append(c)
-                continue
-            self._tag_map.pop(c.tag, None)
+        for c in self.out.withdraw(q.qid, Instr.NQAP):
             rid = q.sending.pop(c.tag, None)
             if rid is None:  # the health probe: it will be issued again in its own state
                 if c.psmid == q.probe_psmid:
@@ -1297,7 +1265,6 @@ class DriverCore:
                 self.ledger.counters["withdrawn"] += 1
                 self._requeue_front(rec)
                 self._refill.add(rec.mode)
-        self._cmds = keep
 
     def _has_waiting(self, mode: str) -> bool:
         records = self.ledger.records
@@ -1430,9 +1397,9 @@ class DriverCore:
         except ValueError as exc:
             self._resolve(rec, Outcome.FAILED, error=BadRequest(f"cannot encode request: {exc}", qid=q.qid))
             return
-        tag = self._emit(q, Instr.NQAP, psmid=att.psmid, message=message)
+        tag = self.out.emit(q.qid, Instr.NQAP, psmid=att.psmid, message=message)
         q.sending[tag] = rec.rid
-        if q.reply_key not in self._armed:
+        if q.reply_key not in self.out.armed:
             self._arm(q.reply_key, self.cfg.reply_timeout)
         q.load += rec.weight
         self._card_load[q.card] = self._card_load.get(q.card, 0) + rec.weight
@@ -1451,7 +1418,7 @@ class DriverCore:
         self.ledger.close(rec, outcome)
         if rec.has_deadline:
             self._disarm(TimerKey.deadline(rec.rid))
-        self._out.append(Resolve(rec.rid, value, error))
+        self.out.resolve(rec.rid, value, error)
 
     def _fail_unavailable(self, rec: Record, why: str) -> None:
         self._resolve(rec, Outcome.UNAVAILABLE, error=DeviceUnavailable(why))
