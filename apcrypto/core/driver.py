@@ -220,7 +220,7 @@ class DriverCore:
                 self._run(q, QEvent.TIMEOUT)
 
     def _completion(self, tag: int, result: ApResult) -> None:
-        entry = self.out.settle(tag)
+        entry = self.out.in_flight.pop(tag, None)
         if entry is None:
             log.warning("completion for unknown tag %d ignored", tag)
             self.ledger.counters["unknown_tags"] += 1
@@ -318,7 +318,7 @@ class DriverCore:
         touched: dict[int, Queue] = {}
         lost_now: list[tuple[Queue, Record]] = []
         for tag in tags:
-            entry = self.out.settle(tag)
+            entry = self.out.in_flight.pop(tag, None)
             if entry is None:
                 continue
             qid, instr, psmid = entry
