@@ -246,13 +246,14 @@ class Emulator:
         """Take an APQN back from a session that is gone (not an instruction: the server's APQN
         assignment calls it).  ZAPQ semantics whatever state the card is in, so the next session
         assigned the APQN finds nothing of the last one: held requests and replies (stored
-        machine-failure replies too) discarded, interrupts off, the domain's key slots cleared, and
-        RESET_IN_PROGRESS for the reset time.  An APQN this emulator lacks is ignored."""
+        machine-failure replies too) discarded, interrupts off, the domain's key slots cleared.  The
+        reset completes at once: the next session is handed a clean queue, not one still resetting.
+        An APQN this emulator lacks is ignored."""
         with self.lock:
             card = self._cards.get((qid >> 8) & 0xFF) if 0 <= qid <= 0xFFFF else None
             q = None if card is None else card.queues.get(qid & 0xFF)
             if q is not None:
-                self._reset_queue(q, self.profile.timing.reset_time, zeroize=True)
+                self._reset_queue(q, 0.0, zeroize=True)
 
     # --- statistics ----------------------------------------------------------------------------
 

@@ -55,16 +55,14 @@ def raw_control(url: str, request: dict[str, Any] | bytes, timeout: float = 5.0)
 def served(url: str, **options: Any) -> bool:
     """A data-plane client completes a real RSA request (the emulator's clock runs)."""
     k = rsa_key(1024)
-    # the server grants each session its own APQNs (one free domain per card by default): ask for Q01's
-    options.setdefault("domains", [1])
-    q = Q01
-    with open_transport(url, timeout=3.0, **options) as t:
-        t.submit([Command(1, Instr.NQAP, q, psmid=77, message=build_mex(5, E, k.n))])
+    # the session asks for the domain of the queue it uses (the server gives each APQN to one session)
+    with open_transport(url, timeout=3.0, **{"domains": [1], **options}) as t:
+        t.submit([Command(1, Instr.NQAP, Q01, psmid=77, message=build_mex(5, E, k.n))])
         assert collect(t, lambda evs: bool(evs))[0].result.status.rc == RC.NORMAL
         deadline = time.monotonic() + 5.0
         tag = 2
         while time.monotonic() < deadline:
-            t.submit([Command(tag, Instr.DQAP, q)])
+            t.submit([Command(tag, Instr.DQAP, Q01)])
             res = collect(
                 t, lambda evs, tag=tag: any(isinstance(e, Completion) and e.tag == tag for e in evs)
             )
@@ -231,7 +229,7 @@ def test_a_whole_log_read_is_refused_beyond_one_page() -> None:
     finally:
         srv.close()
     assert answer["ok"] is False and "pages" in answer["error"]
-    assert page["ok"] and len(page["result"]["rows"]) == MAX_PAGE + 1 - 9000
+    assert page["ok"] and len(page["result"]["entries"]) == MAX_PAGE + 1 - 9000
     assert page["result"]["next"] == page["result"]["end"] == MAX_PAGE + 1
 
 
@@ -351,7 +349,7 @@ def test_the_session_cap_refuses_a_client_beyond_it(server_factory: Callable[...
             with pytest.raises(ConnectionError):
                 open_transport(srv.data, timeout=1.0)
             for i, t in enumerate((a, b)):
-                t.submit([Command(i, Instr.TAPQ, t.qids()[0])])
+                t.submit([Command(i, Instr.TAPQ, t.qids()[0])])  # each session its own APQNs
                 assert collect(t, lambda evs: bool(evs))[0].result.status.rc == RC.NORMAL
             a.close()
             with open_transport(srv.data, timeout=3.0) as c:

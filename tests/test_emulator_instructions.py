@@ -342,7 +342,7 @@ def test_zapq_zeroizes_key_slots(default_emu: Emulator) -> None:
 
 def test_zeroize_takes_an_apqn_back_whatever_the_card_state(default_emu: Emulator) -> None:
     """What the server does when a session's grace ends: held work and replies (stored machine-
-    failure replies too) discarded, key slots cleared, a reset period, other domains untouched."""
+    failure replies too) discarded, key slots cleared, other domains untouched."""
     from apformats.messages import build_cprb
 
     emu = default_emu
@@ -358,8 +358,10 @@ def test_zeroize_takes_an_apqn_back_whatever_the_card_state(default_emu: Emulato
     emu.zeroize(cca)
     assert emu.stores[(2, 0)].key_slots == {} and emu.stores[(2, 1)].key_slots == {3: b"theirs"}
     assert [e.outcome for e in emu.execution_log.for_psmid(2)] == ["discarded"]
-    emu.clock.run_until_idle()
+    emu.clock.run_until_idle()  # the card's recovery ends; nothing of the old holder is left
     assert emu.tapq(cca).status.rc == RC.NORMAL and drain(emu, cca) == []
+    emu.zeroize(qid_of(0, 0))
+    assert emu.tapq(qid_of(0, 0)).status.rc == RC.NORMAL  # handed over clean at once, not resetting
     emu.zeroize(qid_of(9, 0))  # an APQN the emulator lacks: nothing to take back
 
 
