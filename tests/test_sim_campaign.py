@@ -1,18 +1,23 @@
-"""Seeded whole-run simulations, VOPR style (reference/style.md §3).
+"""Seeded whole-run simulations, VOPR style (reference/style.md §3), judged by an independent oracle.
 
 One ``random.Random(seed)`` decides everything a run does -- its *options* (profile, workload size
 and mix, which fault kinds are switched on: the "swarm"), the workload, the fault plan -- through
 independent sub-streams, so an extra draw in one never shifts another.  The emulator is seeded from
 the same seed.  Each run has two phases:
 
-* **safety**, faults on: every request ends in exactly one outcome, nothing is lost, no
-  state-changing request runs twice, no completion without a run, every verdict agrees with the
-  emulator's execution log, every RSA result is right (checked with ``pow``), no queue ever holds more
-  than its slots;
+* **safety**, faults on: the run is judged by :mod:`tests.oracle` from what the *cards* saw (the
+  emulator's execution log and the NQAPs on the wire), the workload, what each caller got, and the
+  fault plan -- never from the driver's ledger.  Every rule is checked on every seed: exactly one
+  outcome per request, ``Indeterminate`` only where an attempt started or a planned fault silenced
+  the card (the strict rule, per request), request-pending work re-driven exactly once to a queue of
+  its kind and within the budget, no state-changing request run twice, ``DeviceUnavailable`` only
+  when every queue of the kind had been hit, slots never over ``qd + 1`` and full while work waits
+  (the emulator's occupancy), RSA results checked with ``pow``.  The product's own audit
+  (``apcrypto.audit``) gives a second opinion;
 * **liveness**, faults healed: every queue is back in service within a bound and serves new work.
 
-A failing seed prints its options and the exact command that replays it.  ``make test`` runs
-:data:`SEEDS`; ``make soak`` runs :data:`SOAK_SEEDS` with larger workloads.
+A failing seed prints the oracle's violations, its options and the exact command that replays it.
+``make test`` runs :data:`SEEDS`; ``make soak`` runs :data:`SOAK_SEEDS` with larger workloads.
 """
 
 from __future__ import annotations
@@ -26,34 +31,26 @@ from typing import Any
 
 import pytest
 
+from apcrypto.audit import audit
 from apcrypto.core.config import FAST
-from apcrypto.errors import (
-    ApcryptoError,
-    BadRequest,
-    DeadlineExceeded,
-    DeviceUnavailable,
-    Indeterminate,
-)
-from apcrypto.requests import CounterIncrement, ModExpo, ModExpoCrt, RandomBytes
+from apcrypto.requests import CounterIncrement, RandomBytes
 from apcrypto.runners.sim import SimRunner
 from apformats.codes import ReplyCode as RY
-from apformats.results import qid_card
 from emulator import Emulator
-from tests._fixtures_driver import (
-    E,
-    Key,
-    check_verdicts,
-    crt_request,
-    expected_crt,
-    expected_me,
-    key,
-    me_request,
-)
+from tests._fixtures_driver import E, Key, crt_request, expected_me, key, me_request
+from tests.oracle import Outcome, PlannedFault, Topology, WireTap, Work, judge, outcome_of
 
-SEEDS = range(200)
+SEEDS = range(500)
+#: Driver bugs the oracle excuses (each only in its exact shape, see ``tests/oracle.py``).  Empty:
+#: ``deadline-after-redrive`` and ``redrive-into-recovering-queue`` were fixed in the driver core
+#: (issue 8 §1); the oracle still knows their shapes so a regression can be named, not excused.
+KNOWN_DRIVER_BUGS: frozenset[str] = frozenset()
 MAX_REDRIVES = FAST.max_redrives
-SOAK_SEEDS = range(10_000, 12_000)
+SOAK_SEEDS = range(10_000, 20_000)
 SOAK_SCALE = 3  # soak workloads are this many times larger
+
+#: The two profiles' topologies, read by the oracle from their TOML files.
+TOPOLOGIES = {name: Topology.from_profile(name) for name in ("small", "default")}
 
 #: RSA keys the workloads draw from (fixed primes; results are checked with plain pow).
 KEYS: tuple[Key, ...] = (key(1024, 0), key(1024, 1), key(2048, 0))
@@ -164,20 +161,16 @@ def _plan_faults(rng: random.Random, profile: str, kinds: tuple[str, ...], n: in
     return tuple(sorted(out, key=lambda f: (f.at, f.kind)))
 
 
-@dataclass
-class Expect:
-    """What a request may end in."""
-
-    kind: str
-    value: Any  # the exact result (RSA), or the length (random bytes), or None (counter)
-    idempotent: bool
-    deadline: float | None
-
-
-def _workload(cfg: SimConfig) -> list[tuple[Any, Expect]]:
+def _workload(cfg: SimConfig, t0: float = 0.0) -> list[tuple[Any, Work]]:
+    """The requests of a run, each with what the oracle needs to know about it.  Every request's
+    content is unique within the run (distinct data, counter increments and byte counts), so the
+    oracle can trace each NQAP the card saw back to the request it carries."""
     rng = random.Random(f"apcrypto-sim:{cfg.seed}:workload")
     kinds = [k for k, _ in cfg.mix]
     weights = [w for _, w in cfg.mix]
+    incs = iter(rng.sample(range(1, 1 << 20), cfg.n_requests))
+    counts = iter(rng.sample(range(16, 4097), min(cfg.n_requests, 4081)))
+    seen: set[tuple[Any, ...]] = set()
     out = []
     for _ in range(cfg.n_requests):
         kind = rng.choices(kinds, weights)[0]
@@ -185,20 +178,53 @@ def _workload(cfg: SimConfig) -> list[tuple[Any, Expect]]:
         deadline = round(rng.uniform(0.001, 0.2), 4) if rng.random() < cfg.deadline_p else None
         k = rng.choice(KEYS)
         x = rng.randrange(2, k.n)
+        check: Any
         if kind == "me":
-            req, exp = me_request(x, k), Expect(kind, expected_me(x, k), idem, deadline)
+            req, content = me_request(x, k), ("me", x)
+            want = expected_me(x, k)
+            check = want.__eq__
         elif kind == "crt":  # checked by the public operation: cheaper than x ** d, as exact
-            req, exp = crt_request(x, k), Expect(kind, (x, k), idem, deadline)
+            req, content = crt_request(x, k), ("crt", x)
+            check = _crt_check(x, k)
         elif kind == "ci":
-            req, exp = CounterIncrement(rng.randint(1, 3)), Expect(kind, None, idem, deadline)
+            by = next(incs)
+            req, content = CounterIncrement(by), ("cprb", "CI", by)
+            check = _ci_check(by)
         else:
-            n = rng.randint(1, 64)
-            req, exp = RandomBytes(n), Expect(kind, n, idem, deadline)
-        out.append((req, exp))
+            n = next(counts)
+            req, content = RandomBytes(n), ("cprb", "RL", n)
+            check = _rb_check(n)
+        if content in seen:  # a repeated RSA input (never, in practice): make it a new one
+            continue
+        seen.add(content)
+        mode = "accel" if kind in ("me", "crt") else "cca"
+        out.append((req, Work(len(out), mode, content, idem, t0, deadline, check)))
     return out
 
 
-def _inject(emu: Emulator, sim: SimRunner, cfg: SimConfig, t0: float) -> list[Any]:
+def _crt_check(x: int, k: Key) -> Any:
+    return lambda v: isinstance(v, bytes) and len(v) == k.size and pow(int.from_bytes(v, "big"), E, k.n) == x
+
+
+def _ci_check(by: int) -> Any:
+    return lambda v: isinstance(v, int) and v >= by
+
+
+def _rb_check(n: int) -> Any:
+    return lambda v: isinstance(v, bytes) and len(v) == n
+
+
+def _plan(cfg: SimConfig, t0: float) -> list[PlannedFault]:
+    """The fault plan as the oracle reads it (absolute times; a fail_request's victim is found in
+    the log by its reply code)."""
+    kinds = {"reset": "reset", "slow": "slow"}
+    return [
+        PlannedFault(kinds.get(f.kind, f.kind), t0 + f.at, card=f.card, qid=f.qid, code=f.code)
+        for f in cfg.faults
+    ]
+
+
+def _inject(emu: Emulator, cfg: SimConfig, t0: float) -> list[Any]:
     """Arm the fault plan on the emulator's control plane; returns restore timers to cancel."""
     ctl = emu.control
     handles = []
@@ -221,40 +247,20 @@ def _inject(emu: Emulator, sim: SimRunner, cfg: SimConfig, t0: float) -> list[An
     return handles
 
 
-def _check_outcome(i: int, req: Any, exp: Expect, fut: Future[Any], cfg: SimConfig, rec: Any) -> None:
-    where = (
-        f"request #{i} {type(req).__name__} (rid {rec.rid}, idempotent={exp.idempotent}, "
-        f"deadline={exp.deadline})"
-    )
-    assert rec.request is req, where
-    assert fut.done(), f"{where}: never resolved"
-    err = fut.exception()
-    if err is None:
-        val = fut.result()
-        if exp.kind == "me":
-            assert val == exp.value, f"{where}: wrong RSA result"
-        elif exp.kind == "crt":
-            x, k = exp.value
-            assert len(val) == k.size and pow(int.from_bytes(val, "big"), E, k.n) == x, where
-        elif exp.kind == "rb":
-            assert isinstance(val, bytes) and len(val) == exp.value, where
-        else:
-            assert isinstance(val, int) and val > 0, where
-        return
-    assert isinstance(err, ApcryptoError), f"{where}: unexpected {err!r}"
-    if isinstance(err, Indeterminate):
-        # idempotent work is re-driven instead, until its re-drive budget is spent
-        assert not exp.idempotent or rec.redrives >= MAX_REDRIVES, f"{where}: idempotent but {err!r}"
-        assert err.qid is not None and err.psmid is not None, where
-    elif isinstance(err, DeadlineExceeded):
-        assert exp.deadline is not None, f"{where}: no deadline but {err!r}"
-    elif isinstance(err, BadRequest):
-        injected = {f.code for f in cfg.faults if f.kind == "fail_request"}
-        assert err.reply_code in injected & BAD_REQUEST_CODES, f"{where}: {err!r} not injected"
-    elif isinstance(err, DeviceUnavailable):
-        assert cfg.kinds, f"{where}: unavailable without faults: {err!r}"
-    else:
-        raise AssertionError(f"{where}: unexpected {err!r}")
+class Outcomes:
+    """What each caller got, and when (the virtual time its future resolved), in submit order."""
+
+    def __init__(self, sim: SimRunner) -> None:
+        self.sim = sim
+        self.got: dict[int, Outcome] = {}
+        self.calls: dict[int, int] = {}
+
+    def watch(self, index: int, fut: Future[Any]) -> None:
+        def done(f: Future[Any]) -> None:
+            self.calls[index] = self.calls.get(index, 0) + 1
+            self.got[index] = outcome_of(f, self.sim.now(), self.calls[index])
+
+        fut.add_done_callback(done)
 
 
 def run_seed(seed: int, *, scale: int = 1, soak: bool = False) -> dict[str, Any]:
@@ -262,35 +268,43 @@ def run_seed(seed: int, *, scale: int = 1, soak: bool = False) -> dict[str, Any]
     print(cfg.describe())
     hint = replay_hint(seed, soak)
     emu = Emulator(cfg.profile, seed=seed)
+    tap = WireTap(emu)  # before the driver's first NQAP: the bring-up probes are on the wire too
     sim = SimRunner(emu)
     try:
         # bring-up
         t_up = sim.now()
         while not all(q.state.in_service for q in sim.core.queues.values()):
             assert sim.step() and sim.now() - t_up < 1.0, f"bring-up did not finish; {hint}"
-        work = _workload(cfg)
         t0 = sim.now()
-        restore_timers = _inject(emu, sim, cfg, t0)
-        futs = [sim.submit(req, idempotent=exp.idempotent, deadline=exp.deadline) for req, exp in work]
-        # safety phase: step to the end, checking the slot bound at every event
+        work = _workload(cfg, t0)
+        restore_timers = _inject(emu, cfg, t0)
+        got = Outcomes(sim)
+        futs = []
+        for req, w in work:
+            fut = sim.submit(req, idempotent=w.idempotent, deadline=w.deadline)
+            got.watch(w.index, fut)
+            futs.append(fut)
+        # safety phase: run until every request has ended (bounded in virtual time)
         limit = t0 + 60.0
         while not all(f.done() for f in futs):
             assert sim.step(), f"simulation stalled with work pending; {hint}"
             assert sim.now() < limit, f"not settled after 60 s of virtual time; {hint}"
-            for q in sim.core.queues.values():
-                assert len(q.on_card) + len(q.sending) <= q.slots, f"{q.qid:#x} over its slots; {hint}"
-        try:
-            for i, ((req, exp), fut) in enumerate(zip(work, futs, strict=True)):
-                _check_outcome(i, req, exp, fut, cfg, sim.core.ledger.records[i + 1])
-            # a card can go silent on the driver: killed, reset under it, too slow for the reply
-            # timeout, or taken out of service for an unknown code; then the ledger decides
-            dies = any(k in cfg.kinds for k in ("checkstop", "deconfigure", "reset")) or any(
-                f.code == 0xEE for f in cfg.faults
-            )
-            dies = dies or sim.core.ledger.counters["reply_timeouts"] > 0
-            check_verdicts(sim, emu, card_may_die=dies)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{cfg.describe()}\n{hint}") from None
+        log = emu.execution_log.entries()
+        report = judge(
+            TOPOLOGIES[cfg.profile],
+            [w for _, w in work],
+            got.got,
+            log,
+            tap.sent,
+            _plan(cfg, t0),
+            max_redrives=MAX_REDRIVES,
+            counters={(c, d): s.counter for (c, d), s in emu.stores.items()},
+            known=KNOWN_DRIVER_BUGS,
+        )
+        assert report.ok, f"{report}\n{cfg.describe()}\n{hint}"
+        # second opinion: the product's own audit of its ledger against the same log
+        second = audit(sim.core.ledger, log)
+        assert second.ok and not second.indeterminate_never_started, f"audit: {second.summary()}; {hint}"
         # liveness phase: heal everything; every queue back in service, and serving
         for h in restore_timers:
             h.cancel()
@@ -309,7 +323,7 @@ def run_seed(seed: int, *, scale: int = 1, soak: bool = False) -> dict[str, Any]
             assert f.result() == expected_me(x, k), f"after healing: {f.exception()!r}; {hint}"
         if cfg.profile == "default":
             assert isinstance(after[-1].result(), int), hint
-        return {"outcomes": dict(sim.core.ledger.outcomes), "counters": dict(sim.core.ledger.counters)}
+        return {"outcomes": report.counts, "entries": len(log)}
     finally:
         sim.shutdown()
 
@@ -342,8 +356,8 @@ def test_same_seed_same_run() -> None:
         emu = Emulator(cfg.profile, seed=7)
         sim = SimRunner(emu)
         sim.run(sim.now() + 0.05)
-        futs = [sim.submit(r, idempotent=e.idempotent, deadline=e.deadline) for r, e in _workload(cfg)]
-        _inject(emu, sim, cfg, sim.now())
+        futs = [sim.submit(r, idempotent=w.idempotent, deadline=w.deadline) for r, w in _workload(cfg)]
+        _inject(emu, cfg, sim.now())
         sim.run_until_settled(futs)
         logs.append(emu.execution_log.entries())
         sim.shutdown()
@@ -361,9 +375,10 @@ def test_options_cover_the_swarm() -> None:
 
 
 def test_campaign_budget() -> None:
-    """The campaign stays cheap enough for make test: a sample of seeds, timed."""
-    t = time.perf_counter()
+    """The campaign stays cheap enough for make test (which must stay under 5 minutes on 2 cores):
+    a sample of seeds, in CPU time (other processes on the machine do not count against it)."""
+    t = time.process_time()
     for s in range(5):
         run_seed(s)
-    per_seed = (time.perf_counter() - t) / 5
-    assert per_seed * len(SEEDS) < 60, f"{per_seed:.3f} s per seed"
+    per_seed = (time.process_time() - t) / 5
+    assert per_seed * len(SEEDS) < 100, f"{per_seed:.3f} s of CPU per seed"
