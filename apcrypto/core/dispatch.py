@@ -30,6 +30,9 @@ class Dispatcher:
         self.queues = queues
         self.backlog: dict[str, deque[int]] = {}  # new requests per card mode, FIFO
         self.retry: dict[str, deque[int]] = {}  # bounced / re-driven requests, served first
+        # Targeted requests (``rec.target``): they wait for their own APQN, so they sit apart and are
+        # scanned, not taken from the head (one waiting for a busy APQN must not hold up the rest).
+        self.pinned: dict[str, deque[int]] = {}
         self.size = 0  # live requests waiting on the host (the bound callers' submit is checked against)
         self.card_load: dict[int, int] = {}
         self.by_mode: dict[str, list[Queue]] = {}  # dispatch candidates per card mode
@@ -40,14 +43,16 @@ class Dispatcher:
 
     # -- waiting work --
     def enqueue(self, rec: Record, now: float) -> None:
-        self.backlog.setdefault(rec.mode, deque()).append(rec.rid)
+        book = self.backlog if rec.target is None else self.pinned
+        book.setdefault(rec.mode, deque()).append(rec.rid)
         self.size += 1
         rec.parked_at = now
 
     def requeue_front(self, rec: Record, now: float) -> None:
         """Back to the host, ahead of new work (it has waited already), in the order it bounced."""
         rec.phase = Phase.QUEUED
-        self.retry.setdefault(rec.mode, deque()).append(rec.rid)
+        book = self.retry if rec.target is None else self.pinned
+        book.setdefault(rec.mode, deque()).append(rec.rid)
         self.size += 1
         rec.parked_at = now
 
@@ -57,7 +62,7 @@ class Dispatcher:
     def has_waiting(self, mode: str) -> bool:
         """Some undecided request of ``mode`` waits (deques also hold decided ones, skipped lazily)."""
         records = self.ledger.records
-        for dq in (self.retry.get(mode), self.backlog.get(mode)):
+        for dq in (self.retry.get(mode), self.pinned.get(mode), self.backlog.get(mode)):
             if dq:
                 for rid in dq:
                     rec = records.get(rid)
@@ -66,12 +71,12 @@ class Dispatcher:
         return False
 
     def modes(self) -> list[str]:
-        return list(dict.fromkeys([*self.retry, *self.backlog]))
+        return list(dict.fromkeys([*self.retry, *self.pinned, *self.backlog]))
 
     def take_all(self, mode: str) -> list[Record]:
         """Remove and return every undecided request of ``mode`` waiting on the host."""
         taken: list[Record] = []
-        for dq in (self.retry.get(mode), self.backlog.get(mode)):
+        for dq in (self.retry.get(mode), self.pinned.get(mode), self.backlog.get(mode)):
             while dq:
                 rec = self.ledger.records.get(dq.popleft())
                 if rec is not None and not rec.resolved:
@@ -85,7 +90,7 @@ class Dispatcher:
         records = self.ledger.records
         expired: list[Record] = []
         nxt: float | None = None
-        for dq in (self.retry.get(mode), self.backlog.get(mode)):
+        for dq in (self.retry.get(mode), self.pinned.get(mode), self.backlog.get(mode)):
             if not dq:
                 continue
             keep: deque[int] = deque()
@@ -133,7 +138,9 @@ class Dispatcher:
             del self.mf_cards[card]
 
     # -- placing work --
-    def pick(self, mode: str, avoid: int | None, weight: int) -> Queue | None:
+    def pick(
+        self, mode: str, avoid: int | None, weight: int, target: frozenset[int] | None = None
+    ) -> Queue | None:
         best: Queue | None = None
         best_score = 0
         mf_cards = self.mf_cards
@@ -141,6 +148,8 @@ class Dispatcher:
         for q in self.by_mode.get(mode, ()):
             if not q.state.in_service or q.full_hold or len(q.on_card) + len(q.sending) >= q.slots:
                 continue
+            if target is not None and q.qid not in target:
+                continue  # a targeted request runs on its own APQN(s) or nowhere
             if mf_cards and q.card in mf_cards:
                 continue  # its card had a machine failure: its other queues are going down too
             score = card_load.get(q.card, 0) + q.load + weight
@@ -163,13 +172,16 @@ class Dispatcher:
             self._fill_from(mode, retry)
             if retry:
                 return  # bounced and re-driven work goes first
+        pinned = self.pinned.get(mode)
+        if pinned:
+            self._fill_pinned(pinned)
         self._fill_from(mode, self.backlog.get(mode))
 
     def fill_queue(self, q: Queue) -> None:
         """A slot of ``q`` may have freed: give it waiting work.  Every other serving queue of its
         kind is full whenever work waits, so the weighted pick could only choose ``q``; re-driven
         work still goes through the pick, which steers it away from the queue it failed on."""
-        if self.retry.get(q.mode):
+        if self.retry.get(q.mode) or self.pinned.get(q.mode):
             self.fill(q.mode)
             return
         if self.mf_cards and q.card in self.mf_cards:
@@ -196,6 +208,31 @@ class Dispatcher:
             backlog.popleft()
             self.size -= 1
             self.send(q, rec)
+
+    def _fill_pinned(self, pinned: deque[int]) -> None:
+        """Place every targeted request whose APQN has a slot; the rest keep their order."""
+        records = self.ledger.records
+        keep: deque[int] = deque()
+        while pinned:
+            rid = pinned.popleft()
+            rec = records.get(rid)
+            if rec is None or rec.resolved:
+                continue  # decided while it waited (deadline, grace): no longer counted
+            q = self.pick(rec.mode, rec.avoid_qid, rec.weight, rec.target)
+            if q is None:
+                keep.append(rid)
+                continue
+            self.size -= 1
+            self.send(q, rec)
+        pinned.extend(keep)
+
+    def target_in_service(self, rec: Record) -> bool:
+        """One of ``rec``'s target APQNs is in service (it may be busy: then the request waits)."""
+        queues = self.queues
+        return any(
+            (q := queues.get(qid)) is not None and q.state.in_service and q.card not in self.mf_cards
+            for qid in rec.target or ()
+        )
 
     def send(self, q: Queue, rec: Record) -> None:
         att = self.ledger.new_attempt(rec, q.qid)
