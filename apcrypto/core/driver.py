@@ -1057,6 +1057,7 @@ class DriverCore:
         if rec.resolved:
             self.ledger.counters["late_replies"] += 1
             log.info("queue %s: late reply for decided request %d dropped", qid_str(q.qid), rid)
+            self._late_reply_says(q, data)
             return
         att = rec.current
         assert att is not None and att.psmid == psmid
@@ -1123,6 +1124,26 @@ class DriverCore:
         self._attempt_failed(
             rec, q, may_have_run=row.may_have_run, why=f"error reply: {row.note}", codes=codes
         )
+
+    def _late_reply_says(self, q: Queue, data: bytes) -> None:
+        """A reply for a request already decided (its deadline came first) is not delivered, but
+        what it says about the queue still counts: a machine-failure reply means the card failed
+        and holds more such replies; the queue must not take new work until it has recovered."""
+        try:
+            reply = parse_reply(data)
+        except FormatError:
+            return
+        if reply.kind == "ok" or (reply.msg_type == 0x86 and reply.reply_code == 0):
+            return
+        v = self._clf.reply(reply.reply_code, reply.mf_state).verdict
+        if v is Verdict.MACHINE_FAILURE:
+            self.ledger.counters["mf_replies"] += 1
+            self._enter_recovery(q, card_recovered=True, mf=True)
+        elif v is Verdict.RESET_QUEUE:
+            self._start_reset(q, "late error reply")
+        elif v is Verdict.TAKE_OFFLINE:
+            q.offline_after_drain = "late error reply: safe default"
+            self._enter_recovery(q, card_recovered=True)
 
     def _reply_before_status(self, q: Queue, psmid: int) -> int | None:
         """A reply for one of our requests whose NQAP status has not come (yet, or ever: the status
