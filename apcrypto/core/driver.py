@@ -25,7 +25,6 @@ ends in exactly one ``Resolve``.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 from apcrypto.core.actions import Action
 from apcrypto.core.classifier import Classifier, Row, Verdict
 from apcrypto.core.config import DriverConfig
+from apcrypto.core.dispatch import Dispatcher
 from apcrypto.core.events import Completion, Interrupt, PeerRestored, TransportLost
 from apcrypto.core.formatter import Fate, decide
 from apcrypto.core.ledger import Ledger, Outcome, Phase, Record
@@ -117,23 +117,17 @@ class DriverCore:
         self.ledger = Ledger(psmid_base)
         self._clf = Classifier()
         self.queues: dict[int, Queue] = {}
-        self.backlog: dict[str, deque[int]] = {}  # new requests per card mode, FIFO
-        self.retry: dict[str, deque[int]] = {}  # bounced / re-driven requests, served first
         self.irq_ok = supports_interrupts and self.cfg.use_interrupts
         self.out = Outbox()  # the one writer of actions; what is in flight, by tag
-        self._card_load: dict[int, int] = {}
-        self._by_mode: dict[str, list[Queue]] = {}  # dispatch candidates per card mode
-        self._serving: dict[str, int] = {}  # queues in service per mode (a cheap "kind alive" check)
         self._kicked: set[int] = set()
         self._instr: Instr | None = None  # the instruction whose completion is being handled
         self._refill: set[str] = set()  # modes whose waiting work may be placed at the next flush
         self._park_dirty = False  # something changed that may leave work waiting with no timer
         self._unplaced: dict[str, float] = {}  # mode -> since when no queue of it is in service
-        self._mf_cards: dict[int, int] = {}  # card -> its queues in machine-failure recovery
         self._now = 0.0
         self._closed = False
-        self._backlog_len = 0
         self._link_suspect = False  # a TransportLost came and no completion since (see _on_reply_timer)
+        self.dispatch = Dispatcher(self.ledger, self.out, self.queues)
 
     # ---------------------------------------------------------------- public entry points
     def add_queue(self, qid: int, now: float = 0.0) -> list[Action]:
@@ -164,7 +158,7 @@ class DriverCore:
         self._now = now
         idem = request.idempotent_default if idempotent is None else bool(idempotent)
         rec = self.ledger.open(request, idempotent=idem, mode=request.mode, weight=request.weight)
-        if not self._serving.get(rec.mode) and not self._mode_alive(rec.mode):
+        if not self.dispatch.serving.get(rec.mode) and not self.dispatch.mode_alive(rec.mode):
             self._fail_unavailable(rec, f"no queue of kind {rec.mode!r} is in service or recovering")
             return rec.rid, self._flush()
         if deadline is not None:
@@ -175,7 +169,7 @@ class DriverCore:
             self._arm(TimerKey.deadline(rec.rid), deadline, force=True)
         # Work waits on the host only while every serving queue of its kind is full (every flush
         # leaves it so), so a request behind waiting work need not look for a slot.
-        waiting = bool(self.retry.get(rec.mode) or self.backlog.get(rec.mode))
+        waiting = self.dispatch.waiting_ahead(rec.mode)
         self._enqueue(rec)
         if not waiting:
             self._fill(rec.mode)
@@ -432,14 +426,14 @@ class DriverCore:
             "counters": dict(self.ledger.counters),
             "states": per_state,
             "queues": queues,
-            "backlog": self._backlog_len,
+            "backlog": self.dispatch.size,
             "in_flight": self.ledger.counters["submitted"] - sum(self.ledger.outcomes.values()),
         }
 
     @property
     def backlog_size(self) -> int:
         """Requests waiting on the host for a slot (the bound callers' submit is checked against)."""
-        return self._backlog_len
+        return self.dispatch.size
 
     def ready(self) -> bool:
         """Every queue has left bring-up: in service, or offline (what ``wait_ready`` waits for)."""
@@ -498,15 +492,11 @@ class DriverCore:
         if q.state is not state:
             log.debug("queue %s: %s -> %s", qid_str(q.qid), q.state.value, state.value)
             if q.state.in_service != state.in_service:
-                self._serving[q.mode] = self._serving.get(q.mode, 0) + (1 if state.in_service else -1)
+                self.dispatch.service_changed(q.mode, state.in_service)
                 self._park_dirty = True
             if q.mf_recovery and state is not QState.RECOVERY_WAIT:
                 q.mf_recovery = False
-                left = self._mf_cards[q.card] - 1
-                if left:
-                    self._mf_cards[q.card] = left
-                else:
-                    del self._mf_cards[q.card]
+                self.dispatch.mf_leave(q.card)
                 self._park_dirty = True
                 self._refill.add(q.mode)  # its card's other queues may take work again
         if state in _WITHDRAW_ON:
@@ -712,7 +702,7 @@ class DriverCore:
             q.card_recovered = q.card_recovered or card_recovered
         if mf and not q.mf_recovery:
             q.mf_recovery = True
-            self._mf_cards[q.card] = self._mf_cards.get(q.card, 0) + 1
+            self.dispatch.mf_enter(q.card)
 
     def _take_offline(self, q: Queue, why: str) -> None:
         if q.state is not QState.OFFLINE:
@@ -732,15 +722,15 @@ class DriverCore:
         self._arm(q.poll_key, q.offline_backoff, force=True)
         if q.mode == "unknown":  # lost during bring-up: requests of every kind counted on it
             self._fail_dead_kinds()
-        elif not self._mode_alive(q.mode):
+        elif not self.dispatch.mode_alive(q.mode):
             self._fail_backlog(q.mode, f"every queue of kind {q.mode!r} is offline")
         else:
             self._fill(q.mode)
 
     def _fail_dead_kinds(self) -> None:
         """Fail the waiting work of every kind that no queue can serve any more."""
-        for mode in sorted({*self.backlog, *self.retry}):
-            if mode != "unknown" and not self._mode_alive(mode):
+        for mode in sorted(self.dispatch.modes()):
+            if mode != "unknown" and not self.dispatch.mode_alive(mode):
                 self._fail_backlog(mode, f"no queue of kind {mode!r} is in service or recovering")
 
     def _on_limit(self, q: Queue) -> None:
@@ -827,11 +817,7 @@ class DriverCore:
         q.slots = hw.slots
         q.max_msg = hw.max_msg_size
         if q.mode != hw.mode:
-            if q in self._by_mode.get(q.mode, ()):
-                self._by_mode[q.mode].remove(q)
-            q.mode = hw.mode
-            self._by_mode.setdefault(q.mode, []).append(q)
-            self.backlog.setdefault(q.mode, deque())
+            self.dispatch.learn_mode(q, hw.mode)
             self._fail_dead_kinds()  # work of a kind this queue was counted for may have none left
 
     def _on_reset(self, q: Queue, res: ApResult) -> None:
@@ -1197,7 +1183,7 @@ class DriverCore:
             rec.avoid_qid = q.qid
             self.ledger.counters["redriven"] += 1
             self._requeue_front(rec)
-            if not self._mode_alive(rec.mode):
+            if not self.dispatch.mode_alive(rec.mode):
                 self._fail_backlog(rec.mode, f"every queue of kind {rec.mode!r} is offline")
             else:
                 self._fill(rec.mode)
@@ -1233,25 +1219,14 @@ class DriverCore:
                 self._attempt_failed(rec, q, may_have_run=True, why=why)
 
     # ---------------------------------------------------------------- dispatch
-    def _mode_alive(self, mode: str) -> bool:
-        for q in self.queues.values():
-            if q.state is not QState.OFFLINE and (q.mode == mode or q.mode == "unknown"):
-                return True
-        return False
-
     def _enqueue(self, rec: Record) -> None:
-        self.backlog.setdefault(rec.mode, deque()).append(rec.rid)
-        self._backlog_len += 1
-        rec.parked_at = self._now
-        if not self._serving.get(rec.mode):
+        self.dispatch.enqueue(rec, self._now)
+        if not self.dispatch.serving.get(rec.mode):
             self._park_dirty = True
 
     def _requeue_front(self, rec: Record) -> None:
         """Back to the host, ahead of new work (it has waited already), in the order it bounced."""
-        rec.phase = Phase.QUEUED
-        self.retry.setdefault(rec.mode, deque()).append(rec.rid)
-        self._backlog_len += 1
-        rec.parked_at = self._now
+        self.dispatch.requeue_front(rec, self._now)
         self._park_dirty = True
 
     def _withdraw(self, q: Queue) -> None:
@@ -1277,27 +1252,18 @@ class DriverCore:
                 self._requeue_front(rec)
                 self._refill.add(rec.mode)
 
-    def _has_waiting(self, mode: str) -> bool:
-        records = self.ledger.records
-        for dq in (self.retry.get(mode), self.backlog.get(mode)):
-            if dq:
-                for rid in dq:
-                    rec = records.get(rid)
-                    if rec is not None and not rec.resolved:
-                        return True
-        return False
-
     def _check_parked(self) -> None:
         """No record waits on the host without a timer.  Work of a kind no queue serves right now
         waits for one to come (back) into service, at most ``unavailable_grace``; when every queue
         that could serve it is offline it ends at once (DESIGN §2: no healthy queue is left)."""
         self._park_dirty = False
-        for mode in dict.fromkeys([*self.retry, *self.backlog]):
-            if self._serving.get(mode) or not self._has_waiting(mode):
+        dispatch = self.dispatch
+        for mode in dispatch.modes():
+            if dispatch.serving.get(mode) or not dispatch.has_waiting(mode):
                 if self._unplaced.pop(mode, None) is not None:
                     self._disarm(TimerKey.unavailable(mode))
                 continue
-            if not self._mode_alive(mode):
+            if not dispatch.mode_alive(mode):
                 if self._unplaced.pop(mode, None) is not None:
                     self._disarm(TimerKey.unavailable(mode))
                 self._fail_backlog(mode, f"every queue of kind {mode!r} is offline")
@@ -1308,119 +1274,46 @@ class DriverCore:
     def _on_unavailable_timer(self, mode: str) -> None:
         """The grace of waiting work whose kind has no queue in service: end what has waited it out."""
         since = self._unplaced.get(mode)
-        if since is None or self._serving.get(mode):
+        if since is None or self.dispatch.serving.get(mode):
             self._unplaced.pop(mode, None)
             return
         grace = self.cfg.unavailable_grace
-        records = self.ledger.records
-        nxt: float | None = None
-        for dq in (self.retry.get(mode), self.backlog.get(mode)):
-            if not dq:
-                continue
-            keep: deque[int] = deque()
-            for rid in dq:
-                rec = records.get(rid)
-                if rec is None or rec.resolved:
-                    continue  # decided while it waited (deadline): no longer counted
-                due = max(rec.parked_at, since) + grace
-                if due <= self._now + 1e-9:
-                    self._backlog_len -= 1
-                    self._fail_unavailable(
-                        rec, f"no queue of kind {mode!r} came back into service within {grace:g} s"
-                    )
-                else:
-                    keep.append(rid)
-                    nxt = due if nxt is None else min(nxt, due)
-            dq.clear()
-            dq.extend(keep)
+        expired, nxt = self.dispatch.expire(mode, since, grace, self._now)
+        for rec in expired:
+            self._fail_unavailable(
+                rec, f"no queue of kind {mode!r} came back into service within {grace:g} s"
+            )
         if nxt is None:
             del self._unplaced[mode]
         else:
             self._arm(TimerKey.unavailable(mode), nxt - self._now, force=True)
 
-    def _pick(self, mode: str, avoid: int | None, weight: int) -> Queue | None:
-        best: Queue | None = None
-        best_score = 0
-        mf_cards = self._mf_cards
-        for q in self._by_mode.get(mode, ()):
-            if not q.state.in_service or q.full_hold or len(q.on_card) + len(q.sending) >= q.slots:
-                continue
-            if mf_cards and q.card in mf_cards:
-                continue  # its card had a machine failure: its other queues are going down too
-            score = self._card_load.get(q.card, 0) + q.load + weight
-            if avoid is not None:
-                if q.qid == avoid:
-                    score += 10000  # zcrypt's TRACK_AGAIN_QUEUE_WEIGHT_PENALTY
-                if q.card == (avoid >> 8):
-                    score += 1000  # ...and its card penalty
-            if (
-                best is None
-                or score < best_score
-                or (score == best_score and q.requests_total < best.requests_total)
-            ):
-                best, best_score = q, score
-        return best
-
     def _fill(self, mode: str) -> None:
-        retry = self.retry.get(mode)
-        if retry:
-            self._fill_from(mode, retry)
-            if retry:
-                return  # bounced and re-driven work goes first
-        self._fill_from(mode, self.backlog.get(mode))
+        self.dispatch.fill(mode)
+        self._after_dispatch()
 
     def _fill_queue(self, q: Queue) -> None:
-        """A slot of ``q`` may have freed: give it waiting work.  Every other serving queue of its
-        kind is full whenever work waits, so the weighted pick could only choose ``q``; re-driven
-        work still goes through the pick, which steers it away from the queue it failed on."""
-        if self.retry.get(q.mode):
-            self._fill(q.mode)
-            return
-        if self._mf_cards and q.card in self._mf_cards:
-            return  # its card had a machine failure: no new work until that card has recovered
-        backlog = self.backlog.get(q.mode)
-        records = self.ledger.records
-        while backlog and q.state.in_service and not q.full_hold and q.held < q.slots:
-            rec = records.get(backlog.popleft())
-            if rec is None or rec.resolved:
-                continue  # decided while it waited (deadline): no longer counted
-            self._backlog_len -= 1
-            self._send(q, rec)
+        self.dispatch.fill_queue(q)
+        self._after_dispatch()
 
-    def _fill_from(self, mode: str, backlog: deque[int] | None) -> None:
-        records = self.ledger.records
-        while backlog:
-            rec = records.get(backlog[0])
-            if rec is None or rec.resolved:
-                backlog.popleft()  # decided while it waited (deadline): no longer counted
-                continue
-            q = self._pick(mode, rec.avoid_qid, rec.weight)
-            if q is None:
-                return
-            backlog.popleft()
-            self._backlog_len -= 1
-            self._send(q, rec)
-
-    def _send(self, q: Queue, rec: Record) -> None:
-        att = self.ledger.new_attempt(rec, q.qid)
-        try:
-            message = rec.request.message(q.domain)
-        except ValueError as exc:
-            self._resolve(rec, Outcome.FAILED, error=BadRequest(f"cannot encode request: {exc}", qid=q.qid))
-            return
-        tag = self.out.emit(q.qid, Instr.NQAP, psmid=att.psmid, message=message)
-        q.sending[tag] = rec.rid
-        if q.reply_key not in self.out.armed:
-            self._arm(q.reply_key, self.cfg.reply_timeout)
-        q.load += rec.weight
-        self._card_load[q.card] = self._card_load.get(q.card, 0) + rec.weight
-        if q.state is QState.IDLE:
-            self._become(q, QState.WORKING)
-        self._settle(q)
+    def _after_dispatch(self) -> None:
+        """What the dispatcher hands back: queues it gave work to (their state and reply timer are
+        the machine's to settle) and requests it could not encode (failed)."""
+        d = self.dispatch
+        if d.touched:
+            armed = self.out.armed
+            for q in d.touched:
+                if q.reply_key not in armed:
+                    self._arm(q.reply_key, self.cfg.reply_timeout)
+                self._settle(q)
+            d.touched.clear()
+        if d.rejected:
+            rejected, d.rejected = d.rejected, []
+            for rec, err in rejected:
+                self._resolve(rec, Outcome.FAILED, error=err)
 
     def _unload(self, q: Queue, rec: Record) -> None:
-        q.load -= rec.weight
-        self._card_load[q.card] -= rec.weight
+        self.dispatch.unload(q, rec)
 
     # ---------------------------------------------------------------- outcomes
     def _resolve(
@@ -1435,12 +1328,8 @@ class DriverCore:
         self._resolve(rec, Outcome.UNAVAILABLE, error=DeviceUnavailable(why))
 
     def _fail_backlog(self, mode: str, why: str) -> None:
-        for backlog in (self.retry.get(mode), self.backlog.get(mode)):
-            while backlog:
-                rec = self.ledger.records.get(backlog.popleft())
-                if rec is not None and not rec.resolved:
-                    self._backlog_len -= 1
-                    self._fail_unavailable(rec, why)
+        for rec in self.dispatch.take_all(mode):
+            self._fail_unavailable(rec, why)
 
     def _on_deadline(self, rid: int) -> None:
         rec = self.ledger.records.get(rid)
@@ -1449,7 +1338,7 @@ class DriverCore:
         rec.has_deadline = False
         sent = rec.phase in (Phase.SENDING, Phase.ON_CARD)
         if rec.phase is Phase.QUEUED:
-            self._backlog_len -= 1  # it stays in its deque, skipped lazily, but waits no more
+            self.dispatch.size -= 1  # it stays in its deque, skipped lazily, but waits no more
         # every attempt counts, not only the current one: a request re-driven after an attempt that
         # may have run (idempotent work on a card that died) may have run, even if it waits now
         ran = rec.ran_somewhere()

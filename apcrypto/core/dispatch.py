@@ -1,0 +1,215 @@
+"""The dispatcher: work waiting on the host, and the choice of queue for it (DESIGN §4.1).
+
+It holds the backlog (new requests per card mode, FIFO) and the retry queue (bounced and re-driven
+requests, served first), the weighted load per queue and per card, and which queues are candidates
+for which mode.  ``fill`` hands waiting work to the in-service queue with the lowest weighted load
+and a free slot (zcrypt's weights, with its penalties for the queue and card a re-drive failed on)
+and emits the NQAP through the outbox.  It decides nothing about a queue's state: the queues it gave
+work to are left in ``touched`` and the requests it could not encode in ``rejected``, for the core
+to settle (state and reply timer) and resolve (a lower piece hands its consequences back; it never
+calls up).
+
+References only the pieces below it: the ledger, the outbox and the queue records.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from apcrypto.core.ledger import Ledger, Phase, Record
+from apcrypto.core.outbox import Outbox
+from apcrypto.core.queue import QState, Queue
+from apcrypto.errors import BadRequest
+from apformats.results import Instr
+
+
+class Dispatcher:
+    def __init__(self, ledger: Ledger, out: Outbox, queues: dict[int, Queue]) -> None:
+        self.ledger = ledger
+        self.out = out
+        self.queues = queues
+        self.backlog: dict[str, deque[int]] = {}  # new requests per card mode, FIFO
+        self.retry: dict[str, deque[int]] = {}  # bounced / re-driven requests, served first
+        self.size = 0  # live requests waiting on the host (the bound callers' submit is checked against)
+        self.card_load: dict[int, int] = {}
+        self.by_mode: dict[str, list[Queue]] = {}  # dispatch candidates per card mode
+        self.serving: dict[str, int] = {}  # queues in service per mode (a cheap "kind served" check)
+        self.mf_cards: dict[int, int] = {}  # card -> its queues in machine-failure recovery
+        self.touched: list[Queue] = []  # queues given work since the core last settled them
+        self.rejected: list[tuple[Record, BadRequest]] = []  # requests that could not be encoded
+
+    # -- waiting work --
+    def enqueue(self, rec: Record, now: float) -> None:
+        self.backlog.setdefault(rec.mode, deque()).append(rec.rid)
+        self.size += 1
+        rec.parked_at = now
+
+    def requeue_front(self, rec: Record, now: float) -> None:
+        """Back to the host, ahead of new work (it has waited already), in the order it bounced."""
+        rec.phase = Phase.QUEUED
+        self.retry.setdefault(rec.mode, deque()).append(rec.rid)
+        self.size += 1
+        rec.parked_at = now
+
+    def waiting_ahead(self, mode: str) -> bool:
+        return bool(self.retry.get(mode) or self.backlog.get(mode))
+
+    def has_waiting(self, mode: str) -> bool:
+        """Some undecided request of ``mode`` waits (deques also hold decided ones, skipped lazily)."""
+        records = self.ledger.records
+        for dq in (self.retry.get(mode), self.backlog.get(mode)):
+            if dq:
+                for rid in dq:
+                    rec = records.get(rid)
+                    if rec is not None and not rec.resolved:
+                        return True
+        return False
+
+    def modes(self) -> list[str]:
+        return list(dict.fromkeys([*self.retry, *self.backlog]))
+
+    def take_all(self, mode: str) -> list[Record]:
+        """Remove and return every undecided request of ``mode`` waiting on the host."""
+        taken: list[Record] = []
+        for dq in (self.retry.get(mode), self.backlog.get(mode)):
+            while dq:
+                rec = self.ledger.records.get(dq.popleft())
+                if rec is not None and not rec.resolved:
+                    self.size -= 1
+                    taken.append(rec)
+        return taken
+
+    def expire(self, mode: str, since: float, grace: float, now: float) -> tuple[list[Record], float | None]:
+        """Remove the requests of ``mode`` whose grace (counted from when they last went back to
+        the host, or from ``since``) is up; returns them and the next due time of the rest."""
+        records = self.ledger.records
+        expired: list[Record] = []
+        nxt: float | None = None
+        for dq in (self.retry.get(mode), self.backlog.get(mode)):
+            if not dq:
+                continue
+            keep: deque[int] = deque()
+            for rid in dq:
+                rec = records.get(rid)
+                if rec is None or rec.resolved:
+                    continue  # decided while it waited (deadline): no longer counted
+                due = max(rec.parked_at, since) + grace
+                if due <= now + 1e-9:
+                    self.size -= 1
+                    expired.append(rec)
+                else:
+                    keep.append(rid)
+                    nxt = due if nxt is None else min(nxt, due)
+            dq.clear()
+            dq.extend(keep)
+        return expired, nxt
+
+    # -- which queues serve which kind --
+    def mode_alive(self, mode: str) -> bool:
+        """Some queue could still serve ``mode``: not offline, and of that mode or not yet known."""
+        for q in self.queues.values():
+            if q.state is not QState.OFFLINE and (q.mode == mode or q.mode == "unknown"):
+                return True
+        return False
+
+    def service_changed(self, mode: str, entering: bool) -> None:
+        self.serving[mode] = self.serving.get(mode, 0) + (1 if entering else -1)
+
+    def learn_mode(self, q: Queue, mode: str) -> None:
+        if q in self.by_mode.get(q.mode, ()):
+            self.by_mode[q.mode].remove(q)
+        q.mode = mode
+        self.by_mode.setdefault(mode, []).append(q)
+        self.backlog.setdefault(mode, deque())
+
+    def mf_enter(self, card: int) -> None:
+        self.mf_cards[card] = self.mf_cards.get(card, 0) + 1
+
+    def mf_leave(self, card: int) -> None:
+        left = self.mf_cards[card] - 1
+        if left:
+            self.mf_cards[card] = left
+        else:
+            del self.mf_cards[card]
+
+    # -- placing work --
+    def pick(self, mode: str, avoid: int | None, weight: int) -> Queue | None:
+        best: Queue | None = None
+        best_score = 0
+        mf_cards = self.mf_cards
+        card_load = self.card_load
+        for q in self.by_mode.get(mode, ()):
+            if not q.state.in_service or q.full_hold or len(q.on_card) + len(q.sending) >= q.slots:
+                continue
+            if mf_cards and q.card in mf_cards:
+                continue  # its card had a machine failure: its other queues are going down too
+            score = card_load.get(q.card, 0) + q.load + weight
+            if avoid is not None:
+                if q.qid == avoid:
+                    score += 10000  # zcrypt's TRACK_AGAIN_QUEUE_WEIGHT_PENALTY
+                if q.card == (avoid >> 8):
+                    score += 1000  # ...and its card penalty
+            if (
+                best is None
+                or score < best_score
+                or (score == best_score and q.requests_total < best.requests_total)
+            ):
+                best, best_score = q, score
+        return best
+
+    def fill(self, mode: str) -> None:
+        retry = self.retry.get(mode)
+        if retry:
+            self._fill_from(mode, retry)
+            if retry:
+                return  # bounced and re-driven work goes first
+        self._fill_from(mode, self.backlog.get(mode))
+
+    def fill_queue(self, q: Queue) -> None:
+        """A slot of ``q`` may have freed: give it waiting work.  Every other serving queue of its
+        kind is full whenever work waits, so the weighted pick could only choose ``q``; re-driven
+        work still goes through the pick, which steers it away from the queue it failed on."""
+        if self.retry.get(q.mode):
+            self.fill(q.mode)
+            return
+        if self.mf_cards and q.card in self.mf_cards:
+            return  # its card had a machine failure: no new work until that card has recovered
+        backlog = self.backlog.get(q.mode)
+        records = self.ledger.records
+        while backlog and q.state.in_service and not q.full_hold and q.held < q.slots:
+            rec = records.get(backlog.popleft())
+            if rec is None or rec.resolved:
+                continue  # decided while it waited (deadline): no longer counted
+            self.size -= 1
+            self.send(q, rec)
+
+    def _fill_from(self, mode: str, backlog: deque[int] | None) -> None:
+        records = self.ledger.records
+        while backlog:
+            rec = records.get(backlog[0])
+            if rec is None or rec.resolved:
+                backlog.popleft()  # decided while it waited (deadline): no longer counted
+                continue
+            q = self.pick(mode, rec.avoid_qid, rec.weight)
+            if q is None:
+                return
+            backlog.popleft()
+            self.size -= 1
+            self.send(q, rec)
+
+    def send(self, q: Queue, rec: Record) -> None:
+        att = self.ledger.new_attempt(rec, q.qid)
+        try:
+            message = rec.request.message(q.domain)
+        except ValueError as exc:
+            self.rejected.append((rec, BadRequest(f"cannot encode request: {exc}", qid=q.qid)))
+            return
+        tag = self.out.emit(q.qid, Instr.NQAP, att.psmid, message)
+        q.sending[tag] = rec.rid
+        q.load += rec.weight
+        self.card_load[q.card] = self.card_load.get(q.card, 0) + rec.weight
+        self.touched.append(q)
+
+    def unload(self, q: Queue, rec: Record) -> None:
+        q.load -= rec.weight
+        self.card_load[q.card] -= rec.weight
