@@ -1112,8 +1112,10 @@ class DriverCore:
             self._attempt_failed(rec, q, may_have_run=row.may_have_run, why="machine failure", codes=codes)
             return
         att.fate = "error"
-        att.cleared = not row.may_have_run
-        # the queue's consequence first, so that a re-drive never picks the queue it failed on
+        # not cleared, even when the card says it refused the message unexecuted: the card took it
+        # and an engine picked it up, so a later deadline says may_have_run=True (the contract of
+        # DeadlineExceeded: "handed to a card"); only never-sent and request-pending attempts clear.
+        # The queue's consequence first, so that a re-drive never picks the queue it failed on
         if v is Verdict.RESET_QUEUE:
             self._start_reset(q, row.note)
         elif v is Verdict.TAKE_OFFLINE:
