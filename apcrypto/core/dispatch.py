@@ -30,9 +30,10 @@ class Dispatcher:
         self.queues = queues
         self.backlog: dict[str, deque[int]] = {}  # new requests per card mode, FIFO
         self.retry: dict[str, deque[int]] = {}  # bounced / re-driven requests, served first
-        # Targeted requests (``rec.target``): they wait for their own APQN, so they sit apart and are
-        # scanned, not taken from the head (one waiting for a busy APQN must not hold up the rest).
-        self.pinned: dict[str, deque[int]] = {}
+        # Targeted requests (``rec.target``), FIFO per target: they wait for their own APQN(s), so
+        # they sit apart (one waiting for a busy APQN must not hold up the rest); a fill looks at each
+        # distinct target once, not at each request.
+        self.pinned: dict[str, dict[frozenset[int], deque[int]]] = {}
         self.size = 0  # live requests waiting on the host (the bound callers' submit is checked against)
         self.card_load: dict[int, int] = {}
         self.by_mode: dict[str, list[Queue]] = {}  # dispatch candidates per card mode
@@ -43,18 +44,35 @@ class Dispatcher:
 
     # -- waiting work --
     def enqueue(self, rec: Record, now: float) -> None:
-        book = self.backlog if rec.target is None else self.pinned
-        book.setdefault(rec.mode, deque()).append(rec.rid)
+        if rec.target is None:
+            self.backlog.setdefault(rec.mode, deque()).append(rec.rid)
+        else:
+            self._pin(rec)
         self.size += 1
         rec.parked_at = now
 
     def requeue_front(self, rec: Record, now: float) -> None:
         """Back to the host, ahead of new work (it has waited already), in the order it bounced."""
         rec.phase = Phase.QUEUED
-        book = self.retry if rec.target is None else self.pinned
-        book.setdefault(rec.mode, deque()).append(rec.rid)
+        if rec.target is None:
+            self.retry.setdefault(rec.mode, deque()).append(rec.rid)
+        else:
+            self._pin(rec)
         self.size += 1
         rec.parked_at = now
+
+    def _pin(self, rec: Record) -> None:
+        assert rec.target is not None
+        self.pinned.setdefault(rec.mode, {}).setdefault(rec.target, deque()).append(rec.rid)
+
+    def _deques(self, mode: str) -> list[deque[int]]:
+        """Every deque of ``mode``'s waiting work, in the order it is served."""
+        out = [dq for dq in (self.retry.get(mode),) if dq is not None]
+        out.extend(self.pinned.get(mode, {}).values())
+        backlog = self.backlog.get(mode)
+        if backlog is not None:
+            out.append(backlog)
+        return out
 
     def waiting_ahead(self, mode: str) -> bool:
         return bool(self.retry.get(mode) or self.backlog.get(mode))
@@ -62,7 +80,7 @@ class Dispatcher:
     def has_waiting(self, mode: str) -> bool:
         """Some undecided request of ``mode`` waits (deques also hold decided ones, skipped lazily)."""
         records = self.ledger.records
-        for dq in (self.retry.get(mode), self.pinned.get(mode), self.backlog.get(mode)):
+        for dq in self._deques(mode):
             if dq:
                 for rid in dq:
                     rec = records.get(rid)
@@ -76,7 +94,7 @@ class Dispatcher:
     def take_all(self, mode: str) -> list[Record]:
         """Remove and return every undecided request of ``mode`` waiting on the host."""
         taken: list[Record] = []
-        for dq in (self.retry.get(mode), self.pinned.get(mode), self.backlog.get(mode)):
+        for dq in self._deques(mode):
             while dq:
                 rec = self.ledger.records.get(dq.popleft())
                 if rec is not None and not rec.resolved:
@@ -90,7 +108,7 @@ class Dispatcher:
         records = self.ledger.records
         expired: list[Record] = []
         nxt: float | None = None
-        for dq in (self.retry.get(mode), self.pinned.get(mode), self.backlog.get(mode)):
+        for dq in self._deques(mode):
             if not dq:
                 continue
             keep: deque[int] = deque()
@@ -174,7 +192,7 @@ class Dispatcher:
                 return  # bounced and re-driven work goes first
         pinned = self.pinned.get(mode)
         if pinned:
-            self._fill_pinned(pinned)
+            self._fill_pinned(mode, pinned)
         self._fill_from(mode, self.backlog.get(mode))
 
     def fill_queue(self, q: Queue) -> None:
@@ -209,22 +227,24 @@ class Dispatcher:
             self.size -= 1
             self.send(q, rec)
 
-    def _fill_pinned(self, pinned: deque[int]) -> None:
-        """Place every targeted request whose APQN has a slot; the rest keep their order."""
+    def _fill_pinned(self, mode: str, pinned: dict[frozenset[int], deque[int]]) -> None:
+        """Place targeted requests, each target's in order, while one of its APQNs has a slot."""
         records = self.ledger.records
-        keep: deque[int] = deque()
-        while pinned:
-            rid = pinned.popleft()
-            rec = records.get(rid)
-            if rec is None or rec.resolved:
-                continue  # decided while it waited (deadline, grace): no longer counted
-            q = self.pick(rec.mode, rec.avoid_qid, rec.weight, rec.target)
-            if q is None:
-                keep.append(rid)
-                continue
-            self.size -= 1
-            self.send(q, rec)
-        pinned.extend(keep)
+        for target in list(pinned):
+            dq = pinned[target]
+            while dq:
+                rec = records.get(dq[0])
+                if rec is None or rec.resolved:
+                    dq.popleft()  # decided while it waited (deadline, grace): no longer counted
+                    continue
+                q = self.pick(mode, rec.avoid_qid, rec.weight, target)
+                if q is None:
+                    break  # its APQN(s) full or out of service: the next target may have room
+                dq.popleft()
+                self.size -= 1
+                self.send(q, rec)
+            if not dq:
+                del pinned[target]
 
     def target_in_service(self, rec: Record) -> bool:
         """One of ``rec``'s target APQNs is in service (it may be busy: then the request waits)."""
