@@ -110,6 +110,9 @@ def test_offline_target_ends_unavailable_after_the_grace_and_runs_nowhere(cca) -
     first = c.random_bytes(8, apqn=(2, 1))  # the driver learns of the checkstop by using the card
     c.settle([first])
     assert isinstance(first.exception(), DeviceUnavailable)  # idempotent: re-driven on Q21 only
+    first_rec = max(sim.core.ledger.records.values(), key=lambda r: r.rid)
+    assert first_rec.attempts and {a.qid for a in first_rec.attempts} == {Q21}
+    assert ran_on(emu, [a.psmid for a in first_rec.attempts]) <= {Q21}
     assert sim.core.queues[Q21].state is QState.OFFLINE
     n_log = len(emu.execution_log.entries())
     t0 = sim.now()
