@@ -229,7 +229,7 @@ def test_a_whole_log_read_is_refused_beyond_one_page() -> None:
     finally:
         srv.close()
     assert answer["ok"] is False and "pages" in answer["error"]
-    assert page["ok"] and len(page["result"]["entries"]) == MAX_PAGE + 1 - 9000
+    assert page["ok"] and len(page["result"]["rows"]) == MAX_PAGE + 1 - 9000
     assert page["result"]["next"] == page["result"]["end"] == MAX_PAGE + 1
 
 
