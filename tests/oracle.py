@@ -107,8 +107,8 @@ CALLER_FAULT = frozenset(
 )
 #: The machine-failure reply code (reference §4.3, DESIGN §6).
 MACHINE_FAILURE = 0x10
-#: NQAP response code "queue full" (reference §2.3).
-RC_Q_FULL = 0x02
+#: NQAP response code "queue full" (reference §2.3: AP_RESPONSE_Q_FULL, 0x10).
+RC_Q_FULL = 0x10
 #: Faults after which a card may legitimately never answer for what it held: dead cards, resets
 #: under the driver, engines too slow for the reply timeout.  A machine failure is *not* one: the
 #: card answers for every held message (DESIGN §1).
@@ -410,6 +410,8 @@ def judge(
         raise ValueError("the oracle needs every request's content to be unique in its workload")
 
     # --- attribution: log entry -> message -> request -----------------------------------------
+    if [e.seq for e in entries] != list(range(len(entries))):
+        rep.add("attribution", "execution log", "not the whole log (entries missing or renumbered)")
     msg_of: dict[int, bytes] = {}
     for s in sends:
         if s.rc != 0:

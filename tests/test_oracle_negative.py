@@ -106,6 +106,11 @@ class History:
     def put(self, psmid: int, **changes: Any) -> None:
         self.log = [replace(e, **changes) if e.psmid == psmid else e for e in self.log]
 
+    def drop(self, *psmids: int) -> None:
+        """Remove entries, renumbering the rest as a log that never had them."""
+        kept = [e for e in self.log if e.psmid not in psmids]
+        self.log = [replace(e, seq=i) for i, e in enumerate(sorted(kept, key=lambda e: e.seq))]
+
     def add(self, e: LogEntry, message: bytes) -> None:
         self.log.append(replace(e, seq=max(x.seq for x in self.log) + 1))
         self.sent.append(Sent(e.enqueued, e.qid, e.psmid, message, 0))
@@ -176,6 +181,10 @@ def unknown_psmid(h: History) -> None:
     h.sent = [s for s in h.sent if s.psmid != 12]  # the card ran something nobody sent
 
 
+def log_incomplete(h: History) -> None:
+    h.log = h.log[2:]  # a ring that dropped its oldest entries: the oracle cannot judge from it
+
+
 def psmid_reused(h: History) -> None:
     h.sent.append(Sent(4.0, A0, 10, t50(9999), 0))
 
@@ -198,7 +207,7 @@ def redriven_twice(h: History) -> None:
 
 
 def not_redriven(h: History) -> None:
-    h.log = [e for e in h.log if e.psmid != 14]
+    h.drop(14)
     h.outcomes[1] = Outcome("Indeterminate", 3.0, qid=A1, psmid=11)
 
 
@@ -250,7 +259,7 @@ def reset_before_drain(h: History) -> None:
 
 
 def unavailable_with_healthy_queue(h: History) -> None:
-    h.log = [e for e in h.log if e.psmid != 14]
+    h.drop(14)
     h.outcomes[1] = Outcome("DeviceUnavailable", 3.0)  # A0 was never touched by a fault
 
 
@@ -295,7 +304,7 @@ def over_slots(h: History) -> None:
 
 
 def refused_full(h: History) -> None:
-    h.sent.append(Sent(1.0, A0, 99, t50(1004), 0x02))  # the driver overfilled an untouched queue
+    h.sent.append(Sent(1.0, A0, 99, t50(1004), 0x10))  # the driver overfilled an untouched queue
 
 
 def slots_idle_while_waiting(h: History) -> None:
@@ -306,7 +315,7 @@ def slots_idle_while_waiting(h: History) -> None:
     h.faults = []  # no fault at all: nothing excuses the idle slots
     h.put(11, outcome="completed", started=1.0, ended=1.4, reply_code=0, dequeued=1.4)
     h.put(14, enqueued=2.5, started=2.5)  # (its own second attempt aside)
-    h.log = [e for e in h.log if e.psmid not in (14, 15)]
+    h.drop(14, 15)
     h.outcomes[1] = Outcome("completed", 1.4, b"r1")
 
 
@@ -322,6 +331,7 @@ BROKEN: list[tuple[str, Callable[[History], None]]] = [
     ("one-outcome", decided_twice),
     ("attribution", unknown_psmid),
     ("attribution", psmid_reused),
+    ("attribution", log_incomplete),
     ("log-consistency", pending_but_started),
     ("same-kind", wrong_kind),
     ("redrive-once", redrive_before_reply),
@@ -392,7 +402,7 @@ def test_unavailable_once_every_queue_of_the_kind_is_hit() -> None:
 def test_unavailable_when_the_redrive_budget_is_spent() -> None:
     h = good()
     over_budget(h)
-    h.log = [e for e in h.log if e.psmid not in (23, 14)]  # four attempts: three re-drives, all pending
+    h.drop(23, 14)  # four attempts: three re-drives, all pending
     h.outcomes[1] = Outcome("DeviceUnavailable", 8.6)
     rep = h.judge()
     assert "unavailable" not in rep.rules() and "redrive-budget" not in rep.rules(), str(rep)
@@ -424,3 +434,32 @@ def test_redrive_into_a_recovering_queue_is_excused_only_in_its_shape() -> None:
     assert h.judge(known=frozenset({"redrive-into-recovering-queue"})).ok, str(h.judge())
     h.put(16, enqueued=3.1, started=3.1)  # a moment later: no excuse
     assert "probe" in h.judge(known=frozenset({"redrive-into-recovering-queue"})).rules()
+
+
+def test_the_oracle_restatements_agree_with_the_product() -> None:
+    """The oracle restates codes, layouts and the slot rule from the reference instead of importing
+    them; two independent writings of one fact must agree, or one of them is wrong.  (A wrong
+    queue-full code once hid a driver that overfilled its queues from the whole campaign.)"""
+    from apcrypto.requests import CounterIncrement, ModExpo, ModExpoCrt, RandomBytes
+    from apformats.codes import ReplyCode, ResponseCode
+    from emulator import load_profile
+    from tests import oracle
+    from tests._fixtures_driver import crt_request, key
+
+    assert oracle.RC_Q_FULL == ResponseCode.Q_FULL
+    assert oracle.MACHINE_FAILURE == ReplyCode.MACHINE_FAILURE
+    assert {ReplyCode.MESSAGE_TYPE, ReplyCode.INVALID_COMM_CD} == oracle.REJECTED_UNRUN
+    assert {ReplyCode.OPERAND_INVALID, ReplyCode.MALFORMED_MSG} <= oracle.CALLER_FAULT
+    for name in ("small", "default"):
+        prof = load_profile(name)
+        topo = Topology.from_profile(name)
+        assert {q.slots for q in topo.queues.values()} == {c.slots for c in prof.card_types.values()}
+    for bits in (1024, 2048):
+        k = key(bits, 0)
+        x = k.n - 12345
+        me = ModExpo(x.to_bytes(k.size, "big"), 65537, k.n)
+        assert content_id(me.message(0)) == ("me", x)
+        assert content_id(crt_request(x, k).message(0)) == ("crt", x)
+        assert isinstance(crt_request(x, k), ModExpoCrt)
+    assert content_id(CounterIncrement(77).message(3)) == ("cprb", "CI", 77)
+    assert content_id(RandomBytes(300).message(1)) == ("cprb", "RL", 300)

@@ -127,6 +127,7 @@ class DriverCore:
         self._now = 0.0
         self._closed = False
         self.dispatch = Dispatcher(self.ledger, self.out, self.queues)
+        self._link_suspect = False  # a TransportLost came and no completion since (see _on_reply_timer)
 
     # ---------------------------------------------------------------- public entry points
     def add_queue(self, qid: int, now: float = 0.0) -> list[Action]:
@@ -214,6 +215,7 @@ class DriverCore:
                 self._run(q, QEvent.TIMEOUT)
 
     def _completion(self, tag: int, result: ApResult) -> None:
+        self._link_suspect = False  # an answer came: the link works
         entry = self.out.in_flight.pop(tag, None)
         if entry is None:
             log.warning("completion for unknown tag %d ignored", tag)
@@ -308,6 +310,7 @@ class DriverCore:
     def _transport_lost(
         self, tags: Iterable[int], *, permanent: bool, reason: str, unsent: Iterable[int]
     ) -> None:
+        self._link_suspect = True  # until the next answer: the card's silence says nothing
         never_sent = set(unsent)
         touched: dict[int, Queue] = {}
         lost_now: list[tuple[Queue, Record]] = []
@@ -748,6 +751,14 @@ class DriverCore:
         if not q.state.in_service:
             return
         if q.held and q.progress == q.progress_seen:
+            if self._link_suspect:
+                # The link is down (lost, nothing answered since): no reply proves nothing about the
+                # card, and a reset now would throw away the replies a resumed session still holds
+                # for us (the server keeps them for its grace).  Wait another period; the
+                # transport's peer_deadline bounds this (it then reports the loss as permanent).
+                self.ledger.counters["reply_timeouts_deferred"] += 1
+                self._arm(q.reply_key, self.cfg.reply_timeout, force=True)
+                return
             log.warning("queue %s: no reply for %.3gs; resetting", qid_str(q.qid), self.cfg.reply_timeout)
             self.ledger.counters["reply_timeouts"] += 1
             self._start_reset(q, "reply timeout")
