@@ -127,8 +127,8 @@ class DriverCore:
         self._unplaced: dict[str, float] = {}  # mode -> since when no queue of it is in service
         self._now = 0.0
         self._closed = False
-        self._link_suspect = False  # a TransportLost came and no completion since (see _on_reply_timer)
         self.dispatch = Dispatcher(self.ledger, self.out, self.queues)
+        self._link_suspect = False  # a TransportLost came and no completion since (see _on_reply_timer)
 
     # ---------------------------------------------------------------- public entry points
     def add_queue(self, qid: int, now: float = 0.0) -> list[Action]:
