@@ -1038,11 +1038,13 @@ class DriverCore:
         rec = self.ledger.records.get(rid)
         if rec is None:
             self.ledger.counters["late_replies"] += 1
+            self._late_machine_failure(q, data)
             return
         self._unload(q, rec)
         if rec.resolved:
             self.ledger.counters["late_replies"] += 1
             log.info("queue %s: late reply for decided request %d dropped", qid_str(q.qid), rid)
+            self._late_machine_failure(q, data)
             return
         att = rec.current
         assert att is not None and att.psmid == psmid
@@ -1065,6 +1067,23 @@ class DriverCore:
         else:
             row = self._clf.reply(reply.reply_code, reply.mf_state)
         self._error_reply(q, rec, row, reply)
+
+    def _late_machine_failure(self, q: Queue, data: bytes) -> None:
+        """A late reply (its request decided already) still speaks for the card: a machine-failure
+        reply means the queue is failing, whoever's request it carried.  Without this the slot it
+        freed was filled in the next batch, before the replies behind it said the same, and work
+        went onto a failed queue without a health probe (campaign seed 369)."""
+        if not q.state.in_service:
+            return
+        try:
+            reply = parse_reply(data)
+        except FormatError:
+            return
+        if reply.kind == "ok" or (reply.msg_type == 0x86 and reply.reply_code == 0):
+            return
+        if self._clf.reply(reply.reply_code, reply.mf_state).verdict is Verdict.MACHINE_FAILURE:
+            self.ledger.counters["mf_replies"] += 1
+            self._enter_recovery(q, card_recovered=True, mf=True)
 
     def _error_reply(self, q: Queue, rec: Record, row: Row, reply: Any) -> None:
         att = rec.current
