@@ -158,8 +158,8 @@ class DriverCore:
         self._now = now
         idem = request.idempotent_default if idempotent is None else bool(idempotent)
         rec = self.ledger.open(request, idempotent=idem, mode=request.mode, weight=request.weight)
-        if not self.dispatch.serving.get(rec.mode) and not self.dispatch.mode_alive(rec.mode):
-            self._fail_unavailable(rec, f"no queue of kind {rec.mode!r} is in service or recovering")
+        if not self.dispatch.serving.get(rec.mode) and not self.dispatch.mode_exists(rec.mode):
+            self._fail_unavailable(rec, f"no queue of kind {rec.mode!r}")
             return rec.rid, self._flush()
         if deadline is not None:
             if deadline <= 0:
@@ -722,16 +722,18 @@ class DriverCore:
         self._arm(q.poll_key, q.offline_backoff, force=True)
         if q.mode == "unknown":  # lost during bring-up: requests of every kind counted on it
             self._fail_dead_kinds()
-        elif not self.dispatch.mode_alive(q.mode):
-            self._fail_backlog(q.mode, f"every queue of kind {q.mode!r} is offline")
         else:
+            # every queue of its kind offline or not: waiting work waits its grace for one to come
+            # back (a re-probe or PeerRestored), never less (issue 8 §1; _check_parked arms it)
+            self._park_dirty = True
             self._fill(q.mode)
 
     def _fail_dead_kinds(self) -> None:
         """Fail the waiting work of every kind that no queue can serve any more."""
         for mode in sorted(self.dispatch.modes()):
-            if mode != "unknown" and not self.dispatch.mode_alive(mode):
-                self._fail_backlog(mode, f"no queue of kind {mode!r} is in service or recovering")
+            if mode != "unknown" and not self.dispatch.mode_exists(mode):
+                self._fail_backlog(mode, f"no queue of kind {mode!r}")
+        self._park_dirty = True  # kinds whose queues are all offline wait their grace
 
     def _on_limit(self, q: Queue) -> None:
         if q.limit_gen != q.gen:
@@ -1203,11 +1205,8 @@ class DriverCore:
             rec.redrives += 1
             rec.avoid_qid = q.qid
             self.ledger.counters["redriven"] += 1
-            self._requeue_front(rec)
-            if not self.dispatch.mode_alive(rec.mode):
-                self._fail_backlog(rec.mode, f"every queue of kind {rec.mode!r} is offline")
-            else:
-                self._fill(rec.mode)
+            self._requeue_front(rec)  # (waits its grace if no queue of its kind is in service)
+            self._fill(rec.mode)
         elif fate is Fate.INDETERMINATE:
             self._resolve(
                 rec,
@@ -1275,8 +1274,9 @@ class DriverCore:
 
     def _check_parked(self) -> None:
         """No record waits on the host without a timer.  Work of a kind no queue serves right now
-        waits for one to come (back) into service, at most ``unavailable_grace``; when every queue
-        that could serve it is offline it ends at once (DESIGN §2: no healthy queue is left)."""
+        waits for one to come (back) into service, at most ``unavailable_grace``, also when every
+        queue that could serve it is offline (it may come back: a re-probe, PeerRestored); only a
+        kind no queue has at all ends at once."""
         self._park_dirty = False
         dispatch = self.dispatch
         for mode in dispatch.modes():
@@ -1284,10 +1284,10 @@ class DriverCore:
                 if self._unplaced.pop(mode, None) is not None:
                     self._disarm(TimerKey.unavailable(mode))
                 continue
-            if not dispatch.mode_alive(mode):
+            if not dispatch.mode_exists(mode):
                 if self._unplaced.pop(mode, None) is not None:
                     self._disarm(TimerKey.unavailable(mode))
-                self._fail_backlog(mode, f"every queue of kind {mode!r} is offline")
+                self._fail_backlog(mode, f"no queue of kind {mode!r}")
             elif mode not in self._unplaced:
                 self._unplaced[mode] = self._now
                 self._arm(TimerKey.unavailable(mode), self.cfg.unavailable_grace, force=True)
