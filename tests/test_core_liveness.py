@@ -259,3 +259,33 @@ def test_reply_after_its_nqap_status_was_lost_is_delivered() -> None:
     lose(s, [nq], permanent=False)  # the status frame never comes
     assert s.resolved[rid].value == expected_me(2, K)
     assert s.outstanding(Q0) == 0 and s.core.queues[Q0].held == 0
+
+
+# --- a late reply still tells the queue's health -------------------------------------------------
+
+
+def test_machine_failure_reply_for_a_decided_request_still_takes_the_queue_out_of_service() -> None:
+    """The request's deadline decided it; then the card's machine-failure reply for it is read.  The
+    reply is not delivered (late), but the queue must enter recovery: it used to stay in service
+    and take new work in the very batch that read the card's failure (found by the oracle on soak
+    seed 10008: work accepted with no probe since the failure)."""
+    from apformats.codes import MachineFailureState as MF
+    from apformats.messages import build_machine_failure
+
+    s = up(Q0)
+    rid = s.submit(me_request(2, K), deadline=0.5)
+    nq = s.one(Instr.NQAP)
+    s.answer(nq, res(irq=True))
+    s.fire(("deadline", rid))
+    assert isinstance(s.resolved[rid].error, DeadlineExceeded)
+    waiting = s.submit(me_request(3, K))
+    s.answer(s.one(Instr.NQAP), res(irq=True))
+    s.interrupt(Q0)
+    s.answer(
+        s.one(Instr.DQAP),
+        res(psmid=nq.psmid, reply=build_machine_failure(MF.REQUEST_PENDING, None), replies=True, irq=True),
+    )
+    assert s.core.ledger.counters["late_replies"] == 1
+    assert s.state(Q0) is QState.RECOVERY_WAIT
+    assert waiting not in s.resolved
+    assert not s.cmds(Instr.NQAP), "no new work for a queue whose card just said it failed"

@@ -126,8 +126,8 @@ class DriverCore:
         self._unplaced: dict[str, float] = {}  # mode -> since when no queue of it is in service
         self._now = 0.0
         self._closed = False
-        self._link_suspect = False  # a TransportLost came and no completion since (see _on_reply_timer)
         self.dispatch = Dispatcher(self.ledger, self.out, self.queues)
+        self._link_suspect = False  # a TransportLost came and no completion since (see _on_reply_timer)
 
     # ---------------------------------------------------------------- public entry points
     def add_queue(self, qid: int, now: float = 0.0) -> list[Action]:
@@ -1040,13 +1040,12 @@ class DriverCore:
         rec = self.ledger.records.get(rid)
         if rec is None:
             self.ledger.counters["late_replies"] += 1
-            self._late_machine_failure(q, data)
             return
         self._unload(q, rec)
         if rec.resolved:
             self.ledger.counters["late_replies"] += 1
             log.info("queue %s: late reply for decided request %d dropped", qid_str(q.qid), rid)
-            self._late_machine_failure(q, data)
+            self._late_reply_says(q, data)
             return
         att = rec.current
         assert att is not None and att.psmid == psmid
@@ -1069,23 +1068,6 @@ class DriverCore:
         else:
             row = self._clf.reply(reply.reply_code, reply.mf_state)
         self._error_reply(q, rec, row, reply)
-
-    def _late_machine_failure(self, q: Queue, data: bytes) -> None:
-        """A late reply (its request decided already) still speaks for the card: a machine-failure
-        reply means the queue is failing, whoever's request it carried.  Without this the slot it
-        freed was filled in the next batch, before the replies behind it said the same, and work
-        went onto a failed queue without a health probe (campaign seed 369)."""
-        if not q.state.in_service:
-            return
-        try:
-            reply = parse_reply(data)
-        except FormatError:
-            return
-        if reply.kind == "ok" or (reply.msg_type == 0x86 and reply.reply_code == 0):
-            return
-        if self._clf.reply(reply.reply_code, reply.mf_state).verdict is Verdict.MACHINE_FAILURE:
-            self.ledger.counters["mf_replies"] += 1
-            self._enter_recovery(q, card_recovered=True, mf=True)
 
     def _error_reply(self, q: Queue, rec: Record, row: Row, reply: Any) -> None:
         att = rec.current
@@ -1132,6 +1114,26 @@ class DriverCore:
         self._attempt_failed(
             rec, q, may_have_run=row.may_have_run, why=f"error reply: {row.note}", codes=codes
         )
+
+    def _late_reply_says(self, q: Queue, data: bytes) -> None:
+        """A reply for a request already decided (its deadline came first) is not delivered, but
+        what it says about the queue still counts: a machine-failure reply means the card failed
+        and holds more such replies; the queue must not take new work until it has recovered."""
+        try:
+            reply = parse_reply(data)
+        except FormatError:
+            return
+        if reply.kind == "ok" or (reply.msg_type == 0x86 and reply.reply_code == 0):
+            return
+        v = self._clf.reply(reply.reply_code, reply.mf_state).verdict
+        if v is Verdict.MACHINE_FAILURE:
+            self.ledger.counters["mf_replies"] += 1
+            self._enter_recovery(q, card_recovered=True, mf=True)
+        elif v is Verdict.RESET_QUEUE:
+            self._start_reset(q, "late error reply")
+        elif v is Verdict.TAKE_OFFLINE:
+            q.offline_after_drain = "late error reply: safe default"
+            self._enter_recovery(q, card_recovered=True)
 
     def _reply_before_status(self, q: Queue, psmid: int) -> int | None:
         """A reply for one of our requests whose NQAP status has not come (yet, or ever: the status
