@@ -132,7 +132,7 @@ class DriverCore:
     # ---------------------------------------------------------------- public entry points
     def add_queue(self, qid: int, now: float = 0.0) -> list[Action]:
         """Start bringing up ``qid``: reset, interrupts, probe, then service."""
-        self._now = now
+        self._at(now)
         if qid in self.queues:
             raise CoreMisuse(f"queue {qid_str(qid)} added twice")
         q = Queue(qid, irq_wanted=self.irq_ok, occ_t=now, t0=now)
@@ -155,7 +155,7 @@ class DriverCore:
         """
         if self._closed:
             raise CoreMisuse("submit after shutdown")
-        self._now = now
+        self._at(now)
         idem = request.idempotent_default if idempotent is None else bool(idempotent)
         rec = self.ledger.open(request, idempotent=idem, mode=request.mode, weight=request.weight)
         if not self.dispatch.serving.get(rec.mode) and not self.dispatch.mode_exists(rec.mode):
@@ -177,7 +177,7 @@ class DriverCore:
 
     def on_completion(self, tag: int, result: ApResult, now: float = 0.0) -> list[Action]:
         """The transport answered the command submitted under ``tag``."""
-        self._now = now
+        self._at(now)
         self._completion(tag, result)
         return self._flush()
 
@@ -187,7 +187,7 @@ class DriverCore:
         Transports deliver completions in batches; handling them together lets every queue they
         touched run its state step once instead of once per completion.
         """
-        self._now = now
+        self._at(now)
         for ev in events:
             t = type(ev)
             if t is Completion:
@@ -246,7 +246,7 @@ class DriverCore:
 
     def on_interrupt(self, qid: int, now: float = 0.0) -> list[Action]:
         """An adapter interrupt for ``qid``: a reply may be waiting."""
-        self._now = now
+        self._at(now)
         q = self.queues.get(qid)
         if q is not None:
             self._want_read(q)
@@ -255,7 +255,7 @@ class DriverCore:
 
     def on_timer(self, key: tuple[Any, ...], now: float = 0.0) -> list[Action]:
         """The timer ``key`` (a :class:`TimerKey` from an earlier ``ArmTimer``) fired."""
-        self._now = now
+        self._at(now)
         handler = self._TIMER_HANDLERS.get(key[0]) if key else None
         if handler is None or len(key) != 2:
             raise CoreMisuse(f"unknown timer key {key!r}")
@@ -303,7 +303,7 @@ class DriverCore:
         reply-timeout checks decide it from the ledger if none does.  A lost DQAP may have taken a
         reply with it: the same checks catch that.  ``permanent`` takes the queues out of service.
         """
-        self._now = now
+        self._at(now)
         self._transport_lost(tags, permanent=permanent, reason=reason, unsent=unsent)
         return self._flush()
 
@@ -388,7 +388,7 @@ class DriverCore:
 
     def shutdown(self, now: float = 0.0) -> list[Action]:
         """Close: every undecided request is resolved (``ClientClosed``; may-have-run if sent)."""
-        self._now = now
+        self._at(now)
         self._closed = True
         for rec in list(self.ledger.in_flight()):
             sent = rec.phase in (Phase.SENDING, Phase.ON_CARD)
@@ -480,6 +480,15 @@ class DriverCore:
 
     def _disarm(self, key: TimerKey) -> None:
         self.out.disarm(key)
+
+    def _at(self, now: float) -> None:
+        """Time moves to ``now`` (every entry point): each queue's occupancy is integrated up to it
+        first, with the ``held`` it had since the last entry.  ``held`` changes only inside entry
+        points, so the integral is exact; integrating after a change (as it used to, on the next
+        completion) counted the idle gap before a submit as occupied."""
+        self._now = now
+        for q in self.queues.values():
+            self._occ(q)
 
     def _occ(self, q: Queue) -> None:
         dt = self._now - q.occ_t
