@@ -591,13 +591,15 @@ def test_transport_lost_ledger_decisions() -> None:
     out = {r.rid: r.error for r in em.resolved}
     # sent, unanswered, state-changing: may have run
     assert isinstance(out[sending_sc], Indeterminate) and "transport lost" in str(out[sending_sc])
-    # never sent: no queue left of its kind
-    assert isinstance(out[queued_sc], DeviceUnavailable)
-    # idempotent, on the card: re-driven... but nowhere to go
-    assert isinstance(out[on_card_idem], DeviceUnavailable)
-    assert set(out) == {on_card_idem, sending_sc, queued_sc}
+    # never sent, and idempotent work re-driven off the card: no queue in service of their kind,
+    # so they wait the unavailable grace (the queue may come back) and then end unavailable
+    assert set(out) == {sending_sc}
     rec = s.core.ledger.records[on_card_idem]
     assert rec.redrives == 1 and rec.attempts[0].fate == "lost"
+    out = {r.rid: r.error for r in s.fire(("unavailable", "accel")).resolved}
+    assert isinstance(out[queued_sc], DeviceUnavailable)
+    assert isinstance(out[on_card_idem], DeviceUnavailable)
+    assert set(out) == {on_card_idem, queued_sc}
 
 
 def test_transport_lost_redrives_idempotent_work_elsewhere() -> None:
@@ -681,7 +683,8 @@ def test_work_of_a_kind_no_queue_serves_fails_once_bring_up_tells() -> None:
 
 def test_queues_lost_during_bring_up_fail_the_waiting_work() -> None:
     """Every accelerator dies before TAPQ named its mode, a coprocessor comes up: the accel work
-    waiting since connect ends DeviceUnavailable instead of waiting forever."""
+    waiting since connect ends DeviceUnavailable after the unavailable grace instead of waiting
+    forever (the dead queue may come back within it: it is re-probed)."""
     s = Script()
     s.add_queue(Q0)
     s.add_queue(C2)
@@ -692,12 +695,16 @@ def test_queues_lost_during_bring_up_fail_the_waiting_work() -> None:
     s.answer(s.one(Instr.RAPQ, C2), res())
     s.fire(("poll", C2))
     s.answer(s.one(Instr.TAPQ, C2), res(hw=HW_CCA, empty=True))
+    assert rid not in s.resolved
+    s.fire(("unavailable", "accel"))
     assert isinstance(s.resolved[rid].error, DeviceUnavailable)
-    # with a single queue the failure is immediate
+    # with a single queue too
     s = Script()
     s.add_queue(Q0)
     rid = s.submit(me_request(2, K))
     s.answer(s.one(Instr.RAPQ), res(RC.CHECKSTOPPED))
+    assert rid not in s.resolved
+    s.fire(("unavailable", "accel"))
     assert isinstance(s.resolved[rid].error, DeviceUnavailable)
 
 
@@ -707,6 +714,9 @@ def test_last_queue_offline_fails_the_backlog() -> None:
     waiting = [s.submit(me_request(x, K)) for x in (3, 4)]
     s.answer(s.one(Instr.NQAP), res(RC.CHECKSTOPPED))
     assert s.state(Q0) is QState.OFFLINE
+    assert not set(waiting) & set(s.resolved)  # they wait the unavailable grace first
+    assert s.timers[("unavailable", "accel")] == s.now + FAST.unavailable_grace
+    s.fire(("unavailable", "accel"))
     for rid in waiting:
         assert isinstance(s.resolved[rid].error, DeviceUnavailable)
     assert s.core.backlog_size == 0

@@ -53,8 +53,8 @@ def in_flight(s: Script) -> int:
 
 def test_bounced_after_every_queue_of_its_kind_is_offline_ends_unavailable() -> None:
     """The queue goes offline while an NQAP is in flight; the permanent loss then bounces that NQAP
-    back as never sent.  No queue of its kind is left: it ends DeviceUnavailable at once (it used
-    to wait in the retry queue with no timer until close)."""
+    back as never sent.  No queue of its kind is in service: it waits the unavailable grace (a
+    timer, not the retry queue with no timer until close, as it used to) and ends DeviceUnavailable."""
     s = up(Q0)
     rid = s.submit(me_request(2, K), idempotent=False)
     nq = s.one(Instr.NQAP)
@@ -62,6 +62,8 @@ def test_bounced_after_every_queue_of_its_kind_is_offline_ends_unavailable() -> 
     s.answer(s.one(Instr.DQAP), res(RC.CHECKSTOPPED))
     assert s.state(Q0) is QState.OFFLINE and rid not in s.resolved
     lose(s, [nq], permanent=True, unsent=[nq])
+    assert rid not in s.resolved and ("unavailable", "accel") in s.timers
+    s.fire(("unavailable", "accel"))
     assert isinstance(s.resolved[rid].error, DeviceUnavailable)
     assert in_flight(s) == 0 and s.core.backlog_size == 0
 
@@ -185,6 +187,8 @@ def test_permanent_loss_never_redrives_onto_a_queue_the_same_loss_takes_down() -
     s.lose_transport(permanent=True)
     assert s.state(Q0) is QState.OFFLINE and s.state(Q1) is QState.OFFLINE
     assert not s.cmds(), "nothing is sent to a transport that was just lost for good"
+    s.fire(("unavailable", "accel"))  # re-driven idempotent work waited its grace on the host
+    assert len(s.resolved) == 2
     assert all(isinstance(r.error, DeviceUnavailable) for r in s.resolved.values())
     assert in_flight(s) == 0
 

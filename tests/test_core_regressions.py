@@ -16,7 +16,16 @@ from apformats.codes import ReplyCode as RY
 from apformats.codes import ResponseCode as RC
 from apformats.messages import build_error_reply, build_machine_failure
 from apformats.results import Instr, qid_of
-from tests._fixtures_driver import HW_ACCEL, Script, key, me_request, res
+from tests._fixtures_driver import (
+    HW_ACCEL,
+    Script,
+    exact_profile,
+    expected_me,
+    key,
+    make_sim,
+    me_request,
+    res,
+)
 
 Q0 = qid_of(0, 0)
 K = key(1024)
@@ -66,3 +75,24 @@ def test_a_late_machine_failure_reply_takes_the_queue_out_of_service() -> None:
     assert not s.cmds(Instr.NQAP), "work placed on a queue that just reported a machine failure"
     assert s.state(Q0) is QState.RESET_START  # drained: reset, then the health probe
     assert waiting not in s.resolved
+
+
+def test_slot_seconds_do_not_count_the_idle_gap_before_a_submit() -> None:
+    """``stats()`` slot_seconds integrate messages held over the runner's clock.  The integral was
+    taken after ``held`` changed, so the idle second before a submit counted as occupied (662 %
+    utilisation on a 3-request run); now it is integrated before the change."""
+    _emu, sim = make_sim(exact_profile("small"), seed=3)
+    try:
+        sim.run(sim.now() + 1.0)  # idle: nothing held
+        before = sum(q["slot_seconds"] for q in sim.core.stats()["queues"].values())  # bring-up probes
+        t0 = sim.now()
+        futs = [sim.submit(me_request(x, K)) for x in (2, 3, 4)]
+        sim.run_until_settled(futs, max_time=5.0)
+        busy = sim.now() - t0
+        assert [f.result() for f in futs] == [expected_me(x, K) for x in (2, 3, 4)]
+        queues = sim.core.stats()["queues"].values()
+        total = sum(q["slot_seconds"] for q in queues) - before
+        assert 0 < total <= 3 * busy + 1e-9, (total, busy)  # each request held at most that long
+        assert all(q["slot_utilisation"] <= 1.0 for q in queues)
+    finally:
+        sim.shutdown()

@@ -111,3 +111,41 @@ def test_soak_server_sigkilled_and_restarted_late(
 @pytest.mark.timeout(300)
 def test_soak_server_sigstopped_for_30s(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
     run_scenario(server_factory, tmp_path, fault="stop", outage=30.0, seed=30)
+
+
+def test_work_waiting_through_a_3s_sigstop_completes_within_the_grace(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """Issue 8 §1: a request that cannot be placed (every queue offline: the link is lost for
+    good after ``peer_deadline``) waits ``unavailable_grace`` and is served when the server comes
+    back within it.  It used to end DeviceUnavailable at once when the last queue went offline."""
+    rng = random.Random(3)
+    log = tmp_path / "exec.sqlite"
+    server = _serve(server_factory, log)
+    opts = {**CLIENT, "unavailable_grace": 20.0, "peer_deadline": 1.0}
+    with apcrypto.connect(server.data, **opts) as client:
+        assert client.wait_ready(15)
+        warm = submit_mixed(client, 10, rng)
+        assert wait_all(warm, 20) == 0
+        server.freeze()
+        t_stop = time.monotonic()
+        while client.transport.state != "gone" and time.monotonic() - t_stop < 2.9:
+            time.sleep(0.05)  # bounded: the heartbeat notices, peer_deadline makes it permanent
+        assert client.transport.state == "gone", client.transport.state
+        waiting = []
+        while time.monotonic() - t_stop < 3.0:  # submitted while every queue is offline
+            waiting += submit_mixed(client, 5, rng)
+            time.sleep(0.1)
+        assert not any(r.fut.done() for r in waiting), "work ended before its grace was over"
+        server.proc.send_signal(signal.SIGCONT)
+        server.killed = False
+        unresolved = wait_all(waiting, SETTLE)
+        done_after = time.monotonic() - t_stop
+    server.stop()
+    entries = [read_execution_log(log)]
+    v = check(warm + waiting, entries)  # every request this client made (the counters' totals)
+    w = check(waiting, entries)
+    print(f"\nKILL-REPORT tcp stop 3s, grace 20s: {len(waiting)} waiting: {w.line()} in {done_after:.1f} s")
+    assert unresolved == 0 and not v.problems, v.problems
+    assert w.counts == {"completed": len(waiting)}, w.line()
+    assert done_after < 20.0  # served within the grace, not timed out

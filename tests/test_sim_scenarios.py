@@ -623,8 +623,12 @@ def test_all_queues_of_a_kind_lost_is_device_unavailable(full) -> None:
         if isinstance(err, DeviceUnavailable):
             assert "accel" in str(err)
     assert all(isinstance(f.result(), int) for f in ci)  # the CCA cards are untouched
+    t_late = sim.now()
     late = sim.submit(me_request(5, K2))
-    assert isinstance(late.exception(), DeviceUnavailable)  # at once, no waiting
+    assert not late.done()  # every accel queue is offline: it waits the grace for one to come back
+    sim.run_until_settled([late])
+    assert isinstance(late.exception(), DeviceUnavailable)
+    assert sim.now() - t_late >= sim.core.cfg.unavailable_grace - 1e-9
     still = sim.submit(CounterIncrement(1))
     sim.run_until_settled([still])
     assert isinstance(still.result(), int)
@@ -635,6 +639,29 @@ def test_all_queues_of_a_kind_lost_is_device_unavailable(full) -> None:
     again = sim.submit(me_request(5, K2))
     sim.run_until_settled([again])
     assert again.result() == expected_me(5, K2)
+
+
+def test_every_queue_of_a_kind_offline_and_back_within_the_grace_serves_the_waiting_work(full) -> None:
+    """Issue 8 §1: work that cannot be placed waits ``unavailable_grace`` even when every queue of
+    its kind is offline; a card back (re-probed) within the grace serves it.  It used to end
+    DeviceUnavailable at once, when the last queue of its kind went offline."""
+    emu, sim = full
+    grace = sim.core.cfg.unavailable_grace
+    me = [sim.submit(me_request(i + 2, K2)) for i in range(200)]
+    t = sim.now() + 0.001
+    emu.control.checkstop(0, at=t)
+    emu.control.checkstop(1, at=t)
+    run_until(sim, lambda: all(s is QState.OFFLINE for q, s in states(sim).items() if q >> 8 in ACCEL_CARDS))
+    waiting = [f for f in me if not f.done()]
+    assert len(waiting) >= 100  # the backlog, still waiting although no accel queue is left
+    t_off = sim.now()
+    emu.clock.call_at(t_off + grace / 4, lambda: emu.control.restore(1))
+    sim.run_until_settled(me)
+    assert sim.now() - t_off < grace  # served, not timed out
+    for i, f in enumerate(me):
+        if f in waiting:
+            assert f.result() == expected_me(i + 2, K2)
+    check_verdicts(sim, emu, card_may_die=True)
 
 
 def test_redrive_budget_is_bounded_by_a_card_that_never_runs_it() -> None:

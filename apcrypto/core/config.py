@@ -29,8 +29,8 @@ class DriverConfig:
     health_probe: bool = True  # known-answer request before a queue (re-)enters service
     backlog_limit: int = 100_000  # host-side queue bound per client
     # Work that cannot be placed because no queue of its kind is in service (all of them resetting,
-    # recovering or probing) waits at most this long (or its deadline, if sooner), then ends
-    # DeviceUnavailable.  When every queue of the kind is offline it ends at once.
+    # recovering, probing or offline) waits at most this long (or its deadline, if sooner), then
+    # ends DeviceUnavailable; a queue of its kind back in service within it serves it.
     unavailable_grace: float = 30.0
 
     def with_(self, **changes: object) -> DriverConfig:

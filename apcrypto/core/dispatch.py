@@ -135,6 +135,10 @@ class Dispatcher:
                 return True
         return False
 
+    def mode_exists(self, mode: str) -> bool:
+        """Some queue, in any state (offline too: it may come back), is of ``mode`` or not yet known."""
+        return any(q.mode == mode or q.mode == "unknown" for q in self.queues.values())
+
     def service_changed(self, mode: str, entering: bool) -> None:
         self.serving[mode] = self.serving.get(mode, 0) + (1 if entering else -1)
 

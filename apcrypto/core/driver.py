@@ -133,7 +133,7 @@ class DriverCore:
     # ---------------------------------------------------------------- public entry points
     def add_queue(self, qid: int, now: float = 0.0) -> list[Action]:
         """Start bringing up ``qid``: reset, interrupts, probe, then service."""
-        self._now = now
+        self._at(now)
         if qid in self.queues:
             raise CoreMisuse(f"queue {qid_str(qid)} added twice")
         q = Queue(qid, irq_wanted=self.irq_ok, occ_t=now, t0=now)
@@ -159,7 +159,7 @@ class DriverCore:
         """
         if self._closed:
             raise CoreMisuse("submit after shutdown")
-        self._now = now
+        self._at(now)
         idem = request.idempotent_default if idempotent is None else bool(idempotent)
         rec = self.ledger.open(request, idempotent=idem, mode=request.mode, weight=request.weight)
         if target is not None:
@@ -171,8 +171,8 @@ class DriverCore:
                 self._resolve(rec, Outcome.FAILED, error=err)
                 return rec.rid, self._flush()
             rec.target = frozenset(target)
-        if not self.dispatch.serving.get(rec.mode) and not self.dispatch.mode_alive(rec.mode):
-            self._fail_unavailable(rec, f"no queue of kind {rec.mode!r} is in service or recovering")
+        if not self.dispatch.serving.get(rec.mode) and not self.dispatch.mode_exists(rec.mode):
+            self._fail_unavailable(rec, f"no queue of kind {rec.mode!r}")
             return rec.rid, self._flush()
         if deadline is not None:
             if deadline <= 0:
@@ -190,7 +190,7 @@ class DriverCore:
 
     def on_completion(self, tag: int, result: ApResult, now: float = 0.0) -> list[Action]:
         """The transport answered the command submitted under ``tag``."""
-        self._now = now
+        self._at(now)
         self._completion(tag, result)
         return self._flush()
 
@@ -200,7 +200,7 @@ class DriverCore:
         Transports deliver completions in batches; handling them together lets every queue they
         touched run its state step once instead of once per completion.
         """
-        self._now = now
+        self._at(now)
         for ev in events:
             t = type(ev)
             if t is Completion:
@@ -259,7 +259,7 @@ class DriverCore:
 
     def on_interrupt(self, qid: int, now: float = 0.0) -> list[Action]:
         """An adapter interrupt for ``qid``: a reply may be waiting."""
-        self._now = now
+        self._at(now)
         q = self.queues.get(qid)
         if q is not None:
             self._want_read(q)
@@ -268,7 +268,7 @@ class DriverCore:
 
     def on_timer(self, key: tuple[Any, ...], now: float = 0.0) -> list[Action]:
         """The timer ``key`` (a :class:`TimerKey` from an earlier ``ArmTimer``) fired."""
-        self._now = now
+        self._at(now)
         handler = self._TIMER_HANDLERS.get(key[0]) if key else None
         if handler is None or len(key) != 2:
             raise CoreMisuse(f"unknown timer key {key!r}")
@@ -317,7 +317,7 @@ class DriverCore:
         reply-timeout checks decide it from the ledger if none does.  A lost DQAP may have taken a
         reply with it: the same checks catch that.  ``permanent`` takes the queues out of service.
         """
-        self._now = now
+        self._at(now)
         self._transport_lost(tags, permanent=permanent, reason=reason, unsent=unsent)
         return self._flush()
 
@@ -402,7 +402,7 @@ class DriverCore:
 
     def shutdown(self, now: float = 0.0) -> list[Action]:
         """Close: every undecided request is resolved (``ClientClosed``; may-have-run if sent)."""
-        self._now = now
+        self._at(now)
         self._closed = True
         for rec in list(self.ledger.in_flight()):
             sent = rec.phase in (Phase.SENDING, Phase.ON_CARD)
@@ -494,6 +494,15 @@ class DriverCore:
 
     def _disarm(self, key: TimerKey) -> None:
         self.out.disarm(key)
+
+    def _at(self, now: float) -> None:
+        """Time moves to ``now`` (every entry point): each queue's occupancy is integrated up to it
+        first, with the ``held`` it had since the last entry.  ``held`` changes only inside entry
+        points, so the integral is exact; integrating after a change (as it used to, on the next
+        completion) counted the idle gap before a submit as occupied."""
+        self._now = now
+        for q in self.queues.values():
+            self._occ(q)
 
     def _occ(self, q: Queue) -> None:
         dt = self._now - q.occ_t
@@ -736,16 +745,18 @@ class DriverCore:
         self._arm(q.poll_key, q.offline_backoff, force=True)
         if q.mode == "unknown":  # lost during bring-up: requests of every kind counted on it
             self._fail_dead_kinds()
-        elif not self.dispatch.mode_alive(q.mode):
-            self._fail_backlog(q.mode, f"every queue of kind {q.mode!r} is offline")
         else:
+            # every queue of its kind offline or not: waiting work waits its grace for one to come
+            # back (a re-probe or PeerRestored), never less (issue 8 §1; _check_parked arms it)
+            self._park_dirty = True
             self._fill(q.mode)
 
     def _fail_dead_kinds(self) -> None:
         """Fail the waiting work of every kind that no queue can serve any more."""
         for mode in sorted(self.dispatch.modes()):
-            if mode != "unknown" and not self.dispatch.mode_alive(mode):
-                self._fail_backlog(mode, f"no queue of kind {mode!r} is in service or recovering")
+            if mode != "unknown" and not self.dispatch.mode_exists(mode):
+                self._fail_backlog(mode, f"no queue of kind {mode!r}")
+        self._park_dirty = True  # kinds whose queues are all offline wait their grace
 
     def _on_limit(self, q: Queue) -> None:
         if q.limit_gen != q.gen:
@@ -1052,7 +1063,6 @@ class DriverCore:
         rec = self.ledger.records.get(rid)
         if rec is None:
             self.ledger.counters["late_replies"] += 1
-            self._late_reply_says(q, data)
             return
         self._unload(q, rec)
         if rec.resolved:
@@ -1220,11 +1230,8 @@ class DriverCore:
             rec.redrives += 1
             rec.avoid_qid = q.qid
             self.ledger.counters["redriven"] += 1
-            self._requeue_front(rec)
-            if not self.dispatch.mode_alive(rec.mode):
-                self._fail_backlog(rec.mode, f"every queue of kind {rec.mode!r} is offline")
-            else:
-                self._fill(rec.mode)
+            self._requeue_front(rec)  # (waits its grace if no queue of its kind is in service)
+            self._fill(rec.mode)
         elif fate is Fate.INDETERMINATE:
             self._resolve(
                 rec,
@@ -1318,8 +1325,9 @@ class DriverCore:
 
     def _check_parked(self) -> None:
         """No record waits on the host without a timer.  Work of a kind no queue serves right now
-        waits for one to come (back) into service, at most ``unavailable_grace``; when every queue
-        that could serve it is offline it ends at once (DESIGN §2: no healthy queue is left)."""
+        waits for one to come (back) into service, at most ``unavailable_grace``, also when every
+        queue that could serve it is offline (it may come back: a re-probe, PeerRestored); only a
+        kind no queue has at all ends at once."""
         self._park_dirty = False
         dispatch = self.dispatch
         for mode in dispatch.modes():
@@ -1327,10 +1335,10 @@ class DriverCore:
                 if self._unplaced.pop(mode, None) is not None:
                     self._disarm(TimerKey.unavailable(mode))
                 continue
-            if not dispatch.mode_alive(mode):
+            if not dispatch.mode_exists(mode):
                 if self._unplaced.pop(mode, None) is not None:
                     self._disarm(TimerKey.unavailable(mode))
-                self._fail_backlog(mode, f"every queue of kind {mode!r} is offline")
+                self._fail_backlog(mode, f"no queue of kind {mode!r}")
             elif mode not in self._unplaced:
                 self._unplaced[mode] = self._now
                 self._arm(TimerKey.unavailable(mode), self.cfg.unavailable_grace, force=True)
