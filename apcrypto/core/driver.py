@@ -1038,6 +1038,7 @@ class DriverCore:
         rec = self.ledger.records.get(rid)
         if rec is None:
             self.ledger.counters["late_replies"] += 1
+            self._late_reply_says(q, data)
             return
         self._unload(q, rec)
         if rec.resolved:
@@ -1098,8 +1099,10 @@ class DriverCore:
             self._attempt_failed(rec, q, may_have_run=row.may_have_run, why="machine failure", codes=codes)
             return
         att.fate = "error"
-        att.cleared = not row.may_have_run
-        # the queue's consequence first, so that a re-drive never picks the queue it failed on
+        # not cleared, even when the card says it refused the message unexecuted: the card took it
+        # and an engine picked it up, so a later deadline says may_have_run=True (the contract of
+        # DeadlineExceeded: "handed to a card"); only never-sent and request-pending attempts clear.
+        # The queue's consequence first, so that a re-drive never picks the queue it failed on
         if v is Verdict.RESET_QUEUE:
             self._start_reset(q, row.note)
         elif v is Verdict.TAKE_OFFLINE:
@@ -1114,7 +1117,10 @@ class DriverCore:
     def _late_reply_says(self, q: Queue, data: bytes) -> None:
         """A reply for a request already decided (its deadline came first) is not delivered, but
         what it says about the queue still counts: a machine-failure reply means the card failed
-        and holds more such replies; the queue must not take new work until it has recovered."""
+        and holds more such replies; the queue must not take new work until it has recovered (campaign
+        seeds 369 and 10008).  A queue already out of service is being handled by its own machine."""
+        if not q.state.in_service:
+            return
         try:
             reply = parse_reply(data)
         except FormatError:

@@ -35,8 +35,10 @@ class Attempt:
     fate: str = (
         "sending"  # sending, on-card, completed, error, bounced, mf-pending, mf-in-process, lost, late
     )
-    #: proven never to have run (bounced before the card took it, withdrawn before it was sent, or
-    #: the card said so: request-pending, rejected before execution).  A deadline's may-have-run
+    #: proven never to have reached an engine (bounced before the card took it, withdrawn before it
+    #: was sent, or reported request-pending by a machine failure).  An attempt the card took and
+    #: then refused unexecuted is *not* cleared: it was handed to a card (DeadlineExceeded's
+    #: contract), and an engine had picked it up.  A deadline's may-have-run
     #: verdict looks at every attempt of the request, not only the last one.
     cleared: bool = False
 
