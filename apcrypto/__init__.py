@@ -10,14 +10,12 @@ every transport takes the same driver options and gives the same outcomes.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 from dataclasses import fields
 from typing import Any
 
 from apcrypto import errors
-from apcrypto.client import Client
+from apcrypto.client import Client, new_psmid_base
 from apcrypto.config import check_options, resolve
 from apcrypto.core.config import FAST, DriverConfig
 from apcrypto.errors import (
@@ -46,7 +44,6 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _CONFIG_FIELDS = {f.name for f in fields(DriverConfig)}
-_CLIENT_NUMBERS = itertools.count(1)
 _CLIENT_OPTIONS = {"psmid_base", "close_timeout"}
 
 
@@ -71,11 +68,9 @@ def split_options(options: dict[str, Any]) -> tuple[DriverConfig, dict[str, Any]
     if changes:
         cfg = cfg.with_(**changes)
     client_opts = {k: opts.pop(k) for k in list(opts) if k in _CLIENT_OPTIONS}
-    # psmids unique per client: the kernel's pid << 32, plus a per-process client number, so that
-    # clients of one process sharing a card never collide in its queues or its logs
-    client_opts.setdefault(
-        "psmid_base", ((os.getpid() & 0xFFFF) << 48) | ((next(_CLIENT_NUMBERS) & 0xFFFF) << 32)
-    )
+    # psmids unique per client: a random nonce (not the pid) above the ledger's counter
+    if "psmid_base" not in client_opts:
+        client_opts["psmid_base"] = new_psmid_base()
     return cfg, client_opts, opts
 
 

@@ -342,14 +342,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seed=args.seed, requests=args.requests, sim=args.sim)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from apcrypto.bench import compare
+def _depths(text: str) -> list[int]:
+    """``--depth 1,4,16`` or ``--depth 1-64`` (powers of two between) -> a sweep."""
+    if "-" in text:
+        lo, hi = (int(x) for x in text.split("-", 1))
+        out, d = [], lo
+        while d <= hi:
+            out.append(d)
+            d *= 2
+        return out
+    return [int(x) for x in text.split(",") if x.strip()]
 
-    res = compare(args.requests, profile=args.profile)
-    for r in res["rates"]:
-        print(f"{r.name:<22} {r.ops:>7} ops in {r.seconds:7.3f} s = {r.per_second:10.0f} ops/s")
-    print(f"driver / raw loop      {res['driver_over_raw']:.2f}")
-    print(f"driver / firmware      {res['driver_over_firmware']:.2f}")
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from apcrypto.bench import plot, render_table, run_bench
+
+    if args.duration is None and args.requests is None:
+        args.requests = 2000
+    if args.duration is not None and args.requests is not None:
+        raise ValueError("give --duration or --requests, not both")
+    url = args.url or os.environ.get("APCRYPTO_URL") or "emu:fast"
+    result = run_bench(
+        url,
+        [o.strip() for o in args.op.split(",")],
+        _depths(args.depth),
+        args.clients,
+        requests=args.requests,
+        duration=args.duration,
+        control=args.control,
+        raw=not args.no_raw,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    print(render_table(result))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    if args.plot:
+        plot(result, args.plot)
     return 0
 
 
@@ -377,6 +406,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
+    return int(args.func(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``apcrypto`` argument parser (docs/cli.md is checked against it)."""
     from apcrypto import __version__
 
     parser = argparse.ArgumentParser(prog="apcrypto", description=__doc__)
@@ -430,13 +467,34 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--requests", type=_at_least_one, default=3000)
     p.add_argument("--sim", action="store_true", help="simulation runner: the same seed replays exactly")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("bench", help="driver throughput against the raw NQAP/DQAP loop and the firmware")
-    p.add_argument("--requests", type=int, default=4000)
-    p.add_argument("--profile", default="fast")
+    p = sub.add_parser(
+        "bench",
+        help="load generator: throughput, latency percentiles, utilisation per APQN",
+        description="Drive any URL with --clients connections, each keeping --depth requests outstanding "
+        "(a list is a sweep; depth 1 is the naive one-at-a-time baseline), for --requests requests or "
+        "--duration seconds.  Reports ops/s, latency p50/p90/p99/max and utilisation per APQN (the "
+        "card's measure), and the driver over a raw NQAP/DQAP loop where the two are comparable.",
+    )
+    p.add_argument("--url", help="transport URL (default $APCRYPTO_URL, else emu:fast)")
+    p.add_argument("--control", help="the server's control plane (tcp://HOST:PORT) for utilisation")
+    p.add_argument(
+        "--op",
+        default="me-2k",
+        help="comma-separated: me-1k me-2k me-4k crt-1k crt-2k crt-4k rng counter "
+        "key-store key-read (default me-2k)",
+    )
+    p.add_argument("--requests", type=int, help="requests per point (default 2000)")
+    p.add_argument("--duration", type=float, help="seconds per point, instead of --requests")
+    p.add_argument("--depth", default="64", help="outstanding per client: N, a list 1,8,64 or a range 1-64")
+    p.add_argument("--clients", type=int, default=1, help="client connections (threads)")
+    p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    p.add_argument(
+        "--plot", metavar="FILE.png", help="plot throughput and latency against depth (matplotlib)"
+    )
+    p.add_argument("--no-raw", action="store_true", help="skip the raw NQAP/DQAP loop comparison")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
-    return int(args.func(args))
+    return parser
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ only when the host-side queue is at its bound.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections import Counter
@@ -22,6 +23,18 @@ from apcrypto.operations import Operations
 from apcrypto.requests import Request
 from apcrypto.runners.threaded import ThreadedRunner
 from apcrypto.transport.base import Transport
+
+
+def new_psmid_base() -> int:
+    """A psmid base for one client: a random 32-bit nonce in the high half, the counter below it.
+
+    The kernel puts the pid there; a pid is guessable and repeats across restarts and containers,
+    so a client restarted against a card that still holds the previous one's replies could take
+    them for its own.  A nonce from :mod:`secrets` makes that (and collisions between the clients
+    of one process) a 2**-32 event, and the ledger's 32-bit counter keeps every psmid unique for
+    the client's lifetime (it refuses to wrap).
+    """
+    return secrets.randbits(32) << 32
 
 
 class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[Any]"]):

@@ -2,10 +2,14 @@
 
 ``serve`` prints exactly one machine-readable line on stdout once both sockets are bound::
 
-    READY data=tcp://127.0.0.1:41234 control=tcp://127.0.0.1:41235
+    READY data=tcp://127.0.0.1:41234 control=tcp://127.0.0.1:41235 token_file=/run/user/0/apcrypto/...
 
-so a test or a supervisor can start it with port ``0`` (or ``*``) and read where it landed.  Logs go to
-stderr.  SIGTERM and SIGINT stop it cleanly (sockets closed, clock thread joined, exit status 0).
+so a test or a supervisor can start it with port ``0`` (or ``*``) and read where it landed (``token_file``
+is the owner-only file holding the control plane's credential; absent under CURVE, whose control
+allow-list is the credential).  Logs go to stderr.  SIGTERM and SIGINT stop it cleanly (sockets closed,
+clock thread joined, token file removed, exit status 0).  A serve that cannot start (port in use, an
+endpoint that is not ``tcp://HOST:PORT``, a non-loopback address without ``--insecure``) prints one line
+saying why on stderr and exits 2 at once.  ``keygen`` writes secret keys 0600 in a 0700 directory.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import sqlite3
@@ -55,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--domains", type=_domains, help="domains clients may use, e.g. 0,1,4-7 (default: all)")
     s.add_argument("--max-frame", type=int, default=None, help="largest frame accepted, bytes")
     s.add_argument("--session-idle", type=float, default=60.0, help="drop sessions silent this long, s")
+    s.add_argument("--insecure", action="store_true", help="allow binding non-loopback addresses (warns)")
+    s.add_argument("--control-token-file", type=Path, help="where to write the control token (0600)")
+    s.add_argument("--max-sessions", type=int, default=256, help="most concurrent client sessions")
+    s.add_argument("--handshake-ivl", type=float, default=2.0, help="drop connections not handshaken, s")
     s.add_argument("--exec-log", type=Path, metavar="FILE", help="spill the exec log to this SQLite file")
     s.add_argument(
         "--exec-log-size", type=int, default=100_000, metavar="N", help="execution-log entries kept in memory"
@@ -71,13 +80,17 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keygen", help="create CURVE certificates in the layout --curve-dir expects")
     k.add_argument("dir", type=Path)
     k.add_argument("--client", action="append", help="client name (repeatable; default: client)")
+    k.add_argument(
+        "--control-client", action="append", help="control-plane client name (repeatable; default: control)"
+    )
 
     c = sub.add_parser("control", help="send one control-plane request and print the JSON answer")
     c.add_argument("url", help="control endpoint, e.g. tcp://127.0.0.1:5556")
     c.add_argument("op", help="op name (op 'ops' lists them)")
     c.add_argument("args", nargs="*", help="key=value (values are JSON when they parse, else strings)")
     c.add_argument("--curve-dir", type=Path, help="directory made by keygen")
-    c.add_argument("--client", default="client", help="client certificate name under --curve-dir")
+    c.add_argument("--client", default="control", help="control certificate name under --curve-dir")
+    c.add_argument("--token-file", type=Path, help="the server's control token file (default: found)")
     c.add_argument("--timeout", type=float, default=5.0)
     return p
 
@@ -87,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.cmd == "serve":
         return _serve(opts)
     if opts.cmd == "keygen":
-        return _keygen(opts.dir, opts.client or ["client"])
+        return _keygen(opts.dir, opts.client or ["client"], opts.control_client or ["control"])
     return _control(opts)
 
 
@@ -97,7 +110,9 @@ def _serve(opts: argparse.Namespace) -> int:
     )
     from apformats.frames import DEFAULT_MAX_FRAME
     from emulator import Emulator, WallClock
-    from emulator.server import EmulatorServer
+    from emulator.server import EmulatorServer, raise_nofile_limit
+
+    raise_nofile_limit()
 
     emu = Emulator(opts.profile, clock=WallClock(), seed=opts.seed)
     try:
@@ -117,17 +132,22 @@ def _serve(opts: argparse.Namespace) -> int:
         max_frame=opts.max_frame or DEFAULT_MAX_FRAME,
         seed=opts.seed,
         session_idle=opts.session_idle,
+        insecure=opts.insecure,
+        control_token_file=opts.control_token_file,
+        max_sessions=opts.max_sessions,
+        handshake_ivl=opts.handshake_ivl,
     )
     try:
         try:
             data_url, control_url = server.start()
         except Exception as exc:
-            print(f"apcrypto-emulator: cannot serve: {exc}", file=sys.stderr)
+            print(f"apcrypto-emulator: cannot serve: {exc}", file=sys.stderr, flush=True)
             return 2
         stop = lambda *_: server.stop()  # noqa: E731 - a signal handler, nothing more
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        print(f"READY data={data_url} control={control_url}", flush=True)
+        token = f" token_file={server.control_token_path}" if server.control_token_path else ""
+        print(f"READY data={data_url} control={control_url}{token}", flush=True)
         server.serve()
         return 0
     finally:
@@ -136,19 +156,33 @@ def _serve(opts: argparse.Namespace) -> int:
         emu.execution_log.close()
 
 
-def _keygen(directory: Path, clients: list[str]) -> int:
+def _keygen(directory: Path, clients: list[str], controls: list[str]) -> int:
+    """Server certificate, data-plane clients (``clients/``) and control-plane clients (``control/``);
+    every secret is written 0600 (created under umask 077, never readable by others) in ``private/``."""
     import zmq.auth
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "clients").mkdir(exist_ok=True)
     private = directory / "private"
-    private.mkdir(exist_ok=True)
-    zmq.auth.create_certificates(directory, "server")
-    for name in clients:
-        public, _ = zmq.auth.create_certificates(private, name)
-        shutil.copy(public, directory / "clients" / f"{name}.key")
+    old = os.umask(0o077)
+    try:
+        private.mkdir(mode=0o700, exist_ok=True)
+        zmq.auth.create_certificates(directory, "server")
+        for allow_list, names in (("clients", clients), ("control", controls)):
+            (directory / allow_list).mkdir(exist_ok=True)
+            for name in names:
+                public, _ = zmq.auth.create_certificates(private, name)
+                shutil.copy(public, directory / allow_list / f"{name}.key")
+    finally:
+        os.umask(old)
+    private.chmod(0o700)
+    for secret in [directory / "server.key_secret", *private.glob("*.key_secret")]:
+        secret.chmod(0o600)
+    for shared in [directory / "server.key", *directory.glob("*/*.key")]:
+        shared.chmod(0o644)  # public keys are meant to be shared
+    for d in (directory / "clients", directory / "control"):
+        d.chmod(0o755)
     print(f"server key: {directory / 'server.key_secret'}")
-    print(f"client keys: {private} (allow-list: {directory / 'clients'})")
+    print(f"client keys: {private} (allow-lists: {directory / 'clients'}, {directory / 'control'})")
     return 0
 
 
@@ -160,7 +194,7 @@ def _value(text: str) -> Any:
 
 
 def _control(opts: argparse.Namespace) -> int:
-    from emulator.control_client import ControlClient, ControlError, curve_options
+    from emulator.control_client import ControlClient, ControlError, curve_options, read_token_file
 
     args = {}
     for item in opts.args:
@@ -169,10 +203,20 @@ def _control(opts: argparse.Namespace) -> int:
             print(f"apcrypto-emulator: argument {item!r} is not key=value", file=sys.stderr)
             return 2
         args[key] = _value(value)
-    curve = curve_options(opts.curve_dir, opts.client) if opts.curve_dir else {}
-    with ControlClient(opts.url, timeout=opts.timeout, **curve) as client:
+    try:
+        creds: dict[str, Any] = curve_options(opts.curve_dir, opts.client) if opts.curve_dir else {}
+        if opts.token_file is not None:
+            creds["token"] = read_token_file(opts.token_file)
+        client = ControlClient(opts.url, timeout=opts.timeout, **creds)
+    except (OSError, ValueError) as exc:
+        print(f"apcrypto-emulator: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
-            result = client.call(opts.op, **args)
+            if opts.op == "execution_log" and not args:
+                result: Any = client.execution_log()  # the whole log, read in pages
+            else:
+                result = client.call(opts.op, **args)
         except (ControlError, TimeoutError) as exc:
             print(f"apcrypto-emulator: {exc}", file=sys.stderr)
             return 1

@@ -7,10 +7,17 @@ the simulation runner steps it, so a whole fault scenario is deterministic and t
 
 Both order callbacks by ``(time, seq)``: equal times run in the order they were scheduled, so a run
 never depends on how the heap breaks ties.
+
+Times are checked at the door: a NaN or infinite time or delay is a ``ValueError``, so no caller can
+schedule a callback no clock could ever reach.  The wall clock's pump never waits longer than
+:data:`MAX_WAIT` at a stretch (a far-off deadline is waited for in slices), so no deadline, however
+far, can overflow the OS wait (``OverflowError: timeout value is too large`` used to kill the pump
+thread and with it every request in flight).
 """
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -25,6 +32,11 @@ __all__ = ["Clock", "ClockError", "TimerHandle", "VirtualClock", "WallClock"]
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], object]
+
+#: Longest single wait of the wall clock's pump, seconds (a far deadline is waited for in slices).
+MAX_WAIT = 60.0
+#: Callback exceptions a :class:`WallClock` keeps in ``errors`` (the count goes on in ``error_count``).
+MAX_ERRORS_KEPT = 100
 
 
 class ClockError(RuntimeError):
@@ -66,8 +78,8 @@ class Clock(Protocol):
 
 def _check_time(value: float, what: str) -> float:
     value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{what} is NaN")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value!r}")
     return value
 
 
@@ -191,8 +203,10 @@ class WallClock:
     """Monotonic time from 0 at construction; due callbacks run on one pump thread.
 
     ``start()`` launches the pump thread (callbacks scheduled before that wait); ``close()`` stops and
-    joins it, so a test that closes its clock leaks no thread.  A callback that raises is logged and
-    kept in ``errors``; the pump carries on.
+    joins it, so a test that closes its clock leaks no thread.  A callback that raises is logged,
+    counted in ``error_count`` and kept in ``errors`` (the last :data:`MAX_ERRORS_KEPT`); the pump
+    carries on.  The pump itself is supervised the same way: an unexpected error in its own loop is
+    logged and counted, and the loop goes on.
     """
 
     def __init__(self, *, name: str = "emulator-wallclock") -> None:
@@ -202,7 +216,8 @@ class WallClock:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._name = name
-        self.errors: list[BaseException] = []
+        self.errors: collections.deque[BaseException] = collections.deque(maxlen=MAX_ERRORS_KEPT)
+        self.error_count = 0
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("running" if self.running else "not started")
@@ -262,23 +277,44 @@ class WallClock:
 
     def _pump(self) -> None:
         while True:
-            with self._cond:
-                while True:
-                    if self._closed:
-                        return
-                    when = self._timers.peek()
-                    if when is not None:
-                        delay = when - self.now()
-                        if delay <= 0:
-                            cb = self._timers.pop()._take()
-                            break
-                        self._cond.wait(delay)
-                    else:
-                        self._cond.wait()
+            try:
+                cb = self._next_due()
+            except Exception as exc:  # the pump must outlive any bug in its own bookkeeping
+                log.exception("WallClock pump error")
+                self._record(exc)
+                continue
+            if cb is _CLOSED:
+                return
             if cb is None:
                 continue
             try:
                 cb()
             except Exception as exc:  # a failing callback must not kill the adapter's clock
                 log.exception("WallClock callback %r failed", cb)
-                self.errors.append(exc)
+                self._record(exc)
+
+    def _next_due(self) -> Callback | None:
+        """Wait (in slices of at most MAX_WAIT) for the next due callback; ``_CLOSED`` when closed."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return _CLOSED
+                when = self._timers.peek()
+                if when is not None:
+                    delay = when - self.now()
+                    if delay <= 0:
+                        return self._timers.pop()._take()
+                    self._cond.wait(min(delay, MAX_WAIT))
+                else:
+                    self._cond.wait(MAX_WAIT)
+
+    def _record(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.error_count += 1
+
+
+def _closed() -> None:  # pragma: no cover - a sentinel, never called
+    """The pump's 'clock closed' sentinel."""
+
+
+_CLOSED: Callback = _closed

@@ -8,6 +8,11 @@ nth accepted NQAP) and returns it; ``faults()`` lists what is still pending or a
 
 ``transport_faults`` is a plain thread-safe holder for the servers (drop/corrupt frames,
 disconnect); the card model never reads it.
+
+The seam with the card model is two small interfaces, so neither side calls the other's private
+names: the control plane acts on the emulator only through :class:`FaultTarget` (which
+:class:`emulator.core.Emulator` implements), and the card model tells the control plane about
+accepted requests only through :class:`AcceptHooks` (which :class:`ControlPlane` implements).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from apformats.results import qid_card, qid_domain, qid_str
 from emulator.clock import TimerHandle
@@ -36,10 +42,71 @@ from emulator.lifecycle import CardEvent
 F = TypeVar("F", MachineFailure, Checkstop, Deconfigure, ResetInProgress, Busy, SlowEngines, FailRequest)
 
 if TYPE_CHECKING:
-    from emulator.core import Emulator
+    from emulator.clock import Clock
     from emulator.model import Card, Message, Queue
+    from emulator.profile import Profile
 
-__all__ = ["ControlPlane", "FaultState", "TransportFaults"]
+__all__ = ["AcceptHooks", "ControlPlane", "FaultState", "FaultTarget", "TransportFaults"]
+
+
+class FaultTarget(Protocol):
+    """All the control plane may do to the card model (:class:`emulator.core.Emulator` implements it).
+
+    Every method but :meth:`flush_interrupts` is called with :attr:`lock` held.  The ``on_end``
+    callbacks tell the control plane a fault is over (it marks the fault ``done``); the callables
+    returned by :meth:`fault_busy` and :meth:`fault_slow_engines` end the fault early (``clear``).
+    """
+
+    @property
+    def lock(self) -> AbstractContextManager[Any]: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def profile(self) -> Profile: ...
+
+    def find_card(self, card_id: int) -> Card | None:
+        """The card with this id, or None."""
+        ...
+
+    def fault_card_event(self, card: Card, event: CardEvent, **kw: Any) -> bool:
+        """Apply a card lifecycle event (machine failure, recovery done, checkstop, ...)."""
+        ...
+
+    def fault_reset_queue(self, q: Queue, duration: float, *, on_end: Callable[[], None]) -> None:
+        """An externally initiated reset: discard what the queue holds, RESET_IN_PROGRESS a while."""
+        ...
+
+    def fault_end_reset(self, q: Queue) -> None: ...
+
+    def fault_busy(self, q: Queue, duration: float, *, on_end: Callable[[], None]) -> Callable[[], None]: ...
+
+    def fault_slow_engines(
+        self, card: Card, factor: float, duration: float | None, *, on_end: Callable[[], None]
+    ) -> Callable[[], None]: ...
+
+    def flush_interrupts(self) -> None:
+        """Deliver interrupts a fault made due (called without the lock)."""
+        ...
+
+
+class AcceptHooks(Protocol):
+    """What the card model tells the control plane about each accepted NQAP (under its lock).
+
+    ``watching`` is False while no armed fault needs to see requests, so the hot path stays a flag
+    test."""
+
+    watching: bool
+
+    def mark_request(self, queue: Queue, msg: Message) -> None:
+        """Before dispatch: a FailRequest may claim this message."""
+        ...
+
+    def after_accept(self, card: Card) -> None:
+        """After dispatch: fire the card's after_requests triggers now due."""
+        ...
+
 
 FaultState = Literal["pending", "active", "done"]
 
@@ -105,9 +172,13 @@ class TransportFaults:
             self._drop = self._corrupt = self._disconnect = 0
 
 
+#: Most frames one drop_frames / corrupt_frames call may ask for.
+MAX_FRAMES = 1_000_000
+
+
 def _count(n: int) -> int:
-    if type(n) is not int or n < 0:
-        raise ValueError(f"frame count must be an int >= 0, got {n!r}")
+    if type(n) is not int or not 0 <= n <= MAX_FRAMES:
+        raise ValueError(f"frame count must be an int in [0, {MAX_FRAMES}], got {n!r}")
     return n
 
 
@@ -126,7 +197,7 @@ class _Armed:
 class ControlPlane:
     """Fault injection for one :class:`~emulator.core.Emulator` (``emu.control``)."""
 
-    def __init__(self, emu: Emulator, rng: random.Random) -> None:
+    def __init__(self, emu: FaultTarget, rng: random.Random) -> None:
         self._emu = emu
         self.rng = rng
         self.transport_faults = TransportFaults()
@@ -167,7 +238,7 @@ class ControlPlane:
     def restore(self, card: int) -> None:
         """End a checkstop or deconfiguration now: the card's queues come back empty and reset."""
         with self._emu.lock:
-            self._emu._card_event(self._card(card), CardEvent.RESTORE)
+            self._emu.fault_card_event(self._card(card), CardEvent.RESTORE)
 
     def slow_engines(
         self,
@@ -258,7 +329,7 @@ class ControlPlane:
 
     # --- hooks for the card model (called under the emulator lock) ------------------------------
 
-    def _mark_request(self, queue: Queue, msg: Message) -> None:
+    def mark_request(self, queue: Queue, msg: Message) -> None:
         """An NQAP was accepted: does a FailRequest claim this message?"""
         for a in self._request_faults:
             f = a.fault
@@ -277,7 +348,7 @@ class ControlPlane:
                 break
         self._refresh_watching()
 
-    def _after_accept(self, card: Card) -> None:
+    def after_accept(self, card: Card) -> None:
         """An NQAP was accepted and dispatched: fire the card's after_requests triggers now due."""
         triggers = self._count_triggers.get(card.id)
         if triggers:
@@ -292,7 +363,7 @@ class ControlPlane:
     # --- internals -----------------------------------------------------------------------------
 
     def _card(self, card_id: int) -> Card:
-        card = self._emu._cards.get(card_id)
+        card = self._emu.find_card(card_id)
         if card is None:
             raise ValueError(f"no card {card_id} in profile {self._emu.profile.name!r}")
         return card
@@ -324,7 +395,7 @@ class ControlPlane:
         with self._emu.lock:
             if a.state == "pending":
                 self._fire(a)
-        self._emu._flush_interrupts()
+        self._emu.flush_interrupts()
 
     def _fire(self, a: _Armed) -> None:
         """Apply a fault to the card model; ``a.end`` heals it, ``_done`` runs when it is over."""
@@ -338,10 +409,10 @@ class ControlPlane:
         if isinstance(f, MachineFailure):
             card = self._card(f.card)
             rt = emu.profile.timing.recovery_time if f.recovery_time is None else f.recovery_time
-            if emu._card_event(card, CardEvent.MACHINE_FAILURE, recovery_time=rt, on_end=finished):
+            if emu.fault_card_event(card, CardEvent.MACHINE_FAILURE, recovery_time=rt, on_end=finished):
 
                 def end_recovery() -> None:
-                    emu._card_event(card, CardEvent.RECOVERY_DONE)
+                    emu.fault_card_event(card, CardEvent.RECOVERY_DONE)
 
                 a.end = end_recovery
             else:
@@ -349,21 +420,21 @@ class ControlPlane:
         elif isinstance(f, Checkstop | Deconfigure):
             card = self._card(f.card)
             event = CardEvent.CHECKSTOP if isinstance(f, Checkstop) else CardEvent.DECONFIGURE
-            emu._card_event(card, event)
+            emu.fault_card_event(card, event)
             card.on_revive.append(finished)
 
             def restore() -> None:
-                emu._card_event(card, CardEvent.RESTORE)
+                emu.fault_card_event(card, CardEvent.RESTORE)
 
             a.end = restore
         elif isinstance(f, ResetInProgress):
             q = self._queue(f.qid)
-            emu._reset_queue(q, f.duration, zeroize=False, on_end=finished)
-            a.end = lambda: emu._end_reset(q)
+            emu.fault_reset_queue(q, f.duration, on_end=finished)
+            a.end = lambda: emu.fault_end_reset(q)
         elif isinstance(f, Busy):
             q = self._queue(f.qid)
-            a.end = emu._start_busy(q, f.duration, on_end=finished)
+            a.end = emu.fault_busy(q, f.duration, on_end=finished)
         elif isinstance(f, SlowEngines):
-            a.end = emu._slow_engines(self._card(f.card), f.factor, f.duration, on_end=finished)
-        else:  # FailRequest is consumed in _mark_request, never fired
+            a.end = emu.fault_slow_engines(self._card(f.card), f.factor, f.duration, on_end=finished)
+        else:  # FailRequest is consumed in mark_request, never fired
             raise AssertionError(f"cannot fire {f!r}")

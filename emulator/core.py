@@ -298,9 +298,9 @@ class Emulator:
         if self.control.watching:
             # A FailRequest marks the message before an engine can start it; after_requests triggers
             # fire after the dispatch, so a failure "after n requests" finds the nth one held.
-            self.control._mark_request(q, msg)
+            self.control.mark_request(q, msg)
             self._dispatch(card)
-            self.control._after_accept(card)
+            self.control.after_accept(card)
         else:
             self._dispatch(card)
 
@@ -507,6 +507,31 @@ class Emulator:
         if duration is not None:
             state["timer"] = self.clock.call_later(duration, end)
         return end
+
+    # --- what the control plane may do (emulator.control.FaultTarget) ---------------------------
+
+    def find_card(self, card_id: int) -> Card | None:
+        return self._cards.get(card_id)
+
+    def fault_card_event(self, card: Card, event: CardEvent, **kw: Any) -> bool:
+        return self._card_event(card, event, **kw)
+
+    def fault_reset_queue(self, q: Queue, duration: float, *, on_end: Callable[[], None]) -> None:
+        self._reset_queue(q, duration, zeroize=False, on_end=on_end)
+
+    def fault_end_reset(self, q: Queue) -> None:
+        self._end_reset(q)
+
+    def fault_busy(self, q: Queue, duration: float, *, on_end: Callable[[], None]) -> Callable[[], None]:
+        return self._start_busy(q, duration, on_end=on_end)
+
+    def fault_slow_engines(
+        self, card: Card, factor: float, duration: float | None, *, on_end: Callable[[], None]
+    ) -> Callable[[], None]:
+        return self._slow_engines(card, factor, duration, on_end=on_end)
+
+    def flush_interrupts(self) -> None:
+        self._flush_interrupts()
 
     # --- card lifecycle (table-driven) -----------------------------------------------------------
 

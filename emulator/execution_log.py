@@ -295,6 +295,7 @@ class ExecutionLog:
         self._spill: _Spill | None = None
         self._fresh: list[_Entry] = []  # added since the last spill commit (only while spilling)
         self._flush_lock = threading.Lock()
+        self._functions: dict[tuple[int, str], int] = {}  # (qid, function) -> accepted, never evicted
 
     def __repr__(self) -> str:
         spill = f" spill={str(self._spill.path)!r}" if self._spill is not None else ""
@@ -320,6 +321,8 @@ class ExecutionLog:
             bucket.append(entry)
         if self._spill is not None:
             self._fresh.append(entry)
+        key = (qid, function)
+        self._functions[key] = self._functions.get(key, 0) + 1
         return entry
 
     def _forget(self, old: _Entry) -> None:
@@ -516,6 +519,12 @@ class ExecutionLog:
         """Total engine starts over ``psmids`` (each psmid counted as often as it ran)."""
         with self._lock:
             return sum(e.started is not None for p in psmids for e in self._by_psmid.get(p, ()))
+
+    def function_counts(self) -> dict[tuple[int, str], int]:
+        """Requests accepted per ``(qid, function)`` since the emulator was built (not bounded by the
+        ring: one counter per pair that occurred)."""
+        with self._lock:
+            return dict(self._functions)
 
     def by_outcome(self) -> dict[str, int]:
         """Counts per outcome over the entries in memory (every outcome present, zeros included)."""

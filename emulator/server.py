@@ -10,10 +10,21 @@ Data plane: one ROUTER socket (``ROUTER_MANDATORY``, ``linger=0``), one :class:`
 routing id.  Each ZeroMQ message from a client is ``[frame]`` (the ROUTER prepends the routing id); each
 reply is one frame.  Clients are DEALERs: no REQ sockets, so no EFSM after a timeout.
 
-Control plane: a second ROUTER socket.  A request is one JSON object ``{"op": NAME, "args": {...}, "id": X}``
-(``id`` optional, echoed); the answer is ``{"id": X, "ok": true, "result": ...}`` or ``{"id": X, "ok": false,
-"error": TEXT, "type": EXCEPTION_NAME}``.  ``CONTROL_OPS`` lists every op; :class:`emulator.control_client.
-ControlClient` mirrors them.
+Control plane: a second ROUTER socket.  A request is one JSON object ``{"op": NAME, "args": {...}, "id": X,
+"token": T}`` (``id`` optional, echoed); the answer is ``{"id": X, "ok": true, "result": ...}`` or ``{"id": X,
+"ok": false, "error": TEXT, "type": EXCEPTION_NAME}``.  ``CONTROL_OPS`` lists every op; :class:`emulator.
+control_client.ControlClient` mirrors them.  The control plane has its own credential, required for every
+op (``shutdown`` and the reads included): with CURVE, a key on its own allow-list (``CURVE_DIR/control``;
+the ZAP domain ``control``, while data-plane keys are in the domain ``data``); without CURVE, the token the
+server writes to an owner-only file at start (:mod:`emulator.control_client` says where and how clients
+find it).  Every argument is checked (type, finite, in its documented range, see :mod:`emulator.faults`);
+JSON's ``NaN``/``Infinity`` are refused at the door.  The execution log is read in pages (``cursor``,
+``limit``), so a read never serialises the whole log on the serving thread.
+
+Exposure and resources: both planes refuse a non-loopback address unless ``insecure=True`` (then a
+warning is logged on every start); a handshake not completed within ``handshake_ivl`` seconds is dropped
+(ZeroMQ's default is 30 s, long enough for 1,100 idle connections to exhaust the descriptors); at most
+``max_sessions`` clients hold a session, a further one is refused with ``SHUTTING_DOWN`` ("server full").
 
 Transport faults (``emu.control.transport_faults``, armed through the control plane or in process) apply
 to the frames that answer commands (RESULT, ERROR) and to INTERRUPT frames, in the server-to-client
@@ -27,10 +38,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import hmac
+import ipaddress
 import json
 import logging
+import operator
+import os
 import queue
 import random
+import secrets
 import socket
 import time
 from collections import Counter
@@ -40,11 +56,31 @@ from typing import Any
 
 import zmq
 
-from apformats.frames import DEFAULT_MAX_FRAME, HEADER_LEN, TRAILER_LEN, FrameKind, encode_bye, peek_kind
+from apformats.frames import (
+    DEFAULT_MAX_FRAME,
+    HEADER_LEN,
+    TRAILER_LEN,
+    ErrorCode,
+    FrameKind,
+    encode_bye,
+    encode_error,
+    peek_kind,
+)
 from emulator import faults as fault_types
+from emulator.control_client import token_file_for, write_token_file
+from emulator.execution_log import FIELDS, MAX_PAGE, Execution
+from emulator.faults import check_int
 from emulator.frame_server import FrameSession
 
-__all__ = ["CONTROL_OPS", "EmulatorServer", "Waker", "jsonable", "normalize_bind"]
+__all__ = [
+    "CONTROL_OPS",
+    "EmulatorServer",
+    "Waker",
+    "check_endpoint",
+    "jsonable",
+    "normalize_bind",
+    "raise_nofile_limit",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +94,11 @@ FAULT_TYPES: dict[str, type] = {
 
 #: Most data messages handled per poll round before control and interrupts get a turn.
 BATCH = 256
+#: Default cap on concurrent client sessions, and default ZMTP handshake timeout in seconds.
+MAX_SESSIONS = 256
+HANDSHAKE_IVL = 2.0
+#: Entries per execution-log page when the op is not told (``limit``).
+DEFAULT_PAGE = 1000
 
 
 class Waker:
@@ -92,10 +133,71 @@ def normalize_bind(url: str) -> str:
     return url
 
 
+def check_endpoint(url: str, *, insecure: bool = False) -> bool:
+    """Refuse an endpoint we cannot or should not bind: ``ValueError`` saying why.
+
+    ``tcp://HOST:PORT`` (port a number or ``*``) and ``ipc://PATH`` are accepted.  A tcp host must be a
+    loopback address (``127.0.0.0/8``, ``::1``, ``localhost``) unless ``insecure``; returns True when the
+    endpoint is exposed beyond this machine (the caller warns).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("tcp", "ipc"):
+        raise ValueError(f"endpoint {url!r} is not tcp://HOST:PORT or ipc://PATH")
+    if scheme == "ipc":
+        if not rest:
+            raise ValueError(f"endpoint {url!r} has no path")
+        return False
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host or not (port == "*" or (port.isdigit() and int(port) <= 65535)):
+        raise ValueError(f"endpoint {url!r} is not tcp://HOST:PORT (port a number, 0 or *)")
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        loopback = name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:  # an interface name, '*', or a host name we will not resolve to decide
+        loopback = False
+    if loopback:
+        return False
+    if not insecure:
+        raise ValueError(
+            f"refusing to bind {url}: {host} is not a loopback address (the emulator has no business on "
+            "a network; pass --insecure to bind it anyway)"
+        )
+    return True
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise this process's soft descriptor limit to its hard limit (idle connections cost one each);
+    returns the ``(soft, hard)`` limits now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number this control plane accepts (arguments must be finite)")
+
+
+_execution_row = operator.attrgetter(*FIELDS)
+
+
+def _executions(entries: list[Execution]) -> list[dict[str, Any]]:
+    """Execution records as JSON objects, fast (a page is serialised on the serving thread): every
+    field is already plain JSON data, so no generic walk is needed.  Same shape as :func:`jsonable`."""
+    return [{"type": "Execution", **dict(zip(FIELDS, _execution_row(e), strict=True))} for e in entries]
+
+
 def jsonable(obj: Any) -> Any:
     """Plain JSON data for control-plane answers: dataclasses (with their type), enums, bytes, paths."""
     if obj is None or isinstance(obj, bool | int | float | str):
         return obj
+    if isinstance(obj, list) and obj and all(type(x) is Execution for x in obj):
+        return _executions(obj)
     if isinstance(obj, enum.Enum):
         return obj.name
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -126,7 +228,10 @@ class EmulatorServer:
 
     ``domains`` limits what any client may ask for (None: all).  ``curve_dir`` enables CURVE: it holds
     ``server.key_secret`` (``zmq.auth`` certificate) and ``clients/*.key``, the allow-list of client public
-    keys; an unknown client key fails the handshake.  Sessions silent for ``session_idle`` seconds (a live
+    keys; an unknown client key fails the handshake; ``control/*.key`` is the control plane's separate
+    allow-list.  Without CURVE the control plane requires the token written at :meth:`start` to
+    ``control_token_file`` (default: :func:`~emulator.control_client.token_file_for` the bound control
+    URL), mode 0600, removed again by :meth:`close`.  Sessions silent for ``session_idle`` seconds (a live
     client pings well within that) are dropped so a vanished client's state does not accumulate.
     """
 
@@ -141,10 +246,22 @@ class EmulatorServer:
         max_frame: int = DEFAULT_MAX_FRAME,
         seed: int = 0,
         session_idle: float = 60.0,
+        insecure: bool = False,
+        control_token_file: str | Path | None = None,
+        max_sessions: int = MAX_SESSIONS,
+        handshake_ivl: float = HANDSHAKE_IVL,
     ) -> None:
         self.emu = emulator
         self.bind_url = normalize_bind(bind)
         self.control_bind_url = normalize_bind(control)
+        self.insecure = insecure
+        self.control_token_file = None if control_token_file is None else Path(control_token_file)
+        self.control_token_path: Path | None = None
+        self._token: bytes | None = None
+        self.max_sessions = check_int("max_sessions", max_sessions, 1, 1_000_000)
+        if not 0.05 <= handshake_ivl <= 60.0:
+            raise ValueError(f"handshake_ivl must be in [0.05, 60] s, got {handshake_ivl!r}")
+        self.handshake_ivl = handshake_ivl
         self.curve_dir = None if curve_dir is None else Path(curve_dir)
         self.domains = None if domains is None else frozenset(domains)
         self.max_frame = max_frame
@@ -165,34 +282,60 @@ class EmulatorServer:
             name: getattr(self, f"_op_{name}") for name in CONTROL_OPS
         }
         self._armed: list[Any] = []  # faults armed through this control plane, for the ``state`` op
+        self._server_full = encode_error(
+            0, ErrorCode.SHUTTING_DOWN, f"server full: {self.max_sessions} sessions; try again later"
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> tuple[str, str]:
-        """Create and bind the sockets; return the bound ``(data_url, control_url)``."""
+        """Check the endpoints, create and bind the sockets, write the control token; return the bound
+        ``(data_url, control_url)``.  Any failure leaves nothing open and raises at once (``ValueError``
+        for an endpoint we refuse, ``OSError`` for one the system refuses, e.g. a port in use)."""
+        exposed = [
+            url
+            for url in (self.bind_url, self.control_bind_url)
+            if check_endpoint(url, insecure=self.insecure)
+        ]
+        for url in exposed:
+            log.warning("INSECURE: %s is reachable beyond this machine (--insecure)", url)
         self._ctx = zmq.Context()
         try:
-            self._data = self._router(self.bind_url)
-            self._ctrl = self._router(self.control_bind_url)
+            self._data = self._router(self.bind_url, "data")
+            self._ctrl = self._router(self.control_bind_url, "control")
+            self.data_url = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.control_url = self._ctrl.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self.curve_dir is None:
+                self._token = secrets.token_urlsafe(32).encode()
+                path = self.control_token_file or token_file_for(self.control_url)
+                self.control_token_path = write_token_file(path, self.control_url, self._token.decode())
         except BaseException:
             self.close()
             raise
-        self.data_url = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.control_url = self._ctrl.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("serving data=%s control=%s curve=%s", self.data_url, self.control_url, bool(self.curve_dir))
         return self.data_url, self.control_url
 
-    def _router(self, url: str) -> zmq.Socket:
+    def _router(self, url: str, domain: str) -> zmq.Socket:
         assert self._ctx is not None
         sock = self._ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_frame)  # ZeroMQ drops a peer sending more
-        if self.curve_dir is not None:
-            self._setup_curve(sock)
-        sock.bind(url)
+        try:
+            sock.linger = 0
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_frame)  # ZeroMQ drops a peer sending more
+            sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.handshake_ivl * 1000))
+            if self.curve_dir is not None:
+                self._setup_curve(sock, domain)
+            try:
+                sock.bind(url)
+            except zmq.ZMQError as exc:
+                err = OSError(f"cannot bind {url}: {os.strerror(exc.errno) if exc.errno else exc}")
+                err.errno = exc.errno
+                raise err from None
+        except BaseException:
+            sock.close(linger=0)  # an unclosed socket would hang Context.term() forever
+            raise
         return sock
 
-    def _setup_curve(self, sock: zmq.Socket) -> None:
+    def _setup_curve(self, sock: zmq.Socket, domain: str) -> None:
         import zmq.auth
         from zmq.auth.thread import ThreadAuthenticator
 
@@ -200,15 +343,18 @@ class EmulatorServer:
         if not zmq.has("curve"):
             raise RuntimeError("this libzmq has no CURVE support")
         if self._auth is None:
-            clients = self.curve_dir / "clients"
-            if not clients.is_dir():
-                raise FileNotFoundError(f"CURVE allow-list directory {clients} is missing")
+            lists = {"data": self.curve_dir / "clients", "control": self.curve_dir / "control"}
+            for name, where in lists.items():
+                if not where.is_dir():
+                    raise FileNotFoundError(f"CURVE {name} allow-list directory {where} is missing (keygen)")
             self._auth = ThreadAuthenticator(self._ctx)
             self._auth.start()
-            self._auth.configure_curve(domain="*", location=str(clients))
+            for name, where in lists.items():  # separate ZAP domains: a data key cannot open the control door
+                self._auth.configure_curve(domain=name, location=str(where))
         public, secret = zmq.auth.load_certificate(self.curve_dir / "server.key_secret")
         if secret is None:
             raise ValueError(f"{self.curve_dir / 'server.key_secret'} holds no secret key")
+        sock.zap_domain = domain.encode()
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True
@@ -219,7 +365,9 @@ class EmulatorServer:
         self._waker.wake()
 
     def close(self) -> None:
-        """Close sockets, the authenticator and the context (idempotent).  The emulator is the caller's."""
+        """Close sockets, the authenticator and the context, remove the token file (idempotent).  The
+        emulator is the caller's."""
+        self._remove_token_file()
         for sock in (self._data, self._ctrl):
             if sock is not None:
                 sock.close(linger=0)
@@ -231,6 +379,16 @@ class EmulatorServer:
             self._ctx.term()
             self._ctx = None
         self._waker.close()
+
+    def _remove_token_file(self) -> None:
+        """Remove our token file, unless another server has since written its own there."""
+        path, token = self.control_token_path, self._token
+        self.control_token_path = None
+        if path is None or token is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("token") == token.decode():
+                path.unlink()
 
     # -- the loop ----------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -287,6 +445,10 @@ class EmulatorServer:
             ident = parts[0]
             peer = self._peers.get(ident)
             if peer is None:
+                if len(self._peers) >= self.max_sessions:
+                    self.stats["sessions_refused"] += 1
+                    out.append((ident, self._server_full))
+                    continue
                 peer = self._peers[ident] = _Peer(ident, self._new_session(ident))
                 self.stats["sessions_opened"] += 1
             peer.last_seen = time.monotonic()
@@ -385,10 +547,13 @@ class EmulatorServer:
     def _control(self, payload: bytes) -> dict[str, Any]:
         req_id = None
         try:
-            req = json.loads(payload)
+            req = json.loads(payload, parse_constant=_refuse_constant)
             if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-                raise ValueError('a control request is {"op": NAME, "args": {...}}')
+                raise ValueError('a control request is {"op": NAME, "args": {...}, "token": T}')
             req_id = req.get("id")
+            if not isinstance(req_id, int | str | None):
+                req_id = None
+            self._authorise(req.get("token"))
             args = req.get("args") or {}
             if not isinstance(args, dict):
                 raise ValueError("args must be an object")
@@ -404,6 +569,18 @@ class EmulatorServer:
             log.info("control request failed: %s", exc)
             return {"id": req_id, "ok": False, "error": str(exc), "type": type(exc).__name__}
 
+    def _authorise(self, token: object) -> None:
+        """Without CURVE, the token is the credential (CURVE's own allow-list already vetted the peer)."""
+        if self._token is None:
+            return
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token):
+            self.stats["control_refused"] += 1
+            raise PermissionError(
+                "the control plane needs its credential: the token from the file this server wrote at "
+                "start (its log and READY line name it; ControlClient and 'apcrypto-emulator control' "
+                "find it by themselves)"
+            )
+
     # card and queue faults: straight to emu.control
     def _op_machine_failure(self, card: int, recovery_time: float | None = None, **trigger: Any) -> Any:
         return self.emu.control.machine_failure(card, recovery_time, **trigger)
@@ -415,7 +592,7 @@ class EmulatorServer:
         return self.emu.control.deconfigure(card, **trigger)
 
     def _op_restore(self, card: int) -> Any:
-        return self.emu.control.restore(card)
+        return self.emu.control.restore(check_int("card", card, 0, 255))
 
     def _op_reset_in_progress(self, qid: int, duration: float, **trigger: Any) -> Any:
         return self.emu.control.reset_in_progress(qid, duration, **trigger)
@@ -458,9 +635,29 @@ class EmulatorServer:
         raise KeyError(f"no fault {want} was armed through this control plane")
 
     # observation
-    def _op_execution_log(self, psmid: int | None = None) -> Any:
+    def _op_execution_log(
+        self, psmid: int | None = None, cursor: int | None = None, limit: int | None = None
+    ) -> Any:
+        """One psmid's entries (a list); a page (``cursor``/``limit``: a dict, see ``LogPage``); or, with
+        neither, every entry held, if that fits in one page (else an error that says to page)."""
         log_ = self.emu.execution_log
-        return log_.entries() if psmid is None else log_.for_psmid(psmid)
+        if psmid is not None:
+            return log_.for_psmid(check_int("psmid", psmid, 0, (1 << 64) - 1))
+        if cursor is None and limit is None:
+            if len(log_) > MAX_PAGE:
+                raise ValueError(
+                    f"the log holds {len(log_)} entries, more than one page ({MAX_PAGE}): "
+                    "read it in pages (cursor=, limit=)"
+                )
+            return log_.entries()
+        page = log_.page(0 if cursor is None else cursor, DEFAULT_PAGE if limit is None else limit)
+        return {
+            "entries": _executions(page.entries),
+            "next": page.next,
+            "oldest": page.oldest,
+            "end": page.end,
+            "missed": page.missed,
+        }
 
     def _op_now(self) -> float:
         return float(self.emu.clock.now())
@@ -468,19 +665,44 @@ class EmulatorServer:
     _op_clock = _op_now
 
     def _op_stats(self) -> dict[str, Any]:
+        """Card-side counters, cheap (no log walk; one snapshot under the emulator lock).
+
+        ``{"emulator": {"type": "EmulatorStats", "time", "elapsed", "functions": {FN: n}, "cards": [
+        {"card", "name", "type", "mode", "state", "engines", "engines_busy", "requests", "held",
+        "busy_time", "utilisation", "functions": {FN: n}}], "queues": [{"qid", "name", "card",
+        "domain", "usage", "state", "irq_enabled", "requests", "held", "slots", "waiting", "running",
+        "replies", "stored", "functions": {FN: n}}]}, "utilisation", "server": {COUNTER: n},
+        "sessions", "max_sessions", "clock": {"running", "errors"}, "execution_log": {"held",
+        "capacity", "oldest", "end", "spill"}}``; ``functions`` count accepted requests per function
+        name (``MEX_2K``, ``CPRB:CI``, ...).
+        """
         emu_stats = self.emu.stats()
+        log_ = self.emu.execution_log
+        clock = self.emu.clock
         return {
             "emulator": jsonable(emu_stats),
             "utilisation": getattr(emu_stats, "utilisation", None),
             "server": dict(self.stats),
             "sessions": len(self._peers),
+            "max_sessions": self.max_sessions,
+            "clock": {
+                "running": bool(getattr(clock, "running", True)),
+                "errors": int(getattr(clock, "error_count", 0)),
+            },
+            "execution_log": {
+                "held": len(log_),
+                "capacity": log_.capacity,
+                "oldest": log_.oldest,
+                "end": log_.end,
+                "spill": None if log_.spill_path is None else str(log_.spill_path),
+            },
         }
 
     def _op_qids(self) -> list[int]:
         return list(self.emu.qids())
 
     def _op_card_state(self, card: int) -> Any:
-        return self.emu.card_state(card)
+        return self.emu.card_state(check_int("card", card, 0, 255))
 
     def _op_sessions(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -506,6 +728,13 @@ class EmulatorServer:
 
     def _op_disconnect(self, client: str | None = None) -> int:
         """Drop one client (routing id hex, from ``sessions``) or every client now; returns how many."""
+        if client is not None and (not isinstance(client, str) or len(client) > 512):
+            raise ValueError("client must be a routing id in hex (from the sessions op)")
+        if client is not None:
+            try:
+                bytes.fromhex(client)
+            except ValueError:
+                raise ValueError("client must be a routing id in hex (from the sessions op)") from None
         return self._disconnect(client, "disconnected by the control plane")
 
     def _op_transport_faults(self) -> dict[str, int]:

@@ -7,7 +7,7 @@ on its clock, so on a :class:`~emulator.clock.VirtualClock` it is exact and repe
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from apformats.results import qid_str
@@ -35,6 +35,7 @@ class QueueStats:
     running: int
     replies: int  # available to DQAP
     stored: int  # machine-failure replies held until recovery completes
+    functions: dict[str, int] = field(default_factory=dict)  # NQAPs accepted per function name
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class CardStats:
     held: int
     busy_time: float  # engine-seconds spent on requests
     utilisation: float  # busy_time / (engines x elapsed), 0 when no time has passed
+    functions: dict[str, int] = field(default_factory=dict)  # NQAPs accepted per function name
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,7 @@ class EmulatorStats:
     elapsed: float
     cards: tuple[CardStats, ...]
     queues: tuple[QueueStats, ...]
+    functions: dict[str, int] = field(default_factory=dict)  # NQAPs accepted per function, all cards
 
     @property
     def utilisation(self) -> float:
@@ -103,6 +106,16 @@ class EmulatorStats:
 def collect_stats(emu: Emulator, cards: Iterable[Card], now: float, t0: float) -> EmulatorStats:
     """Snapshot (called under the emulator lock)."""
     elapsed = now - t0
+    per_queue: dict[int, dict[str, int]] = {}
+    per_card: dict[int, dict[str, int]] = {}
+    overall: dict[str, int] = {}
+    for (qid, function), n in emu.execution_log.function_counts().items():
+        for bucket in (
+            per_queue.setdefault(qid, {}),
+            per_card.setdefault((qid >> 8) & 0xFF, {}),
+            overall,
+        ):
+            bucket[function] = bucket.get(function, 0) + n
     card_stats: list[CardStats] = []
     queue_stats: list[QueueStats] = []
     for card in cards:
@@ -127,6 +140,7 @@ def collect_stats(emu: Emulator, cards: Iterable[Card], now: float, t0: float) -
                 held=card.held,
                 busy_time=busy,
                 utilisation=busy / (n * elapsed) if elapsed > 0 else 0.0,
+                functions=per_card.get(card.id, {}),
             )
         )
         for q in card.queues.values():
@@ -146,6 +160,9 @@ def collect_stats(emu: Emulator, cards: Iterable[Card], now: float, t0: float) -
                     running=len(q.running),
                     replies=len(q.replies),
                     stored=len(q.stored),
+                    functions=per_queue.get(q.qid, {}),
                 )
             )
-    return EmulatorStats(time=now, elapsed=elapsed, cards=tuple(card_stats), queues=tuple(queue_stats))
+    return EmulatorStats(
+        time=now, elapsed=elapsed, cards=tuple(card_stats), queues=tuple(queue_stats), functions=overall
+    )

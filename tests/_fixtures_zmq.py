@@ -2,17 +2,27 @@
 
 Every server process is terminated and waited for in teardown, and a server that was not killed on
 purpose must exit 0 after SIGTERM (the clean-stop contract).  Waits are bounded polls, never sleeps.
+
+The control plane needs its credential: each server writes its control token to an owner-only file in
+the runtime directory, which for a test run is a private temporary one (``$APCRYPTO_RUNTIME_DIR``, set
+here when this module is imported, inherited by every server and CLI the tests start), so a plain
+``ControlClient(srv.control)`` finds it by itself as an operator's would; :meth:`ServerProcess.
+control_client` passes the file named on the READY line explicitly (tests for a CURVE server pass their
+certificate instead).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import random
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +39,11 @@ from emulator.control_client import ControlClient
 ROOT = Path(__file__).resolve().parent.parent
 E = 65537
 
+if not os.environ.get("APCRYPTO_RUNTIME_DIR"):  # token files of this test run's servers, not ~/.local
+    _RUNTIME = tempfile.mkdtemp(prefix="apcrypto-runtime-")
+    os.environ["APCRYPTO_RUNTIME_DIR"] = _RUNTIME
+    atexit.register(shutil.rmtree, _RUNTIME, True)
+
 
 @dataclass
 class ServerProcess:
@@ -40,8 +55,13 @@ class ServerProcess:
     log: Path
     killed: bool = False
     clients: list[ControlClient] = field(default_factory=list)
+    token_file: Path | None = None
 
     def control_client(self, **kw: Any) -> ControlClient:
+        """A control client with this server's credential (its token file, unless ``kw`` has CURVE keys
+        or a token of its own)."""
+        if self.token_file is not None and not {"curve_server_key", "token", "token_file"} & set(kw):
+            kw["token_file"] = self.token_file
         c = ControlClient(self.control, **kw)
         self.clients.append(c)
         return c
@@ -81,10 +101,24 @@ class ServerProcess:
         assert rc == 0, f"server exited {rc} after SIGTERM; log:\n{self.log.read_text()}"
 
 
-def start_server(*args: str, log_dir: Path, ready_timeout: float = 30.0) -> ServerProcess:
-    """Start ``python -m emulator serve ARGS`` on free loopback ports and wait for its READY line."""
+def start_server(
+    *args: str,
+    log_dir: Path,
+    ready_timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    nofile: int | None = None,
+    token_in_log_dir: bool = False,
+) -> ServerProcess:
+    """Start ``python -m emulator serve ARGS`` on free loopback ports and wait for its READY line.
+
+    ``env`` adds environment variables; ``nofile`` starts the process with that soft descriptor limit
+    (as a default Linux login has 1024), so a test sees what the server does about it.  The control
+    token goes to the runtime directory (the server's default), or to a file in ``log_dir`` with
+    ``token_in_log_dir``.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"server-{time.monotonic_ns()}.log"
+    stamp = time.monotonic_ns()
+    log = log_dir / f"server-{stamp}.log"
     cmd = [
         sys.executable,
         "-m",
@@ -95,10 +129,25 @@ def start_server(*args: str, log_dir: Path, ready_timeout: float = 30.0) -> Serv
         "--control",
         "tcp://127.0.0.1:0",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if token_in_log_dir and "--control-token-file" not in args and "--curve-dir" not in args:
+        cmd += ["--control-token-file", str(log_dir / f"control-{stamp}.token")]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+
+    def limit() -> None:  # runs in the child between fork and exec
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+
     with log.open("w") as err:
         proc = subprocess.Popen(
-            [*cmd, *args], stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, env=env
+            [*cmd, *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            cwd=ROOT,
+            env=full_env,
+            preexec_fn=limit if nofile is not None else None,  # only setrlimit, no threads
         )
     assert proc.stdout is not None
     try:
@@ -109,7 +158,10 @@ def start_server(*args: str, log_dir: Path, ready_timeout: float = 30.0) -> Serv
             line = proc.stdout.readline().strip()
         fields = dict(item.split("=", 1) for item in line.split()[1:])
         assert line.startswith("READY "), line
-        return ServerProcess(proc, fields["data"], fields["control"], log)
+        token = fields.get("token_file")
+        return ServerProcess(
+            proc, fields["data"], fields["control"], log, token_file=Path(token) if token else None
+        )
     except BaseException:
         proc.kill()
         proc.wait(10)
@@ -130,11 +182,12 @@ def zmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Start private servers (for tests that kill, stop or reconfigure them); all stopped in teardown."""
+    """Start private servers (for tests that kill, stop or reconfigure them); all stopped in teardown.
+    Keyword arguments go to :func:`start_server` (``env=``, ``nofile=``)."""
     started: list[ServerProcess] = []
 
-    def start(*args: str) -> ServerProcess:
-        srv = start_server(*args, log_dir=tmp_path)
+    def start(*args: str, **kw: Any) -> ServerProcess:
+        srv = start_server(*args, log_dir=tmp_path, **kw)
         started.append(srv)
         return srv
 
@@ -152,7 +205,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 @pytest.fixture
 def control(zmq_server: ServerProcess) -> Iterator[ControlClient]:
     """A control client for the shared server; heals every fault afterwards so tests stay independent."""
-    with ControlClient(zmq_server.control, timeout=5.0) as c:
+    with zmq_server.control_client(timeout=5.0) as c:
         yield c
         c.clear()
 

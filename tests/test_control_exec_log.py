@@ -200,3 +200,18 @@ def test_what_a_client_was_told_is_on_disk_after_a_sigkill(server_factory, tmp_p
     assert set(rows) == set(received)
     assert all(e.outcome == "completed" and e.ran and e.dequeued is not None for e in rows.values())
     assert [r.pid for r in read_spill_runs(db)] == [srv.proc.pid]
+
+
+def test_the_fast_json_of_a_log_page_matches_the_generic_one() -> None:
+    """Pages are serialised on the serving thread by a fast path; it must say what the generic
+    dataclass walk says (field names, values, the type tag), for every outcome and a 64-bit psmid."""
+    from emulator.server import _executions
+
+    emu = twin(None)
+    run_all(emu, [1, 2, (1 << 64) - 1])
+    fill(emu, Q00, [9])  # still running or queued: None fields
+    entries = emu.execution_log.entries()
+    generic = [
+        {"type": "Execution", **{f.name: getattr(e, f.name) for f in dataclasses.fields(e)}} for e in entries
+    ]
+    assert _executions(entries) == generic

@@ -69,10 +69,11 @@ def test_kernel_shape_of_the_table() -> None:
     assert TABLE[QState.WORKING][QEvent.TIMEOUT] == "read_write"
     assert TABLE[QState.QUEUE_FULL][QEvent.TIMEOUT] == "read"
     # our additions: recovery-wait drains (never resets: that would drop the stored replies) and
-    # an offline queue is re-probed by its timer, never by new work
+    # an offline queue is re-probed by its timer, never by new work; a kick (the end of a control
+    # instruction that made the timer skip its TAPQ) only pays the re-probe the timer owed
     assert "reset" not in TABLE[QState.RECOVERY_WAIT][QEvent.KICK]
     assert "reset" not in TABLE[QState.RECOVERY_WAIT][QEvent.TIMEOUT]
-    assert TABLE[QState.OFFLINE][QEvent.KICK] == "nop"
+    assert TABLE[QState.OFFLINE][QEvent.KICK] == "reprobe_if_due"
     assert TABLE[QState.OFFLINE][QEvent.TIMEOUT] == "reprobe"
 
 

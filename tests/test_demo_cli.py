@@ -57,7 +57,7 @@ def _figures(text: str) -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize(("seed", "requests"), [(1, 1), (2, 2), (3, 3), (4, 5), (5, 7), (6, 10), (7, 40)])
+@pytest.mark.parametrize(("seed", "requests"), [(1, 1), (2, 3), (6, 10), (7, 40)])
 def test_small_demos_never_crash_and_every_figure_adds_up(seed: int, requests: int) -> None:
     """Small runs are where the old wait crashed (StopIteration) and the figures went wrong."""
     rc, text = _demo(seed=seed, requests=requests)
@@ -125,19 +125,27 @@ def test_ordinals() -> None:
 
 @pytest.mark.soak
 @pytest.mark.timeout(3000)
-def test_soak_200_default_demos_and_200_small_ones() -> None:
-    """The issue's bar: 200 consecutive default runs and 200 with 1-10 requests, 0 failures."""
+def test_soak_200_default_demos() -> None:
+    """The issue's bar: 200 consecutive default runs (3,000 requests each), 0 failures."""
     failures = []
     for i in range(200):
         rc, text = _demo(seed=1000 + i)
-        if rc != 0:
-            failures.append(("default", 1000 + i, text))
-    for i in range(200):
-        requests = 1 + i % 10
-        rc, text = _demo(seed=2000 + i, requests=requests)
         f = _figures(text)
         if rc != 0 or f["progress_ms"] != f["summary_ms"]:
-            failures.append(("small", 2000 + i, text))
+            failures.append((1000 + i, text))
+    assert not failures, failures[:3]
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(1500)
+def test_soak_200_small_demos() -> None:
+    """200 runs with 1-10 requests (where the old wait crashed in 20-40 % of runs), 0 failures."""
+    failures = []
+    for i in range(200):
+        rc, text = _demo(seed=2000 + i, requests=1 + i % 10)
+        f = _figures(text)
+        if rc != 0 or f["progress_ms"] != f["summary_ms"] or f["negatives"]:
+            failures.append((2000 + i, text))
     assert not failures, failures[:3]
 
 

@@ -141,3 +141,42 @@ def test_emulator_leaves_a_callers_running_wall_clock_alone() -> None:
         emu = Emulator("small", clock=clock)
         emu.close()
         assert clock.running
+
+
+def test_wallclock_survives_a_deadline_further_than_the_os_can_wait() -> None:
+    """A timer ~1e10 s out used to raise OverflowError in the pump's wait and kill the thread: every
+    later callback (every request completion) then never ran."""
+    done = threading.Event()
+    with WallClock() as clock:
+        far = clock.call_at(1e10, lambda: None)
+        clock.call_at(1e12, lambda: None)
+        assert not done.wait(0.05)  # let the pump start waiting for the far deadline
+        clock.call_later(0.001, done.set)
+        assert done.wait(5.0), "the pump thread died"
+        assert clock.running and clock.error_count == 0
+        far.cancel()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_times_are_refused_by_both_clocks(bad: float) -> None:
+    virtual = VirtualClock()
+    with WallClock() as wall:
+        for clock in (virtual, wall):
+            with pytest.raises(ValueError, match="finite"):
+                clock.call_at(bad, lambda: None)
+            with pytest.raises(ValueError, match="finite"):
+                clock.call_later(bad, lambda: None)
+        assert wall.next_deadline() is None and virtual.next_deadline() is None
+    with pytest.raises(ValueError, match="finite"):
+        virtual.run_until(bad)
+
+
+def test_wallclock_keeps_a_bounded_record_of_failures() -> None:
+    done = threading.Event()
+    clock = WallClock()
+    for _ in range(250):
+        clock.call_later(0.0, lambda: 1 / 0)
+    clock.call_later(0.0, done.set)
+    with clock:
+        assert done.wait(5.0)
+    assert clock.error_count == 250 and len(clock.errors) == 100

@@ -3,6 +3,8 @@ checkstop, deconfigure, reset in progress, busy, failing requests, slow engines,
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from apformats.codes import NO_PENDING_REPLY, MachineFailureState, ReplyCode, ResponseCode
@@ -427,6 +429,62 @@ def test_bad_faults_are_refused(small: Emulator) -> None:
     assert c.faults() == []
 
 
+#: The inputs of issue 9 that used to stop the emulator for good (a timer ~1e10 s out killed the wall
+#: clock's pump thread), and their neighbours: each is refused, naming the field.
+OVERFLOWS = [
+    ("busy", (Q00,), {"duration": 1e10}, "duration"),
+    ("busy", (Q00, 1.0), {"at": 1e10}, "at"),
+    ("machine_failure", (0,), {"recovery_time": 1e10}, "recovery_time"),
+    ("slow_engines", (0,), {"factor": 1e15}, "factor"),
+    ("checkstop", (0,), {"at": float("inf")}, "at"),
+    ("checkstop", (0,), {"at": float("nan")}, "at"),
+    ("checkstop", (0,), {"at": -1.0}, "at"),
+    ("reset_in_progress", (Q00,), {"duration": float("inf")}, "duration"),
+    ("slow_engines", (0, 2.0), {"duration": float("nan")}, "duration"),
+    ("slow_engines", (0,), {"factor": float("inf")}, "factor"),
+    ("checkstop", (0,), {"after_requests": 10**12}, "after_requests"),
+    ("checkstop", (True,), {}, "card"),
+    ("checkstop", (1.0,), {}, "card"),
+    ("busy", (Q00, "1"), {}, "duration"),
+    ("fail_request", (0x82,), {"nth": 10**12}, "nth"),
+    ("fail_request", (0x82,), {"probability": float("nan")}, "probability"),
+    ("fail_request", (0x82, -1), {}, "qid"),
+]
+
+
+@pytest.mark.parametrize(("op", "args", "kw", "field"), OVERFLOWS, ids=[f"{o[0]}-{o[3]}" for o in OVERFLOWS])
+def test_out_of_range_inputs_are_refused_and_the_clock_lives_on(
+    op: str, args: tuple, kw: dict, field: str
+) -> None:
+    with Emulator("small", clock="wall", seed=1) as emu:
+        with pytest.raises(ValueError, match=field):
+            getattr(emu.control, op)(*args, **kw)
+        assert emu.control.faults() == []
+        done = threading.Event()
+        emu.aqic(Q01, True, lambda qid: done.set())
+        assert fill(emu, Q01, [5]) == [RC.NORMAL]
+        assert done.wait(5.0), "no request completes any more"
+        assert emu.dqap(Q01).psmid == 5
+        assert emu.clock.running  # type: ignore[union-attr]
+
+
+def test_the_largest_accepted_values_arm_and_clear() -> None:
+    """The documented maxima are accepted, and a wall clock holding such a timer keeps serving."""
+    from emulator.faults import MAX_AT, MAX_DURATION, MAX_FACTOR
+
+    with Emulator("small", clock="wall", seed=1) as emu:
+        emu.control.busy(Q00, MAX_DURATION, at=MAX_AT)
+        emu.control.slow_engines(1, MAX_FACTOR, MAX_DURATION, at=MAX_AT)
+        emu.control.machine_failure(1, recovery_time=MAX_DURATION, at=MAX_AT)
+        assert len(emu.control.faults()) == 3
+        done = threading.Event()
+        emu.aqic(Q01, True, lambda qid: done.set())
+        fill(emu, Q01, [6])
+        assert done.wait(5.0)
+        emu.control.clear()
+        assert emu.control.faults() == []
+
+
 def test_inject_takes_fault_objects(small: Emulator) -> None:
     for f in (
         Busy(qid=Q00, duration=0.1),
@@ -448,8 +506,9 @@ def test_transport_faults_are_a_plain_holder(small: Emulator) -> None:
     assert [tf.take_drop() for _ in range(3)] == [True, True, False]
     assert tf.take_corrupt() and not tf.take_corrupt()
     assert tf.take_disconnect() and not tf.take_disconnect()
-    with pytest.raises(ValueError):
-        tf.drop_frames(-1)
+    for bad in (-1, 10**7, 1.0, True):
+        with pytest.raises(ValueError):
+            tf.drop_frames(bad)  # type: ignore[arg-type]
     fill(small, Q00, [1])  # the card model ignores them
     small.clock.run_until_idle()
     assert len(drain(small, Q00)) == 1

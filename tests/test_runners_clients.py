@@ -387,3 +387,37 @@ def test_asyncio_client_on_a_virtual_clock_comes_up_while_idle() -> None:
 
     ready, states = asyncio.run(main())
     assert ready and states == {"idle"}
+
+
+# --- psmids -----------------------------------------------------------------------------------
+
+
+def test_psmids_carry_a_random_nonce_not_the_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each client's psmids start from a nonce drawn from ``secrets`` (high 32 bits), never the pid;
+    two clients of one process get different nonces and every psmid a client uses is unique."""
+    import apcrypto.client as client_mod
+
+    drawn: list[int] = []
+
+    def randbits(k: int) -> int:
+        assert k == 32
+        drawn.append(0xC0FFEE00 + len(drawn))
+        return drawn[-1]
+
+    monkeypatch.setattr(client_mod.secrets, "randbits", randbits)
+    emu = Emulator("small", seed=3)
+    with (
+        apcrypto.connect("emu:", emulator=emu, config="fast") as c1,
+        apcrypto.connect("emu:", emulator=emu, config="fast") as c2,
+    ):
+        futs = [c.mod_expo(b"\x02", E, K.n) for c in (c1, c2) for _ in range(20)]
+        for f in futs:
+            f.result(timeout=30)
+        mine = [{a.psmid for r in c.core.ledger.records.values() for a in r.attempts} for c in (c1, c2)]
+    assert drawn == [0xC0FFEE00, 0xC0FFEE01]
+    for nonce, psmids in zip(drawn, mine, strict=True):
+        assert psmids and all(p >> 32 == nonce for p in psmids)
+    assert not mine[0] & mine[1]
+    # without the patch the nonce is random: two fresh bases differ (2**-32 chance of a false fail)
+    monkeypatch.undo()
+    assert client_mod.new_psmid_base() != client_mod.new_psmid_base()

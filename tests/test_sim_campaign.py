@@ -41,11 +41,10 @@ from tests._fixtures_driver import E, Key, crt_request, expected_me, key, me_req
 from tests.oracle import Outcome, PlannedFault, Topology, WireTap, Work, judge, outcome_of
 
 SEEDS = range(500)
-#: Driver bugs the oracle excuses (each only in its exact shape, see ``tests/oracle.py``) until the
-#: driver core rebuild of issue 8 §1 fixes them.  Without ``deadline-after-redrive`` seeds 15, 295,
-#: 347, 359, 460 and 463 fail; without ``redrive-into-recovering-queue`` seeds 98, 119, 162, 163,
-#: 165, 215, 232, 235, 262, 281, 325, 359, 364, 370, 377 and 497 do.  Remove each when fixed.
-KNOWN_DRIVER_BUGS = frozenset({"deadline-after-redrive", "redrive-into-recovering-queue"})
+#: Driver bugs the oracle excuses (each only in its exact shape, see ``tests/oracle.py``).  Empty:
+#: ``deadline-after-redrive`` and ``redrive-into-recovering-queue`` were fixed in the driver core
+#: (issue 8 §1); the oracle still knows their shapes so a regression can be named, not excused.
+KNOWN_DRIVER_BUGS: frozenset[str] = frozenset()
 MAX_REDRIVES = FAST.max_redrives
 SOAK_SEEDS = range(10_000, 20_000)
 SOAK_SCALE = 3  # soak workloads are this many times larger

@@ -719,3 +719,74 @@ def test_shutdown_resolves_what_is_left(small) -> None:
     sim.shutdown()
     assert all(f.done() for f in futs)
     assert sim.core.ledger.in_flight() == []
+
+
+# --- liveness: every request ends, and the first promise (defects of issue 8 §1) ------------------
+
+
+def one_cca_card_one_engine(seed: int = 5) -> tuple[Emulator, SimRunner]:
+    """One CCA card with a single engine and two usage domains: the issue's small case."""
+    p = exact_profile("default")
+    ct = replace(p.card_types["CEX8C"], engines=1)
+    card = replace(p.card(2), type=ct, usage_domains=(0, 1), control_domains=())
+    return make_sim(replace(p, cards=(card,)), seed=seed)
+
+
+@pytest.mark.parametrize("n_before", [2, 3])
+def test_machine_failure_pending_work_is_redriven_into_a_queue_really_in_service(n_before: int) -> None:
+    """A machine failure after ``n_before`` requests on one single-engine CCA card with two domains:
+    the request-pending increments are re-driven exactly once, never into the failing card's other
+    domain while it is going down, never into the batch that resets a queue; they complete, and
+    ran exactly once.  (They used to be re-driven before the queue was marked recovering, land on
+    the other domain, start, and be thrown away by a reset: Indeterminate for work that never ran.)"""
+    emu, sim = one_cca_card_one_engine()
+    emu.control.machine_failure(2, recovery_time=0.02, after_requests=n_before)
+    futs = [sim.submit(CounterIncrement(1)) for _ in range(n_before)]
+    sim.run_until_settled(futs, max_time=10.0)
+    futs += [sim.submit(CounterIncrement(1)) for _ in range(4)]  # and the card serves again
+    sim.run_until_settled(futs, max_time=10.0)
+    log = emu.execution_log
+    recs = sim.core.ledger.records
+    pending = [
+        r
+        for r in recs.values()
+        if any(e.outcome == "pending-failed" for a in r.attempts for e in log.for_psmid(a.psmid))
+    ]
+    assert pending, "the scenario must have request-pending work"
+    for rec in pending:
+        assert rec.outcome is Outcome.COMPLETED, (rec, [log.for_psmid(a.psmid) for a in rec.attempts])
+        assert rec.redrives == 1
+        assert sum(log.starts(a.psmid) for a in rec.attempts) == 1  # ran exactly once
+    for f in futs:  # in-process ones are indeterminate (state-changing); nothing else fails
+        assert f.exception() is None or isinstance(f.exception(), Indeterminate), f.exception()
+    assert not [e for e in log.entries() if e.outcome == "discarded" and e.started is not None]
+    check_verdicts(sim, emu)
+    run_until(sim, lambda: all_in_service(sim))
+    sim.shutdown()
+
+
+def test_work_waits_at_most_the_grace_while_every_queue_of_its_kind_recovers(small) -> None:
+    """Both accelerators in a machine-failure recovery longer than the grace: work submitted then
+    ends DeviceUnavailable when the grace is up (not when the recovery limit takes the queues
+    offline), and new work is served once the cards are back."""
+    emu, sim = small
+    grace = sim.core.cfg.unavailable_grace
+    emu.control.machine_failure(0, recovery_time=1.8)
+    emu.control.machine_failure(1, recovery_time=1.8)
+    # every NQAP is answered BUSY: each queue in turn enters recovery-wait, the work goes back
+    futs = [sim.submit(me_request(i + 2, K2)) for i in range(8)]
+    assert not any(s.in_service for s in states(sim).values())
+    assert not any(f.done() for f in futs)
+    t_parked = sim.now()
+    late = sim.submit(me_request(9, K2))
+    sim.run_until_settled([late], max_time=5.0)
+    err = late.exception()
+    assert isinstance(err, DeviceUnavailable) and "came back into service" in str(err), err
+    assert sim.now() == pytest.approx(t_parked + grace)
+    sim.run_until_settled(futs, max_time=5.0)
+    run_until(sim, lambda: all_in_service(sim))
+    again = sim.submit(me_request(9, K2))
+    sim.run_until_settled([again])
+    assert again.result() == expected_me(9, K2)
+    assert sim.core.stats()["in_flight"] == 0
+    check_verdicts(sim, emu)

@@ -30,7 +30,7 @@ from apformats.frames import (
 )
 from apformats.results import Instr, qid_of
 from emulator.cli import main as cli_main
-from emulator.control_client import ControlClient, ControlError, curve_options
+from emulator.control_client import ControlClient, ControlError, control_options, curve_options
 from emulator.server import CONTROL_OPS
 from tests._fixtures_zmq import ServerProcess, collect, control, server_factory, zmq_server
 
@@ -153,15 +153,28 @@ def test_control_client_times_out_without_a_server() -> None:
 
 
 def test_cli_control_and_keygen(
-    zmq_server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    zmq_server: ServerProcess,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert cli_main(["control", zmq_server.control, "ping"]) == 0
+    token = ["--token-file", str(zmq_server.token_file)]
+    assert cli_main(["control", zmq_server.control, "ping", *token]) == 0
     assert json.loads(capsys.readouterr().out) == "pong"
-    assert cli_main(["control", zmq_server.control, "busy", f"qid={Q11}"]) == 1
+    assert cli_main(["control", zmq_server.control, "busy", f"qid={Q11}", *token]) == 1
     assert "missing" in capsys.readouterr().err
-    assert cli_main(["control", zmq_server.control, "clear"]) == 0
+    assert cli_main(["control", zmq_server.control, "clear", *token]) == 0
+    capsys.readouterr()
+    assert cli_main(["control", zmq_server.control, "execution_log", *token]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out), list)
+    assert cli_main(["control", zmq_server.control, "ping"]) == 0  # found in the runtime dir
+    capsys.readouterr()
+    monkeypatch.setenv("APCRYPTO_CONTROL_TOKEN", "guess")
+    assert cli_main(["control", zmq_server.control, "ping"]) == 1  # a wrong credential: refused
+    assert "credential" in capsys.readouterr().err
     assert cli_main(["keygen", str(tmp_path / "keys"), "--client", "a", "--client", "b"]) == 0
     assert sorted(p.name for p in (tmp_path / "keys" / "clients").iterdir()) == ["a.key", "b.key"]
+    assert sorted(p.name for p in (tmp_path / "keys" / "control").iterdir()) == ["control.key"]
     assert set(curve_options(tmp_path / "keys", "a")) == {"curve_server_key", "curve_keypair"}
 
 
@@ -238,8 +251,10 @@ def test_curve_allows_listed_keys_and_refuses_others(
     with open_transport(srv.data, **allowed) as t:
         t.submit([Command(1, Instr.TAPQ, Q00)])
         assert collect(t, lambda evs: bool(evs))[0].result.status.rc == RC.NORMAL
-    with ControlClient(srv.control, **allowed) as c:
+    with ControlClient(srv.control, **control_options(keys)) as c:
         assert c.ping() == "pong"
+    with ControlClient(srv.control, timeout=0.5, **allowed) as c, pytest.raises(TimeoutError):
+        c.ping()  # a data-plane key does not open the control door
     stranger = {"curve_server_key": allowed["curve_server_key"], "curve_keypair": zmq.curve_keypair()}
     for options in (stranger, {}):  # an unlisted key; no CURVE at all
         started = time.monotonic()

@@ -297,3 +297,28 @@ def test_backoff_doubles_to_its_cap_with_bounded_jitter() -> None:
     for bad in ({"first": 0.0, "cap": 1.0}, {"first": 0.1, "cap": 1.0, "jitter": 1.0}):
         with pytest.raises(ValueError):
             Backoff(**bad)  # type: ignore[arg-type]
+
+
+def test_give_up_after_makes_the_loss_final(server_factory: Callable[..., ServerProcess]) -> None:
+    """Only a caller who asks for it gets a transport that stops trying."""
+    srv = server_factory("--profile", "small")
+    opts = {"peer_deadline": 0.3, "give_up_after": 0.8, "reconnect_delay": 0.05, "reconnect_delay_max": 0.1}
+    with open_transport(srv.data, timeout=1.0, **opts) as t:
+        assert isinstance(t, ZmqTransport)
+        srv.kill()
+        killed = time.monotonic()
+        evs = collect(t, lambda evs: any(isinstance(e, TransportLost) and e.permanent for e in evs), 5)
+        assert t.state == "gone"  # past peer_deadline, still knocking
+        deadline = time.monotonic() + 5
+        while t.state != "lost":
+            assert time.monotonic() < deadline, "the transport never gave up"
+            evs += t.poll(0.05)
+        assert time.monotonic() - killed >= 0.8 - 0.05
+        server_factory("--profile", "small", "--bind", srv.data)
+        handshakes = t.counters["handshakes"]
+        evs += t.poll(0.5)  # several back-off periods: nobody knocks any more
+        assert t.state == "lost" and t.counters["handshakes"] == handshakes
+        assert not any(isinstance(e, PeerRestored) for e in evs)
+        t.submit([Command(1, Instr.TAPQ, Q00)])
+        (bounced,) = collect(t, bool, 1)
+        assert isinstance(bounced, TransportLost) and bounced.permanent and bounced.unsent == (1,)

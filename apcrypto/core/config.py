@@ -28,6 +28,10 @@ class DriverConfig:
     use_interrupts: bool = True
     health_probe: bool = True  # known-answer request before a queue (re-)enters service
     backlog_limit: int = 100_000  # host-side queue bound per client
+    # Work that cannot be placed because no queue of its kind is in service (all of them resetting,
+    # recovering or probing) waits at most this long (or its deadline, if sooner), then ends
+    # DeviceUnavailable.  When every queue of the kind is offline it ends at once.
+    unavailable_grace: float = 30.0
 
     def with_(self, **changes: object) -> DriverConfig:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -45,4 +49,5 @@ FAST = DriverConfig(
     recovery_timeout=2.0,
     offline_probe_interval=0.05,
     offline_probe_max=0.4,
+    unavailable_grace=1.0,
 )

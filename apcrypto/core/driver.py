@@ -49,6 +49,11 @@ log = logging.getLogger("apcrypto.core")
 _PROBE_MOD = (1 << 511) + 0x2F
 _PROBE_EXPECT = pow(2, 65537, _PROBE_MOD).to_bytes(64, "big")
 
+#: Entering one of these states takes back the queue's NQAPs still in the unflushed batch.
+_WITHDRAW_ON = frozenset({QState.RESET_START, QState.RESET_WAIT, QState.RECOVERY_WAIT, QState.OFFLINE})
+#: States in which an NQAP the card accepts is thrown away by a reset we issued (or nobody collects).
+_DISCARDING = frozenset({QState.RESET_START, QState.RESET_WAIT, QState.SETIRQ_WAIT, QState.OFFLINE})
+
 
 def _probe_request(mode: str) -> tuple[Request, Any] | None:
     if mode == "accel":
@@ -83,6 +88,10 @@ class DriverCore:
         self._by_mode: dict[str, list[Queue]] = {}  # dispatch candidates per card mode
         self._serving: dict[str, int] = {}  # queues in service per mode (a cheap "kind alive" check)
         self._kicked: set[int] = set()
+        self._refill: set[str] = set()  # modes whose waiting work may be placed at the next flush
+        self._park_dirty = False  # something changed that may leave work waiting with no timer
+        self._unplaced: dict[str, float] = {}  # mode -> since when no queue of it is in service
+        self._mf_cards: dict[int, int] = {}  # card -> its queues in machine-failure recovery
         self._now = 0.0
         self._closed = False
         self._backlog_len = 0
@@ -178,12 +187,12 @@ class DriverCore:
             log.warning("completion for unknown tag %d ignored", tag)
             self.ledger.counters["unknown_tags"] += 1
             return
-        qid, instr, _psmid = entry
+        qid, instr, psmid = entry
         q = self.queues[qid]
         self._occ(q)
         if instr is Instr.NQAP:
             gen = q.gen
-            if self._on_nqap(q, tag, result) and gen == q.gen:
+            if self._on_nqap(q, tag, psmid, result) and gen == q.gen:
                 # accepted, nothing changed state: no slot freed, nothing to do but make sure a
                 # poll will come if the interrupt never does (an IDLE queue has no timer armed)
                 if ("poll", qid) not in self._armed:
@@ -226,6 +235,8 @@ class DriverCore:
             self._on_reply_timer(self.queues[key[1]])
         elif kind == "deadline":
             self._on_deadline(key[1])
+        elif kind == "unavailable":
+            self._on_unavailable_timer(key[1])
         else:
             raise CoreMisuse(f"unknown timer key {key!r}")
         return self._flush()
@@ -256,6 +267,7 @@ class DriverCore:
     ) -> None:
         never_sent = set(unsent)
         touched: dict[int, Queue] = {}
+        lost_now: list[tuple[Queue, Record]] = []
         for tag in tags:
             entry = self._tag_map.pop(tag, None)
             if entry is None:
@@ -265,11 +277,13 @@ class DriverCore:
             touched[qid] = q
             if instr is Instr.NQAP:
                 rid = q.sending.pop(tag, None)
-                if rid is None:  # the health probe
-                    if tag in never_sent:
-                        q.probe_psmid = None
-                    else:
-                        q.probe_sent = True
+                if rid is None:
+                    if psmid == q.probe_psmid:  # the health probe
+                        if tag in never_sent:
+                            q.probe_psmid = None
+                        else:
+                            q.probe_sent = True
+                    # else: its reply came before its status; nothing is left to settle
                     continue
                 rec = self.ledger.records.get(rid)
                 if rec is None:
@@ -279,9 +293,18 @@ class DriverCore:
                     if not rec.resolved:
                         if rec.current is not None:
                             rec.current.fate = "bounced"
+                            rec.current.cleared = True
                         self.ledger.counters["bounced"] += 1
                         self._requeue_front(rec)
+                elif permanent or q.state in _DISCARDING:
+                    # maybe sent, and nobody will ever collect it (the peer is gone, or the queue is
+                    # already out of service): the ledger decides now
+                    self._unload(q, rec)
+                    if rec.current is not None and rec.current.psmid == psmid and not rec.resolved:
+                        rec.current.fate = "lost"
+                        lost_now.append((q, rec))
                 else:
+                    # maybe on the card: keep accepting its reply until the queue's checks decide
                     if rec.current is not None and not rec.resolved:
                         rec.current.fate = "on-card"
                         rec.phase = Phase.ON_CARD
@@ -299,15 +322,23 @@ class DriverCore:
                     q.irq = False  # poll until the AQIC is confirmed
                     self.ledger.counters["irq_reenabled"] += 1
                     self._emit(q, Instr.AQIC, flag=True)
+        going = [q for q in touched.values() if permanent and q.state is not QState.OFFLINE]
+        for q in going:
+            # every touched queue leaves service before any work is decided, so that a re-drive
+            # never lands on a queue the same loss is about to take down
+            log.warning("queue %s offline: transport lost: %s", qid_str(q.qid), reason)
+            self.ledger.counters["offlined"] += 1
+            self._enter(q, QState.OFFLINE)
+        for q, rec in lost_now:
+            self._attempt_failed(rec, q, may_have_run=True, why=f"transport lost: {reason}")
+        for q in going:
+            self._take_offline(q, f"transport lost: {reason}")
         for q in touched.values():
-            if permanent and q.state is not QState.OFFLINE:
-                self._take_offline(q, f"transport lost: {reason}")
-            else:
-                if not permanent:
-                    log.info("queue %s: commands lost in transit (%s)", qid_str(q.qid), reason)
-                self._kick(q)
+            if not permanent:
+                log.info("queue %s: commands lost in transit (%s)", qid_str(q.qid), reason)
+            self._kick(q)
         for mode in {q.mode for q in touched.values()}:
-            self._fill(mode)
+            self._refill.add(mode)
 
     def shutdown(self, now: float = 0.0) -> list[Action]:
         """Close: every undecided request is resolved (``ClientClosed``; may-have-run if sent)."""
@@ -362,9 +393,14 @@ class DriverCore:
 
     # ---------------------------------------------------------------- plumbing
     def _flush(self) -> list[Action]:
-        for qid in list(self._kicked):
-            self._kicked.discard(qid)
-            self._run(self.queues[qid], QEvent.KICK)
+        while self._kicked or self._refill:
+            for qid in list(self._kicked):
+                self._kicked.discard(qid)
+                self._run(self.queues[qid], QEvent.KICK)
+            while self._refill:
+                self._fill(self._refill.pop())
+        if self._park_dirty:
+            self._check_parked()
         out = self._out
         if self._cmds:
             out.insert(0, Execute(tuple(self._cmds)))
@@ -406,6 +442,18 @@ class DriverCore:
             log.debug("queue %s: %s -> %s", qid_str(q.qid), q.state.value, state.value)
             if q.state.in_service != state.in_service:
                 self._serving[q.mode] = self._serving.get(q.mode, 0) + (1 if state.in_service else -1)
+                self._park_dirty = True
+            if q.mf_recovery and state is not QState.RECOVERY_WAIT:
+                q.mf_recovery = False
+                left = self._mf_cards[q.card] - 1
+                if left:
+                    self._mf_cards[q.card] = left
+                else:
+                    del self._mf_cards[q.card]
+                self._park_dirty = True
+                self._refill.add(q.mode)  # its card's other queues may take work again
+        if state in _WITHDRAW_ON:
+            self._withdraw(q)
         q.state = state
         q.gen += 1
         limit = STATE_LIMITS.get(state)
@@ -538,9 +586,20 @@ class DriverCore:
 
     def _step_reprobe(self, q: Queue) -> Wait:
         if not q.ctl_inflight:
+            q.reprobe_due = False
             q.ctl_inflight = True
             self._emit(q, Instr.TAPQ, flag=True)
-        return Wait.NONE  # the TAPQ's completion re-arms the next probe
+            return Wait.NONE  # the TAPQ's completion re-arms the next probe
+        # a control instruction is still unanswered: owe the re-probe.  Its completion (or its
+        # loss) kicks the queue, which pays it; the timer is a backstop in case neither comes soon.
+        q.reprobe_due = True
+        self._arm(("poll", q.qid), max(q.offline_backoff, self.cfg.offline_probe_interval), force=True)
+        return Wait.NONE
+
+    def _step_reprobe_if_due(self, q: Queue) -> Wait:
+        if q.reprobe_due and not q.ctl_inflight:
+            return self._step_reprobe(q)
+        return Wait.NONE
 
     def _want_read(self, q: Queue) -> None:
         if q.held and not q.dqap_inflight and q.state is not QState.OFFLINE:
@@ -576,15 +635,18 @@ class DriverCore:
         else:
             self._start_reset(q, why)
 
-    def _enter_recovery(self, q: Queue, *, card_recovered: bool) -> None:
-        if q.state is QState.RECOVERY_WAIT:
+    def _enter_recovery(self, q: Queue, *, card_recovered: bool, mf: bool = False) -> None:
+        if q.state is not QState.RECOVERY_WAIT:
+            log.info("queue %s: card in machine-failure recovery; draining stored replies", qid_str(q.qid))
+            q.card_recovered = card_recovered
+            self.ledger.counters["recoveries"] += 1
+            self._enter(q, QState.RECOVERY_WAIT)
+            self._kick(q)
+        else:
             q.card_recovered = q.card_recovered or card_recovered
-            return
-        log.info("queue %s: card in machine-failure recovery; draining stored replies", qid_str(q.qid))
-        q.card_recovered = card_recovered
-        self.ledger.counters["recoveries"] += 1
-        self._enter(q, QState.RECOVERY_WAIT)
-        self._kick(q)
+        if mf and not q.mf_recovery:
+            q.mf_recovery = True
+            self._mf_cards[q.card] = self._mf_cards.get(q.card, 0) + 1
 
     def _take_offline(self, q: Queue, why: str) -> None:
         if q.state is not QState.OFFLINE:
@@ -729,12 +791,17 @@ class DriverCore:
             q.irq_wanted = False  # no interrupts on this path: poll
             self._enter(q, QState.PROBE)
 
-    def _on_nqap(self, q: Queue, tag: int, res: ApResult) -> bool:
+    def _on_nqap(self, q: Queue, tag: int, psmid: int, res: ApResult) -> bool:
         """Handle an NQAP's status; True when it was simply accepted (the common case)."""
         st = res.status
         row = classify_rc("NQAP", st.response_code)
         v = row.verdict
-        if tag not in q.sending:  # the health probe
+        if tag not in q.sending:
+            if psmid != q.probe_psmid:
+                # its reply was delivered before this status arrived: nothing is left to do
+                self.ledger.counters["status_after_reply"] += 1
+                return False
+            # the health probe
             if v is Verdict.PROCEED:
                 q.probe_sent = True
                 if st.replies_waiting:
@@ -754,8 +821,9 @@ class DriverCore:
                 # decided while its NQAP was in flight (deadline): it is on the card now; keep the slot
                 att.fate = "late"
                 q.on_card[att.psmid] = rec.rid
-            elif q.state is QState.OFFLINE or q.state is QState.RESET_START:
-                # accepted by a queue we already gave up on: it may run; nobody will collect it
+            elif q.state in _DISCARDING:
+                # accepted by a queue we already gave up on (or are resetting, which throws it
+                # away): it may run; nobody will collect it
                 q.on_card[att.psmid] = rec.rid
                 self._abandon_on_card(q, "accepted by a queue taken out of service")
                 return False
@@ -773,6 +841,7 @@ class DriverCore:
         att = rec.current
         if att is not None:
             att.fate = "bounced"
+            att.cleared = True
         if v is Verdict.FAIL_CALLER:
             self._resolve(
                 rec,
@@ -881,6 +950,11 @@ class DriverCore:
             self._take_offline(q, f"DQAP answered {st.rc_name()}")
 
     def _recovery_drained(self, q: Queue) -> None:
+        if q.sending:
+            # an NQAP sent before the failure is still in flight: the card may take it after this
+            # status was read; resetting now would throw it away after it started.  The next
+            # drain poll looks again once its status is in.
+            return
         self.ledger.counters["recoveries_drained"] += 1
         self._abandon_on_card(q, "not among the card's stored replies")
         if q.offline_after_drain:
@@ -891,10 +965,12 @@ class DriverCore:
 
     # ---------------------------------------------------------------- replies
     def _deliver(self, q: Queue, psmid: int, data: bytes) -> None:
-        if psmid == q.probe_psmid and q.probe_sent:
+        if psmid == q.probe_psmid:  # (its NQAP status may not be in yet: the reply proves it ran)
             self._probe_reply(q, data)
             return
         rid = q.on_card.pop(psmid, None)
+        if rid is None:
+            rid = self._reply_before_status(q, psmid)
         if rid is None:
             self.ledger.counters["stray_replies"] += 1
             log.warning("queue %s: reply for unknown psmid %#x dropped", qid_str(q.qid), psmid)
@@ -953,14 +1029,16 @@ class DriverCore:
             att.fate = (
                 "mf-pending" if reply.mf_state == MachineFailureState.REQUEST_PENDING else "mf-in-process"
             )
+            att.cleared = not row.may_have_run
             self.ledger.counters["mf_replies"] += 1
+            # out of service first (and its card with it): the re-drive must find a queue that is
+            # really in service, never this one nor its card's others, which are failing too
+            self._enter_recovery(q, card_recovered=True, mf=True)
             self._attempt_failed(rec, q, may_have_run=row.may_have_run, why="machine failure", codes=codes)
-            self._enter_recovery(q, card_recovered=True)
             return
         att.fate = "error"
-        self._attempt_failed(
-            rec, q, may_have_run=row.may_have_run, why=f"error reply: {row.note}", codes=codes
-        )
+        att.cleared = not row.may_have_run
+        # the queue's consequence first, so that a re-drive never picks the queue it failed on
         if v is Verdict.RESET_QUEUE:
             self._start_reset(q, row.note)
         elif v is Verdict.TAKE_OFFLINE:
@@ -968,6 +1046,27 @@ class DriverCore:
             # then take the queue out of service; only the unreadable reply's request is in doubt
             q.offline_after_drain = row.note
             self._enter_recovery(q, card_recovered=True)
+        self._attempt_failed(
+            rec, q, may_have_run=row.may_have_run, why=f"error reply: {row.note}", codes=codes
+        )
+
+    def _reply_before_status(self, q: Queue, psmid: int) -> int | None:
+        """A reply for one of our requests whose NQAP status has not come (yet, or ever: the status
+        frame was lost): the card took it, so it is ours to deliver.  Returns its request id."""
+        rec = self.ledger.record_for_psmid(psmid)
+        att = rec.current if rec is not None else None
+        if rec is None or att is None or att.psmid != psmid or att.qid != q.qid:
+            return None
+        for tag, rid in q.sending.items():
+            if rid == rec.rid:
+                del q.sending[tag]
+                self.ledger.counters["reply_before_status"] += 1
+                q.requests_total += 1
+                if not rec.resolved:
+                    att.fate = "on-card"
+                    rec.phase = Phase.ON_CARD
+                return rid
+        return None
 
     def _protocol_anomaly(self, q: Queue, rec: Record, why: str) -> None:
         """The card answered something we cannot read: it ran the request, the result is lost."""
@@ -991,7 +1090,7 @@ class DriverCore:
                 value = probe[0].decode(reply)
                 ok = probe[1] is None or value == probe[1]
             elif reply.kind != "ok" and reply.reply_code == 0x10:
-                self._enter_recovery(q, card_recovered=True)
+                self._enter_recovery(q, card_recovered=True, mf=True)
                 return
         except (FormatError, ValueError):
             ok = False
@@ -1069,19 +1168,119 @@ class DriverCore:
     def _enqueue(self, rec: Record) -> None:
         self.backlog.setdefault(rec.mode, deque()).append(rec.rid)
         self._backlog_len += 1
+        rec.parked_at = self._now
+        if not self._serving.get(rec.mode):
+            self._park_dirty = True
 
     def _requeue_front(self, rec: Record) -> None:
         """Back to the host, ahead of new work (it has waited already), in the order it bounced."""
         rec.phase = Phase.QUEUED
         self.retry.setdefault(rec.mode, deque()).append(rec.rid)
         self._backlog_len += 1
+        rec.parked_at = self._now
+        self._park_dirty = True
+
+    def _withdraw(self, q: Queue) -> None:
+        """Take back the NQAPs for ``q`` that are still in this flush's batch: they have not left the
+        host, and the queue is leaving service (a reset or recovery in the same batch would throw
+        them away after they started).  Requests go back to the host as never sent."""
+        if not self._cmds:
+            return
+        keep: list[Command] = []
+        for c in self._cmds:
+            if c.qid != q.qid or c.instr is not Instr.NQAP:
+                keep.append(c)
+                continue
+            self._tag_map.pop(c.tag, None)
+            rid = q.sending.pop(c.tag, None)
+            if rid is None:  # the health probe: it will be issued again in its own state
+                if c.psmid == q.probe_psmid:
+                    q.probe_psmid = None
+                continue
+            rec = self.ledger.records.get(rid)
+            if rec is None:
+                continue
+            self._unload(q, rec)
+            att = rec.current
+            if att is not None and att.psmid == c.psmid:
+                att.fate = "bounced"
+                att.cleared = True
+            if not rec.resolved:
+                self.ledger.counters["withdrawn"] += 1
+                self._requeue_front(rec)
+                self._refill.add(rec.mode)
+        self._cmds = keep
+
+    def _has_waiting(self, mode: str) -> bool:
+        records = self.ledger.records
+        for dq in (self.retry.get(mode), self.backlog.get(mode)):
+            if dq:
+                for rid in dq:
+                    rec = records.get(rid)
+                    if rec is not None and not rec.resolved:
+                        return True
+        return False
+
+    def _check_parked(self) -> None:
+        """No record waits on the host without a timer.  Work of a kind no queue serves right now
+        waits for one to come (back) into service, at most ``unavailable_grace``; when every queue
+        that could serve it is offline it ends at once (DESIGN §2: no healthy queue is left)."""
+        self._park_dirty = False
+        for mode in dict.fromkeys([*self.retry, *self.backlog]):
+            if self._serving.get(mode) or not self._has_waiting(mode):
+                if self._unplaced.pop(mode, None) is not None:
+                    self._disarm(("unavailable", mode))
+                continue
+            if not self._mode_alive(mode):
+                if self._unplaced.pop(mode, None) is not None:
+                    self._disarm(("unavailable", mode))
+                self._fail_backlog(mode, f"every queue of kind {mode!r} is offline")
+            elif mode not in self._unplaced:
+                self._unplaced[mode] = self._now
+                self._arm(("unavailable", mode), self.cfg.unavailable_grace, force=True)
+
+    def _on_unavailable_timer(self, mode: str) -> None:
+        """The grace of waiting work whose kind has no queue in service: end what has waited it out."""
+        since = self._unplaced.get(mode)
+        if since is None or self._serving.get(mode):
+            self._unplaced.pop(mode, None)
+            return
+        grace = self.cfg.unavailable_grace
+        records = self.ledger.records
+        nxt: float | None = None
+        for dq in (self.retry.get(mode), self.backlog.get(mode)):
+            if not dq:
+                continue
+            keep: deque[int] = deque()
+            for rid in dq:
+                rec = records.get(rid)
+                if rec is None or rec.resolved:
+                    continue  # decided while it waited (deadline): no longer counted
+                due = max(rec.parked_at, since) + grace
+                if due <= self._now + 1e-9:
+                    self._backlog_len -= 1
+                    self._fail_unavailable(
+                        rec, f"no queue of kind {mode!r} came back into service within {grace:g} s"
+                    )
+                else:
+                    keep.append(rid)
+                    nxt = due if nxt is None else min(nxt, due)
+            dq.clear()
+            dq.extend(keep)
+        if nxt is None:
+            del self._unplaced[mode]
+        else:
+            self._arm(("unavailable", mode), nxt - self._now, force=True)
 
     def _pick(self, mode: str, avoid: int | None, weight: int) -> Queue | None:
         best: Queue | None = None
         best_score = 0
+        mf_cards = self._mf_cards
         for q in self._by_mode.get(mode, ()):
             if not q.state.in_service or q.full_hold or len(q.on_card) + len(q.sending) >= q.slots:
                 continue
+            if mf_cards and q.card in mf_cards:
+                continue  # its card had a machine failure: its other queues are going down too
             score = self._card_load.get(q.card, 0) + q.load + weight
             if avoid is not None:
                 if q.qid == avoid:
@@ -1111,6 +1310,8 @@ class DriverCore:
         if self.retry.get(q.mode):
             self._fill(q.mode)
             return
+        if self._mf_cards and q.card in self._mf_cards:
+            return  # its card had a machine failure: no new work until that card has recovered
         backlog = self.backlog.get(q.mode)
         records = self.ledger.records
         while backlog and q.state.in_service and not q.full_hold and q.held < q.slots:
@@ -1184,15 +1385,20 @@ class DriverCore:
         sent = rec.phase in (Phase.SENDING, Phase.ON_CARD)
         if rec.phase is Phase.QUEUED:
             self._backlog_len -= 1  # it stays in its deque, skipped lazily, but waits no more
-        att = rec.current
+        # every attempt counts, not only the current one: a request re-driven after an attempt that
+        # may have run (idempotent work on a card that died) may have run, even if it waits now
+        ran = rec.ran_somewhere()
+        where = " after the request was handed to a card" if sent else " while queued"
+        if ran is not None and not sent:
+            where += " (an earlier attempt may have run)"
         self._resolve(
             rec,
             Outcome.UNAVAILABLE,
             error=DeadlineExceeded(
-                "deadline expired" + (" after the request was handed to a card" if sent else " while queued"),
-                may_have_run=sent,
-                qid=att.qid if (sent and att) else None,
-                psmid=att.psmid if (sent and att) else None,
+                "deadline expired" + where,
+                may_have_run=ran is not None,
+                qid=ran.qid if ran is not None else None,
+                psmid=ran.psmid if ran is not None else None,
             ),
         )
         # a queued record stays in the backlog deque and is skipped lazily by _fill

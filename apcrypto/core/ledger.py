@@ -35,6 +35,10 @@ class Attempt:
     fate: str = (
         "sending"  # sending, on-card, completed, error, bounced, mf-pending, mf-in-process, lost, late
     )
+    #: proven never to have run (bounced before the card took it, withdrawn before it was sent, or
+    #: the card said so: request-pending, rejected before execution).  A deadline's may-have-run
+    #: verdict looks at every attempt of the request, not only the last one.
+    cleared: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -50,6 +54,7 @@ class Record:
     avoid_qid: int | None = None
     outcome: Outcome | None = None
     has_deadline: bool = False
+    parked_at: float = 0.0  # when it last went back to the host (the unavailable grace counts from it)
 
     @property
     def current(self) -> Attempt | None:
@@ -58,6 +63,13 @@ class Record:
     @property
     def resolved(self) -> bool:
         return self.outcome is not None
+
+    def ran_somewhere(self) -> Attempt | None:
+        """The latest attempt that may have run on a card (None: provably never ran anywhere)."""
+        for a in reversed(self.attempts):
+            if not a.cleared:
+                return a
+        return None
 
 
 class Ledger:

@@ -68,7 +68,7 @@ TABLE: dict[QState, dict[QEvent, str]] = {
     QState.WORKING: {QEvent.KICK: "write", QEvent.TIMEOUT: "read_write"},
     QState.QUEUE_FULL: {QEvent.KICK: "await", QEvent.TIMEOUT: "read"},
     QState.RECOVERY_WAIT: {QEvent.KICK: "drain_once", QEvent.TIMEOUT: "drain_probe"},
-    QState.OFFLINE: {QEvent.KICK: "nop", QEvent.TIMEOUT: "reprobe"},
+    QState.OFFLINE: {QEvent.KICK: "reprobe_if_due", QEvent.TIMEOUT: "reprobe"},
 }
 
 for _st in QState:
@@ -107,6 +107,8 @@ class Queue:
     ctl_inflight: bool = False  # one of TAPQ/RAPQ/ZAPQ/AQIC is in flight
     full_hold: bool = False  # the card said Q_FULL: no NQAP until a reply frees a slot
     card_recovered: bool = False  # in RECOVERY_WAIT: the card answers again (not BUSY)
+    mf_recovery: bool = False  # in RECOVERY_WAIT because of a machine failure (its card is suspect)
+    reprobe_due: bool = False  # OFFLINE: a re-probe is owed (skipped while a control instruction ran)
     reset_attempts: int = 0
     offline_backoff: float = 0.0
     offline_reason: str = ""

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from typing import Any, Unpack
 
 import zmq
+from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from apcrypto.transport.base import Command
@@ -88,7 +89,15 @@ class _Waker:
 
 
 def _key(k: bytes | str) -> bytes:
-    return k.encode("ascii") if isinstance(k, str) else k
+    """A Z85 CURVE key, checked here: libzmq would kill the I/O thread with a malformed one."""
+    raw = k.encode("ascii", "replace") if isinstance(k, str) else bytes(k)
+    try:
+        ok = len(raw) == 32 or (len(raw) == 40 and len(z85.decode(raw)) == 32)
+    except Exception:  # z85 raises whatever its table lookup raises
+        ok = False
+    if not ok:
+        raise ValueError("not a CURVE key (40 Z85 characters or 32 bytes)")
+    return raw
 
 
 class ZmqTransport(FramedTransport):
