@@ -382,8 +382,9 @@ def run_point(
     conns: list[Any] = []
     side = None
     try:
-        for _ in range(clients):
-            conns.append(apcrypto.connect(url, **opts))
+        shares = _domain_shares(url, opts, clients)
+        for share in shares:
+            conns.append(apcrypto.connect(url, **opts, **({"domains": share} if share is not None else {})))
         for c in conns:
             if not c.wait_ready(30):
                 raise TimeoutError(f"bench: {url} not ready in 30 s")
@@ -432,6 +433,28 @@ def run_point(
             side.close()
         if emu is not None:
             emu.close()
+
+
+def _domain_shares(url: str, opts: dict[str, Any], clients: int) -> list[list[int] | None]:
+    """Each client its own domains: two drivers on one APQN would take each other's replies (DQAP
+    hands out whichever reply is oldest), so ``--clients N`` splits the target's domains N ways."""
+    if clients == 1:
+        return [None]
+    from apcrypto.transport import open_transport
+
+    transport = open_transport(
+        url, **{k: v for k, v in opts.items() if k in ("emulator", "domains", "timeout")}
+    )
+    try:
+        domains = sorted({q & 0xFF for q in transport.qids()})
+    finally:
+        transport.close()
+    if len(domains) < clients:
+        raise ValueError(
+            f"--clients {clients}: the target offers {len(domains)} domain(s) and each client needs its own "
+            "(two drivers on one APQN would take each other's replies)"
+        )
+    return [domains[i::clients] for i in range(clients)]
 
 
 def raw_point(

@@ -1,4 +1,5 @@
-"""``apcrypto``: list queues (lszcrypt style), run the demo, run a throughput benchmark."""
+"""``apcrypto``: list cards and queues (lszcrypt), interval statistics (zcryptstats), the demo, a load
+generator (bench).  Every error is one line on stderr and exit status 1."""
 
 from __future__ import annotations
 
@@ -344,14 +345,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _depths(text: str) -> list[int]:
     """``--depth 1,4,16`` or ``--depth 1-64`` (powers of two between) -> a sweep."""
-    if "-" in text:
-        lo, hi = (int(x) for x in text.split("-", 1))
-        out, d = [], lo
-        while d <= hi:
-            out.append(d)
-            d *= 2
-        return out
-    return [int(x) for x in text.split(",") if x.strip()]
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            if not 1 <= lo <= hi:
+                raise ValueError
+            out, d = [], lo
+            while d <= hi:
+                out.append(d)
+                d *= 2
+            return out
+        depths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--depth {text!r}: give N, a list such as 1,8,64, or a range such as 1-64"
+        ) from None
+    if not depths:
+        raise ValueError("--depth: give at least one depth")
+    return depths
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

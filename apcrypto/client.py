@@ -125,7 +125,7 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
         done = threading.Event()
 
         def ready() -> bool:
-            if all(q.state.in_service or q.state.value == "offline" for q in self.core.queues.values()):
+            if self.core.ready():
                 done.set()
                 return True
             return False
@@ -176,10 +176,7 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
             answered = threading.Event()
 
             def check(settled: threading.Event = settled, answered: threading.Event = answered) -> None:
-                ledger = self.core.ledger
-                if self._runner.inbox_size == 0 and ledger.counters["submitted"] == sum(
-                    ledger.outcomes.values()
-                ):
+                if self._runner.inbox_size == 0 and self.core.undecided() == 0:
                     settled.set()
                 answered.set()
 
@@ -203,4 +200,4 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
         self.close()
 
     def __repr__(self) -> str:
-        return f"<apcrypto.Client {type(self.transport).__name__} queues={len(self.core.queues)}>"
+        return f"<apcrypto.Client {type(self.transport).__name__} queues={len(self.core.queue_states())}>"

@@ -18,6 +18,7 @@ import apcrypto
 from apcrypto.audit import audit
 from apcrypto.errors import ApcryptoError
 from apcrypto.testing import RsaKey, make_key
+from apformats.results import qid_card
 
 
 def _result_ok(how: str, val: Any, key: RsaKey | None, res: Any) -> bool:
@@ -138,7 +139,6 @@ def run_demo(*, seed: int = 7, requests: int = 3000, sim: bool = False, out: Tex
     accel = [c.card for c in emu.stats().cards if c.mode == "accel"]
     cca = [c.card for c in emu.stats().cards if c.mode == "cca"]
     failing = cca[0] if cca else accel[0]
-    before = {c.card: c.busy_time for c in emu.stats().cards}
     t_virtual0 = emu.clock.now()
 
     # the workload: RSA ME and CRT of several sizes, random bytes, and state-changing requests
@@ -218,20 +218,24 @@ def run_demo(*, seed: int = 7, requests: int = 3000, sim: bool = False, out: Tex
         f"results checked: {wrong} wrong\n"
     )
 
-    # utilisation over the workload window, both from the emulator's own records: engines busy per
-    # card, and per queue the slots held (an NQAP accepted until its reply is taken off the card)
+    # utilisation over the workload window, both from the emulator's execution log: engines busy per
+    # card (started to ended), and per queue the slots held (NQAP accepted until the reply is taken)
     es = emu.stats()
     if elapsed_v > 0:
         t_end = t_virtual0 + elapsed_v
-        held: defaultdict[int, float] = defaultdict(float)
-        for e in emu.execution_log.entries():
-            if e.enqueued >= t_virtual0:
-                held[e.qid] += min(t_end, e.dequeued or e.ended or t_end) - e.enqueued
+        held: defaultdict[int, float] = defaultdict(float)  # slot-seconds per queue
+        busy: defaultdict[int, float] = defaultdict(float)  # engine-seconds per card
+        for e in emu.execution_log.entries():  # clipped to the window: a health probe sent after
+            if e.enqueued >= t_virtual0:  # the last reply may still be on a card now
+                held[e.qid] += max(0.0, min(t_end, e.dequeued or e.ended or t_end) - e.enqueued)
+            if e.started is not None:
+                run = min(t_end, e.ended or t_end) - max(t_virtual0, e.started)
+                busy[qid_card(e.qid)] += max(0.0, run)
         out.write(
             f"\n  utilisation over {elapsed_v * 1000:.1f} ms of virtual time (engines busy, slots held)\n"
         )
         for c in es.cards:
-            util = (c.busy_time - before[c.card]) / (c.engines * elapsed_v)
+            util = busy[c.card] / (c.engines * elapsed_v)
             qs = [q for q in es.queues if q.card == c.card and q.usage]
             slots = " ".join(f"{q.domain:04x}:{held[q.qid] / (q.slots * elapsed_v):.0%}" for q in qs)
             mark = "  <- machine failure" if c.card == failing and fired else ""

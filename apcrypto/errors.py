@@ -184,6 +184,19 @@ class DeviceUnavailable(ApcryptoError):
     """No healthy queue of the kind the request needs is left (outcome ``unavailable``)."""
 
 
+class ApqnInUse(DeviceUnavailable):
+    """The server refused the session: the APQNs asked for (or every one this client may have) are
+    assigned to other sessions.  An emulator server gives each APQN to one session at a time, as
+    vfio-ap gives it to one guest; ask for other domains, or none (any free one), or wait for the
+    holder to leave (a dropped holder's APQNs are freed when its grace ends).  Raised by ``connect``
+    (``tcp://``); ``code`` is the handshake's ERROR code, the message names the APQNs.
+    """
+
+    def __init__(self, message: str, *, code: int = 0, **kw: int | None) -> None:
+        self.code = code
+        super().__init__(message, **kw)
+
+
 class DeadlineExceeded(ApcryptoError):
     """The caller's deadline expired before an outcome was known (outcome ``unavailable``).
 
@@ -210,6 +223,7 @@ class CoreMisuse(RuntimeError):
 
 __all__ = [
     "ApcryptoError",
+    "ApqnInUse",
     "BadRequest",
     "ClientClosed",
     "CoreMisuse",

@@ -148,6 +148,15 @@ class ServerProcess:
     control: str
     log: Path
     profile: str
+    token_file: str | None = None  # the control plane's credential, when the server writes one
+
+    def control_client(self, **kw: Any) -> Any:
+        """A :class:`emulator.control_client.ControlClient` on this server's control plane."""
+        from emulator.control_client import ControlClient
+
+        if self.token_file:
+            kw.setdefault("token_file", self.token_file)
+        return ControlClient(self.control, **kw)
 
     def log_tail(self, lines: int = _LOG_TAIL) -> str:
         try:
@@ -194,7 +203,7 @@ def start_server(
             f"emulator server did not start ({ready.strip() or 'no READY line'}):\n{log.read_text()}"
         )
     fields_ = dict(part.split("=", 1) for part in ready.split()[1:])
-    return ServerProcess(proc, fields_["data"], fields_["control"], log, profile)
+    return ServerProcess(proc, fields_["data"], fields_["control"], log, profile, fields_.get("token_file"))
 
 
 def _stop(server: ServerProcess) -> None:
@@ -279,14 +288,15 @@ def _apcrypto_target(request: pytest.FixtureRequest, apcrypto_settings: Settings
             lambda: [plain(e) for e in emu.execution_log.entries()],
         )
         return
-    from emulator.control_client import ControlClient
-
     if shared:
+        from emulator.control_client import ControlClient
+
         data, control_url = shared, request.config.getoption("apcrypto_control")
         if not control_url:
             raise pytest.UsageError(
                 "--apcrypto-url needs --apcrypto-control (fault injection, execution log)"
             )
+        ctl = ControlClient(control_url, timeout=10.0)  # its credential from the environment
     else:
         marker = request.node.get_closest_marker(_MARKER)
         wants_own = marker is not None and ("profile" in marker.kwargs or "seed" in marker.kwargs)
@@ -296,8 +306,8 @@ def _apcrypto_target(request: pytest.FixtureRequest, apcrypto_settings: Settings
         else:
             server = request.getfixturevalue("apcrypto_server")
         _remember_server(request, server)
-        data, control_url = server.data, server.control
-    ctl = ControlClient(control_url, timeout=10.0)
+        data = server.data
+        ctl = server.control_client(timeout=10.0)
     try:
         yield _Target(data, {}, ctl, lambda: [plain(e) for e in ctl.execution_log()], ctl.close)
     finally:

@@ -13,10 +13,14 @@ tested once and trusted everywhere.  A frame is::
 
 Bodies (all integers big-endian):
 
-* HELLO     (client -> server) min_version u8, max_version u8, flags u8 (bit 0: a domain list follows),
-  domains u16 count + u8 each.  No domain list means "every domain the server lets me have".
-* WELCOME   (server -> client) version u8, flags u8 (bit 0: interrupts supported), max_frame u32,
-  qids u16 count + u16 each (the APQNs this session may use).
+* HELLO     (client -> server) min_version u8, max_version u8, flags u8 (bit 0: a domain list follows,
+  bit 1: a resume token follows), domains u16 count + u8 each, then the 16-byte resume token when
+  bit 1 is set.  No domain list means "whatever the server assigns by default" (a shared server: one
+  free domain; see ``emulator.frame_server``).  A token asks for the session it was issued to back.
+* WELCOME   (server -> client) version u8, flags u8 (bit 0: interrupts supported, bit 1: this is the
+  session the HELLO's token named, resumed with its queues and replies, bit 2: a resume token
+  follows), max_frame u32, qids u16 count + u16 each (the APQNs assigned to this session), then the
+  16-byte resume token when bit 2 is set.
 * COMMAND   tag u32, opcode u8 (``Instr``), flags u8 (bit 0: AQIC enable / RAPQ-ZAPQ F bit / TAPQ T bit,
   bit 1: NQAP special), qid u16, psmid u64, message length u32 + bytes.
 * RESULT    tag u32, status word u32, psmid u64, GR2 hardware-info u64, flags u8 (bit 0: GR2 valid),
@@ -49,7 +53,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final
+from typing import Final, NamedTuple
 
 import construct as cs
 
@@ -65,8 +69,10 @@ __all__ = [
     "HEADER_LEN",
     "MAGIC",
     "PROTOCOL_VERSION",
+    "TOKEN_LEN",
     "TRAILER_LEN",
     "Bye",
+    "Command",
     "CommandFrame",
     "ErrorCode",
     "ErrorFrame",
@@ -106,6 +112,8 @@ FRAME_VERSION: Final = 1
 PROTOCOL_VERSION: Final = 1
 HEADER_LEN: Final = 8
 TRAILER_LEN: Final = 4
+#: Length of a session's resume token (128 bits, from ``secrets``).
+TOKEN_LEN: Final = 16
 #: Largest whole frame (header + body + CRC) accepted unless a peer says otherwise.  A CEX card's
 #: largest message (ml = 15 chunks of 4096 bytes) plus the RESULT overhead fits with room to spare.
 DEFAULT_MAX_FRAME: Final = 65536
@@ -139,6 +147,7 @@ class ErrorCode(IntEnum):
     INTERNAL = 9  # the receiver failed executing a well-formed frame (a bug; outcome unknown)
     SHUTTING_DOWN = 10  # the server is stopping and accepts no more commands
     CORRUPT = 11  # CRC mismatch or bad magic: no field of the frame can be trusted
+    APQN_IN_USE = 12  # HELLO asked for an APQN another session holds (or none is free)
 
 
 #: ``FormatError.kind`` -> the ERROR code a receiver answers with (data, not code; default MALFORMED).
@@ -162,28 +171,38 @@ def error_code_for(err: FormatError) -> ErrorCode:
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """Client's opening frame: the protocol versions it speaks and the domains it wants (None: all)."""
+    """Client's opening frame: the protocol versions it speaks, the domains it wants (None: the
+    server's default assignment) and, on a reconnect, the resume token of the session it had."""
 
     min_version: int = PROTOCOL_VERSION
     max_version: int = PROTOCOL_VERSION
     domains: tuple[int, ...] | None = None
+    token: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
-    """Server's answer to HELLO: the agreed version and what this session may use."""
+    """Server's answer to HELLO: the agreed version and what this session may use.
+
+    ``token`` is the session's resume token (present it in the HELLO of a reconnect); ``resumed``
+    says the HELLO's token was honoured: the same APQNs, and the replies they hold, are back.
+    """
 
     version: int
     qids: tuple[int, ...]
     interrupts: bool
     max_frame: int = DEFAULT_MAX_FRAME
+    resumed: bool = False
+    token: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class CommandFrame:
-    """One AP instruction.
+class Command(NamedTuple):
+    """One AP instruction: what a COMMAND frame carries, what the driver core emits and what the
+    emulator's ``execute`` runs -- one type on every side, so nothing converts between them.
 
-    ``flag``: AQIC's enable bit, RAPQ/ZAPQ's F bit, TAPQ's T bit.  ``special``: NQAP's special bit.
+    ``tag`` names it until its answer comes.  ``flag``: AQIC's enable bit, RAPQ/ZAPQ's F bit,
+    TAPQ's T bit.  ``special``: NQAP's special bit.  A NamedTuple, not a frozen dataclass: one is
+    built per AP instruction, and a tuple is built in C (about a third of a dataclass's cost).
     """
 
     tag: int
@@ -193,6 +212,10 @@ class CommandFrame:
     message: bytes = b""
     flag: bool = False
     special: bool = False
+
+
+#: The frame codec's name for :class:`Command` (the same type).
+CommandFrame = Command
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,8 +294,9 @@ HEADER = cs.Struct(
 HELLO_BODY = cs.Struct(
     "min_version" / _U8,
     "max_version" / _U8,
-    "flags" / _flags("has_domains"),
+    "flags" / _flags("has_domains", "has_token"),
     "domains" / cs.PrefixedArray(_U16, _U8),
+    "token" / cs.If(cs.this.flags.has_token, cs.Bytes(TOKEN_LEN)),
     cs.Check(lambda c: c.flags.has_domains or len(c.domains) == 0),
     cs.Check(lambda c: len(c.domains) <= 256),
     cs.Terminated,
@@ -280,9 +304,10 @@ HELLO_BODY = cs.Struct(
 
 WELCOME_BODY = cs.Struct(
     "version" / _U8,
-    "flags" / _flags("interrupts"),
+    "flags" / _flags("interrupts", "resumed", "has_token"),
     "max_frame" / _U32,
     "qids" / cs.PrefixedArray(_U16, _U16),
+    "token" / cs.If(cs.this.flags.has_token, cs.Bytes(TOKEN_LEN)),
     cs.Terminated,
 )
 
@@ -583,9 +608,11 @@ def _from_container(kind: int, b: cs.Container) -> Frame:
         return ResultFrame(b.tag, b.status, b.psmid, bytes(b.reply), b.hwinfo if b.flags.has_hwinfo else None)
     if kind == FrameKind.HELLO:
         domains = tuple(b.domains) if b.flags.has_domains else None
-        return Hello(b.min_version, b.max_version, domains)
+        token = bytes(b.token) if b.flags.has_token else None
+        return Hello(b.min_version, b.max_version, domains, token)
     if kind == FrameKind.WELCOME:
-        return Welcome(b.version, tuple(b.qids), b.flags.interrupts, b.max_frame)
+        token = bytes(b.token) if b.flags.has_token else None
+        return Welcome(b.version, tuple(b.qids), b.flags.interrupts, b.max_frame, b.flags.resumed, token)
     if kind == FrameKind.INTERRUPT:
         return InterruptFrame(b.qid)
     if kind == FrameKind.ERROR:
@@ -607,7 +634,7 @@ def encode_frame_spec(frame: Frame) -> bytes:
 
 
 def _to_container(f: Frame) -> tuple[int, dict]:
-    if isinstance(f, CommandFrame):
+    if isinstance(f, Command):
         return FrameKind.COMMAND, {
             "tag": f.tag,
             "opcode": int(f.instr),
@@ -629,15 +656,22 @@ def _to_container(f: Frame) -> tuple[int, dict]:
         return FrameKind.HELLO, {
             "min_version": f.min_version,
             "max_version": f.max_version,
-            "flags": {"reserved": 0, "has_domains": f.domains is not None},
+            "flags": {"reserved": 0, "has_domains": f.domains is not None, "has_token": f.token is not None},
             "domains": list(f.domains or ()),
+            "token": f.token,
         }
     if isinstance(f, Welcome):
         return FrameKind.WELCOME, {
             "version": f.version,
-            "flags": {"reserved": 0, "interrupts": f.interrupts},
+            "flags": {
+                "reserved": 0,
+                "interrupts": f.interrupts,
+                "resumed": f.resumed,
+                "has_token": f.token is not None,
+            },
             "max_frame": f.max_frame,
             "qids": list(f.qids),
+            "token": f.token,
         }
     if isinstance(f, InterruptFrame):
         return FrameKind.INTERRUPT, {"qid": f.qid}
@@ -745,7 +779,7 @@ def decode_frame(data: bytes | bytearray | memoryview, *, max_len: int = DEFAULT
 
 def encode_frame(frame: Frame) -> bytes:
     """Encode any frame: the struct fast path for COMMAND/RESULT, construct for the rest."""
-    if isinstance(frame, CommandFrame):
+    if isinstance(frame, Command):
         return encode_command(
             frame.tag,
             frame.instr,
@@ -768,8 +802,11 @@ def encode_hello(
     *,
     min_version: int = PROTOCOL_VERSION,
     max_version: int = PROTOCOL_VERSION,
+    token: bytes | None = None,
 ) -> bytes:
-    return encode_frame_spec(Hello(min_version, max_version, None if domains is None else tuple(domains)))
+    return encode_frame_spec(
+        Hello(min_version, max_version, None if domains is None else tuple(domains), token)
+    )
 
 
 def encode_welcome(
@@ -778,8 +815,10 @@ def encode_welcome(
     interrupts: bool,
     version: int = PROTOCOL_VERSION,
     max_frame: int = DEFAULT_MAX_FRAME,
+    resumed: bool = False,
+    token: bytes | None = None,
 ) -> bytes:
-    return encode_frame_spec(Welcome(version, tuple(qids), interrupts, max_frame))
+    return encode_frame_spec(Welcome(version, tuple(qids), interrupts, max_frame, resumed, token))
 
 
 def encode_interrupt(qid: int) -> bytes:

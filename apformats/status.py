@@ -105,6 +105,12 @@ class QueueStatus:
             return f"response code {self.response_code:#04x}"
 
 
+def queue_slots(qd: int) -> int:
+    """Request slots of a queue whose TAPQ reports queue depth ``qd``: ``qd + 1``.  The one place
+    this is written; the kernel once used ``qd`` itself and lost a slot per queue."""
+    return qd + 1
+
+
 @dataclass(frozen=True, slots=True)
 class HwInfo:
     """The TAPQ GR2 hardware-info word (``struct ap_tapq_hwinfo``)."""
@@ -126,8 +132,8 @@ class HwInfo:
 
     @property
     def slots(self) -> int:
-        """Request slots of the queue: ``qd + 1`` (the kernel's old off-by-one used ``qd``)."""
-        return self.qd + 1
+        """Request slots of the queue (:func:`queue_slots`)."""
+        return queue_slots(self.qd)
 
     @property
     def max_msg_size(self) -> int:

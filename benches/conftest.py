@@ -26,13 +26,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 @pytest.fixture(scope="module")
 def emulator_server() -> Any:
-    """A real ``python -m emulator serve`` on the fast profile, on free loopback ports."""
+    """A real ``python -m emulator serve`` on the fast profile, on free loopback ports.  One client at
+    a time, given every APQN (``--default-grant all``), as the ``emu:`` and ``usb:`` targets are."""
     import selectors
     import subprocess
     import sys
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "serve", "--profile", "fast",
+        [sys.executable, "-m", "emulator", "serve", "--profile", "fast", "--default-grant", "all",
          "--bind", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip

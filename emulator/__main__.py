@@ -18,6 +18,11 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     from emulator.cli import main as cli_main
 
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["--version"]:
+        from importlib.metadata import version
+
+        print(f"apcrypto-emulator {version('apcrypto')}")
+        return 0
     try:
         rc = int(cli_main(argv))
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit

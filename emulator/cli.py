@@ -60,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--domains", type=_domains, help="domains clients may use, e.g. 0,1,4-7 (default: all)")
     s.add_argument("--max-frame", type=int, default=None, help="largest frame accepted, bytes")
     s.add_argument("--session-idle", type=float, default=60.0, help="drop sessions silent this long, s")
+    s.add_argument(
+        "--session-grace",
+        type=float,
+        default=60.0,
+        help="keep a dropped session's APQNs and replies for its client this long, s (then zeroize)",
+    )
+    s.add_argument(
+        "--default-grant",
+        choices=("domain", "all"),
+        default="domain",
+        help="a client asking for no domain gets one free domain on every card (default), or all free APQNs",
+    )
+    s.add_argument("--apqn-matrix", type=Path, help="CURVE: TOML, APQNs per client key")
     s.add_argument("--insecure", action="store_true", help="allow binding non-loopback addresses (warns)")
     s.add_argument("--control-token-file", type=Path, help="where to write the control token (0600)")
     s.add_argument("--max-sessions", type=int, default=256, help="most concurrent client sessions")
@@ -110,10 +123,24 @@ def _serve(opts: argparse.Namespace) -> int:
     )
     from apformats.frames import DEFAULT_MAX_FRAME
     from emulator import Emulator, WallClock
+    from emulator.frame_server import load_apqn_matrix
     from emulator.server import EmulatorServer, raise_nofile_limit
 
     raise_nofile_limit()
 
+    matrix = None
+    if opts.apqn_matrix is not None:
+        if opts.curve_dir is None:
+            print(
+                "apcrypto-emulator: cannot serve: --apqn-matrix maps CURVE client keys: give --curve-dir",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            matrix = load_apqn_matrix(opts.apqn_matrix, opts.curve_dir)
+        except (OSError, ValueError) as exc:
+            print(f"apcrypto-emulator: cannot serve: {exc}", file=sys.stderr)
+            return 2
     emu = Emulator(opts.profile, clock=WallClock(), seed=opts.seed)
     try:
         emu.execution_log.configure(
@@ -132,6 +159,9 @@ def _serve(opts: argparse.Namespace) -> int:
         max_frame=opts.max_frame or DEFAULT_MAX_FRAME,
         seed=opts.seed,
         session_idle=opts.session_idle,
+        session_grace=opts.session_grace,
+        apqn_matrix=matrix,
+        default_grant=opts.default_grant,
         insecure=opts.insecure,
         control_token_file=opts.control_token_file,
         max_sessions=opts.max_sessions,

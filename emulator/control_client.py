@@ -47,7 +47,8 @@ __all__ = [
 TOKEN_ENV = "APCRYPTO_CONTROL_TOKEN"
 TOKEN_FILE_ENV = "APCRYPTO_CONTROL_TOKEN_FILE"
 RUNTIME_ENV = "APCRYPTO_RUNTIME_DIR"
-#: Entries per page when :meth:`ControlClient.execution_log` walks the whole log.
+#: Entries per page when :meth:`ControlClient.execution_log` walks the whole log (a page of 1000
+#: costs the server's serving thread about 1 ms: rows, not objects, encoded by orjson).
 PAGE = 1000
 
 
@@ -275,8 +276,14 @@ class ControlClient:
 
     def execution_log_page(self, cursor: int = 0, limit: int = PAGE) -> dict[str, Any]:
         """One page: ``{"entries": [...], "next": CURSOR, "oldest": SEQ, "end": SEQ, "missed": N}``
-        (see :class:`emulator.execution_log.LogPage`)."""
-        return self.call("execution_log", cursor=cursor, limit=limit)
+        (see :class:`emulator.execution_log.LogPage`); each entry a dict as :meth:`execution_log` gives.
+        (On the wire the server sends ``"fields"`` once and ``"rows"``; this rebuilds the dicts.)"""
+        page = self.call("execution_log", cursor=cursor, limit=limit)
+        fields = page.pop("fields")
+        page["entries"] = [
+            {"type": "Execution", **dict(zip(fields, row, strict=True))} for row in page.pop("rows")
+        ]
+        return page
 
     def now(self) -> float:
         return self.call("now")

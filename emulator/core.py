@@ -30,6 +30,7 @@ from typing import Any
 import firmware_stubs
 from apformats.codes import MachineFailureState, ResponseCode
 from apformats.errors import FormatError
+from apformats.frames import Command
 from apformats.messages import build_error_reply, request_function
 from apformats.results import ApResult, Instr
 from apformats.status import QueueStatus
@@ -48,7 +49,7 @@ from emulator.model import Card, Message, Queue
 from emulator.profile import Profile, load_profile
 from emulator.stats import EmulatorStats, collect_stats
 
-__all__ = ["Emulator"]
+__all__ = ["INSTRUCTIONS", "Emulator"]
 
 RC = ResponseCode
 _MAX_PSMID = (1 << 64) - 1
@@ -162,6 +163,13 @@ class Emulator:
 
     # --- instructions --------------------------------------------------------------------------
 
+    def execute(self, command: Command, notify: Callable[[int], object] | None = None) -> ApResult:
+        """Run one AP instruction: the entry every way in uses (the in-process transport, the frame
+        server for ZeroMQ and USB), so an opcode meets an instruction method in one table only
+        (:data:`INSTRUCTIONS`).  ``notify`` is what an AQIC that enables interrupts registers; the
+        other instructions ignore it."""
+        return INSTRUCTIONS[command.instr](self, command, notify)
+
     def tapq(self, qid: int, t_bit: bool = True) -> ApResult:
         """Test AP queue: the status word, plus GR2 hardware info when ``t_bit`` and the RC allow."""
         with self.lock:
@@ -233,6 +241,19 @@ class Emulator:
             if not enable:
                 self._irq_due.pop(q.qid, None)
             return ApResult(self._status(q, RC.NORMAL))
+
+    def zeroize(self, qid: int) -> None:
+        """Take an APQN back from a session that is gone (not an instruction: the server's APQN
+        assignment calls it).  ZAPQ semantics whatever state the card is in, so the next session
+        assigned the APQN finds nothing of the last one: held requests and replies (stored
+        machine-failure replies too) discarded, interrupts off, the domain's key slots cleared.  The
+        reset completes at once: the next session is handed a clean queue, not one still resetting.
+        An APQN this emulator lacks is ignored."""
+        with self.lock:
+            card = self._cards.get((qid >> 8) & 0xFF) if 0 <= qid <= 0xFFFF else None
+            q = None if card is None else card.queues.get(qid & 0xFF)
+            if q is not None:
+                self._reset_queue(q, 0.0, zeroize=True)
 
     # --- statistics ----------------------------------------------------------------------------
 
@@ -639,3 +660,16 @@ class Emulator:
         callbacks.clear()
         for cb in pending:
             cb()
+
+
+_Notify = Callable[[int], object] | None
+
+#: opcode -> how :meth:`Emulator.execute` runs it.  The one place an ``Instr`` meets an emulator method.
+INSTRUCTIONS: dict[Instr, Callable[[Emulator, Command, _Notify], ApResult]] = {
+    Instr.TAPQ: lambda emu, c, irq: emu.tapq(c.qid, t_bit=c.flag),
+    Instr.NQAP: lambda emu, c, irq: emu.nqap(c.qid, c.psmid, c.message, special=c.special),
+    Instr.DQAP: lambda emu, c, irq: emu.dqap(c.qid),
+    Instr.RAPQ: lambda emu, c, irq: emu.rapq(c.qid, fbit=c.flag),
+    Instr.ZAPQ: lambda emu, c, irq: emu.zapq(c.qid, fbit=c.flag),
+    Instr.AQIC: lambda emu, c, irq: emu.aqic(c.qid, c.flag, notify=irq if c.flag else None),
+}

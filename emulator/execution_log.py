@@ -291,7 +291,9 @@ class ExecutionLog:
         self._ring: list[_Entry] = []
         self._base = 0  # seq of this run's first entry (a reused spill file continues its numbering)
         self._next = 0  # seq of the next entry
-        self._by_psmid: dict[int, list[_Entry]] = {}
+        # psmid -> its entry, or a list of them when it was sent more than once: one object fewer per
+        # entry for the cyclic GC to walk (a full collection over a 100k ring pauses the serving thread)
+        self._by_psmid: dict[int, _Entry | list[_Entry]] = {}
         self._spill: _Spill | None = None
         self._fresh: list[_Entry] = []  # added since the last spill commit (only while spilling)
         self._flush_lock = threading.Lock()
@@ -316,9 +318,11 @@ class ExecutionLog:
             ring[i] = entry
         bucket = self._by_psmid.get(psmid)
         if bucket is None:
-            self._by_psmid[psmid] = [entry]
-        else:
+            self._by_psmid[psmid] = entry
+        elif type(bucket) is list:
             bucket.append(entry)
+        else:
+            self._by_psmid[psmid] = [bucket, entry]  # type: ignore[list-item]
         if self._spill is not None:
             self._fresh.append(entry)
         key = (qid, function)
@@ -327,12 +331,21 @@ class ExecutionLog:
 
     def _forget(self, old: _Entry) -> None:
         bucket = self._by_psmid[old.psmid]
+        if type(bucket) is not list:
+            del self._by_psmid[old.psmid]
+            return
         if bucket[0] is old:
             del bucket[0]
         else:
             bucket.remove(old)
-        if not bucket:
-            del self._by_psmid[old.psmid]
+        if len(bucket) == 1:
+            self._by_psmid[old.psmid] = bucket[0]
+
+    def _of(self, psmid: int) -> tuple[_Entry, ...] | list[_Entry]:
+        bucket = self._by_psmid.get(psmid)
+        if bucket is None:
+            return ()
+        return bucket if type(bucket) is list else (bucket,)  # type: ignore[return-value]
 
     def _ordered(self) -> list[_Entry]:
         ring, cap = self._ring, self._capacity
@@ -475,6 +488,14 @@ class ExecutionLog:
         Entries the ring has dropped are read from the spill file when there is one; without one the
         page starts at the oldest entry held and ``missed`` counts what was skipped.
         """
+        rows, nxt, oldest, end, missed = self.page_rows(cursor, limit)
+        return LogPage([Execution(*r) for r in rows], nxt, oldest, end, missed)
+
+    def page_rows(
+        self, cursor: int = 0, limit: int = 1000
+    ) -> tuple[list[tuple[Any, ...]], int, int, int, int]:
+        """:meth:`page` as ``(rows, next, oldest, end, missed)``, each row a tuple in :data:`FIELDS`
+        order: the cheapest snapshot (the server serialises pages on its serving thread)."""
         if type(cursor) is not int or cursor < 0:
             raise ValueError(f"cursor must be an int >= 0, got {cursor!r}")
         if type(limit) is not int or not 1 <= limit <= MAX_PAGE:
@@ -489,7 +510,7 @@ class ExecutionLog:
                     chosen = ring[start - self._base : stop - self._base]
                 else:
                     chosen = [ring[(s - self._base) % cap] for s in range(start, stop)]
-                return LogPage([e.snapshot() for e in chosen], stop, oldest, end, max(0, oldest - cursor))
+                return list(map(_row, chosen)), stop, oldest, end, max(0, oldest - cursor)
         # older than the ring: from the spill file (committed first, so nothing is in between)
         self.flush()
         sp = self._spill
@@ -498,27 +519,27 @@ class ExecutionLog:
                 raise ValueError("the spill file was closed")
             entries = _read(sp.con, "WHERE seq >= ? ORDER BY seq LIMIT ?", (cursor, limit))
         nxt = entries[-1].seq + 1 if entries else oldest
-        return LogPage(entries, nxt, oldest, end, 0 if entries else oldest - cursor)
+        return list(map(_row, entries)), nxt, oldest, end, 0 if entries else oldest - cursor
 
     def for_psmid(self, psmid: int) -> list[Execution]:
         """Every execution of ``psmid`` still in memory (more than one if it was sent more than once)."""
         with self._lock:
-            return [e.snapshot() for e in self._by_psmid.get(psmid, ())]
+            return [e.snapshot() for e in self._of(psmid)]
 
     def started(self, psmid: int) -> bool:
         """True if any execution of ``psmid`` was started by an engine."""
         with self._lock:
-            return any(e.started is not None for e in self._by_psmid.get(psmid, ()))
+            return any(e.started is not None for e in self._of(psmid))
 
     def starts(self, psmid: int) -> int:
         """How many times an engine started ``psmid``: more than 1 means it ran twice."""
         with self._lock:
-            return sum(e.started is not None for e in self._by_psmid.get(psmid, ()))
+            return sum(e.started is not None for e in self._of(psmid))
 
     def executions_started(self, psmids: Iterable[int]) -> int:
         """Total engine starts over ``psmids`` (each psmid counted as often as it ran)."""
         with self._lock:
-            return sum(e.started is not None for p in psmids for e in self._by_psmid.get(p, ()))
+            return sum(e.started is not None for p in psmids for e in self._of(p))
 
     def function_counts(self) -> dict[tuple[int, str], int]:
         """Requests accepted per ``(qid, function)`` since the emulator was built (not bounded by the

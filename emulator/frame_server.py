@@ -1,8 +1,9 @@
-"""One client's session with the emulator, in frames: bytes of one frame in, frame bytes out.
+"""One client's session with the emulator, in frames: bytes of one frame in, frame bytes out; and the
+assignment of APQNs to sessions when many clients share one emulator.
 
 Transport-independent on purpose: the ZeroMQ server (``emulator.server``) and the USB backend both feed
 frames from their own wire into a :class:`FrameSession` and send back what it returns, so the handshake,
-domain isolation and error answers behave identically on every transport.
+APQN isolation and error answers behave identically on every transport.
 
 What a session guarantees:
 
@@ -10,21 +11,64 @@ What a session guarantees:
   frame that does not decode is answered with an ERROR frame (naming the command's tag when the frame is
   intact enough to trust it) and the session keeps going.  So no request or reply the emulator holds is
   lost because a client sent garbage.
-* Domain isolation: a session sees only the APQNs of its domains (WELCOME lists them), and a command for
+* APQN isolation: a session sees only the APQNs assigned to it (WELCOME lists them), and a command for
   any other APQN gets a RESULT with response code ``Q_NOT_AVAIL`` (0x01, "APQN not available to this
-  configuration", as the hardware answers) without the emulator ever being called for that queue.
+  configuration", as the hardware answers) without the emulator ever being called for that queue.  A
+  second HELLO on an established session cannot widen it.
 * AQIC enable registers this session's interrupt callback: when the emulator signals a reply for the
   queue, the session hands an INTERRUPT frame to its ``notify`` callable.  That runs in the emulator's
   clock context (the WallClock pump thread), so ``notify`` must only queue the bytes; the owner of the
   wire sends them.
+
+Shared service (:class:`Tenancy`, one per server): an APQN (card x domain) is driven by at most one
+session at a time, as vfio-ap assigns an APQN to one guest.  Because every reply on an APQN then
+belongs to the one session that holds it, no client can DQAP another's replies, enqueue onto its
+queues, or read or wipe its key slots (KR, ZAPQ): the server matches every instruction by (session,
+APQN), and psmids stay the client's own business.
+
+* **Assignment.**  A HELLO with a domain list asks for every APQN of those domains the client may have
+  (on every card, as a vfio-ap matrix assigns a domain across its adapters); one held by another session
+  is refused with ERROR ``APQN_IN_USE``, a domain the client may not have with ``DOMAIN_DENIED``.  A HELLO
+  without a list gets the default: **one free domain on every card** (the lowest domain free on all of
+  them, so the client still sees every kind of card and every card's engines; if no domain is free
+  everywhere, the lowest free domain of each card).  That is what a test process sharing a server wants:
+  a queue of each card to itself, and room for as many such clients as the profile has domains.  The
+  price is paid by a client alone on a server: it keeps one queue's slots per card in flight, not every
+  domain's, which costs throughput where the link's round trip is long against the service time (on
+  the ``fast`` profile over ``tcp://``, a lone default client measured a third to a half of what it does with
+  every domain).  A server for one user at a time says ``default_grant="all"`` (``serve --default-grant
+  all``): every free APQN the client may have; or the client names its ``domains``.
+* **Who may have what.**  The server's ``--domains`` bounds every client; under CURVE an APQN matrix
+  (``serve --apqn-matrix FILE``, :func:`load_apqn_matrix`) maps client keys to the APQNs they may ever be
+  assigned.
+* **Sessions survive a reconnect.**  WELCOME issues a 128-bit resume token.  The client proposes it
+  in its first HELLO (``apcrypto`` draws it from ``secrets`` when the transport is made) and the
+  server adopts it unless another key holds it (then it draws a fresh one): so a first handshake that
+  the client retried on a new connection, because the WELCOME was slow, finds the session the first
+  attempt was granted instead of taking a second one and leaving the first reserved.  Like a secret
+  key, a token only protects the client that chose it well (a server given none draws one).  When a
+  connection drops without a BYE, its APQNs and the replies the cards hold for it stay reserved for
+  ``grace`` seconds; a HELLO presenting the token (under CURVE: from the same client key) gets the same
+  APQNs back (WELCOME ``resumed``) and drains what is waiting.  A resume on a new connection while the
+  old one still looks alive takes the session over (the old connection is told BYE).  After the grace,
+  or at once when the client says BYE, the APQNs are zeroized (ZAPQ semantics: held requests and
+  replies discarded, key slots cleared) and freed.
+
+A session built without a ``tenancy`` (the USB adapter: one host per device) gets a private one that
+grants every allowed domain by default and neither reserves nor zeroizes anything.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
+import time
+import tomllib
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from apformats.codes import ResponseCode
@@ -33,7 +77,7 @@ from apformats.frames import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
     Bye,
-    CommandFrame,
+    Command,
     ErrorCode,
     ErrorFrame,
     Hello,
@@ -49,52 +93,329 @@ from apformats.frames import (
     peek_kind,
     peek_tag,
 )
-from apformats.results import ApResult, Instr, qid_domain
+from apformats.results import ApResult, qid_card, qid_domain, qid_of, qid_str
 from apformats.status import QueueStatus
 
-__all__ = ["SUPPORTED_VERSIONS", "FrameSession", "InstructionTarget"]
+__all__ = [
+    "DEFAULT_GRACE",
+    "DEFAULT_GRANTS",
+    "SUPPORTED_VERSIONS",
+    "FrameSession",
+    "InstructionTarget",
+    "Lease",
+    "Refusal",
+    "Tenancy",
+    "load_apqn_matrix",
+]
 
 log = logging.getLogger(__name__)
 
 #: Protocol versions this server speaks (inclusive range).
 SUPPORTED_VERSIONS: tuple[int, int] = (PROTOCOL_VERSION, PROTOCOL_VERSION)
+#: How long a dropped session's APQNs and replies wait for it to come back, seconds.
+DEFAULT_GRACE = 60.0
+#: What a HELLO without a domain list is granted: ``domain`` (one free domain on every card) or
+#: ``all`` (every free APQN the client may have).
+DEFAULT_GRANTS = ("domain", "all")
 
 NotifyFn = Callable[[bytes], None]
 
 
 class InstructionTarget(Protocol):
-    """The part of ``emulator.Emulator`` (INTERNALS §3) a session drives."""
+    """The part of ``emulator.Emulator`` (INTERNALS §3) a session drives: its one instruction entry
+    (``execute``, as the in-process transport uses it) and its topology."""
 
-    def tapq(self, qid: int, t_bit: bool = True) -> ApResult: ...
-    def nqap(self, qid: int, psmid: int, message: bytes, special: bool = False) -> ApResult: ...
-    def dqap(self, qid: int) -> ApResult: ...
-    def rapq(self, qid: int, fbit: bool = False) -> ApResult: ...
-    def zapq(self, qid: int, fbit: bool = False) -> ApResult: ...
-    def aqic(self, qid: int, enable: bool, notify: Callable[[int], None] | None = None) -> ApResult: ...
+    def execute(self, command: Command, notify: Callable[[int], object] | None = None) -> ApResult: ...
     def qids(self) -> list[int]: ...
 
 
-_Exec = Callable[[InstructionTarget, CommandFrame, Callable[[int], None] | None], ApResult]
+class ZeroizeTarget(Protocol):
+    """What a shared :class:`Tenancy` needs besides the topology: take an APQN back, whatever state it
+    is in (``emulator.Emulator.zeroize``)."""
 
-#: opcode -> how to run it on the emulator.  The one place an Instr meets an emulator method.
-EXECUTE: dict[Instr, _Exec] = {
-    Instr.TAPQ: lambda emu, c, irq: emu.tapq(c.qid, t_bit=c.flag),
-    Instr.NQAP: lambda emu, c, irq: emu.nqap(c.qid, c.psmid, c.message, special=c.special),
-    Instr.DQAP: lambda emu, c, irq: emu.dqap(c.qid),
-    Instr.RAPQ: lambda emu, c, irq: emu.rapq(c.qid, fbit=c.flag),
-    Instr.ZAPQ: lambda emu, c, irq: emu.zapq(c.qid, fbit=c.flag),
-    Instr.AQIC: lambda emu, c, irq: emu.aqic(c.qid, c.flag, notify=irq if c.flag else None),
-}
+    def qids(self) -> list[int]: ...
+    def zeroize(self, qid: int) -> None: ...
+
 
 _NOT_AVAILABLE = ApResult(QueueStatus(response_code=ResponseCode.Q_NOT_AVAIL))
+
+
+def _apqns(qids: Iterable[int]) -> str:
+    return ", ".join(qid_str(q) for q in sorted(qids)) or "none"
+
+
+# --- assignment: which session drives which APQN ------------------------------------------------------
+
+
+class Refusal(Exception):
+    """A HELLO the tenancy will not grant: the ERROR ``code`` and the text the client is told."""
+
+    def __init__(self, code: ErrorCode, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    """One session's hold on its APQNs, from the WELCOME that granted them until they are freed.
+
+    ``holder`` is the connection driving it now (None while it is detached, waiting for its client to
+    come back); ``key`` the CURVE public key (Z85) it belongs to, None without CURVE.
+    """
+
+    token: bytes
+    key: str | None
+    qids: frozenset[int]
+    holder: FrameSession | None
+    detached_at: float | None = None
+    resumes: int = 0
+
+
+class Tenancy:
+    """The APQN assignment of one emulator shared by many sessions (see the module doc).
+
+    ``allowed_domains`` bounds every client (None: all); ``matrix`` maps a CURVE public key (Z85, or
+    ``"*"`` for any other key) to the APQNs it may ever have (None: no per-key limit); ``grace`` is how
+    long a dropped session is kept for its client.  ``shared=False`` is a private tenancy (one session,
+    e.g. a USB adapter's host): the default grant is every allowed APQN, and nothing is reserved or
+    zeroized.  ``clock`` reads the time for the grace (the server's monotonic clock; tests pass their
+    own).  ``default_grant``: see :data:`DEFAULT_GRANTS`.  Not thread-safe: the thread that handles
+    frames owns it.
+    """
+
+    def __init__(
+        self,
+        emulator: Any,
+        allowed_domains: Iterable[int] | None = None,
+        *,
+        grace: float = DEFAULT_GRACE,
+        matrix: Mapping[str, Iterable[int]] | None = None,
+        shared: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        default_grant: str = "domain",
+    ) -> None:
+        if not grace >= 0 or grace == float("inf"):
+            raise ValueError(f"session grace must be a finite number of seconds >= 0, got {grace!r}")
+        if default_grant not in DEFAULT_GRANTS:
+            raise ValueError(f"default_grant must be one of {DEFAULT_GRANTS}, got {default_grant!r}")
+        self.default_grant = default_grant
+        self.emulator = emulator
+        self.allowed = None if allowed_domains is None else frozenset(allowed_domains)
+        self.matrix = None if matrix is None else {k: frozenset(v) for k, v in matrix.items()}
+        self.grace = grace
+        self.shared = shared
+        self.clock = clock
+        self.stats: Counter[str] = Counter()
+        self._owner: dict[int, Lease] = {}
+        self._leases: dict[bytes, Lease] = {}
+        self._evicted: list[FrameSession] = []
+
+    # -- queries -----------------------------------------------------------------------------------
+    def owner(self, qid: int) -> Lease | None:
+        """The lease holding ``qid`` (live or waiting for its client), None when it is free."""
+        return self._owner.get(qid)
+
+    def leases(self) -> list[Lease]:
+        return list(self._leases.values())
+
+    def permitted(self, key: str | None) -> frozenset[int]:
+        """Every APQN a client with ``key`` may ever be assigned."""
+        qids = frozenset(self.emulator.qids())
+        if self.allowed is not None:
+            qids = frozenset(q for q in qids if qid_domain(q) in self.allowed)
+        if self.matrix is not None:
+            mine = self.matrix.get(key or "", self.matrix.get("*", frozenset()))
+            qids &= mine
+        return qids
+
+    # -- a session comes, goes, comes back ------------------------------------------------------------
+    def open(self, hello: Hello, key: str | None, session: FrameSession) -> tuple[Lease, bool]:
+        """Grant ``hello`` for ``session``: ``(lease, resumed)``.  Raises :class:`Refusal`."""
+        token = hello.token
+        if token is not None:
+            lease = self._leases.get(token)
+            if lease is not None and lease.key == key:
+                return self._resume(lease, session), True
+            if lease is not None:  # another key's: never shared, never revealed
+                token = None
+            self.stats["unknown_tokens"] += 1  # new, expired, issued before a restart, or not this key's
+        qids = self._assign(hello.domains, key)
+        # the client's own token when it proposed one (see the module doc), else a fresh one
+        lease = Lease(token or secrets.token_bytes(16), key, qids, session)
+        if self.shared:
+            for q in qids:
+                self._owner[q] = lease
+            self._leases[lease.token] = lease
+        self.stats["granted"] += 1
+        return lease, False
+
+    def _resume(self, lease: Lease, session: FrameSession) -> Lease:
+        old = lease.holder
+        if old is not None and old is not session:
+            old.evict()  # a half-dead connection the server has not noticed yet: the client moved on
+            self._evicted.append(old)
+            self.stats["taken_over"] += 1
+        lease.holder = session
+        lease.detached_at = None
+        lease.resumes += 1
+        self.stats["resumed"] += 1
+        return lease
+
+    def _assign(self, domains: tuple[int, ...] | None, key: str | None) -> frozenset[int]:
+        permitted = self.permitted(key)
+        if domains is not None:
+            have = {qid_domain(q) for q in permitted}
+            denied = sorted(set(domains) - have)
+            if denied:
+                raise Refusal(ErrorCode.DOMAIN_DENIED, f"domains {denied} are not granted to this client")
+            wanted = frozenset(q for q in permitted if qid_domain(q) in domains)
+            if not wanted:  # an empty list: a session of nothing, that a client could open in bulk
+                raise Refusal(ErrorCode.DOMAIN_DENIED, "a HELLO's domain list must name a domain")
+            busy = [q for q in wanted if q in self._owner]
+            if busy:
+                raise Refusal(ErrorCode.APQN_IN_USE, f"APQNs {_apqns(busy)} are in use by another session")
+            return wanted
+        if not self.shared:
+            return permitted
+        if not permitted:
+            raise Refusal(ErrorCode.DOMAIN_DENIED, "no APQN is granted to this client")
+        free = permitted - self._owner.keys()
+        if not free:
+            raise Refusal(
+                ErrorCode.APQN_IN_USE,
+                f"no free APQN: all {len(permitted)} this client may have are in use by other sessions",
+            )
+        if self.default_grant == "all":
+            return free
+        return self._default_grant(permitted, free)
+
+    @staticmethod
+    def _default_grant(permitted: frozenset[int], free: frozenset[int]) -> frozenset[int]:
+        """One free domain on every card (see the module doc)."""
+        cards = {qid_card(q) for q in permitted}
+        for d in sorted({qid_domain(q) for q in free}):
+            group = frozenset(q for q in permitted if qid_domain(q) == d)
+            if group <= free and {qid_card(q) for q in group} == cards:
+                return group
+        lowest: dict[int, int] = {}
+        for q in sorted(free):
+            lowest.setdefault(qid_card(q), qid_domain(q))
+        return frozenset(qid_of(c, d) for c, d in lowest.items())
+
+    def leave(self, lease: Lease, session: FrameSession) -> None:
+        """The client said BYE: its APQNs are zeroized and free now."""
+        if lease.holder is session:
+            self._free(lease, "left")
+
+    def detach(self, lease: Lease, session: FrameSession) -> None:
+        """The connection is gone without a BYE: keep the lease for its client for the grace."""
+        if lease.holder is not session:
+            return  # taken over by a resume, or already freed
+        lease.holder = None
+        if not self.shared:
+            return
+        if self.grace <= 0:
+            self._free(lease, "dropped")
+            return
+        lease.detached_at = self.clock()
+        self.stats["detached"] += 1
+        log.info("session holding %s detached; kept %.3g s for its client", _apqns(lease.qids), self.grace)
+
+    def expire(self) -> list[Lease]:
+        """Free the leases whose grace has run out (the server calls this about once a second)."""
+        now = self.clock()
+        gone = [
+            lease
+            for lease in self._leases.values()
+            if lease.holder is None
+            and lease.detached_at is not None
+            and now - lease.detached_at >= self.grace
+        ]
+        for lease in gone:
+            self._free(lease, "expired")
+        return gone
+
+    def take_evicted(self) -> list[FrameSession]:
+        """Sessions whose lease a resume moved to another connection (their owner says BYE to them)."""
+        out, self._evicted = self._evicted, []
+        return out
+
+    def _free(self, lease: Lease, why: str) -> None:
+        if self._leases.pop(lease.token, None) is None:
+            return
+        lease.holder = None
+        for q in lease.qids:
+            if self._owner.get(q) is lease:
+                del self._owner[q]
+            self.emulator.zeroize(q)
+        self.stats[why] += 1
+        log.info("APQNs %s zeroized and free (%s)", _apqns(lease.qids), why)
+
+
+def load_apqn_matrix(path: str | Path, curve_dir: str | Path | None = None) -> dict[str, frozenset[int]]:
+    """Read an APQN matrix file: which APQNs each CURVE client may ever be assigned.
+
+    TOML, one table per client under ``[clients]``, named by its certificate (``clients/NAME.key`` in the
+    CURVE directory), by its Z85 public key, or ``"*"`` for every other allow-listed key::
+
+        [clients.alice]          # vfio-ap style: every card listed x every domain listed
+        cards = [0, 1]
+        domains = [0, 1]
+
+        [clients.bob]            # or APQNs one by one, in sysfs spelling
+        apqns = ["02.0003", "03.0003"]
+
+    ``cards`` defaults to every card.  Returns Z85 key (or ``"*"``) -> qids; raises ``ValueError`` for a
+    malformed file or a client name with no certificate.
+    """
+    raw = tomllib.loads(Path(path).read_text())
+    clients = raw.get("clients")
+    if not isinstance(clients, dict) or set(raw) - {"clients"}:
+        raise ValueError(f"{path}: an APQN matrix holds one [clients.NAME] table per client, nothing else")
+    out: dict[str, frozenset[int]] = {}
+    for name, entry in clients.items():
+        if not isinstance(entry, dict) or not set(entry) <= {"cards", "domains", "apqns"}:
+            raise ValueError(f"{path}: [clients.{name}] takes cards, domains and apqns only")
+        qids: set[int] = set()
+        for text in entry.get("apqns", []):
+            card, _, domain = str(text).partition(".")
+            try:
+                qids.add(qid_of(int(card, 16), int(domain, 16)))
+            except ValueError:
+                raise ValueError(f"{path}: [clients.{name}]: bad APQN {text!r} (want CC.DDDD, hex)") from None
+        if "domains" in entry:
+            cards = entry.get("cards", range(256))
+            qids.update(
+                qid_of(c, d) for c in cards for d in entry["domains"] if 0 <= c < 256 and 0 <= d < 256
+            )
+        out[_client_key(name, curve_dir, path)] = frozenset(qids)
+    return out
+
+
+def _client_key(name: str, curve_dir: str | Path | None, path: str | Path) -> str:
+    if name == "*" or len(name) == 40:
+        return name
+    if curve_dir is not None:
+        cert = Path(curve_dir) / "clients" / f"{name}.key"
+        if cert.is_file():
+            import zmq.auth
+
+            public, _ = zmq.auth.load_certificate(cert)
+            return public.decode("ascii")
+    raise ValueError(f"{path}: client {name!r} has no certificate clients/{name}.key (nor is it a Z85 key)")
+
+
+# --- one session ----------------------------------------------------------------------------------------
 
 
 class FrameSession:
     """The server side of one client's frame conversation with an emulator.
 
-    ``allowed_domains``: the domains the server grants this client (None: every domain).  A HELLO may ask
-    for a subset; asking for more is refused with ERROR DOMAIN_DENIED.  ``notify`` receives INTERRUPT frame
-    bytes (from the emulator's clock thread); without it, WELCOME says interrupts are not supported.
+    ``allowed_domains``: the domains the server grants any client (None: every domain), used when no
+    ``tenancy`` is given (a private one is made).  A shared server passes its :class:`Tenancy` and the
+    connection's CURVE key (``key``, Z85; None without CURVE).  ``notify`` receives INTERRUPT frame bytes
+    (from the emulator's clock thread); without it, WELCOME says interrupts are not supported.
     """
 
     def __init__(
@@ -105,14 +426,18 @@ class FrameSession:
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
         name: str = "",
+        tenancy: Tenancy | None = None,
+        key: str | None = None,
     ) -> None:
         self.emulator = emulator
-        self.allowed: frozenset[int] | None = None if allowed_domains is None else frozenset(allowed_domains)
+        self.tenancy = tenancy if tenancy is not None else Tenancy(emulator, allowed_domains, shared=False)
+        self.key = key
         self.max_frame = max_frame
         self.name = name
         self.stats: Counter[str] = Counter()
+        self.lease: Lease | None = None
         self._notify = notify
-        self._domains: frozenset[int] | None = frozenset()  # nothing before HELLO
+        self._qids: frozenset[int] = frozenset()  # nothing before HELLO
         self._established = False
         self._version = 0
         self._closed = threading.Event()
@@ -128,22 +453,34 @@ class FrameSession:
         return self._closed.is_set()
 
     @property
-    def domains(self) -> frozenset[int] | None:
-        """The domains this session may use (None: all); empty before HELLO."""
-        return self._domains
+    def domains(self) -> frozenset[int]:
+        """The domains of this session's APQNs; empty before HELLO."""
+        return frozenset(qid_domain(q) for q in self._qids)
 
     def may_use(self, qid: int) -> bool:
-        """Domain isolation: is ``qid`` in this session's configuration?"""
-        return self._domains is None or qid_domain(qid) in self._domains
+        """APQN isolation: is ``qid`` assigned to this session?"""
+        return qid in self._qids
 
     def qids(self) -> list[int]:
-        """The emulator's APQNs this session may use (what WELCOME lists)."""
-        return [q for q in self.emulator.qids() if self.may_use(q)]
+        """The APQNs assigned to this session (what WELCOME lists)."""
+        return sorted(self._qids)
 
     def close(self) -> None:
-        """End the session: later interrupts for it are dropped, later frames get NOT_HELLO."""
+        """The connection is gone (dropped, idle, disconnected by the server): later interrupts for it
+        are dropped, later frames get NOT_HELLO, and its APQNs wait the grace for a resume."""
+        if self.lease is not None:
+            self.tenancy.detach(self.lease, self)
+        self._end()
+
+    def evict(self) -> None:
+        """The session was resumed on another connection: this one ends, the lease lives on there."""
+        self.stats["evicted"] += 1
+        self._end()
+
+    def _end(self) -> None:
         self._closed.set()
         self._established = False
+        self._qids = frozenset()
 
     # -- frames in, frames out ---------------------------------------------------------------------
     def handle(self, data: bytes) -> list[bytes]:
@@ -153,7 +490,7 @@ class FrameSession:
             frame = decode_frame(data, max_len=self.max_frame)
         except FormatError as exc:
             return [self._refuse(data, exc)]
-        if isinstance(frame, CommandFrame):
+        if isinstance(frame, Command):
             return [self._command(frame)]
         if isinstance(frame, Ping):
             return [encode_pong(frame.token)]
@@ -163,7 +500,9 @@ class FrameSession:
             return []
         if isinstance(frame, Bye):
             self.stats["bye"] += 1
-            self.close()
+            if self.lease is not None:
+                self.tenancy.leave(self.lease, self)
+            self._end()
             return []
         if isinstance(frame, ErrorFrame):
             # Never answer an ERROR with an ERROR: two confused peers would loop forever.
@@ -191,34 +530,57 @@ class FrameSession:
                 f"versions {hello.min_version}..{hello.max_version} not supported (server speaks {lo}..{hi})"
             )
             return encode_error(0, ErrorCode.BAD_VERSION, text)
-        wanted = None if hello.domains is None else frozenset(hello.domains)
-        if wanted is None:
-            granted = self.allowed
-        else:
-            denied = wanted if self.allowed is None else wanted - self.allowed
-            if self.allowed is not None and denied:
-                self.stats["errors_sent"] += 1
-                return encode_error(0, ErrorCode.DOMAIN_DENIED, f"domains {sorted(denied)} are not granted")
-            granted = wanted
-        self._domains = granted
+        if self.established and self.lease is not None:
+            return self._hello_again(hello, self.lease)
+        try:
+            lease, resumed = self.tenancy.open(hello, self.key, self)
+        except Refusal as no:
+            self.stats["errors_sent"] += 1
+            self.stats[f"refused_{no.code.name.lower()}"] += 1
+            return encode_error(0, no.code, no.text)
+        self.lease = lease
+        self._qids = lease.qids
         self._version = min(hello.max_version, hi)
         self._established = True
         self._closed.clear()
-        self.stats["hello"] += 1
+        self.stats["resumed" if resumed else "hello"] += 1
+        return self._welcome(resumed)
+
+    def _hello_again(self, hello: Hello, lease: Lease) -> bytes:
+        """A second HELLO on an established session: it may repeat what it has, never widen it."""
+        asked = (
+            lease.qids
+            if hello.domains is None
+            else frozenset(q for q in self.emulator.qids() if qid_domain(q) in hello.domains)
+        )
+        if not asked <= lease.qids:
+            self.stats["errors_sent"] += 1
+            self.stats["refused_widen"] += 1
+            text = f"a session cannot be widened: it holds {_apqns(lease.qids)}; open another for more"
+            return encode_error(0, ErrorCode.DOMAIN_DENIED, text)
+        return self._welcome(resumed=False)
+
+    def _welcome(self, resumed: bool) -> bytes:
+        assert self.lease is not None
         return encode_welcome(
-            self.qids(), interrupts=self._notify is not None, version=self._version, max_frame=self.max_frame
+            self.qids(),
+            interrupts=self._notify is not None,
+            version=self._version,
+            max_frame=self.max_frame,
+            resumed=resumed,
+            token=self.lease.token,
         )
 
-    def _command(self, cmd: CommandFrame) -> bytes:
+    def _command(self, cmd: Command) -> bytes:
         if not self.established:
             self.stats["errors_sent"] += 1
             return encode_error(cmd.tag, ErrorCode.NOT_HELLO, "no session: send HELLO first")
         self.stats["commands"] += 1
-        if not self.may_use(cmd.qid):
+        if cmd.qid not in self._qids:
             self.stats["denied"] += 1
             return encode_result(cmd.tag, _NOT_AVAILABLE)
         try:
-            result = EXECUTE[cmd.instr](self.emulator, cmd, self._on_interrupt if self._notify else None)
+            result = self.emulator.execute(cmd, self._on_interrupt if self._notify else None)
             return encode_result(cmd.tag, result)
         except Exception as exc:  # a bug in the emulator must not take the server down
             log.exception("%s: %s on qid %#06x failed", self.name, cmd.instr.name, cmd.qid)
@@ -235,7 +597,4 @@ class FrameSession:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "established" if self._established else "new"
-        return f"<FrameSession {self.name!r} {state} domains={self._describe_domains()}>"
-
-    def _describe_domains(self) -> Any:
-        return "all" if self._domains is None else sorted(self._domains)
+        return f"<FrameSession {self.name!r} {state} apqns={_apqns(self._qids)}>"

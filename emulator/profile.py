@@ -21,7 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from apformats.status import DEFAULT_MAX_MSG_SIZE, ML_CHUNK
+from apformats.status import DEFAULT_MAX_MSG_SIZE, ML_CHUNK, queue_slots
 
 __all__ = [
     "FUNCTION_CLASSES",
@@ -82,7 +82,7 @@ class CardType:
 
     @property
     def slots(self) -> int:
-        return self.qd + 1
+        return queue_slots(self.qd)
 
     @property
     def max_msg_size(self) -> int:

@@ -57,7 +57,16 @@ class Adapter:
 
 @pytest.fixture(scope="module")
 def tcp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = start_server("--profile", PROFILE, "--seed", "11", log_dir=tmp_path_factory.mktemp("contract"))
+    # one client at a time, seeing every APQN as the emu: and usb: adapters do (same outcomes everywhere)
+    srv = start_server(
+        "--profile",
+        PROFILE,
+        "--seed",
+        "11",
+        "--default-grant",
+        "all",
+        log_dir=tmp_path_factory.mktemp("contract"),
+    )
     SHARED_CHILDREN.add(srv.proc.pid)
     try:
         yield srv

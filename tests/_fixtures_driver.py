@@ -130,9 +130,9 @@ class Script:
                     self.history.append(c)
                     em.commands.append(c)
             elif isinstance(a, ArmTimer):
-                assert a.delay >= 0, a
-                self.timers[a.key] = self.now + a.delay
-                em.armed[a.key] = a.delay
+                assert a.at >= self.now, a  # absolute deadlines, never in the past
+                self.timers[a.key] = a.at
+                em.armed[a.key] = a.at - self.now
             elif isinstance(a, CancelTimer):
                 self.timers.pop(a.key, None)
                 em.cancelled.append(a.key)

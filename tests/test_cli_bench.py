@@ -11,6 +11,14 @@ from apcrypto.bench import OPS, percentiles, run_bench
 from apcrypto.cli import main
 
 
+def test_depth_ranges_are_powers_of_two() -> None:
+    from apcrypto.cli import _depths
+
+    assert _depths("1-64") == [1, 2, 4, 8, 16, 32, 64]
+    assert _depths("3-20") == [3, 6, 12]
+    assert _depths("1,8, 64") == [1, 8, 64]
+
+
 def test_percentiles_are_nearest_rank_in_milliseconds() -> None:
     got = percentiles([i / 1000 for i in range(100, 0, -1)])  # 100..1 ms, descending
     assert got == pytest.approx({"p50": 50.0, "p90": 90.0, "p99": 99.0, "max": 100.0, "mean": 50.5})
@@ -64,6 +72,10 @@ def test_duration_clients_and_every_op_name() -> None:
     res = run_bench("emu:fast", ["crt-1k"], [2], 3, duration=0.3, raw=False)
     (p,) = res["points"]
     assert p["clients"] == 3 and p["completed"] > 0 and p["errors"] == {} and 0.3 <= p["seconds"] < 30
+    # each client drives its own domains (4 on this profile): all four carried work
+    assert {q[3:] for q in p["utilisation"]["apqns"]} == {"0000", "0001", "0002", "0003"}
+    with pytest.raises(ValueError, match="each client needs its own"):
+        run_bench("emu:fast", ["me-1k"], [1], 5, requests=10, raw=False)
 
 
 @pytest.mark.parametrize(
@@ -71,6 +83,8 @@ def test_duration_clients_and_every_op_name() -> None:
     [
         (["--op", "me-3k"], "unknown --op ['me-3k']"),
         (["--depth", "0"], "--depth and --clients must be >= 1"),
+        (["--depth", "0-64"], "give N, a list such as 1,8,64, or a range"),
+        (["--depth", "fast"], "give N, a list such as 1,8,64, or a range"),
         (["--requests", "5", "--duration", "1"], "not both"),
     ],
 )

@@ -120,3 +120,11 @@ def test_a_closed_pipe_ends_the_listing_quietly() -> None:
     assert "status=1" in res.stdout
     head = _run(f"{sys.executable} -m apcrypto list -V | head -2")
     assert len(head.stdout.splitlines()) == 2 and "Traceback" not in head.stderr
+
+
+def test_both_commands_tell_their_version() -> None:
+    import apcrypto
+
+    for cmd, name in (("-m apcrypto --version", "apcrypto"), ("-m emulator --version", "apcrypto-emulator")):
+        res = _run(f"{sys.executable} {cmd}")
+        assert res.returncode == 0 and res.stdout.strip() == f"{name} {apcrypto.__version__}"

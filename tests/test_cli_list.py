@@ -25,8 +25,8 @@ def _out(capsys: pytest.CaptureFixture[str], *argv: str) -> list[str]:
 def test_requests_are_the_cards_count_of_every_clients_work() -> None:
     emu = Emulator("default", clock="virtual")
     with (
-        apcrypto.connect("emu:", emulator=emu, config="fast") as a,
-        apcrypto.connect("emu:", emulator=emu, config="fast") as b,
+        apcrypto.connect("emu:", emulator=emu, config="fast", domains=[0, 1]) as a,
+        apcrypto.connect("emu:", emulator=emu, config="fast", domains=[2, 3]) as b,
     ):
         assert a.wait_ready(10) and b.wait_ready(10)
         futs = [a.mod_expo(b"\x02", 3, MOD) for _ in range(30)] + [b.counter_increment(1) for _ in range(7)]

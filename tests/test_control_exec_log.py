@@ -183,7 +183,7 @@ def test_what_a_client_was_told_is_on_disk_after_a_sigkill(server_factory, tmp_p
     q = qid_of(0, 1)
     received: dict[int, int] = {}
     tags = iter(range(1, 10_000))
-    with open_transport(srv.data, timeout=2.0) as t:
+    with open_transport(srv.data, timeout=2.0, domains=[1]) as t:
         for batch in (range(500, 506), range(506, 512), range(512, 518)):
             for psmid in batch:
                 msg = build_mex(psmid, E, k.n)
@@ -215,3 +215,41 @@ def test_the_fast_json_of_a_log_page_matches_the_generic_one() -> None:
         {"type": "Execution", **{f.name: getattr(e, f.name) for f in dataclasses.fields(e)}} for e in entries
     ]
     assert _executions(entries) == generic
+
+
+def test_control_answers_encode_to_the_same_json_either_way() -> None:
+    """The server encodes answers with orjson, falling back to the standard encoder for what orjson
+    refuses; either way a reader decodes the same data."""
+    import json
+
+    from emulator.server import _dumps, jsonable
+
+    emu = twin(None)
+    run_all(emu, [1, (1 << 64) - 1])
+    rows, nxt, oldest, end, _ = emu.execution_log.page_rows(0, 10)
+    page = {"id": 3, "ok": True, "result": {"rows": rows, "next": nxt, "oldest": oldest, "end": end}}
+    listing = {"id": 4, "ok": True, "result": jsonable(emu.execution_log.entries())}
+    huge = {"id": 5, "ok": True, "result": 1 << 70}  # beyond orjson: the fallback
+    for answer in (page, listing, huge):
+        assert json.loads(_dumps(answer)) == json.loads(json.dumps(answer))
+
+
+def test_the_psmid_index_follows_eviction_of_repeated_psmids() -> None:
+    """A psmid sent several times keeps exactly its entries still in the ring, in order."""
+    log = ExecutionLog(capacity=3)
+    for qid in (1, 2, 3):
+        log._add(7, qid, "MEX_1K", 0.0)
+    assert [e.qid for e in log.for_psmid(7)] == [1, 2, 3]
+    log._add(8, 4, "MEX_1K", 0.0)
+    assert [e.qid for e in log.for_psmid(7)] == [2, 3]
+    log._add(9, 5, "MEX_1K", 0.0)
+    assert [e.qid for e in log.for_psmid(7)] == [3]
+    log._add(7, 6, "MEX_1K", 0.0)  # evicts the last old 7 and adds a new one
+    assert [e.qid for e in log.for_psmid(7)] == [6] and [e.qid for e in log.for_psmid(8)] == [4]
+    log._add(10, 7, "MEX_1K", 0.0)
+    log._add(11, 8, "MEX_1K", 0.0)
+    assert [e.qid for e in log.for_psmid(7)] == [6] and log.for_psmid(8) == []
+    log._add(12, 9, "MEX_1K", 0.0)
+    assert log.for_psmid(7) == [] and not log.started(7) and log.starts(7) == 0
+    assert [e.psmid for e in log.entries()] == [10, 11, 12]
+    assert log._by_psmid.keys() == {10, 11, 12}  # nothing of the evicted psmids lingers

@@ -9,8 +9,10 @@ whole log on the serving thread, stalling the data plane for 1-2 s), not speed t
 from __future__ import annotations
 
 import os
+import signal
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import apcrypto
-from tests._fixtures_zmq import ServerProcess, server_factory
+from tests._fixtures_zmq import ROOT, ServerProcess, server_factory
 
 __all__ = ["server_factory"]
 
@@ -26,6 +28,29 @@ MOD_1K = (1 << 1023) | 0x1D7
 #: Requests of the RSS soak (override with APCRYPTO_SOAK_REQUESTS for a quicker look).
 REQUESTS = int(os.environ.get("APCRYPTO_SOAK_REQUESTS", "1000000"))
 WINDOW = 256
+
+#: A control-plane reader that pages through the whole log again and again until SIGINT, then prints
+#: each page's round-trip time (seconds).
+READER = """
+import sys, time
+from emulator.control_client import ControlClient
+times = []
+with ControlClient(sys.argv[1], timeout=30, token_file=sys.argv[2]) as c:
+    print("reading", flush=True)
+    try:
+        while True:
+            cursor = 0
+            while True:
+                t0 = time.perf_counter()
+                page = c.execution_log_page(cursor, 1000)
+                times.append(time.perf_counter() - t0)
+                if not page["entries"]:
+                    break
+                cursor = page["next"]
+    except KeyboardInterrupt:
+        pass
+print(" ".join(map(str, times)))
+"""
 
 
 def rss_mib(pid: int) -> float:
@@ -92,28 +117,22 @@ def test_paged_log_reads_do_not_stall_the_data_plane(server_factory: Callable[..
             return out
 
         quiet = latencies(2000)
-        pages: list[float] = []
-        stop = threading.Event()
-
-        def reader() -> None:
-            with srv.control_client(timeout=30) as c:
-                while not stop.is_set():
-                    cursor = 0
-                    while not stop.is_set():
-                        t0 = time.perf_counter()
-                        page = c.execution_log_page(cursor, 1000)
-                        pages.append(time.perf_counter() - t0)
-                        if not page["entries"]:
-                            break
-                        cursor = page["next"]
-
-        th = threading.Thread(target=reader)
-        th.start()
+        # the reader is another process (as an operator's would be), so it takes no GIL from the client
+        reader = subprocess.Popen(
+            [sys.executable, "-c", READER, srv.control, str(srv.token_file)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         try:
+            assert reader.stdout is not None
+            assert reader.stdout.readline().strip() == "reading"
             busy = latencies(2000)
         finally:
-            stop.set()
-            th.join(60)
+            reader.send_signal(signal.SIGINT)
+            out, _ = reader.communicate(timeout=60)
+        pages = [float(x) for x in out.split()]
 
     def q(xs: list[float], p: float) -> float:
         return sorted(xs)[min(len(xs) - 1, int(p * len(xs)))] * 1000
@@ -128,4 +147,4 @@ def test_paged_log_reads_do_not_stall_the_data_plane(server_factory: Callable[..
         f"p99 {q(busy, 0.99):.1f} ms max {max(busy) * 1000:.1f} ms"
     )
     assert len(pages) >= 100  # the whole ring was read at least once
-    assert max(busy) < 0.5  # no stall of the order the one-shot read caused (1-2 s)
+    assert q(busy, 0.99) < 200.0  # ms: no stall of the order the one-shot read caused (1-2 s)

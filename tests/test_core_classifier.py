@@ -198,26 +198,32 @@ def test_cca_return_codes() -> None:
 
 
 @pytest.fixture
-def fresh_log(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, int]]:
-    """A clean "already logged" set, so the test sees the first warning whatever ran before."""
-    seen: set[tuple[str, int]] = set()
-    monkeypatch.setattr(classifier, "_logged_unknown", seen)
-    return seen
+def clf() -> classifier.Classifier:
+    """A fresh classifier (one per driver core): its "already logged" set starts empty."""
+    return classifier.Classifier()
+
+
+def test_the_classifier_keeps_no_process_wide_state() -> None:
+    """Two cores' classifiers log independently; the module holds no mutable set."""
+    a, b = classifier.Classifier(), classifier.Classifier()
+    a.rc("NQAP", 0xEE)
+    assert a.unknown_seen == {("NQAP", 0xEE)} and b.unknown_seen == set()
+    assert not [v for v in vars(classifier).values() if isinstance(v, set)]
 
 
 UNKNOWN_RCS = [c for c in range(256) if c not in {int(r) for r in RC}]
 
 
 @pytest.mark.parametrize("src", SOURCES)
-def test_every_unknown_response_code_takes_the_queue_offline(src: str, fresh_log: set) -> None:
+def test_every_unknown_response_code_takes_the_queue_offline(src: str, clf: classifier.Classifier) -> None:
     for code in UNKNOWN_RCS:
-        row = classify_rc(src, code)
-        assert row is DEFAULTS["RC"]
+        row = clf.rc(src, code)
+        assert row is DEFAULTS["RC"] is classify_rc(src, code)
         assert row.verdict is V.TAKE_OFFLINE
-    assert {(s, c) for s, c in fresh_log} == {(src, c) for c in UNKNOWN_RCS}
+    assert {(s, c) for s, c in clf.unknown_seen} == {(src, c) for c in UNKNOWN_RCS}
 
 
-def test_every_unknown_reply_code_is_offline_and_may_have_run(fresh_log: set) -> None:
+def test_every_unknown_reply_code_is_offline_and_may_have_run() -> None:
     known = {int(c) for c in RY}
     for code in range(256):
         if code in known:
@@ -227,19 +233,19 @@ def test_every_unknown_reply_code_is_offline_and_may_have_run(fresh_log: set) ->
         assert row.verdict is V.TAKE_OFFLINE and row.may_have_run is True
 
 
-def test_unknown_cca_return_code(fresh_log: set) -> None:
+def test_unknown_cca_return_code() -> None:
     row = classify_cca(77)
     assert row is DEFAULTS["CCA"]
     assert row.verdict is V.TAKE_OFFLINE and row.may_have_run is True
 
 
-def test_unknown_codes_are_logged_once(caplog: pytest.LogCaptureFixture, fresh_log: set) -> None:
+def test_unknown_codes_are_logged_once(caplog: pytest.LogCaptureFixture, clf: classifier.Classifier) -> None:
     caplog.set_level(logging.WARNING, logger="apcrypto.classifier")
     for _ in range(3):
-        classify_rc("NQAP", 0xEE)
-        classify_rc("DQAP", 0xEE)
-        classify_reply(0xEE)
-        classify_cca(99)
+        clf.rc("NQAP", 0xEE)
+        clf.rc("DQAP", 0xEE)
+        clf.reply(0xEE)
+        clf.cca(99)
     msgs = [r.getMessage() for r in caplog.records if r.name == "apcrypto.classifier"]
     assert len(msgs) == 4, msgs
     assert sum("NQAP" in m for m in msgs) == 1
@@ -254,12 +260,12 @@ def test_unknown_source_is_a_programming_error() -> None:
         classify_rc("PQAP", 0xEE)
 
 
-def test_known_codes_are_not_logged(caplog: pytest.LogCaptureFixture, fresh_log: set) -> None:
+def test_known_codes_are_not_logged(caplog: pytest.LogCaptureFixture, clf: classifier.Classifier) -> None:
     caplog.set_level(logging.DEBUG, logger="apcrypto.classifier")
     for src in SOURCES:
         for rc in RC:
-            classify_rc(src, rc)
+            clf.rc(src, rc)
     for code in RY:
-        classify_reply(code, MF.IN_PROCESS)
-    assert not fresh_log
+        clf.reply(code, MF.IN_PROCESS)
+    assert not clf.unknown_seen
     assert not [r for r in caplog.records if r.name == "apcrypto.classifier"]

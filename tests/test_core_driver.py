@@ -779,3 +779,42 @@ def test_transport_package_reexports_the_core_events() -> None:
 
     for name in ("Command", "Completion", "Interrupt", "TransportLost", "PeerRestored"):
         assert getattr(base, name) is getattr(events, name)
+
+
+def test_public_queries_report_readiness_backlog_and_queue_snapshots() -> None:
+    """What the client and runners ask the core, without reaching into its records."""
+    s = Script()
+    s.add_queue(Q0)
+    assert not s.core.ready() and s.core.bringing_up()
+    s = up(Q0, hw=replace(HW_ACCEL, qd=0))
+    assert s.core.ready() and not s.core.bringing_up()
+    s.submit(me_request(2, K))
+    s.submit(me_request(3, K))
+    assert s.core.backlog_size == 1 and s.core.undecided() == 2
+    view = s.core.queue_states()[Q0]
+    assert view.state is QState.QUEUE_FULL and view.held == 1 and view.slots == 1 and view.mode == "accel"
+    with pytest.raises(AttributeError):
+        view.held = 0  # type: ignore[misc]  # a frozen snapshot
+
+    assert s.core.handle([], s.now) == []
+
+
+def test_timers_are_typed_keys_at_absolute_deadlines() -> None:
+    """ArmTimer carries an absolute deadline on the runner's clock and a TimerKey that still equals
+    the plain tuple; re-arming keeps an earlier pending deadline however late it is asked."""
+    from apcrypto.core.actions import ArmTimer
+    from apcrypto.core.timers import TimerKey
+
+    s = up(Q0)
+    s.now = 10.0
+    rid, actions = s.core.submit(me_request(2, K), deadline=0.5, now=s.now)
+    arms = [a for a in actions if isinstance(a, ArmTimer)]
+    dl = next(a for a in arms if a.key[0] == "deadline")
+    assert isinstance(dl.key, TimerKey) and dl.key == ("deadline", rid) and dl.at == 10.5
+    reply = next(a for a in arms if a.key[0] == "reply")
+    assert reply.at == 10.0 + FAST.reply_timeout
+    s._take(actions)
+    # a second request a moment later must not push the pending reply timer back
+    s.now = 10.2
+    s.submit(me_request(3, K))
+    assert s.timers[("reply", Q0)] == 10.0 + FAST.reply_timeout

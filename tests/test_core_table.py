@@ -1,8 +1,9 @@
-"""The per-queue state machine table (DESIGN §4.4, reference §3.2): every cell names a real step.
+"""The per-queue state machine table (DESIGN §4.4, reference §3.2): every cell is a real step.
 
-``queue.TABLE[state][event]`` is data; ``DriverCore._step_<name>`` is the code.  A typo in either
-would only show up when that (state, event) pair happens at run time, perhaps in a failure path
-nobody exercised, so check every cell here, and check that each step returns a ``Wait``.
+``driver.TABLE[state][event]`` holds the step functions themselves (as ``ap_jumptable`` holds
+function pointers), so mypy checks each cell; a missing cell fails at import, and a state with no
+row raises :class:`QueueProtocolError` naming the state, the event and the instruction.  Every cell
+is run here once, and must return a ``Wait``.
 """
 
 from __future__ import annotations
@@ -12,11 +13,29 @@ import inspect
 import pytest
 
 from apcrypto.core.config import FAST, DriverConfig
-from apcrypto.core.driver import DriverCore
-from apcrypto.core.queue import STATE_LIMITS, TABLE, QEvent, QState, Queue, Wait
-from apformats.results import qid_of
+from apcrypto.core.driver import TABLE, DriverCore, QueueProtocolError
+from apcrypto.core.queue import STATE_LIMITS, QEvent, QState, Queue, Wait
+from apformats.results import Instr, qid_of
 
 CELLS = [(s, e) for s in QState for e in QEvent]
+
+
+def name(state: QState, event: QEvent) -> str:
+    return TABLE[state][event].__name__.removeprefix("_step_")
+
+
+def test_a_missing_cell_names_state_event_and_instruction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like h11's LocalProtocolError: what the machine was asked to do that it has no cell for."""
+    core = DriverCore(FAST, supports_interrupts=True)
+    qid = qid_of(0, 0)
+    q = Queue(qid, state=QState.IDLE, mode="accel", slots=8)
+    core.queues[qid] = q
+    monkeypatch.setattr(QState.IDLE, "jump", ())
+    core._instr = Instr.DQAP
+    with pytest.raises(QueueProtocolError, match=r"'idle', event 'kick'.*DQAP") as err:
+        core._run(q, QEvent.KICK)
+    assert err.value.state is QState.IDLE and err.value.event is QEvent.KICK
+    assert err.value.instr is Instr.DQAP
 
 
 def test_every_state_has_a_row_and_every_row_every_event() -> None:
@@ -26,16 +45,13 @@ def test_every_state_has_a_row_and_every_row_every_event() -> None:
 
 
 @pytest.mark.parametrize(("state", "event"), CELLS, ids=[f"{s.value}-{e.value}" for s, e in CELLS])
-def test_cell_names_an_existing_step(state: QState, event: QEvent) -> None:
-    name = TABLE[state][event]
-    step = getattr(DriverCore, "_step_" + name, None)
-    assert step is not None, f"TABLE[{state}][{event}] = {name!r}: no DriverCore._step_{name}"
+def test_cell_is_a_step_function_of_the_core(state: QState, event: QEvent) -> None:
+    step = TABLE[state][event]
+    assert getattr(DriverCore, step.__name__) is step, step
     params = list(inspect.signature(step).parameters)
-    assert params == ["self", "q"], (name, params)
-    # the hot path reads the step names precomputed on the state: they must agree with the table
-    steps = getattr(state, "steps", None)
-    if steps is not None:
-        assert steps[[QEvent.KICK, QEvent.TIMEOUT].index(event)] == "_step_" + name
+    assert params == ["self", "q"], (step.__name__, params)
+    # the hot path reads the row installed on the state: it must be the table's
+    assert state.jump[[QEvent.KICK, QEvent.TIMEOUT].index(event)] is step
 
 
 @pytest.mark.parametrize(("state", "event"), CELLS, ids=[f"{s.value}-{e.value}" for s, e in CELLS])
@@ -45,14 +61,14 @@ def test_every_cell_runs_and_returns_a_wait(state: QState, event: QEvent) -> Non
     qid = qid_of(0, 0)
     q = Queue(qid, state=state, mode="accel", slots=8)
     core.queues[qid] = q
-    wait = getattr(core, "_step_" + TABLE[state][event])(q)
+    wait = TABLE[state][event](core, q)
     assert isinstance(wait, Wait)
     core._flush()
 
 
 def test_no_step_is_unused() -> None:
     """Every ``_step_*`` method is reachable from the table (directly or as a helper of a step)."""
-    named = {v for row in TABLE.values() for v in row.values()}
+    named = {v.__name__[len("_step_") :] for row in TABLE.values() for v in row.values()}
     steps = {n[len("_step_") :] for n in dir(DriverCore) if n.startswith("_step_")}
     helpers = {"reset", "probe", "read", "drain", "await"}  # called by other steps
     assert steps - named <= helpers, steps - named
@@ -61,25 +77,25 @@ def test_no_step_is_unused() -> None:
 
 def test_kernel_shape_of_the_table() -> None:
     """Where our states are the kernel's, the cells do the kernel's step (reference §3.2)."""
-    assert TABLE[QState.RESET_START][QEvent.TIMEOUT] == "reset"
-    assert TABLE[QState.RESET_WAIT][QEvent.TIMEOUT] == "tapq"
-    assert TABLE[QState.SETIRQ_WAIT][QEvent.TIMEOUT] == "tapq"
-    assert TABLE[QState.IDLE][QEvent.KICK] == "write"
-    assert TABLE[QState.IDLE][QEvent.TIMEOUT] == "nop"
-    assert TABLE[QState.WORKING][QEvent.TIMEOUT] == "read_write"
-    assert TABLE[QState.QUEUE_FULL][QEvent.TIMEOUT] == "read"
+    assert name(QState.RESET_START, QEvent.TIMEOUT) == "reset"
+    assert name(QState.RESET_WAIT, QEvent.TIMEOUT) == "tapq"
+    assert name(QState.SETIRQ_WAIT, QEvent.TIMEOUT) == "tapq"
+    assert name(QState.IDLE, QEvent.KICK) == "write"
+    assert name(QState.IDLE, QEvent.TIMEOUT) == "nop"
+    assert name(QState.WORKING, QEvent.TIMEOUT) == "read_write"
+    assert name(QState.QUEUE_FULL, QEvent.TIMEOUT) == "read"
     # our additions: recovery-wait drains (never resets: that would drop the stored replies) and
     # an offline queue is re-probed by its timer, never by new work; a kick (the end of a control
     # instruction that made the timer skip its TAPQ) only pays the re-probe the timer owed
-    assert "reset" not in TABLE[QState.RECOVERY_WAIT][QEvent.KICK]
-    assert "reset" not in TABLE[QState.RECOVERY_WAIT][QEvent.TIMEOUT]
-    assert TABLE[QState.OFFLINE][QEvent.KICK] == "reprobe_if_due"
-    assert TABLE[QState.OFFLINE][QEvent.TIMEOUT] == "reprobe"
+    assert "reset" not in name(QState.RECOVERY_WAIT, QEvent.KICK)
+    assert "reset" not in name(QState.RECOVERY_WAIT, QEvent.TIMEOUT)
+    assert name(QState.OFFLINE, QEvent.KICK) == "reprobe_if_due"
+    assert name(QState.OFFLINE, QEvent.TIMEOUT) == "reprobe"
 
 
 def test_queue_full_never_writes() -> None:
     for event in QEvent:
-        assert "write" not in TABLE[QState.QUEUE_FULL][event]
+        assert "write" not in name(QState.QUEUE_FULL, event)
 
 
 def test_state_limits_name_config_fields_and_bound_every_transient_state() -> None:
@@ -119,3 +135,26 @@ def test_queue_slot_accounting() -> None:
     assert q.has_free_slot()
     q.full_hold = True
     assert not q.has_free_slot()
+
+
+def test_outbox_is_the_one_writer_of_actions() -> None:
+    """The batch goes out first as one Execute; timers keep the earlier deadline unless forced;
+    withdraw takes back one queue's NQAPs not yet sent and forgets their tags."""
+    from apcrypto.core.actions import ArmTimer, CancelTimer, Execute, Resolve
+    from apcrypto.core.outbox import Outbox
+
+    out = Outbox()
+    t1 = out.emit(1, Instr.NQAP, psmid=11)
+    t2 = out.emit(2, Instr.NQAP, psmid=12)
+    t3 = out.emit(1, Instr.DQAP)
+    out.arm(("poll", 1), 5.0)
+    out.arm(("poll", 1), 6.0)  # later: the pending 5.0 stays
+    out.resolve(7, b"x", None)
+    assert [c.tag for c in out.withdraw(1)] == [t1]
+    assert out.settle(t1) is None and out.settle(t2) == (2, Instr.NQAP, 12)
+    actions = out.take()
+    assert isinstance(actions[0], Execute) and [c.tag for c in actions[0].commands] == [t2, t3]
+    assert actions[1:] == [ArmTimer(("poll", 1), 5.0), Resolve(7, b"x", None)]
+    out.arm(("poll", 1), 6.0, force=True)
+    out.cancel_all()
+    assert out.take() == [ArmTimer(("poll", 1), 6.0), CancelTimer(("poll", 1))] and not out.armed

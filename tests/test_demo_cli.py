@@ -131,7 +131,7 @@ def test_soak_200_default_demos() -> None:
     for i in range(200):
         rc, text = _demo(seed=1000 + i)
         f = _figures(text)
-        if rc != 0 or f["progress_ms"] != f["summary_ms"]:
+        if rc != 0 or f["progress_ms"] != f["summary_ms"] or not all(0 <= p <= 100 for p in f["percents"]):  # type: ignore[attr-defined]
             failures.append((1000 + i, text))
     assert not failures, failures[:3]
 
@@ -144,7 +144,12 @@ def test_soak_200_small_demos() -> None:
     for i in range(200):
         rc, text = _demo(seed=2000 + i, requests=1 + i % 10)
         f = _figures(text)
-        if rc != 0 or f["progress_ms"] != f["summary_ms"] or f["negatives"]:
+        if (
+            rc != 0
+            or f["progress_ms"] != f["summary_ms"]
+            or f["negatives"]
+            or not all(0 <= p <= 100 for p in f["percents"])
+        ):  # type: ignore[attr-defined]
             failures.append((2000 + i, text))
     assert not failures, failures[:3]
 

@@ -340,6 +340,51 @@ def test_zapq_zeroizes_key_slots(default_emu: Emulator) -> None:
     assert store.key_slots == {} and store.counter == 1  # the counter is monotonic hardware state
 
 
+def test_zeroize_takes_an_apqn_back_whatever_the_card_state(default_emu: Emulator) -> None:
+    """What the server does when a session's grace ends: held work and replies (stored machine-
+    failure replies too) discarded, key slots cleared, other domains untouched."""
+    from apformats.messages import build_cprb
+
+    emu = default_emu
+    cca, other = qid_of(2, 0), qid_of(2, 1)
+    emu.nqap(cca, 1, build_cprb("KS", 0, b"\x03secret"))
+    emu.nqap(other, 9, build_cprb("KS", 1, b"\x03theirs"))
+    emu.clock.run_until_idle()
+    drain(emu, cca)
+    drain(emu, other)
+    emu.nqap(cca, 2, counter_increment(0))
+    emu.control.machine_failure(2, recovery_time=1.0)  # psmid 2 now a stored machine-failure reply
+    assert emu.dqap(cca).status.rc == NO_PENDING_REPLY  # held until recovery completes
+    emu.zeroize(cca)
+    assert emu.stores[(2, 0)].key_slots == {} and emu.stores[(2, 1)].key_slots == {3: b"theirs"}
+    assert [e.outcome for e in emu.execution_log.for_psmid(2)] == ["discarded"]
+    emu.clock.run_until_idle()  # the card's recovery ends; nothing of the old holder is left
+    assert emu.tapq(cca).status.rc == RC.NORMAL and drain(emu, cca) == []
+    emu.zeroize(qid_of(0, 0))
+    assert emu.tapq(qid_of(0, 0)).status.rc == RC.NORMAL  # handed over clean at once, not resetting
+    emu.zeroize(qid_of(9, 0))  # an APQN the emulator lacks: nothing to take back
+
+
+def test_execute_is_the_one_instruction_entry(small_exact: Emulator) -> None:
+    from apformats.frames import Command
+
+    emu = small_exact
+    seen: list[int] = []
+    tapq = emu.execute(Command(1, Instr.TAPQ, Q00, flag=True))
+    assert tapq == emu.tapq(Q00, t_bit=True) and tapq.hwinfo is not None
+    assert emu.execute(Command(2, Instr.TAPQ, Q00)).hwinfo is None  # T bit off
+    assert emu.execute(Command(3, Instr.AQIC, Q00, flag=True), seen.append).status.irq_enabled
+    assert emu.execute(Command(4, Instr.NQAP, Q00, 0x77, mex(5))).status.rc == RC.NORMAL
+    emu.clock.run_until_idle()
+    assert seen == [Q00]  # the notify an enabling AQIC registered
+    res = emu.execute(Command(5, Instr.DQAP, Q00))
+    assert res.psmid == 0x77 and result_int(res) == pow(5, 65537, key().n)
+    assert emu.execute(Command(6, Instr.NQAP, Q00, 1, mex(5), special=True)).status.rc == RC.REQ_FAC_NOT_INST
+    assert not emu.execute(Command(7, Instr.AQIC, Q00, flag=False), seen.append).status.irq_enabled
+    assert emu.execute(Command(8, Instr.RAPQ, Q00)).status.rc == RC.NORMAL
+    assert emu.execute(Command(9, Instr.ZAPQ, Q00)).status.rc == RC.RESET_IN_PROGRESS
+
+
 # --- AQIC ---------------------------------------------------------------------------------------
 
 

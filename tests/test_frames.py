@@ -58,8 +58,17 @@ frames = st.one_of(
         st.integers(0, 255),
         st.integers(0, 255),
         st.none() | st.lists(st.integers(0, 255), max_size=20).map(tuple),
+        st.none() | st.binary(min_size=16, max_size=16),
     ),
-    st.builds(Welcome, st.integers(0, 255), st.lists(u16, max_size=20).map(tuple), st.booleans(), u32),
+    st.builds(
+        Welcome,
+        st.integers(0, 255),
+        st.lists(u16, max_size=20).map(tuple),
+        st.booleans(),
+        u32,
+        st.booleans(),
+        st.none() | st.binary(min_size=16, max_size=16),
+    ),
     st.builds(
         CommandFrame, u32, st.sampled_from(list(Instr)), u16, u64, small_bytes, st.booleans(), st.booleans()
     ),
@@ -98,6 +107,8 @@ EXAMPLES = [
     Hello(1, 1, ()),
     Welcome(1, (0x0001, 0x0105), True, 4096),
     Welcome(1, (), False),
+    Hello(1, 1, None, bytes(range(16))),
+    Welcome(1, (0x0203,), True, 65536, True, b"\xff" * 16),
     CommandFrame(7, Instr.NQAP, 0x0105, 0xDEADBEEF, b"\x00\x50abc", flag=False, special=True),
     CommandFrame(8, Instr.AQIC, 0x0001, flag=True),
     CommandFrame(0xFFFFFFFF, Instr.TAPQ, 0xFFFF),
@@ -141,6 +152,12 @@ def test_helpers_match_dataclasses() -> None:
     assert decode_frame(encode_hello([1, 2])) == Hello(1, 1, (1, 2))
     assert decode_frame(encode_hello()) == Hello()
     assert decode_frame(encode_welcome([5], interrupts=True)) == Welcome(1, (5,), True)
+    token = bytes(range(16))
+    assert decode_frame(encode_hello([3], token=token)) == Hello(1, 1, (3,), token)
+    resumed = decode_frame(encode_welcome([5], interrupts=False, resumed=True, token=token))
+    assert resumed == Welcome(1, (5,), False, resumed=True, token=token)
+    with pytest.raises(ValueError):
+        encode_hello(token=b"short")  # a token is exactly 16 bytes
     assert decode_frame(encode_command(1, Instr.DQAP, 5)) == CommandFrame(1, Instr.DQAP, 5)
     assert decode_frame(encode_interrupt(5)) == InterruptFrame(5)
     assert decode_frame(encode_error(2, ErrorCode.TOO_BIG, "x")) == ErrorFrame(2, ErrorCode.TOO_BIG, "x")

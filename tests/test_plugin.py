@@ -55,10 +55,23 @@ def test_no_plugin_fixture_shadows_a_project_fixture() -> None:
 
 
 def test_the_worked_example_of_the_docs_passes(pytester: pytest.Pytester) -> None:
+    """The example as a user's test file, next to one failing server test: that one's report carries
+    the server's log, and the session's server is gone afterwards (one pytest run for both)."""
     code, passed = doc_example()
-    pytester.makepyfile(test_example=code)
+    failing = """
+import pytest
+
+@pytest.mark.apcrypto(transport="tcp")
+def test_fails(apcrypto_client, apcrypto_server):
+    open("server.pid", "w").write(str(apcrypto_server.proc.pid))
+    assert apcrypto_client.mod_expo(b"\\x02", 3, 0xFFFF1).result(10) == b"nope"
+"""
+    pytester.makepyfile(test_example=code, test_failing=failing)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=300)
-    result.assert_outcomes(passed=passed)
+    result.assert_outcomes(passed=passed, failed=1)
+    result.stdout.fnmatch_lines(["*apcrypto server log (*apcrypto-server-*.log)*"])
+    pid = int((pytester.path / "server.pid").read_text())
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
 
 
 def test_ini_options_choose_the_emulator(pytester: pytest.Pytester) -> None:
@@ -72,24 +85,6 @@ def test_ini_options_choose_the_emulator(pytester: pytest.Pytester) -> None:
         """
     )
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
-
-
-def test_a_failing_test_gets_the_server_log_and_the_server_stops(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(
-        """
-        import pytest
-
-        @pytest.mark.apcrypto(transport="tcp")
-        def test_fails(apcrypto_client, apcrypto_server):
-            open("server.pid", "w").write(str(apcrypto_server.proc.pid))
-            assert apcrypto_client.mod_expo(b"\\x02", 3, 0xFFFF1).result(10) == b"nope"
-        """
-    )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=300)
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*apcrypto server log (*apcrypto-server-*.log)*"])
-    pid = int((pytester.path / "server.pid").read_text())
-    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
 
 
 def test_the_checker_fails_a_test_whose_outcomes_disagree(pytester: pytest.Pytester) -> None:

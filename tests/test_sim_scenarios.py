@@ -33,6 +33,7 @@ from apformats.codes import ReplyCode as RY
 from apformats.codes import ResponseCode as RC
 from apformats.results import qid_of, qid_str
 from emulator import Emulator
+from emulator.core import INSTRUCTIONS
 from tests._fixtures_driver import (
     check_verdicts,
     crt_request,
@@ -232,6 +233,10 @@ class OverstatedDepth:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._emu, name)
+
+    def execute(self, command: Any, notify: Any = None) -> Any:
+        """The emulator's one instruction entry, dispatched on this wrapper (so TAPQ is the lie)."""
+        return INSTRUCTIONS[command.instr](self, command, notify)  # type: ignore[arg-type]
 
     def tapq(self, qid: int, t_bit: bool = True) -> Any:
         r = self._emu.tapq(qid, t_bit)

@@ -114,6 +114,28 @@ class DriverMachine(RuleBasedStateMachine):
         assert self.sim.core.backlog_size == waiting
 
     @invariant()
+    def nothing_waits_without_a_timer(self) -> None:
+        """Every undecided request is bounded by something armed: its deadline; the grace of its
+        kind when no queue of that kind is in service; or, once handed to a queue, that queue's
+        reply or state-limit timer, or the NQAP's own answer still to come."""
+        core = self.sim.core
+        armed = core.out.armed
+        views = core.queue_states()
+        served = {v.mode for v in views.values() if v.in_service}
+        for r in core.ledger.records.values():
+            if r.outcome is not None or r.has_deadline:
+                continue
+            if r.phase.value == "queued":
+                assert r.mode in served or ("unavailable", r.mode) in armed, (r, views)
+                continue
+            att = r.current
+            assert att is not None
+            q = core.queues[att.qid]
+            nqap_out = any(rid == r.rid for rid in q.sending.values())
+            bounded = ("reply", q.qid) in armed or ("limit", q.qid) in armed or nqap_out
+            assert bounded, (r, views[q.qid], {k: v for k, v in armed.items() if q.qid in k})
+
+    @invariant()
     def safety_against_the_execution_log(self) -> None:
         rep = audit(self.sim.core.ledger, self.emu.execution_log.entries())
         assert not rep.ran_twice, rep.summary()

@@ -88,10 +88,10 @@ def test_bad_frames_get_errors_and_others_keep_being_served(
             err = raw.ask(*parts)
             assert isinstance(err, ErrorFrame) and (err.tag, err.code) == (tag, code), err
             # the other client is served between every bad frame
-            other.submit([Command(tag + 100, Instr.TAPQ, Q01)])
+            other.submit([Command(tag + 100, Instr.TAPQ, Q00)])  # its own APQN (domain 0)
             evs = collect(other, lambda evs: any(isinstance(e, Completion) for e in evs))
             assert evs[0].result.status.rc == RC.NORMAL
-        res = raw.ask(encode_command(7, Instr.TAPQ, Q10, flag=True))
+        res = raw.ask(encode_command(7, Instr.TAPQ, Q11, flag=True))  # raw was given domain 1
         assert isinstance(res, ResultFrame) and res.to_result().hwinfo is not None
         assert raw.ask(encode_ping(9)) == Pong(9)
 

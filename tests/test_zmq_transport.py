@@ -33,7 +33,7 @@ Q00, Q01, Q10, Q11 = qid_of(0, 0), qid_of(0, 1), qid_of(1, 0), qid_of(1, 1)
 
 @pytest.fixture
 def transport(zmq_server: ServerProcess) -> Iterator[ZmqTransport]:
-    t = open_transport(zmq_server.data, timeout=2.0)
+    t = open_transport(zmq_server.data, timeout=2.0, domains=[0, 1])  # every APQN of the small profile
     assert isinstance(t, ZmqTransport)
     try:
         yield t

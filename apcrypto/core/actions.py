@@ -21,10 +21,12 @@ class Execute:
 
 @dataclass(frozen=True, slots=True)
 class ArmTimer:
-    """(Re)arm the timer ``key`` to fire ``delay`` seconds from now; re-arming replaces it."""
+    """(Re)arm the timer ``key`` to fire at ``at`` on the runner's clock (an absolute deadline: the
+    ``now`` the core was last called with, plus the wait); re-arming replaces it.  A deadline
+    already past fires as soon as the runner can."""
 
-    key: tuple[Any, ...]
-    delay: float
+    key: tuple[Any, ...]  # an apcrypto.core.timers.TimerKey
+    at: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,8 @@ between re-driving and reporting it indeterminate.
 Kernel behaviour for each code is in ``reference/zcrypt.md`` §2.3 and §5.1-5.3; where we differ
 (BUSY during the card's machine-failure recovery, unknown function, machine-failure states) the row
 says why.  An unknown code never raises: it maps to the safe default of its source (take the queue
-out of service, keep every request accounted for) and is logged once per (source, code).
+out of service, keep every request accounted for) and is logged once per (source, code) by each
+:class:`Classifier` (one per driver core: no process-wide mutable state; the tables are read-only).
 """
 
 from __future__ import annotations
@@ -154,13 +155,13 @@ _MF_DEFAULT = Row(MFV, True, "unknown machine-failure state: assume it may have 
 
 SOURCES = ("NQAP", "DQAP", "TAPQ", "RESET", "AQIC")
 
-_logged_unknown: set[tuple[str, int]] = set()
 
-
-def _unknown(source: str, code: int, row: Row) -> Row:
+def _unknown(source: str, code: int, row: Row, seen: set[tuple[str, int]] | None) -> Row:
+    """Log an unknown code: once per ``seen`` set (a classifier's), every time without one."""
     key = (source, code)
-    if key not in _logged_unknown:
-        _logged_unknown.add(key)
+    if seen is None or key not in seen:
+        if seen is not None:
+            seen.add(key)
         log.warning("unknown %s code %#04x: %s (%s)", source, code, row.verdict.value, row.note)
     return row
 
@@ -174,23 +175,25 @@ for _src in SOURCES:
         _RC_TABLE[(_src, int(_code))] = _row
 
 
-def classify_rc(source: str, code: int) -> Row:
+def classify_rc(source: str, code: int, seen: set[tuple[str, int]] | None = None) -> Row:
     """Row for an AP response code returned by ``source`` (one of :data:`SOURCES`)."""
     row = _RC_TABLE.get((source, code))
     if row is None:
         if source not in SOURCES:
             raise ValueError(f"unknown classifier source {source!r}")
-        return _unknown(source, code, _RC_DEFAULT)
+        return _unknown(source, code, _RC_DEFAULT, seen)
     return row
 
 
-def classify_reply(reply_code: int, mf_state: int | None = None) -> Row:
+def classify_reply(
+    reply_code: int, mf_state: int | None = None, seen: set[tuple[str, int]] | None = None
+) -> Row:
     """Row for an error reply; a machine-failure reply is refined by its state byte."""
     if reply_code == RY.MACHINE_FAILURE:
         row = _MF.get(mf_state if mf_state is not None else MF.UNKNOWN)
-        return row if row is not None else _unknown("MF", mf_state or 0, _MF_DEFAULT)
+        return row if row is not None else _unknown("MF", mf_state or 0, _MF_DEFAULT, seen)
     row = _REPLY.get(reply_code)
-    return row if row is not None else _unknown("REPLY", reply_code, _REPLY_DEFAULT)
+    return row if row is not None else _unknown("REPLY", reply_code, _REPLY_DEFAULT, seen)
 
 
 def table() -> dict[tuple[str, int], Row]:
@@ -213,7 +216,28 @@ _CCA_DEFAULT = Row(OFF, True, "unknown CCA return code: safe default")
 DEFAULTS["CCA"] = _CCA_DEFAULT
 
 
-def classify_cca(rtcode: int) -> Row:
+def classify_cca(rtcode: int, seen: set[tuple[str, int]] | None = None) -> Row:
     """Row for a CPRB reply with CCA return code ``rtcode`` > 4 (0 ok, 4 warning are successes)."""
     row = _CCA.get(rtcode)
-    return row if row is not None else _unknown("CCA", rtcode, _CCA_DEFAULT)
+    return row if row is not None else _unknown("CCA", rtcode, _CCA_DEFAULT, seen)
+
+
+class Classifier:
+    """The classifier as one driver core uses it: the shared read-only tables, plus this core's
+    memory of the unknown codes it has already logged (so each is logged once per client, and no
+    process-wide set grows or leaks between clients and tests)."""
+
+    __slots__ = ("unknown_seen",)
+
+    def __init__(self) -> None:
+        self.unknown_seen: set[tuple[str, int]] = set()
+
+    def rc(self, source: str, code: int) -> Row:
+        row = _RC_TABLE.get((source, code))
+        return row if row is not None else classify_rc(source, code, self.unknown_seen)
+
+    def reply(self, reply_code: int, mf_state: int | None = None) -> Row:
+        return classify_reply(reply_code, mf_state, self.unknown_seen)
+
+    def cca(self, rtcode: int) -> Row:
+        return classify_cca(rtcode, self.unknown_seen)

@@ -1,33 +1,44 @@
 """The sans-I/O driver core: dispatcher, per-queue state machines, ledger, classifier, formatter.
 
-Events in (a submitted request, an instruction's completion, an interrupt, a timer, a lost
-transport), actions out (:mod:`apcrypto.core.actions`).  It never sleeps, reads a clock, draws
-entropy or touches a socket; runners pass ``now`` (their clock's reading) only so that utilisation
-can be integrated.  Not thread-safe: a runner serialises calls.
+Events in (a submitted request, an instruction's completion, an interrupt, a timer, a lost or
+restored transport), actions out (:mod:`apcrypto.core.actions`).  It never sleeps, reads a clock,
+draws entropy or touches a socket; runners pass ``now`` (their clock's reading): timers are armed
+at absolute deadlines on that clock and utilisation is integrated over it.  Not thread-safe: a
+runner serialises calls.
+
+**Everything that decides a queue's next state lives in this module**: the queue machine's table
+(``TABLE``, whose cells are the ``_step_*`` functions, as ``ap_jumptable`` holds function
+pointers), the completion handlers (one per control instruction, ``_CONTROL_HANDLERS``; NQAP and
+DQAP inline on the hot path), the transitions (``_enter`` for the bounded states, ``_become``
+between the in-service ones: the only two writers of ``Queue.state``) and the timers that bound
+each state.  :mod:`apcrypto.core.queue` holds only the data.
 
 How a request travels: ``submit`` records it in the ledger and appends it to its mode's backlog;
 ``_fill`` hands backlog heads to the in-service queue with the lowest weighted load that has a free
 slot, emitting NQAP; the NQAP's status accepts it (``on_card``), bounces it back to the backlog
 (Q_FULL, BUSY, reset in progress: it never left the host), or fails it (message too big); a reply
 dequeued by DQAP resolves it, or, for an error reply, goes through the classifier and the reply
-formatter.  Every path ends in exactly one ``Resolve``.
+formatter.  Work no queue of its kind can take waits at most ``unavailable_grace``.  Every path
+ends in exactly one ``Resolve``.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from apcrypto.core.actions import Action, ArmTimer, CancelTimer, Execute, Resolve
-from apcrypto.core.classifier import Row, Verdict, classify_cca, classify_rc, classify_reply
+from apcrypto.core.actions import Action
+from apcrypto.core.classifier import Classifier, Row, Verdict
 from apcrypto.core.config import DriverConfig
-from apcrypto.core.events import Command, Completion, Interrupt, PeerRestored, TransportLost
+from apcrypto.core.events import Completion, Interrupt, PeerRestored, TransportLost
 from apcrypto.core.formatter import Fate, decide
 from apcrypto.core.ledger import Ledger, Outcome, Phase, Record
+from apcrypto.core.outbox import Outbox
 from apcrypto.core.queue import STATE_LIMITS, QEvent, QState, Queue, Wait
+from apcrypto.core.timers import TimerKey
 from apcrypto.errors import (
     ApcryptoError,
     BadRequest,
@@ -63,6 +74,35 @@ def _probe_request(mode: str) -> tuple[Request, Any] | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    """One queue as the core's public queries show it: a frozen snapshot, never the live record."""
+
+    qid: int
+    state: QState
+    mode: str
+    slots: int
+    held: int
+    offline_reason: str = ""
+
+    @property
+    def in_service(self) -> bool:
+        return self.state.in_service
+
+
+class QueueProtocolError(CoreMisuse):
+    """The queue machine has no cell for what happened: a bug in the core's table, named like
+    h11's LocalProtocolError -- the state, the event and the instruction that led there."""
+
+    def __init__(self, state: QState, event: QEvent | str, instr: Instr | None = None) -> None:
+        ev = event.value if isinstance(event, QEvent) else event
+        what = f" (after the completion of {instr.name})" if instr is not None else ""
+        super().__init__(f"queue machine: no cell for state {state.value!r}, event {ev!r}{what}")
+        self.state = state
+        self.event = event
+        self.instr = instr
+
+
 class DriverCore:
     """All queues of one client.  Public entry points return the actions to carry out."""
 
@@ -75,19 +115,17 @@ class DriverCore:
     ) -> None:
         self.cfg = config or DriverConfig()
         self.ledger = Ledger(psmid_base)
+        self._clf = Classifier()
         self.queues: dict[int, Queue] = {}
         self.backlog: dict[str, deque[int]] = {}  # new requests per card mode, FIFO
         self.retry: dict[str, deque[int]] = {}  # bounced / re-driven requests, served first
         self.irq_ok = supports_interrupts and self.cfg.use_interrupts
-        self._tags = itertools.count(1)
-        self._tag_map: dict[int, tuple[int, Instr, int]] = {}  # tag -> (qid, instr, psmid)
-        self._cmds: list[Command] = []
-        self._out: list[Action] = []
-        self._armed: dict[tuple[Any, ...], float] = {}
+        self.out = Outbox()  # the one writer of actions; what is in flight, by tag
         self._card_load: dict[int, int] = {}
         self._by_mode: dict[str, list[Queue]] = {}  # dispatch candidates per card mode
         self._serving: dict[str, int] = {}  # queues in service per mode (a cheap "kind alive" check)
         self._kicked: set[int] = set()
+        self._instr: Instr | None = None  # the instruction whose completion is being handled
         self._refill: set[str] = set()  # modes whose waiting work may be placed at the next flush
         self._park_dirty = False  # something changed that may leave work waiting with no timer
         self._unplaced: dict[str, float] = {}  # mode -> since when no queue of it is in service
@@ -95,6 +133,7 @@ class DriverCore:
         self._now = 0.0
         self._closed = False
         self._backlog_len = 0
+        self._link_suspect = False  # a TransportLost came and no completion since (see _on_reply_timer)
 
     # ---------------------------------------------------------------- public entry points
     def add_queue(self, qid: int, now: float = 0.0) -> list[Action]:
@@ -133,7 +172,7 @@ class DriverCore:
                 self._resolve(rec, Outcome.UNAVAILABLE, error=DeadlineExceeded("deadline already passed"))
                 return rec.rid, self._flush()
             rec.has_deadline = True
-            self._arm(("deadline", rec.rid), deadline, force=True)
+            self._arm(TimerKey.deadline(rec.rid), deadline, force=True)
         # Work waits on the host only while every serving queue of its kind is full (every flush
         # leaves it so), so a request behind waiting work need not look for a slot.
         waiting = bool(self.retry.get(rec.mode) or self.backlog.get(rec.mode))
@@ -182,7 +221,8 @@ class DriverCore:
                 self._run(q, QEvent.TIMEOUT)
 
     def _completion(self, tag: int, result: ApResult) -> None:
-        entry = self._tag_map.pop(tag, None)
+        self._link_suspect = False  # an answer came: the link works
+        entry = self.out.in_flight.pop(tag, None)
         if entry is None:
             log.warning("completion for unknown tag %d ignored", tag)
             self.ledger.counters["unknown_tags"] += 1
@@ -190,12 +230,13 @@ class DriverCore:
         qid, instr, psmid = entry
         q = self.queues[qid]
         self._occ(q)
+        self._instr = instr
         if instr is Instr.NQAP:
             gen = q.gen
             if self._on_nqap(q, tag, psmid, result) and gen == q.gen:
                 # accepted, nothing changed state: no slot freed, nothing to do but make sure a
                 # poll will come if the interrupt never does (an IDLE queue has no timer armed)
-                if ("poll", qid) not in self._armed:
+                if q.poll_key not in self.out.armed:
                     self._apply_wait(q, Wait.INTERRUPT)
                 return
         elif instr is Instr.DQAP:
@@ -203,12 +244,10 @@ class DriverCore:
             self._on_dqap(q, result)
         else:
             q.ctl_inflight = False
-            if instr is Instr.TAPQ:
-                self._on_tapq(q, result)
-            elif instr is Instr.AQIC:
-                self._on_aqic(q, result)
-            else:
-                self._on_reset(q, result)
+            handler = _CONTROL_HANDLERS.get(instr)
+            if handler is None:
+                raise QueueProtocolError(q.state, "completion", instr)
+            handler(self, q, result)
         self._kick(q)
 
     def on_interrupt(self, qid: int, now: float = 0.0) -> list[Action]:
@@ -221,25 +260,37 @@ class DriverCore:
         return self._flush()
 
     def on_timer(self, key: tuple[Any, ...], now: float = 0.0) -> list[Action]:
-        """The timer ``key`` (from an earlier ``ArmTimer``) fired."""
+        """The timer ``key`` (a :class:`TimerKey` from an earlier ``ArmTimer``) fired."""
         self._now = now
-        self._armed.pop(key, None)
-        kind = key[0]
-        if kind == "poll":
-            q = self.queues[key[1]]
-            self._occ(q)
-            self._run(q, QEvent.TIMEOUT)
-        elif kind == "limit":
-            self._on_limit(self.queues[key[1]])
-        elif kind == "reply":
-            self._on_reply_timer(self.queues[key[1]])
-        elif kind == "deadline":
-            self._on_deadline(key[1])
-        elif kind == "unavailable":
-            self._on_unavailable_timer(key[1])
-        else:
+        handler = self._TIMER_HANDLERS.get(key[0]) if key else None
+        if handler is None or len(key) != 2:
             raise CoreMisuse(f"unknown timer key {key!r}")
+        self.out.fired(key)
+        handler(self, key[1])
         return self._flush()
+
+    def _on_poll_timer(self, qid: Any) -> None:
+        q = self.queues[qid]
+        self._occ(q)
+        self._run(q, QEvent.TIMEOUT)
+
+    def _on_limit_timer(self, qid: Any) -> None:
+        self._on_limit(self.queues[qid])
+
+    def _on_reply_timeout(self, qid: Any) -> None:
+        self._on_reply_timer(self.queues[qid])
+
+    def _on_deadline_timer(self, rid: Any) -> None:
+        self._on_deadline(rid)
+
+    #: one handler per timer kind (:data:`apcrypto.core.timers.KINDS`)
+    _TIMER_HANDLERS: dict[str, Callable[[DriverCore, Any], None]] = {
+        "poll": _on_poll_timer,
+        "limit": _on_limit_timer,
+        "reply": _on_reply_timeout,
+        "deadline": _on_deadline_timer,
+        "unavailable": lambda core, mode: core._on_unavailable_timer(mode),
+    }
 
     def on_transport_lost(
         self,
@@ -265,11 +316,12 @@ class DriverCore:
     def _transport_lost(
         self, tags: Iterable[int], *, permanent: bool, reason: str, unsent: Iterable[int]
     ) -> None:
+        self._link_suspect = True  # until the next answer: the card's silence says nothing
         never_sent = set(unsent)
         touched: dict[int, Queue] = {}
         lost_now: list[tuple[Queue, Record]] = []
         for tag in tags:
-            entry = self._tag_map.pop(tag, None)
+            entry = self.out.in_flight.pop(tag, None)
             if entry is None:
                 continue
             qid, instr, psmid = entry
@@ -321,7 +373,7 @@ class DriverCore:
                     q.ctl_inflight = True
                     q.irq = False  # poll until the AQIC is confirmed
                     self.ledger.counters["irq_reenabled"] += 1
-                    self._emit(q, Instr.AQIC, flag=True)
+                    self.out.emit(q.qid, Instr.AQIC, flag=True)
         going = [q for q in touched.values() if permanent and q.state is not QState.OFFLINE]
         for q in going:
             # every touched queue leaves service before any work is decided, so that a re-drive
@@ -352,9 +404,7 @@ class DriverCore:
                 psmid=rec.current.psmid if rec.current else None,
             )
             self._resolve(rec, Outcome.UNAVAILABLE, error=err)
-        for key in list(self._armed):
-            self._out.append(CancelTimer(key))
-        self._armed.clear()
+        self.out.cancel_all()
         return self._flush()
 
     # ---------------------------------------------------------------- queries
@@ -391,6 +441,29 @@ class DriverCore:
         """Requests waiting on the host for a slot (the bound callers' submit is checked against)."""
         return self._backlog_len
 
+    def ready(self) -> bool:
+        """Every queue has left bring-up: in service, or offline (what ``wait_ready`` waits for)."""
+        return all(q.state.in_service or q.state is QState.OFFLINE for q in self.queues.values())
+
+    def bringing_up(self) -> bool:
+        """Some queue is between reset and service (a runner lets virtual time run for it)."""
+        return any(not q.state.in_service and q.state is not QState.OFFLINE for q in self.queues.values())
+
+    def undecided(self) -> int:
+        """Requests submitted and not yet decided (0: nothing left for a closing client to wait on)."""
+        return self.ledger.counters["submitted"] - sum(self.ledger.outcomes.values())
+
+    def queue_states(self) -> dict[int, QueueView]:
+        """A read-only snapshot of every queue, by APQN (callers never touch the live records)."""
+        return {
+            q.qid: QueueView(q.qid, q.state, q.mode, q.slots, q.held, q.offline_reason)
+            for q in self.queues.values()
+        }
+
+    def handle(self, events: Iterable[Any], now: float = 0.0) -> list[Action]:
+        """The one entry for transport events (same as :meth:`on_events`)."""
+        return self.on_events(events, now)
+
     # ---------------------------------------------------------------- plumbing
     def _flush(self) -> list[Action]:
         while self._kicked or self._refill:
@@ -401,34 +474,18 @@ class DriverCore:
                 self._fill(self._refill.pop())
         if self._park_dirty:
             self._check_parked()
-        out = self._out
-        if self._cmds:
-            out.insert(0, Execute(tuple(self._cmds)))
-            self._cmds = []
-        self._out = []
-        return out
+        return self.out.take()
 
     def _kick(self, q: Queue) -> None:
         self._kicked.add(q.qid)
 
-    def _emit(
-        self, q: Queue, instr: Instr, *, psmid: int = 0, message: bytes = b"", flag: bool = False
-    ) -> int:
-        tag = next(self._tags)
-        self._tag_map[tag] = (q.qid, instr, psmid)
-        self._cmds.append(Command(tag, instr, q.qid, psmid, message, flag))
-        return tag
+    def _arm(self, key: TimerKey, delay: float, *, force: bool = False) -> None:
+        """Arm ``key`` to fire ``delay`` seconds from now, as an absolute deadline on the runner's
+        clock.  Without ``force`` an earlier-or-equal pending deadline is kept."""
+        self.out.arm(key, self._now + delay, force=force)
 
-    def _arm(self, key: tuple[Any, ...], delay: float, *, force: bool = False) -> None:
-        cur = self._armed.get(key)
-        if cur is not None and cur <= delay and not force:
-            return  # an earlier-or-equal wake-up is already pending
-        self._armed[key] = delay
-        self._out.append(ArmTimer(key, delay))
-
-    def _disarm(self, key: tuple[Any, ...]) -> None:
-        if self._armed.pop(key, None) is not None:
-            self._out.append(CancelTimer(key))
+    def _disarm(self, key: TimerKey) -> None:
+        self.out.disarm(key)
 
     def _occ(self, q: Queue) -> None:
         dt = self._now - q.occ_t
@@ -459,21 +516,26 @@ class DriverCore:
         limit = STATE_LIMITS.get(state)
         if limit is not None:
             q.limit_gen = q.gen
-            self._arm(("limit", q.qid), getattr(self.cfg, limit), force=True)
+            self._arm(q.limit_key, getattr(self.cfg, limit), force=True)
         if state.in_service and q.held:
-            self._arm(("reply", q.qid), self.cfg.reply_timeout)
+            self._arm(q.reply_key, self.cfg.reply_timeout)
 
     def _run(self, q: Queue, event: QEvent) -> None:
+        """The kernel's ``ap_sm_event_loop``: run the cell, again while it says AGAIN."""
         idx = 0 if event is QEvent.KICK else 1  # TABLE[state][event], precomputed per state
         while True:
-            wait = getattr(self, q.state.steps[idx])(q)
+            try:
+                step = q.state.jump[idx]
+            except (AttributeError, IndexError):
+                raise QueueProtocolError(q.state, event, self._instr) from None
+            wait = step(self, q)
             if wait is not Wait.AGAIN:
                 break
             idx = 0
         self._apply_wait(q, wait)
 
     def _apply_wait(self, q: Queue, wait: Wait) -> None:
-        key = ("poll", q.qid)
+        key = q.poll_key
         if wait is Wait.NONE:
             return
         if wait is Wait.HIGH:
@@ -494,10 +556,14 @@ class DriverCore:
         else:
             new = QState.QUEUE_FULL
         if new is not q.state:
-            q.state = new
-            q.gen += 1
+            self._become(q, new)
 
-    # -- steps (named in queue.TABLE) --
+    def _become(self, q: Queue, state: QState) -> None:
+        """Move between the in-service states (IDLE / WORKING / QUEUE_FULL): no limit, no withdraw."""
+        q.state = state
+        q.gen += 1
+
+    # -- steps (the cells of TABLE, below the class) --
     def _step_nop(self, q: Queue) -> Wait:
         return Wait.NONE
 
@@ -506,7 +572,7 @@ class DriverCore:
             self._abandon_on_card(q, "queue reset")
             q.ctl_inflight = True
             zap = q.reset_attempts >= 2  # RAPQ twice, then ZAPQ (DESIGN §4.4)
-            self._emit(q, Instr.ZAPQ if zap else Instr.RAPQ)
+            self.out.emit(q.qid, Instr.ZAPQ if zap else Instr.RAPQ)
         return Wait.LOW
 
     def _step_reset_once(self, q: Queue) -> Wait:
@@ -521,7 +587,7 @@ class DriverCore:
     def _step_tapq(self, q: Queue) -> Wait:
         if not q.ctl_inflight:
             q.ctl_inflight = True
-            self._emit(q, Instr.TAPQ, flag=True)
+            self.out.emit(q.qid, Instr.TAPQ, flag=True)
         return Wait.LOW
 
     def _step_probe_once(self, q: Queue) -> Wait:
@@ -540,7 +606,7 @@ class DriverCore:
                 self._to_service(q)
                 return Wait.AGAIN
             q.probe_psmid = self.ledger.new_psmid()
-            self._emit(q, Instr.NQAP, psmid=q.probe_psmid, message=probe[0].message(q.domain))
+            self.out.emit(q.qid, Instr.NQAP, psmid=q.probe_psmid, message=probe[0].message(q.domain))
             return Wait.HIGH
         if q.probe_sent:
             return self._step_read(q)
@@ -559,7 +625,7 @@ class DriverCore:
             return Wait.NONE
         if not q.dqap_inflight:
             q.dqap_inflight = True
-            self._emit(q, Instr.DQAP)
+            self.out.emit(q.qid, Instr.DQAP)
         return Wait.INTERRUPT
 
     def _step_read_write(self, q: Queue) -> Wait:
@@ -575,25 +641,25 @@ class DriverCore:
     def _step_drain(self, q: Queue) -> Wait:
         if not q.dqap_inflight:
             q.dqap_inflight = True
-            self._emit(q, Instr.DQAP)
+            self.out.emit(q.qid, Instr.DQAP)
         return Wait.LOW
 
     def _step_drain_probe(self, q: Queue) -> Wait:
         if not q.card_recovered and not q.ctl_inflight:
             q.ctl_inflight = True
-            self._emit(q, Instr.TAPQ, flag=True)
+            self.out.emit(q.qid, Instr.TAPQ, flag=True)
         return self._step_drain(q)
 
     def _step_reprobe(self, q: Queue) -> Wait:
         if not q.ctl_inflight:
             q.reprobe_due = False
             q.ctl_inflight = True
-            self._emit(q, Instr.TAPQ, flag=True)
+            self.out.emit(q.qid, Instr.TAPQ, flag=True)
             return Wait.NONE  # the TAPQ's completion re-arms the next probe
         # a control instruction is still unanswered: owe the re-probe.  Its completion (or its
         # loss) kicks the queue, which pays it; the timer is a backstop in case neither comes soon.
         q.reprobe_due = True
-        self._arm(("poll", q.qid), max(q.offline_backoff, self.cfg.offline_probe_interval), force=True)
+        self._arm(q.poll_key, max(q.offline_backoff, self.cfg.offline_probe_interval), force=True)
         return Wait.NONE
 
     def _step_reprobe_if_due(self, q: Queue) -> Wait:
@@ -604,7 +670,7 @@ class DriverCore:
     def _want_read(self, q: Queue) -> None:
         if q.held and not q.dqap_inflight and q.state is not QState.OFFLINE:
             q.dqap_inflight = True
-            self._emit(q, Instr.DQAP)
+            self.out.emit(q.qid, Instr.DQAP)
 
     # -- transitions --
     def _to_service(self, q: Queue) -> None:
@@ -613,7 +679,7 @@ class DriverCore:
         q.offline_reason = ""
         q.probe_psmid = None
         q.probe_sent = False
-        self._disarm(("limit", q.qid))
+        self._disarm(q.limit_key)
         self._enter(q, QState.IDLE)
         self._settle(q)
         log.info("queue %s (%s, %d slots) in service", qid_str(q.qid), q.mode, q.slots)
@@ -658,12 +724,12 @@ class DriverCore:
         q.probe_sent = False
         q.full_hold = False
         self._enter(q, QState.OFFLINE)
-        self._disarm(("limit", q.qid))
+        self._disarm(q.limit_key)
         self._abandon_on_card(q, why)
         q.offline_backoff = min(
             max(q.offline_backoff * 2, self.cfg.offline_probe_interval), self.cfg.offline_probe_max
         )
-        self._arm(("poll", q.qid), q.offline_backoff, force=True)
+        self._arm(q.poll_key, q.offline_backoff, force=True)
         if q.mode == "unknown":  # lost during bring-up: requests of every kind counted on it
             self._fail_dead_kinds()
         elif not self._mode_alive(q.mode):
@@ -695,18 +761,26 @@ class DriverCore:
         if not q.state.in_service:
             return
         if q.held and q.progress == q.progress_seen:
+            if self._link_suspect:
+                # The link is down (lost, nothing answered since): no reply proves nothing about the
+                # card, and a reset now would throw away the replies a resumed session still holds
+                # for us (the server keeps them for its grace).  Wait another period; the
+                # transport's peer_deadline bounds this (it then reports the loss as permanent).
+                self.ledger.counters["reply_timeouts_deferred"] += 1
+                self._arm(q.reply_key, self.cfg.reply_timeout, force=True)
+                return
             log.warning("queue %s: no reply for %.3gs; resetting", qid_str(q.qid), self.cfg.reply_timeout)
             self.ledger.counters["reply_timeouts"] += 1
             self._start_reset(q, "reply timeout")
             return
         q.progress_seen = q.progress
         if q.held:
-            self._arm(("reply", q.qid), self.cfg.reply_timeout, force=True)
+            self._arm(q.reply_key, self.cfg.reply_timeout, force=True)
 
     # ---------------------------------------------------------------- completions
     def _on_tapq(self, q: Queue, res: ApResult) -> None:
         st = res.status
-        row = classify_rc("TAPQ", st.response_code)
+        row = self._clf.rc("TAPQ", st.response_code)
         v = row.verdict
         if q.state is QState.OFFLINE:
             if v is Verdict.PROCEED:
@@ -717,7 +791,7 @@ class DriverCore:
                 q.offline_backoff = min(
                     max(q.offline_backoff * 2, self.cfg.offline_probe_interval), self.cfg.offline_probe_max
                 )
-                self._arm(("poll", q.qid), q.offline_backoff, force=True)
+                self._arm(q.poll_key, q.offline_backoff, force=True)
             return
         if v is Verdict.TAKE_OFFLINE:
             self._take_offline(q, f"TAPQ answered {st.rc_name()}")
@@ -737,7 +811,7 @@ class DriverCore:
                 self._learn(q, res)
             if q.irq_wanted:
                 q.ctl_inflight = True
-                self._emit(q, Instr.AQIC, flag=True)
+                self.out.emit(q.qid, Instr.AQIC, flag=True)
                 self._enter(q, QState.SETIRQ_WAIT)
             else:
                 self._enter(q, QState.PROBE)
@@ -761,7 +835,7 @@ class DriverCore:
             self._fail_dead_kinds()  # work of a kind this queue was counted for may have none left
 
     def _on_reset(self, q: Queue, res: ApResult) -> None:
-        row = classify_rc("RESET", res.status.response_code)
+        row = self._clf.rc("RESET", res.status.response_code)
         if q.state is QState.OFFLINE:
             return
         if row.verdict is Verdict.PROCEED:
@@ -773,7 +847,7 @@ class DriverCore:
         # retry-same (busy): the LOW poll issues the reset again
 
     def _on_aqic(self, q: Queue, res: ApResult) -> None:
-        row = classify_rc("AQIC", res.status.response_code)
+        row = self._clf.rc("AQIC", res.status.response_code)
         if q.state.in_service:  # a re-enable (see _check_irq and _transport_lost)
             if res.status.response_code in (ResponseCode.NORMAL, ResponseCode.OTHERWISE_CHANGED):
                 q.irq = True
@@ -794,7 +868,7 @@ class DriverCore:
     def _on_nqap(self, q: Queue, tag: int, psmid: int, res: ApResult) -> bool:
         """Handle an NQAP's status; True when it was simply accepted (the common case)."""
         st = res.status
-        row = classify_rc("NQAP", st.response_code)
+        row = self._clf.rc("NQAP", st.response_code)
         v = row.verdict
         if tag not in q.sending:
             if psmid != q.probe_psmid:
@@ -901,11 +975,11 @@ class DriverCore:
             q.irq_reissued = True
             q.ctl_inflight = True
             self.ledger.counters["irq_reenabled"] += 1
-            self._emit(q, Instr.AQIC, flag=True)
+            self.out.emit(q.qid, Instr.AQIC, flag=True)
 
     def _on_dqap(self, q: Queue, res: ApResult) -> None:
         st = res.status
-        row = classify_rc("DQAP", st.response_code)
+        row = self._clf.rc("DQAP", st.response_code)
         v = row.verdict
         if q.irq is not st.irq_enabled and q.state.in_service and v is not Verdict.TAKE_OFFLINE:
             self._check_irq(q, st.irq_enabled)
@@ -1001,9 +1075,9 @@ class DriverCore:
             self._resolve(rec, Outcome.COMPLETED, value=value)
             return
         if reply.msg_type == 0x86 and reply.reply_code == 0:
-            row = classify_cca(reply.rtcode or 0)
+            row = self._clf.cca(reply.rtcode or 0)
         else:
-            row = classify_reply(reply.reply_code, reply.mf_state)
+            row = self._clf.reply(reply.reply_code, reply.mf_state)
         self._error_reply(q, rec, row, reply)
 
     def _error_reply(self, q: Queue, rec: Record, row: Row, reply: Any) -> None:
@@ -1184,14 +1258,7 @@ class DriverCore:
         """Take back the NQAPs for ``q`` that are still in this flush's batch: they have not left the
         host, and the queue is leaving service (a reset or recovery in the same batch would throw
         them away after they started).  Requests go back to the host as never sent."""
-        if not self._cmds:
-            return
-        keep: list[Command] = []
-        for c in self._cmds:
-            if c.qid != q.qid or c.instr is not Instr.NQAP:
-                keep.append(c)
-                continue
-            self._tag_map.pop(c.tag, None)
+        for c in self.out.withdraw(q.qid, Instr.NQAP):
             rid = q.sending.pop(c.tag, None)
             if rid is None:  # the health probe: it will be issued again in its own state
                 if c.psmid == q.probe_psmid:
@@ -1209,7 +1276,6 @@ class DriverCore:
                 self.ledger.counters["withdrawn"] += 1
                 self._requeue_front(rec)
                 self._refill.add(rec.mode)
-        self._cmds = keep
 
     def _has_waiting(self, mode: str) -> bool:
         records = self.ledger.records
@@ -1229,15 +1295,15 @@ class DriverCore:
         for mode in dict.fromkeys([*self.retry, *self.backlog]):
             if self._serving.get(mode) or not self._has_waiting(mode):
                 if self._unplaced.pop(mode, None) is not None:
-                    self._disarm(("unavailable", mode))
+                    self._disarm(TimerKey.unavailable(mode))
                 continue
             if not self._mode_alive(mode):
                 if self._unplaced.pop(mode, None) is not None:
-                    self._disarm(("unavailable", mode))
+                    self._disarm(TimerKey.unavailable(mode))
                 self._fail_backlog(mode, f"every queue of kind {mode!r} is offline")
             elif mode not in self._unplaced:
                 self._unplaced[mode] = self._now
-                self._arm(("unavailable", mode), self.cfg.unavailable_grace, force=True)
+                self._arm(TimerKey.unavailable(mode), self.cfg.unavailable_grace, force=True)
 
     def _on_unavailable_timer(self, mode: str) -> None:
         """The grace of waiting work whose kind has no queue in service: end what has waited it out."""
@@ -1270,7 +1336,7 @@ class DriverCore:
         if nxt is None:
             del self._unplaced[mode]
         else:
-            self._arm(("unavailable", mode), nxt - self._now, force=True)
+            self._arm(TimerKey.unavailable(mode), nxt - self._now, force=True)
 
     def _pick(self, mode: str, avoid: int | None, weight: int) -> Queue | None:
         best: Queue | None = None
@@ -1342,15 +1408,14 @@ class DriverCore:
         except ValueError as exc:
             self._resolve(rec, Outcome.FAILED, error=BadRequest(f"cannot encode request: {exc}", qid=q.qid))
             return
-        tag = self._emit(q, Instr.NQAP, psmid=att.psmid, message=message)
+        tag = self.out.emit(q.qid, Instr.NQAP, psmid=att.psmid, message=message)
         q.sending[tag] = rec.rid
-        if ("reply", q.qid) not in self._armed:
-            self._arm(("reply", q.qid), self.cfg.reply_timeout)
+        if q.reply_key not in self.out.armed:
+            self._arm(q.reply_key, self.cfg.reply_timeout)
         q.load += rec.weight
         self._card_load[q.card] = self._card_load.get(q.card, 0) + rec.weight
         if q.state is QState.IDLE:
-            q.state = QState.WORKING
-            q.gen += 1
+            self._become(q, QState.WORKING)
         self._settle(q)
 
     def _unload(self, q: Queue, rec: Record) -> None:
@@ -1363,8 +1428,8 @@ class DriverCore:
     ) -> None:
         self.ledger.close(rec, outcome)
         if rec.has_deadline:
-            self._disarm(("deadline", rec.rid))
-        self._out.append(Resolve(rec.rid, value, error))
+            self._disarm(TimerKey.deadline(rec.rid))
+        self.out.resolve(rec.rid, value, error)
 
     def _fail_unavailable(self, rec: Record, why: str) -> None:
         self._resolve(rec, Outcome.UNAVAILABLE, error=DeviceUnavailable(why))
@@ -1402,3 +1467,47 @@ class DriverCore:
             ),
         )
         # a queued record stays in the backlog deque and is skipped lazily by _fill
+
+
+# ---------------------------------------------------------------- the tables
+#: A cell of the queue machine: a step function of the core, run on one queue, returning its wait.
+Step = Callable[[DriverCore, Queue], Wait]
+_D = DriverCore
+
+#: state x event -> step function (the cells are the functions themselves, as ``ap_jumptable``
+#: holds function pointers; mypy checks each one).  Every cell is filled.  A KICK issues a state's
+#: instruction at most once per state entry (``*_once`` steps); repeating it is the poll timer's
+#: job, or a synchronous transport answering "still resetting" at once would spin the machine.
+TABLE: dict[QState, dict[QEvent, Step]] = {
+    QState.RESET_START: {QEvent.KICK: _D._step_reset_once, QEvent.TIMEOUT: _D._step_reset},
+    QState.RESET_WAIT: {QEvent.KICK: _D._step_wait_low, QEvent.TIMEOUT: _D._step_tapq},
+    QState.SETIRQ_WAIT: {QEvent.KICK: _D._step_wait_low, QEvent.TIMEOUT: _D._step_tapq},
+    QState.PROBE: {QEvent.KICK: _D._step_probe_once, QEvent.TIMEOUT: _D._step_probe},
+    QState.IDLE: {QEvent.KICK: _D._step_write, QEvent.TIMEOUT: _D._step_nop},
+    QState.WORKING: {QEvent.KICK: _D._step_write, QEvent.TIMEOUT: _D._step_read_write},
+    QState.QUEUE_FULL: {QEvent.KICK: _D._step_await, QEvent.TIMEOUT: _D._step_read},
+    QState.RECOVERY_WAIT: {QEvent.KICK: _D._step_drain_once, QEvent.TIMEOUT: _D._step_drain_probe},
+    QState.OFFLINE: {QEvent.KICK: _D._step_reprobe_if_due, QEvent.TIMEOUT: _D._step_reprobe},
+}
+
+#: One handler per control instruction's completion (NQAP and DQAP, the hot path, are inline).
+_CONTROL_HANDLERS: dict[Instr, Callable[[DriverCore, Queue, ApResult], None]] = {
+    Instr.TAPQ: _D._on_tapq,
+    Instr.AQIC: _D._on_aqic,
+    Instr.RAPQ: _D._on_reset,
+    Instr.ZAPQ: _D._on_reset,
+}
+
+
+def _install(table: dict[QState, dict[QEvent, Step]]) -> None:
+    """Check every cell exists and store each row on its state, in event order, for the hot path
+    (an Enum's hash is a Python function: the loop reads a plain attribute instead)."""
+    for state in QState:
+        row = table.get(state, {})
+        missing = [e for e in QEvent if e not in row]
+        if missing:
+            raise QueueProtocolError(state, missing[0])
+        state.jump = (row[QEvent.KICK], row[QEvent.TIMEOUT])
+
+
+_install(TABLE)

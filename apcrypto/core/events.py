@@ -4,8 +4,10 @@ The core is the consumer of these types, so it owns them: a transport imports th
 ``apcrypto.transport.base`` re-exports them for backends and older callers), never the other way
 round.  That keeps the sans-I/O core free of any import from the I/O side.
 
-``Command`` and ``Completion`` are NamedTuples, not frozen dataclasses: one of each is built per AP
-instruction, and a tuple is built in C (about a third of a frozen dataclass's cost).
+``Command``, the instruction it emits, is :class:`apformats.frames.Command`: the one type a COMMAND
+frame decodes to and the emulator executes, so nothing converts between driver, wire and card.
+``Completion`` is a NamedTuple too, not a frozen dataclass: one is built per AP instruction, and a
+tuple is built in C (about a third of a frozen dataclass's cost).
 """
 
 from __future__ import annotations
@@ -13,18 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from apformats.results import ApResult, Instr
-
-
-class Command(NamedTuple):
-    """One AP instruction to execute.  ``flag`` is AQIC's enable bit or RAPQ/ZAPQ's F bit."""
-
-    tag: int
-    instr: Instr
-    qid: int
-    psmid: int = 0
-    message: bytes = b""
-    flag: bool = False
+from apformats.frames import Command
+from apformats.results import ApResult
 
 
 class Completion(NamedTuple):
@@ -70,3 +62,12 @@ class PeerRestored:
 
 
 TransportEvent = Completion | Interrupt | TransportLost | PeerRestored
+
+__all__ = [
+    "Command",
+    "Completion",
+    "Interrupt",
+    "PeerRestored",
+    "TransportEvent",
+    "TransportLost",
+]

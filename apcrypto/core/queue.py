@@ -1,20 +1,22 @@
 """Per-APQN state: what the driver believes one AP queue holds, and its state machine table.
 
-The table has the shape of Linux ``ap_queue.c``'s jump table: ``TABLE[state][event]`` names the step
-to run, and each step returns a :class:`Wait` hint ordered by urgency, so combining two steps is
+The machine has the shape of Linux ``ap_queue.c``'s jump table: ``driver.TABLE[state][event]`` is the
+step function to run, and each step returns a :class:`Wait` hint ordered by urgency, so combining two steps is
 ``min()``.  Unlike the kernel, a step never executes an instruction inline: it asks the driver core
 to *emit* one, and the instruction's completion arrives later as its own call (``on_completion``).
 That keeps the queue machine pure and lets pipelined transports keep many instructions in flight.
 
-The steps themselves live in :mod:`apcrypto.core.driver` (they need the dispatcher and ledger);
-this module holds the data: states, events, waits, the table of step names and the queue record.
+The steps and the table live in :mod:`apcrypto.core.driver` (every decision about a queue's next
+state is made there); this module holds the data: states, events, waits and the queue record.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
+from typing import Any
 
+from apcrypto.core.timers import TimerKey
 from apformats.results import qid_card, qid_domain
 from apformats.status import HwInfo
 
@@ -33,7 +35,7 @@ class QState(Enum):
     # Set for every member below the table: plain attributes, because Enum.__hash__ is a Python
     # function and the hot path must not pay for it on every lookup.
     in_service: bool
-    steps: tuple[str, str]  # step names for (KICK, TIMEOUT), derived from TABLE
+    jump: tuple[Any, Any]  # the (KICK, TIMEOUT) cells of driver.TABLE, installed by the driver
 
 
 _IN_SERVICE = frozenset({QState.IDLE, QState.WORKING, QState.QUEUE_FULL})
@@ -55,26 +57,8 @@ class Wait(IntEnum):
     NONE = 4
 
 
-#: state × event → name of a step method on DriverCore (``_step_<name>``).  Every cell is filled.
-#: A KICK issues a state's instruction at most once per state entry (``*_once`` steps); repeating
-#: it is the poll timer's job.  Otherwise a synchronous transport answering "still resetting" at
-#: once would spin the machine without time passing.
-TABLE: dict[QState, dict[QEvent, str]] = {
-    QState.RESET_START: {QEvent.KICK: "reset_once", QEvent.TIMEOUT: "reset"},
-    QState.RESET_WAIT: {QEvent.KICK: "wait_low", QEvent.TIMEOUT: "tapq"},
-    QState.SETIRQ_WAIT: {QEvent.KICK: "wait_low", QEvent.TIMEOUT: "tapq"},
-    QState.PROBE: {QEvent.KICK: "probe_once", QEvent.TIMEOUT: "probe"},
-    QState.IDLE: {QEvent.KICK: "write", QEvent.TIMEOUT: "nop"},
-    QState.WORKING: {QEvent.KICK: "write", QEvent.TIMEOUT: "read_write"},
-    QState.QUEUE_FULL: {QEvent.KICK: "await", QEvent.TIMEOUT: "read"},
-    QState.RECOVERY_WAIT: {QEvent.KICK: "drain_once", QEvent.TIMEOUT: "drain_probe"},
-    QState.OFFLINE: {QEvent.KICK: "reprobe_if_due", QEvent.TIMEOUT: "reprobe"},
-}
-
 for _st in QState:
     _st.in_service = _st in _IN_SERVICE
-    _st.steps = ("_step_" + TABLE[_st][QEvent.KICK], "_step_" + TABLE[_st][QEvent.TIMEOUT])
-EVENT_INDEX = {QEvent.KICK: 0, QEvent.TIMEOUT: 1}
 
 #: Bound on the time a queue may spend in a state before the driver escalates (config attribute).
 STATE_LIMITS: dict[QState, str] = {
@@ -128,9 +112,17 @@ class Queue:
     card: int = -1  # set from qid (plain attributes: read on every dispatch decision)
     domain: int = -1
 
+    # its timer keys, built once (the poll and reply keys are looked up on every instruction)
+    poll_key: TimerKey = field(init=False)
+    limit_key: TimerKey = field(init=False)
+    reply_key: TimerKey = field(init=False)
+
     def __post_init__(self) -> None:
         self.card = qid_card(self.qid)
         self.domain = qid_domain(self.qid)
+        self.poll_key = TimerKey.poll(self.qid)
+        self.limit_key = TimerKey.limit(self.qid)
+        self.reply_key = TimerKey.reply(self.qid)
 
     @property
     def held(self) -> int:

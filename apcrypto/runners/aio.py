@@ -33,11 +33,12 @@ class AsyncioRunner(RunnerBase):
             return float(self._vclock.now())
         return time.monotonic() - self._t0
 
-    def arm(self, key: tuple[Any, ...], delay: float) -> None:
+    def arm(self, key: tuple[Any, ...], at: float) -> None:
         self.cancel(key)
         if self._vclock is not None:
-            self._timers[key] = self._vclock.call_later(delay, lambda: self._fired(key))
+            self._timers[key] = self._vclock.call_at(at, lambda: self._fired(key))
         else:
+            delay = max(0.0, at - self.now())
             self._timers[key] = self.loop.call_later(delay, self._fired_and_process, key)
 
     def _fired_and_process(self, key: tuple[Any, ...]) -> None:
@@ -89,7 +90,7 @@ class AsyncioRunner(RunnerBase):
 
     def _bringing_up(self) -> bool:
         """A queue is still between reset and service: let virtual time run for it too."""
-        return any(not q.state.in_service and q.state.value != "offline" for q in self.core.queues.values())
+        return self.core.bringing_up()
 
     def close(self) -> None:
         self._closed = True

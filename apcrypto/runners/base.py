@@ -31,7 +31,8 @@ class RunnerBase(ABC):
     def now(self) -> float: ...
 
     @abstractmethod
-    def arm(self, key: tuple[Any, ...], delay: float) -> None: ...
+    def arm(self, key: tuple[Any, ...], at: float) -> None:
+        """Arm ``key`` to fire at ``at`` on this runner's clock (the core's deadlines are absolute)."""
 
     def cancel(self, key: tuple[Any, ...]) -> None:
         """Cancel the timer ``key`` (for runners whose clock hands out cancellable handles)."""
@@ -54,7 +55,7 @@ class RunnerBase(ABC):
                 if cb is not None:
                     cb(a.value, a.error)  # type: ignore[union-attr]
             elif t is ArmTimer:
-                self.arm(a.key, a.delay)  # type: ignore[union-attr]
+                self.arm(a.key, a.at)  # type: ignore[union-attr]
             elif t is CancelTimer:
                 self.cancel(a.key)  # type: ignore[union-attr]
 

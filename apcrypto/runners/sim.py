@@ -42,9 +42,9 @@ class SimRunner(RunnerBase):
     def now(self) -> float:
         return self.clock.now()
 
-    def arm(self, key: tuple[Any, ...], delay: float) -> None:
+    def arm(self, key: tuple[Any, ...], at: float) -> None:
         self.cancel(key)
-        self._timers[key] = self.clock.call_later(delay, lambda: self._fired(key))
+        self._timers[key] = self.clock.call_at(at, lambda: self._fired(key))
 
     def _fired(self, key: tuple[Any, ...]) -> None:
         super()._fired(key)

@@ -54,16 +54,16 @@ class ThreadedRunner(RunnerBase):
             return float(self._vclock.now())
         return time.monotonic() - self._t0
 
-    def arm(self, key: tuple[Any, ...], delay: float) -> None:
+    def arm(self, key: tuple[Any, ...], at: float) -> None:
         if self._vclock is not None:
             old = self._vtimers.pop(key, None)
             if old is not None:
                 old.cancel()
-            self._vtimers[key] = self._vclock.call_later(delay, lambda: self._vfired(key))
+            self._vtimers[key] = self._vclock.call_at(at, lambda: self._vfired(key))
             return
         seq = next(self._seq)
         self._due[key] = seq
-        heapq.heappush(self._heap, (self.now() + delay, seq, key))
+        heapq.heappush(self._heap, (at, seq, key))
 
     def cancel(self, key: tuple[Any, ...]) -> None:
         if self._vclock is not None:

@@ -32,9 +32,16 @@ notice that it broke).  Both backends therefore answer a runner in the same way:
 * **Lost for good** only when the caller asked for it (``give_up_after`` seconds without the peer)
   or the I/O thread itself failed: the state is ``lost``, and every later submit bounces as above.
 * A HELLO answered with a :data:`HANDSHAKE_REFUSALS` code fails the open with
-  :class:`HandshakeRefused` (retrying cannot help a caller that is still opening); other ERRORs
+  :class:`HandshakeRefused` (retrying cannot help a caller that is still opening), or
+  :class:`apcrypto.errors.ApqnInUse` when the APQNs are held by other sessions; other ERRORs
   before WELCOME are only logged.  On a reconnect the same refusal declares the peer gone, and the
   back-off goes on: an operator may fix the server while the client waits.
+* **Sessions survive a reconnect**: every HELLO presents our resume token (our own proposal until
+  a WELCOME names it), so a server that kept our session (within its grace) gives back the same APQNs
+  and the replies they hold (WELCOME ``resumed``); the driver drains them and decides from what it
+  finds.  A first handshake retried on a new connection finds the session its first attempt got.  A
+  WELCOME that is not a resume after an earlier session means the server lost what it held for us
+  (restarted, or the grace ran out): counted as ``sessions_lost`` and logged.
 
 Threads: ``submit`` encodes on the caller's thread and appends to the outbox; the I/O thread takes
 the outbox while the link is up, and turns frames in into events that :meth:`poll` returns.  The
@@ -46,12 +53,14 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import threading
 from abc import abstractmethod
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypedDict, cast
 
+from apcrypto.errors import ApqnInUse
 from apcrypto.transport.base import (
     Command,
     Completion,
@@ -65,6 +74,7 @@ from apformats.codes import ResponseCode
 from apformats.errors import FormatError
 from apformats.frames import (
     DEFAULT_MAX_FRAME,
+    TOKEN_LEN,
     Bye,
     ErrorCode,
     ErrorFrame,
@@ -104,7 +114,9 @@ ERROR_RESPONSE_CODES: dict[int, ResponseCode] = {
 #: ERROR codes meaning the peer has no session for us (it restarted, dropped us, or is stopping).
 SESSION_GONE: frozenset[int] = frozenset({ErrorCode.NOT_HELLO, ErrorCode.SHUTTING_DOWN})
 #: ERROR codes that refuse a HELLO: retrying cannot help.
-HANDSHAKE_REFUSALS: frozenset[int] = frozenset({ErrorCode.BAD_VERSION, ErrorCode.DOMAIN_DENIED})
+HANDSHAKE_REFUSALS: frozenset[int] = frozenset(
+    {ErrorCode.BAD_VERSION, ErrorCode.DOMAIN_DENIED, ErrorCode.APQN_IN_USE}
+)
 
 # one immutable result per code, shared by every completion that carries it
 _RESULTS: dict[int, ApResult] = {
@@ -261,6 +273,7 @@ class FramedTransport(Transport):
         self.counters: Counter[str] = Counter()
         #: the last WELCOME (the session's qids, limit and interrupt support); None before the first
         self.welcome: Welcome | None = None
+        self._token = secrets.token_bytes(TOKEN_LEN)  # our session's proposed identity
         self._log = logging.getLogger(type(self).__module__)  # each backend logs under its own name
         # shared between caller threads and the I/O thread, guarded by _cv
         self._cv = threading.Condition()
@@ -279,6 +292,14 @@ class FramedTransport(Transport):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.endpoint} state={self._state} inflight={len(self._inflight)}>"
+
+    @property
+    def resume_token(self) -> bytes:
+        """The token every HELLO presents: the last WELCOME's, and before the first one our own
+        proposal, so that a handshake retried on a new connection finds the session an earlier
+        attempt was granted (instead of leaving it reserved on the server)."""
+        w = self.welcome
+        return w.token if w is not None and w.token is not None else self._token
 
     @property
     def state(self) -> str:
@@ -409,6 +430,14 @@ class FramedTransport(Transport):
             self._log.warning(
                 "%r: the %s now offers %s (was %s)", self, self.peer_kind, welcome.qids, old.qids
             )
+        if old is not None:
+            if welcome.resumed:
+                self.counters["resumed"] += 1
+            else:
+                self.counters["sessions_lost"] += 1
+                self._log.warning(
+                    "%r: the %s did not resume our session; what it held for us is gone", self, self.peer_kind
+                )
         self.welcome = welcome
         if not welcome.interrupts:
             self.supports_interrupts = False
@@ -431,14 +460,17 @@ class FramedTransport(Transport):
         self._log.warning("%r: the %s is back", self, self.peer_kind)
         self._emit(PeerRestored(f"{self._peer} answered a handshake again"))
 
-    def _refusal(self, err: ErrorFrame) -> HandshakeRefused | None:
+    def _refusal(self, err: ErrorFrame) -> Exception | None:
         """The exception for an ERROR that refuses our HELLO; None for one that does not."""
         code = int(err.code)
         if code not in HANDSHAKE_REFUSALS:
             return None
-        return self.refused_error(f"{self.endpoint} refused the session: {code_name(code)}: {err.text}", code)
+        text = f"{self.endpoint} refused the session: {code_name(code)}: {err.text}"
+        if code == ErrorCode.APQN_IN_USE:
+            return ApqnInUse(text, code=code)
+        return self.refused_error(text, code)
 
-    def _refused(self, exc: HandshakeRefused) -> None:
+    def _refused(self, exc: Exception) -> None:
         """HELLO refused: the open fails; on a reconnect the peer is declared gone (the backend
         goes on trying: the peer may be reconfigured while we wait)."""
         if self._connected_once:

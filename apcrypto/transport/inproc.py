@@ -14,7 +14,7 @@ from typing import Any
 
 from apcrypto.transport.base import Command, Completion, Interrupt, Transport, TransportEvent
 from apformats.codes import ResponseCode
-from apformats.results import ApResult, Instr, qid_domain
+from apformats.results import ApResult, qid_domain
 from apformats.status import QueueStatus
 
 _NOT_AVAIL = ApResult(QueueStatus(response_code=ResponseCode.Q_NOT_AVAIL))
@@ -31,15 +31,6 @@ class InprocTransport(Transport):
         self._owns = owns
         self._domains = None if domains is None else frozenset(domains)
         self._events: deque[TransportEvent] = deque()
-        emu = emulator
-        self._table = {
-            Instr.TAPQ: lambda c: emu.tapq(c.qid, t_bit=c.flag),
-            Instr.NQAP: lambda c: emu.nqap(c.qid, c.psmid, c.message),
-            Instr.DQAP: lambda c: emu.dqap(c.qid),
-            Instr.RAPQ: lambda c: emu.rapq(c.qid, fbit=c.flag),
-            Instr.ZAPQ: lambda c: emu.zapq(c.qid, fbit=c.flag),
-            Instr.AQIC: lambda c: emu.aqic(c.qid, c.flag, self._on_irq if c.flag else None),
-        }
 
     @property
     def virtual_clock(self) -> Any | None:
@@ -65,10 +56,11 @@ class InprocTransport(Transport):
         self._notify_ready()
 
     def _send(self, commands: Sequence[Command]) -> None:
-        table = self._table
+        execute = self.emulator.execute  # the emulator's one instruction entry, as the frame server's
+        irq = self._on_irq
         append = self._events.append
         for c in commands:
-            res = table[c.instr](c) if self._allowed(c.qid) else _NOT_AVAIL
+            res = execute(c, irq) if self._allowed(c.qid) else _NOT_AVAIL
             append(Completion(c.tag, res))
 
     def _recv(self, timeout: float) -> list[TransportEvent]:

@@ -261,7 +261,7 @@ class ZmqTransport(FramedTransport):
         self._state = "connecting"
         self._attempt_ends = now + max(self.backoff.current, 0.05)
         self.counters["handshakes"] += 1
-        self._write(encode_hello(self.domains))
+        self._write(encode_hello(self.domains, token=self.resume_token))
 
     def _close_socket(self) -> None:
         if self._sock is None:
