@@ -42,8 +42,11 @@ from tests.oracle import Outcome, PlannedFault, Topology, WireTap, Work, judge, 
 
 SEEDS = range(500)
 #: Driver bugs the oracle excuses (each only in its exact shape, see ``tests/oracle.py``).  Empty:
-#: ``deadline-after-redrive`` and ``redrive-into-recovering-queue`` were fixed in the driver core
-#: (issue 8 §1); the oracle still knows their shapes so a regression can be named, not excused.
+#: the core's issue 8 §1 work fixed ``deadline-after-redrive`` and ``redrive-into-recovering-queue``
+#: for these seeds.  (With the held-back "refuse" kind, seed 369 still shows the latter: new work
+#: accepted by a queue in the instant its card's machine-failure replies are drained, before its
+#: reset and probe.  Seed 144's failure there was the oracle's, fixed: may_have_run is judged
+#: against runs, and an attempt refused unexecuted did not run.)
 KNOWN_DRIVER_BUGS: frozenset[str] = frozenset()
 MAX_REDRIVES = FAST.max_redrives
 SOAK_SEEDS = range(10_000, 20_000)
@@ -70,11 +73,14 @@ BAD_REQUEST_CODES = {int(RY.OPERAND_INVALID), int(RY.MALFORMED_MSG)}
 
 
 def replay_hint(seed: int, soak: bool = False) -> str:
-    name = "test_soak" if soak else "test_campaign"
-    scale = f"APCRYPTO_SIM_SCALE={SOAK_SCALE} " if soak else ""
+    if soak:
+        return (
+            f"reproduce with: APCRYPTO_SIM_SCALE={SOAK_SCALE} APCRYPTO_SIM_SEED={seed} "
+            "pytest tests/test_sim_campaign.py -k replay -s"
+        )
     return (
-        f"reproduce with: pytest 'tests/test_sim_campaign.py::{name}[seed_{seed}]'  "
-        f"(or {scale}APCRYPTO_SIM_SEED={seed} pytest tests/test_sim_campaign.py -k replay -s)"
+        f"reproduce with: pytest 'tests/test_sim_campaign.py::test_campaign[seed_{seed}]'  "
+        f"(or APCRYPTO_SIM_SEED={seed} pytest tests/test_sim_campaign.py -k replay -s)"
     )
 
 
@@ -333,10 +339,23 @@ def test_campaign(seed: int) -> None:
     run_seed(seed)
 
 
+#: Soak seeds run in chunks: 100 test items instead of 10,000 keeps ``make test``'s collection cheap.
+SOAK_CHUNK = 100
+SOAK_CHUNKS = range(SOAK_SEEDS.start, SOAK_SEEDS.stop, SOAK_CHUNK)
+
+
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", SOAK_SEEDS, ids=[f"seed_{s}" for s in SOAK_SEEDS])
-def test_soak(seed: int) -> None:
-    run_seed(seed, scale=SOAK_SCALE, soak=True)
+@pytest.mark.parametrize("first", SOAK_CHUNKS, ids=[f"seeds_{s}-{s + SOAK_CHUNK - 1}" for s in SOAK_CHUNKS])
+def test_soak(first: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """A chunk of soak seeds; every failing seed is reported with its replay command."""
+    failures = []
+    for seed in range(first, min(first + SOAK_CHUNK, SOAK_SEEDS.stop)):
+        try:
+            run_seed(seed, scale=SOAK_SCALE, soak=True)
+        except AssertionError as exc:
+            failures.append(f"seed {seed}: {exc}")
+        capsys.readouterr()  # each seed prints its options; keep only the failures
+    assert not failures, "\n\n".join(failures)
 
 
 if os.environ.get("APCRYPTO_SIM_SEED") is not None:  # collected only when asked for: never a skip
