@@ -69,7 +69,9 @@ FAIL_CODES = (
     RY.MESSAGE_TYPE,
     0xEE,
 )
-BAD_REQUEST_CODES = {int(RY.OPERAND_INVALID), int(RY.MALFORMED_MSG)}
+#: Share of runs where a part of every queue's NQAPs is refused unexecuted ("message type"): work
+#: that never runs is re-driven until its budget is spent, so the budget rule is exercised.
+REFUSE_P = 0.15
 
 
 def replay_hint(seed: int, soak: bool = False) -> str:
@@ -97,6 +99,7 @@ class Fault:
     code: int | None = None  # fail_request reply code
     nth: int | None = None  # fail_request: the nth matching NQAP
     factor: float = 1.0  # slow engines
+    probability: float | None = None  # refuse: the share of NQAPs refused unexecuted
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,9 @@ class SimConfig:
         kinds_of_work = ["me", "crt"] + (["ci", "rb"] if profile == "default" else [])
         mix = tuple((k, round(rng.uniform(0.1, 1.0), 2)) for k in kinds_of_work)
         kinds = tuple(k for k in FAULT_KINDS if rng.random() < 0.45)
+        # drawn from its own stream (added later: the draws above stay as they were)
+        if random.Random(f"apcrypto-sim:{seed}:refuse").random() < REFUSE_P:
+            kinds += ("refuse",)
         idem_p = rng.choice((0.0, 0.3, 0.7, 1.0))
         deadline_p = rng.choice((0.0, 0.0, 0.1, 0.3))
         faults = _plan_faults(random.Random(f"apcrypto-sim:{seed}:faults"), profile, kinds, n)
@@ -154,6 +160,9 @@ def _plan_faults(rng: random.Random, profile: str, kinds: tuple[str, ...], n: in
             elif kind == "fail_request":
                 q = qid() if rng.random() < 0.7 else None
                 out.append(Fault(kind, 0.0, qid=q, code=rng.choice(FAIL_CODES), nth=rng.randint(1, 20)))
+            elif kind == "refuse":  # once per run; spends re-drive budgets (the last kind: no shift)
+                out.append(Fault(kind, 0.0, code=RY.MESSAGE_TYPE, probability=rng.uniform(0.3, 0.7)))
+                break
             elif kind == "slow":
                 out.append(
                     Fault(
@@ -223,7 +232,7 @@ def _rb_check(n: int) -> Any:
 def _plan(cfg: SimConfig, t0: float) -> list[PlannedFault]:
     """The fault plan as the oracle reads it (absolute times; a fail_request's victim is found in
     the log by its reply code)."""
-    kinds = {"reset": "reset", "slow": "slow"}
+    kinds = {"refuse": "fail_request"}
     return [
         PlannedFault(kinds.get(f.kind, f.kind), t0 + f.at, card=f.card, qid=f.qid, code=f.code)
         for f in cfg.faults
@@ -248,6 +257,8 @@ def _inject(emu: Emulator, cfg: SimConfig, t0: float) -> list[Any]:
             ctl.reset_in_progress(f.qid, f.duration, at=at)
         elif f.kind == "fail_request":
             ctl.fail_request(f.code, qid=f.qid, nth=f.nth)
+        elif f.kind == "refuse":
+            ctl.fail_request(f.code, probability=f.probability)
         elif f.kind == "slow":
             ctl.slow_engines(f.card, f.factor, f.duration, at=at)
     return handles
@@ -386,7 +397,7 @@ def test_same_seed_same_run() -> None:
 def test_options_cover_the_swarm() -> None:
     """Over the campaign's seeds every fault kind, both profiles and every fail code come up."""
     cfgs = [SimConfig.from_seed(s) for s in SEEDS]
-    assert {k for c in cfgs for k in c.kinds} == set(FAULT_KINDS)
+    assert {k for c in cfgs for k in c.kinds} == {*FAULT_KINDS, "refuse"}
     assert {c.profile for c in cfgs} == {"small", "default"}
     assert {f.code for c in cfgs for f in c.faults if f.kind == "fail_request"} == set(FAIL_CODES)
     assert sum(not c.kinds for c in cfgs) >= 1  # and some fault-free runs
