@@ -1141,7 +1141,10 @@ class DriverCore:
     def _late_reply_says(self, q: Queue, data: bytes) -> None:
         """A reply for a request already decided (its deadline came first) is not delivered, but
         what it says about the queue still counts: a machine-failure reply means the card failed
-        and holds more such replies; the queue must not take new work until it has recovered."""
+        and holds more such replies; the queue must not take new work until it has recovered (campaign
+        seeds 369 and 10008).  A queue already out of service is being handled by its own machine."""
+        if not q.state.in_service:
+            return
         try:
             reply = parse_reply(data)
         except FormatError:
