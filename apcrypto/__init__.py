@@ -25,6 +25,7 @@ from apcrypto.errors import (
     DeviceUnavailable,
     HostQueueFull,
     Indeterminate,
+    TargetNotHeld,
 )
 from apcrypto.requests import (
     CounterIncrement,
@@ -118,6 +119,7 @@ __all__ = [
     "ModExpoCrt",
     "RandomBytes",
     "Request",
+    "TargetNotHeld",
     "__version__",
     "aio",
     "connect",

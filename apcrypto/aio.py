@@ -104,7 +104,12 @@ class AsyncClient(
         return fut
 
     def _submit(
-        self, request: Request, idem: bool | None, deadline: float | None, block: bool = True
+        self,
+        request: Request,
+        idem: bool | None,
+        deadline: float | None,
+        block: bool = True,
+        target: frozenset[int] | None = None,
     ) -> asyncio.Future[Any]:
         """``block`` has no meaning on an event loop: a full host-side queue raises HostQueueFull."""
         deadline = check_deadline(deadline)
@@ -126,7 +131,7 @@ class AsyncClient(
             else:
                 fut.set_result(value)
 
-        self._runner.submit_now(request, idem, deadline, resolved)
+        self._runner.submit_now(request, idem, deadline, resolved, target)
         self._runner.schedule()
         return fut
 

@@ -84,13 +84,27 @@ def driver_run(client: Any, n: int, modulus: int = MODULUS_2048) -> int:
     return sum(1 for f in futs if f.result(timeout=0) is not None)
 
 
-def firmware_loop(requests: list[bytes]) -> int:
-    """The firmware alone: what an engine computes, with no queues or driver at all."""
+def naive_run(client: Any, n: int, modulus: int = MODULUS_2048) -> int:
+    """The naive baseline (DESIGN §7): one request at a time, each awaited before the next is sent, so
+    every engine but one idles while the host thinks.  Returns completions."""
+    size = (modulus.bit_length() + 7) // 8
+    done = 0
+    for i in range(n):
+        if client.mod_expo((i + 2).to_bytes(size, "big"), EXPONENT, modulus).result(timeout=60) is not None:
+            done += 1
+    return done
+
+
+def firmware_loop(requests: list[bytes], compute: str = "real") -> int:
+    """The firmware alone: what an engine computes, with no queues or driver at all.  ``requests`` are
+    built by the caller (time only the execution); ``compute`` as the profile's ``timing.compute``."""
     import random
 
     import firmware_stubs
 
-    ctx = firmware_stubs.FirmwareContext(domain=0, store=firmware_stubs.DomainStore(), rng=random.Random(0))
+    ctx = firmware_stubs.FirmwareContext(
+        domain=0, store=firmware_stubs.DomainStore(), rng=random.Random(0), compute=compute
+    )
     return sum(1 for r in requests if firmware_stubs.execute(r, ctx).ok)
 
 
@@ -101,11 +115,14 @@ def raw_transport_loop(
     slots: int = 8,
     timeout: float = 60.0,
     poll_interval: float = 0.00025,
+    interrupts: bool = False,
 ) -> int:
     """The raw transport, no driver: keep ``slots`` NQAPs per accelerator queue outstanding through
-    the Transport ABC, DQAP whenever a status says a reply waits.  Same bytes the driver would send;
-    none of its bookkeeping.  Works on every transport (emu:, tcp://, usb://)."""
-    from apcrypto.transport.base import Command, Completion
+    the Transport ABC, DQAP whenever a status or (with ``interrupts``, where the transport supports
+    them) an INTERRUPT says a reply waits.  Same bytes the driver would send; none of its bookkeeping.
+    Works on every transport (emu:, tcp://, usb://).  Compare it with a driver using the same
+    interrupt setting: an interrupt costs a frame per reply on ``tcp://``."""
+    from apcrypto.transport.base import Command, Completion, Interrupt
     from apformats.results import Instr
 
     if isinstance(requests, int):
@@ -123,6 +140,16 @@ def raw_transport_loop(
                     qids.append(q)
         if time.monotonic() > deadline:
             raise TimeoutError("raw loop: TAPQ unanswered")
+    if interrupts and transport.supports_interrupts:
+        arming = {next(tags): q for q in qids}
+        transport.submit([Command(t, Instr.AQIC, q, flag=True) for t, q in arming.items()])
+        while arming:
+            for ev in transport.poll(0.05):
+                armed = isinstance(ev, Completion) and arming.pop(ev.tag, None) is not None
+                if armed and ev.result.status.response_code != 0:
+                    raise RuntimeError(f"raw loop: AQIC answered {ev.result.status.rc_name()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("raw loop: AQIC unanswered")
     kind: dict[int, tuple[int, Instr]] = {}
     held = dict.fromkeys(qids, 0)
     dqap_out = dict.fromkeys(qids, False)
@@ -147,8 +174,16 @@ def raw_transport_loop(
         if time.monotonic() > deadline:
             raise TimeoutError(f"raw loop: {n - done} replies missing")
         batch = []
-        events = [ev for ev in transport.poll(poll_interval) if isinstance(ev, Completion)]
-        if not events:
+        polled = transport.poll(poll_interval)
+        events = [ev for ev in polled if isinstance(ev, Completion)]
+        for ev in polled:  # an INTERRUPT says a reply waits on its queue: fetch it
+            if isinstance(ev, Interrupt) and held.get(ev.qid) and not dqap_out[ev.qid]:
+                t = next(tags)
+                kind[t] = (ev.qid, Instr.DQAP)
+                batch.append(Command(t, Instr.DQAP, ev.qid))
+                dqap_out[ev.qid] = True
+        irq_fetch = bool(batch)
+        if not polled:
             # nothing said a reply waits: poll every queue that holds work with DQAP, at the driver's
             # own polling rate (no interrupts here), so slow engines cannot stall the loop
             for q in qids:
@@ -174,7 +209,7 @@ def raw_transport_loop(
                 kind[t] = (q, Instr.DQAP)
                 batch.append(Command(t, Instr.DQAP, q))
                 dqap_out[q] = True
-        if not progressed:
+        if not progressed and not irq_fetch:
             time.sleep(poll_interval)  # an empty round: wait as long as the driver's poll would
         top_up(batch)
         if batch:

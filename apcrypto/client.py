@@ -72,7 +72,12 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
         return fut
 
     def _submit(
-        self, request: Request, idem: bool | None, deadline: float | None, block: bool
+        self,
+        request: Request,
+        idem: bool | None,
+        deadline: float | None,
+        block: bool,
+        target: frozenset[int] | None = None,
     ) -> Future[Any]:
         deadline = check_deadline(deadline)
         if self._closed:
@@ -94,7 +99,7 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
                 fut.set_result(value)
 
         try:
-            runner.submit(request, idem, deadline, resolved)
+            runner.submit(request, idem, deadline, resolved, target)
         except RuntimeError:
             raise ClientClosed("client is closed") from None
         return fut

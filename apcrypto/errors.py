@@ -171,6 +171,12 @@ class BadRequest(ApcryptoError):
     """
 
 
+class TargetNotHeld(BadRequest, ValueError):
+    """``apqn=`` / ``card=`` named a queue this client does not hold (not among its APQNs, or a
+    malformed target).  Raised at submit, before anything is sent; a ``ValueError`` too, since it
+    is the argument that is wrong.  ``qid`` is the APQN asked for, when it was one."""
+
+
 class Indeterminate(ApcryptoError):
     """The request may or may not have run: it was in process on a card that failed, or sent to a card
     that died without replying.  It is never retried automatically unless marked idempotent."""
@@ -231,4 +237,5 @@ __all__ = [
     "DeviceUnavailable",
     "HostQueueFull",
     "Indeterminate",
+    "TargetNotHeld",
 ]

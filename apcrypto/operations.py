@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
-from apcrypto.errors import BadRequest
+from apcrypto.errors import BadRequest, TargetNotHeld
 from apcrypto.requests import CounterIncrement, KeyRead, KeyStore, ModExpo, ModExpoCrt, RandomBytes, Request
+from apformats.results import qid_str
 
 #: What each client returns for a result of bytes, int, None and any type: ``Future[bytes]`` ... for
 #: the threaded client, ``asyncio.Future[bytes]`` ... for the asyncio one, so that a type checker
@@ -26,7 +27,9 @@ FAny = TypeVar("FAny", covariant=True)
 class Operations(Generic[FBytes, FInt, FNone, FAny]):
     """Mixin: ``mod_expo``, ``mod_expo_crt``, ``random_bytes``, ``counter_increment``, ``key_store``,
     ``key_read`` and ``submit``.  ``deadline`` is seconds from now; ``block`` says what to do when the
-    host-side queue is at its bound (wait, or raise ``HostQueueFull``)."""
+    host-side queue is at its bound (wait, or raise ``HostQueueFull``).  ``apqn=(card, domain)`` or
+    ``card=`` pins a request to that queue (or any held queue of that card): it runs there or ends
+    ``DeviceUnavailable``, never on another card (docs/outcomes.md, "Targeting")."""
 
     def mod_expo(
         self,
@@ -37,9 +40,11 @@ class Operations(Generic[FBytes, FInt, FNone, FAny]):
         idempotent: bool = True,
         deadline: float | None = None,
         block: bool = True,
+        apqn: tuple[int, int] | None = None,
+        card: int | None = None,
     ) -> FBytes:
         """RSA ME (``data ** exponent mod modulus``); the result is bytes of the modulus length."""
-        return self._request(ModExpo, (data, exponent, modulus), idempotent, deadline, block)
+        return self._request(ModExpo, (data, exponent, modulus), idempotent, deadline, block, apqn, card)
 
     def mod_expo_crt(
         self,
@@ -53,22 +58,60 @@ class Operations(Generic[FBytes, FInt, FNone, FAny]):
         idempotent: bool = True,
         deadline: float | None = None,
         block: bool = True,
+        apqn: tuple[int, int] | None = None,
+        card: int | None = None,
     ) -> FBytes:
         """RSA with CRT key parts (``qinv`` = q⁻¹ mod p); idempotent by default."""
-        return self._request(ModExpoCrt, (data, p, q, dp, dq, qinv), idempotent, deadline, block)
+        return self._request(ModExpoCrt, (data, p, q, dp, dq, qinv), idempotent, deadline, block, apqn, card)
 
-    def random_bytes(self, n: int, *, deadline: float | None = None, block: bool = True) -> FBytes:
-        return self._request(RandomBytes, (n,), None, deadline, block)
+    def random_bytes(
+        self,
+        n: int,
+        *,
+        deadline: float | None = None,
+        block: bool = True,
+        apqn: tuple[int, int] | None = None,
+        card: int | None = None,
+    ) -> FBytes:
+        return self._request(RandomBytes, (n,), None, deadline, block, apqn, card)
 
-    def counter_increment(self, by: int = 1, *, deadline: float | None = None, block: bool = True) -> FInt:
+    def counter_increment(
+        self,
+        by: int = 1,
+        *,
+        deadline: float | None = None,
+        block: bool = True,
+        apqn: tuple[int, int] | None = None,
+        card: int | None = None,
+    ) -> FInt:
         """State-changing: never run twice; may end ``Indeterminate`` if a card fails under it."""
-        return self._request(CounterIncrement, (by,), None, deadline, block)
+        return self._request(CounterIncrement, (by,), None, deadline, block, apqn, card)
 
-    def key_store(self, slot: int, key: bytes, *, deadline: float | None = None, block: bool = True) -> FNone:
-        return self._request(KeyStore, (slot, key), None, deadline, block)
+    def key_store(
+        self,
+        slot: int,
+        key: bytes,
+        *,
+        deadline: float | None = None,
+        block: bool = True,
+        apqn: tuple[int, int] | None = None,
+        card: int | None = None,
+    ) -> FNone:
+        """State-changing: the key lives in ``slot`` of one APQN (card and domain): read it back with
+        ``key_read(slot, apqn=...)`` on the same APQN (docs/outcomes.md, "State per card and domain")."""
+        return self._request(KeyStore, (slot, key), None, deadline, block, apqn, card)
 
-    def key_read(self, slot: int, *, deadline: float | None = None, block: bool = True) -> FBytes:
-        return self._request(KeyRead, (slot,), None, deadline, block)
+    def key_read(
+        self,
+        slot: int,
+        *,
+        deadline: float | None = None,
+        block: bool = True,
+        apqn: tuple[int, int] | None = None,
+        card: int | None = None,
+    ) -> FBytes:
+        """The key stored in ``slot`` of the APQN the request runs on (target it with ``apqn=``)."""
+        return self._request(KeyRead, (slot,), None, deadline, block, apqn, card)
 
     def submit(
         self,
@@ -77,15 +120,28 @@ class Operations(Generic[FBytes, FInt, FNone, FAny]):
         *,
         deadline: float | None = None,
         block: bool = True,
+        apqn: tuple[int, int] | None = None,
+        card: int | None = None,
     ) -> FAny:
         """Submit any :class:`~apcrypto.requests.Request`; not idempotent unless the caller says so."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes an apcrypto.requests.Request, not {type(request).__name__}")
-        return self._submit(request, idempotent, deadline, block)
+        return self._submit(request, idempotent, deadline, block, self._target(apqn, card))
 
     # -- what a client supplies --
-    def _submit(self, request: Request, idem: bool | None, deadline: float | None, block: bool) -> Any:
+    def _submit(
+        self,
+        request: Request,
+        idem: bool | None,
+        deadline: float | None,
+        block: bool,
+        target: frozenset[int] | None = None,
+    ) -> Any:
         raise NotImplementedError
+
+    def _held_qids(self) -> list[int]:
+        """The APQNs (qids) this client holds: what ``apqn=`` / ``card=`` may name."""
+        return list(self.transport.qids())  # type: ignore[attr-defined]
 
     def _failed(self, error: BaseException) -> Any:
         raise NotImplementedError
@@ -97,9 +153,43 @@ class Operations(Generic[FBytes, FInt, FNone, FAny]):
         idem: bool | None,
         deadline: float | None,
         block: bool,
+        apqn: tuple[int, int] | None = None,
+        card: int | None = None,
     ) -> Any:
+        target = self._target(apqn, card)  # a bad target raises at once, whatever the operands
         try:
             request = cls(*args)
         except ValueError as exc:
             return self._failed(BadRequest(f"invalid {cls.__name__}: {exc}"))
-        return self._submit(request, idem, deadline, block)
+        return self._submit(request, idem, deadline, block, target)
+
+    def _target(self, apqn: tuple[int, int] | None, card: int | None) -> frozenset[int] | None:
+        """The qids a request may run on: ``apqn=(card, domain)`` is that one queue, ``card=`` every
+        queue of that card this client holds, neither: any queue of the request's kind (None).
+        Raises :class:`~apcrypto.errors.TargetNotHeld` for a target that is malformed or not held."""
+        if apqn is None and card is None:
+            return None
+        if apqn is not None and card is not None:
+            raise TargetNotHeld("give apqn=(card, domain) or card=, not both")
+        held = self._held_qids()
+        if apqn is not None:
+            if (
+                not isinstance(apqn, tuple)
+                or len(apqn) != 2
+                or not all(type(x) is int and 0 <= x <= 0xFF for x in apqn)
+            ):
+                raise TargetNotHeld(f"apqn must be a (card, domain) tuple of ints 0..255, not {apqn!r}")
+            qid = apqn[0] << 8 | apqn[1]
+            if qid not in held:
+                raise TargetNotHeld(
+                    f"APQN {qid_str(qid)} is not one of this client's queues "
+                    f"({', '.join(qid_str(q) for q in sorted(held)) or 'none'})",
+                    qid=qid,
+                )
+            return frozenset((qid,))
+        if type(card) is not int or not 0 <= card <= 0xFF:
+            raise TargetNotHeld(f"card must be an int 0..255, not {card!r}")
+        on_card = frozenset(q for q in held if q >> 8 == card)
+        if not on_card:
+            raise TargetNotHeld(f"card {card:02x} has none of this client's queues")
+        return on_card

@@ -35,9 +35,10 @@ peer must tell "corrupted in flight" (no field can be trusted, not even the tag)
 wrong" (the tag can be trusted and answered).  Reserved bits must be zero so a future flag is never
 silently ignored.
 
-The construct definitions (``FRAME`` and the ``*_BODY`` structs) are the specification.  COMMAND and RESULT
-are on the per-request hot path, so :func:`encode_frame`/:func:`decode_frame` use a ``struct`` fast path for
-them; ``tests/test_frames.py`` proves (with hypothesis, on valid, corrupted and truncated bytes) that it
+The construct definitions (``FRAME`` and the ``*_BODY`` structs) are the specification.  COMMAND,
+RESULT and INTERRUPT (about one per request on ``tcp://``) are on the per-request hot path, so
+:func:`encode_frame`/:func:`decode_frame` use a ``struct`` fast path for them;
+``tests/test_frames.py`` proves (with hypothesis, on valid, corrupted and truncated bytes) that it
 agrees with :func:`decode_frame_spec`/:func:`encode_frame_spec`.  Every decode failure raises
 :class:`~apformats.errors.FormatError`, and the length field is checked against the limit from a fixed-size
 header parse before any body is looked at.
@@ -686,12 +687,14 @@ def _to_container(f: Frame) -> tuple[int, dict]:
     raise TypeError(f"not a frame: {f!r}")
 
 
-# --- fast path: struct, for COMMAND and RESULT ------------------------------------------------------
+# --- fast path: struct, for COMMAND, RESULT and INTERRUPT ----------------------------------------
 
 _CMD = struct.Struct(">IBBHQI")  # tag opcode flags qid psmid msglen
 _RES = struct.Struct(">IIQQBBHI")  # tag status psmid hwinfo flags reserved(1+2) replylen
 _CMD_HDR = _HDR.pack(MAGIC, FRAME_VERSION, FrameKind.COMMAND, 0)[:4]
 _RES_HDR = _HDR.pack(MAGIC, FRAME_VERSION, FrameKind.RESULT, 0)[:4]
+_INT = struct.Struct(">H")  # qid
+_INT_HDR = _HDR.pack(MAGIC, FRAME_VERSION, FrameKind.INTERRUPT, _INT.size)
 _LEN = struct.Struct(">I")
 
 
@@ -737,6 +740,27 @@ def _encode_result(tag: int, status: int, psmid: int, reply: bytes, hwinfo: int 
     return _seal(_RES_HDR, (fixed, bytes(reply)))
 
 
+def _encode_interrupt(qid: int) -> bytes:
+    """INTERRUPT frame bytes (fast path): the server sends about one per request on ``tcp://``, and
+    construct costs ~25 µs to build and ~44 µs to parse one, against ~1 µs here."""
+    try:
+        frame = _INT_HDR + _INT.pack(qid)
+    except struct.error as exc:
+        raise ValueError(f"cannot encode INTERRUPT qid={qid}: {exc}") from exc
+    return frame + _CRC.pack(zlib.crc32(frame))
+
+
+def _decode_interrupt(data: bytes | bytearray | memoryview, length: int) -> InterruptFrame:
+    # The same two refusals as INTERRUPT_BODY (u16 then Terminated), with the same error kinds.
+    if length < _INT.size:
+        raise FormatError("INTERRUPT body too short", kind="truncated", offset=HEADER_LEN)
+    if length > _INT.size:
+        raise FormatError(
+            f"{length - _INT.size} bytes after the INTERRUPT qid", kind="trailing", offset=HEADER_LEN + 2
+        )
+    return InterruptFrame(_INT.unpack_from(data, HEADER_LEN)[0])
+
+
 def _decode_command(data: bytes | bytearray | memoryview, length: int) -> CommandFrame:
     if length < _CMD.size:
         raise FormatError("COMMAND body too short", kind="truncated", offset=HEADER_LEN)
@@ -774,11 +798,13 @@ def decode_frame(data: bytes | bytearray | memoryview, *, max_len: int = DEFAULT
         return _decode_command(data, length)
     if kind == FrameKind.RESULT:
         return _decode_result(data, length)
+    if kind == FrameKind.INTERRUPT:
+        return _decode_interrupt(data, length)
     return decode_frame_spec(data, max_len=max_len)
 
 
 def encode_frame(frame: Frame) -> bytes:
-    """Encode any frame: the struct fast path for COMMAND/RESULT, construct for the rest."""
+    """Encode any frame: the struct fast path for COMMAND/RESULT/INTERRUPT, construct for the rest."""
     if isinstance(frame, Command):
         return encode_command(
             frame.tag,
@@ -791,6 +817,8 @@ def encode_frame(frame: Frame) -> bytes:
         )
     if isinstance(frame, ResultFrame):
         return _encode_result(frame.tag, frame.status_word, frame.psmid, frame.reply, frame.hwinfo_word)
+    if isinstance(frame, InterruptFrame):
+        return _encode_interrupt(frame.qid)
     return encode_frame_spec(frame)
 
 
@@ -822,7 +850,8 @@ def encode_welcome(
 
 
 def encode_interrupt(qid: int) -> bytes:
-    return encode_frame_spec(InterruptFrame(qid))
+    """INTERRUPT frame bytes (struct fast path, proven equal to ``encode_frame_spec`` by the tests)."""
+    return _encode_interrupt(qid)
 
 
 def encode_error(tag: int, code: ErrorCode | int, text: str = "") -> bytes:

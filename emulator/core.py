@@ -127,6 +127,7 @@ class Emulator:
                     rng=self._firmware_rng,
                     max_mod_bytes=card.type.max_mod_bytes,
                     mode=card.type.mode,
+                    compute=self.profile.timing.compute,
                 )
         self._qids = sorted(q.qid for c in self._cards.values() for q in c.queues.values() if q.usage)
 

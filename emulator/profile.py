@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from apformats.status import DEFAULT_MAX_MSG_SIZE, ML_CHUNK, queue_slots
+from firmware_stubs.context import COMPUTE_MODES
 
 __all__ = [
     "FUNCTION_CLASSES",
@@ -54,12 +55,21 @@ class ProfileError(ValueError):
 @dataclass(frozen=True)
 class Timing:
     """Card-independent timing.  ``jitter`` is a fraction: each service time is scaled by a seeded
-    uniform factor in ``[1 - jitter, 1 + jitter]``."""
+    uniform factor in ``[1 - jitter, 1 + jitter]``.
+
+    ``compute`` is the firmware's arithmetic: ``"real"`` (the default, and the only mode any
+    correctness test may use) or ``"echo"``, where RSA requests pass every operand check and are
+    answered with a correctly shaped type 80 that holds the *message itself*, not its modular
+    exponentiation.  Echo exists for overhead benchmarks (the ``overhead`` profile) that must measure
+    the software around the math, not gmpy2; its results are wrong on purpose and must never be read
+    as RSA results.
+    """
 
     rating_unit: float
     jitter: float
     reset_time: float
     recovery_time: float
+    compute: str = "real"
 
 
 @dataclass(frozen=True)
@@ -159,6 +169,10 @@ def _str(v: Any) -> str | None:
     return None if isinstance(v, str) else "must be a string"
 
 
+def _compute(v: Any) -> str | None:
+    return None if v in COMPUTE_MODES else f"must be one of {', '.join(COMPUTE_MODES)}"
+
+
 def _mode(v: Any) -> str | None:
     return None if v in MODES else f"must be one of {', '.join(MODES)}"
 
@@ -177,6 +191,7 @@ _TIMING = {
     "jitter": (True, _fraction),
     "reset_time": (True, _seconds),
     "recovery_time": (True, _seconds),
+    "compute": (False, _compute),
 }
 _CARD_TYPE = {
     "at": (True, _int(0, 255)),
@@ -247,7 +262,10 @@ def parse_profile(data: Mapping[str, Any], *, source: str = "<memory>") -> Profi
             raise ProfileError(f"{where}: missing key '{key}'")
 
     _check_table(data["timing"], _TIMING, "timing", where)
-    timing = Timing(**{k: float(data["timing"][k]) for k in _TIMING})
+    timing = Timing(
+        **{k: float(data["timing"][k]) for k in _TIMING if k != "compute"},
+        compute=data["timing"].get("compute", "real"),
+    )
 
     types_tbl = data["card_types"]
     if not isinstance(types_tbl, dict) or not types_tbl:

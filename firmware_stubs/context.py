@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 #: Card modes and the one request type each understands (a CCA coprocessor takes CPRBs, §4.4).
 MODE_REQUEST_TYPE: dict[str, int] = {"accel": 0x50, "cca": 0x06}
 
+#: The firmware's arithmetic: ``real`` computes (gmpy2); ``echo`` answers RSA with the message itself,
+#: correctly shaped, for overhead benchmarks only (the ``overhead`` profile; see ``rsa.mod_expo``).
+COMPUTE_MODES: tuple[str, ...] = ("real", "echo")
+
 #: The counter is a u64 in the CPRB reply.
 COUNTER_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -61,10 +65,13 @@ class FirmwareContext:
     rng: random.Random
     max_mod_bytes: int = 512
     mode: str = "accel"
+    compute: str = "real"
 
     def __post_init__(self) -> None:
         if self.mode not in MODE_REQUEST_TYPE:
             raise ValueError(f"mode {self.mode!r} not one of {sorted(MODE_REQUEST_TYPE)}")
+        if self.compute not in COMPUTE_MODES:
+            raise ValueError(f"compute {self.compute!r} not one of {COMPUTE_MODES}")
 
 
 @dataclass(frozen=True, slots=True)

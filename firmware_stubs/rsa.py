@@ -5,6 +5,10 @@ never raise: they become the reply codes of :mod:`firmware_stubs.reply_codes`, c
 order zero-length field → modulus size → even modulus → operand ≥ modulus.  The result is the
 modulus' byte length, right-aligned in the type 80 as the driver reads it (``reference/zcrypt.md``
 §4.2).  An all-zero *message* is a valid operand (0^e = 0); only key fields count as zero-length.
+
+With ``ctx.compute == "echo"`` (the ``overhead`` profile, for benchmarks of the software alone)
+every check still runs and the reply has the same shape, but holds the message itself: none of the
+math, so its results are wrong on purpose.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ def mod_expo(req: Request, ctx: FirmwareContext) -> FirmwareResult:
         return error_result("even_modulus", function)
     if m >= n:
         return error_result("operand_too_big", function)
+    if ctx.compute == "echo":
+        return _ok(m, mod_len, function)
     return _ok(int(gmpy2.powmod(m, e, n)), mod_len, function)
 
 
@@ -56,6 +62,8 @@ def crt(req: Request, ctx: FirmwareContext) -> FirmwareResult:
         return error_result("even_modulus", function)
     if c >= n or dp >= p or dq >= q or u >= p:
         return error_result("operand_too_big", function)
+    if ctx.compute == "echo":
+        return _ok(int(c), mod_len, function)
     m1 = gmpy2.powmod(c, dp, p)
     m2 = gmpy2.powmod(c, dq, q)
     h = gmpy2.f_mod(u * (m1 - m2), p)

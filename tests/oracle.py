@@ -38,7 +38,7 @@ Rules (each violation names its rule; ``RULES`` lists them; the negative tests i
                      fault by then, or the request's re-drive budget is spent on attempts that
                      provably never ran
 ``deadline``         ``DeadlineExceeded`` only after the caller's deadline; ``may_have_run=False``
-                     only if no attempt started
+                     only if no attempt ran (started and not refused unexecuted)
 ``failed``           ``BadRequest`` only with an error reply the card gave this request
 ``completed``        a completion is backed by this request's own last attempt, completed on a card
                      and read back no later than the caller got it, with the right result
@@ -617,12 +617,12 @@ def _per_request(
             rep.add(
                 "deadline", subj, f"deadline exceeded at {oc.at - w.submitted:.6f} s, before {w.deadline} s"
             )
-        if oc.may_have_run is False and any(e.started is not None for e in es):
+        if oc.may_have_run is False and any(e.ran for e in es):
             # known: the driver forgets earlier attempts when the deadline finds the request back
             # on the host awaiting its re-drive (issue 8 §1); excused only in that shape, on request
             back_on_host = all(_release(e) <= oc.at + EPS for e in es)
             if not ("deadline-after-redrive" in known and back_on_host):
-                rep.add("deadline", subj, "may_have_run=False, but an attempt started")
+                rep.add("deadline", subj, "may_have_run=False, but an attempt ran")
     elif oc.kind == "BadRequest":
         told = [
             e

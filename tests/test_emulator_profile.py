@@ -62,6 +62,81 @@ def test_fast_has_the_default_topology_and_zero_service_times() -> None:
     assert fast.timing.jitter == 0.0
 
 
+def test_overhead_is_fast_with_echo_math_and_nothing_else_echoes() -> None:
+    """``overhead`` differs from ``fast`` only in name, description and ``compute``; every other
+    bundled profile does real math (a correctness run can only get echo by naming ``overhead``)."""
+    fast, over = load_profile("fast"), load_profile("overhead")
+    assert over.timing.compute == "echo"
+    assert dataclasses.replace(over.timing, compute="real") == fast.timing
+    assert over.cards == fast.cards
+    assert "not RSA" in over.description
+    assert {n: load_profile(n).timing.compute for n in bundled_profiles() if n != "overhead"} == {
+        n: "real" for n in bundled_profiles() if n != "overhead"
+    }
+
+
+def _me_result(profile: str, message: int, modulus: int) -> tuple[int, bytes]:
+    """One ME-2048 straight through the emulator (NQAP then DQAP): the reply code and result bytes."""
+    from apformats.messages import build_mex, parse_reply
+
+    emu = Emulator(profile)
+    try:
+        q = next(q for q in emu.qids() if emu.tapq(q).hwinfo.accel)
+        emu.nqap(q, 1, build_mex(message.to_bytes(256, "big"), 65537, modulus))
+        r = emu.dqap(q)
+        rep = parse_reply(r.reply)
+        return rep.reply_code, bytes(rep.result or b"")[-256:]
+    finally:
+        emu.close()
+
+
+def test_echo_math_answers_the_message_in_a_correct_shape() -> None:
+    """Echo keeps the reply's shape (type 80, modulus-length result) and every operand check, and
+    visibly is not RSA: the result is the message, where ``fast`` returns message^e mod n."""
+    n = (1 << 2047) | 0x1D7
+    m = 0x1234567
+    code, real = _me_result("fast", m, n)
+    assert code == 0 and int.from_bytes(real, "big") == pow(m, 65537, n)
+    code, echo = _me_result("overhead", m, n)
+    assert code == 0 and len(echo) == 256 and int.from_bytes(echo, "big") == m != pow(m, 65537, n)
+    assert _me_result("overhead", n + 1, n)[0] == _me_result("fast", n + 1, n)[0] != 0  # operand >= modulus
+
+
+def test_echo_crt_skips_the_math_and_keeps_the_checks() -> None:
+    """CRT in echo mode: the message back, modulus-length; a bad operand still gets its reply code."""
+    import random
+
+    import firmware_stubs
+    from apcrypto.testing import seeded_key
+    from apformats.messages import build_crt, parse_reply
+
+    k = seeded_key(1024)
+    req = build_crt(12345, k.p, k.q, k.dp, k.dq, k.qinv)
+    for compute, want in (("real", pow(12345, k.d, k.n)), ("echo", 12345)):
+        store = firmware_stubs.DomainStore()
+        ctx = firmware_stubs.FirmwareContext(0, store, random.Random(0), compute=compute)
+        rep = parse_reply(firmware_stubs.execute(req, ctx).reply)
+        assert rep.reply_code == 0 and len(rep.result) >= 128
+        assert int.from_bytes(rep.result, "big") == want
+        bad = firmware_stubs.execute(build_crt(12345, k.p, k.q, k.p + 1, k.dq, k.qinv), ctx)
+        assert not bad.ok
+    with pytest.raises(ValueError, match="compute"):
+        firmware_stubs.FirmwareContext(0, firmware_stubs.DomainStore(), random.Random(0), compute="fast")
+
+
+def test_no_correctness_test_uses_the_echo_profile() -> None:
+    """Echo results are wrong on purpose: only this file and the bench tests may name the profile."""
+    allowed = {"test_emulator_profile.py"}
+    offenders = [
+        p.name
+        for p in Path(__file__).parent.rglob("*.py")
+        if p.name not in allowed
+        and not p.name.startswith("test_bench_")
+        and any(f"{q}overhead{q}" in p.read_text() or "emu:overhead" in p.read_text() for q in "\"'")
+    ]
+    assert offenders == []
+
+
 def test_small_topology() -> None:
     p = load_profile("small")
     assert [(c.id, c.type.name, c.usage_domains) for c in p.cards] == [
@@ -138,6 +213,7 @@ BAD = [
     ("cards.0.control_domains", [1], r"'cards\[0\]\.control_domains' repeats usage domain 1"),
     ("cards", [], r"'cards' must be a non-empty array"),
     ("timing", 3, r"'timing' must be a table"),
+    ("timing.compute", "fast", r"'timing\.compute' must be one of real, echo"),
 ]
 
 
@@ -163,5 +239,6 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     broken.write_text("format = = 1")
     with pytest.raises(ProfileError, match="not valid TOML"):
         load_profile(broken)
-    with pytest.raises(ProfileError, match=r"no bundled profile 'huge' \(bundled: default, fast, small"):
+    bundled = r"no bundled profile 'huge' \(bundled: default, fast, overhead, small"
+    with pytest.raises(ProfileError, match=bundled):
         load_profile("huge")

@@ -85,6 +85,7 @@ hot_frames = st.one_of(
         CommandFrame, u32, st.sampled_from(list(Instr)), u16, u64, small_bytes, st.booleans(), st.booleans()
     ),
     st.builds(ResultFrame, u32, u32, u64, small_bytes, st.none() | u64),
+    st.builds(InterruptFrame, u16),
 )
 
 
@@ -289,6 +290,7 @@ def test_fast_path_agrees_with_construct_on_noise(noise) -> None:
     for head in (
         encode_command(1, Instr.TAPQ, 1)[:HEADER_LEN],
         encode_result(1, ApResult(QueueStatus()))[:HEADER_LEN],
+        encode_interrupt(1)[:HEADER_LEN],
     ):
         blob = head[:4] + struct.pack(">I", len(noise)) + noise
         blob = blob + struct.pack(">I", zlib.crc32(blob))
@@ -310,3 +312,20 @@ def test_any_body_decodes_canonically_or_raises_format_error(kind, body) -> None
         return
     assert decode_frame_spec(blob) == frame
     assert encode_frame(frame) == blob
+
+
+@settings(max_examples=200, deadline=None)
+@given(u16, st.binary(max_size=6))
+def test_interrupt_fast_path_equals_construct(qid, body) -> None:
+    """INTERRUPT (about one per request on tcp://) skips construct: the bytes built are construct's, and
+    any INTERRUPT body (right, short, long) decodes to the same frame or fails with the same error kind."""
+    assert encode_interrupt(qid) == encode_frame_spec(InterruptFrame(qid))
+    blob = reseal(struct.pack(">2sBBI", b"AP", 1, FrameKind.INTERRUPT, len(body)) + body + b"\0\0\0\0")
+    try:
+        fast: object = decode_frame(blob)
+    except FormatError as exc:
+        with pytest.raises(FormatError) as spec_exc:
+            decode_frame_spec(blob)
+        assert exc.kind == spec_exc.value.kind
+        return
+    assert fast == decode_frame_spec(blob) == InterruptFrame(int.from_bytes(body, "big"))

@@ -463,3 +463,12 @@ def test_the_oracle_restatements_agree_with_the_product() -> None:
         assert isinstance(crt_request(x, k), ModExpoCrt)
     assert content_id(CounterIncrement(77).message(3)) == ("cprb", "CI", 77)
     assert content_id(RandomBytes(300).message(1)) == ("cprb", "RL", 300)
+
+
+def test_may_have_run_false_is_true_for_work_refused_unexecuted() -> None:
+    """An attempt an engine picked up only to refuse it unexecuted (message type) did not run:
+    ``DeadlineExceeded(may_have_run=False)`` after it is the truth, not a lie."""
+    h = good()
+    h.put(13, reply_code=0x20)
+    h.outcomes[3] = Outcome("DeadlineExceeded", 6.5, may_have_run=False)
+    assert h.judge().ok, str(h.judge())

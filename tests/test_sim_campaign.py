@@ -42,8 +42,11 @@ from tests.oracle import Outcome, PlannedFault, Topology, WireTap, Work, judge, 
 
 SEEDS = range(500)
 #: Driver bugs the oracle excuses (each only in its exact shape, see ``tests/oracle.py``).  Empty:
-#: ``deadline-after-redrive`` and ``redrive-into-recovering-queue`` were fixed in the driver core
-#: (issue 8 §1); the oracle still knows their shapes so a regression can be named, not excused.
+#: the core's issue 8 §1 work fixed ``deadline-after-redrive`` and ``redrive-into-recovering-queue``
+#: for these seeds.  (With the held-back "refuse" kind, seed 369 still shows the latter: new work
+#: accepted by a queue in the instant its card's machine-failure replies are drained, before its
+#: reset and probe.  Seed 144's failure there was the oracle's, fixed: may_have_run is judged
+#: against runs, and an attempt refused unexecuted did not run.)
 KNOWN_DRIVER_BUGS: frozenset[str] = frozenset()
 MAX_REDRIVES = FAST.max_redrives
 SOAK_SEEDS = range(10_000, 20_000)
@@ -66,15 +69,20 @@ FAIL_CODES = (
     RY.MESSAGE_TYPE,
     0xEE,
 )
-BAD_REQUEST_CODES = {int(RY.OPERAND_INVALID), int(RY.MALFORMED_MSG)}
+#: Share of runs where a part of every queue's NQAPs is refused unexecuted ("message type"): work
+#: that never runs is re-driven until its budget is spent, so the budget rule is exercised.
+REFUSE_P = 0.15
 
 
 def replay_hint(seed: int, soak: bool = False) -> str:
-    name = "test_soak" if soak else "test_campaign"
-    scale = f"APCRYPTO_SIM_SCALE={SOAK_SCALE} " if soak else ""
+    if soak:
+        return (
+            f"reproduce with: APCRYPTO_SIM_SCALE={SOAK_SCALE} APCRYPTO_SIM_SEED={seed} "
+            "pytest tests/test_sim_campaign.py -k replay -s"
+        )
     return (
-        f"reproduce with: pytest 'tests/test_sim_campaign.py::{name}[seed_{seed}]'  "
-        f"(or {scale}APCRYPTO_SIM_SEED={seed} pytest tests/test_sim_campaign.py -k replay -s)"
+        f"reproduce with: pytest 'tests/test_sim_campaign.py::test_campaign[seed_{seed}]'  "
+        f"(or APCRYPTO_SIM_SEED={seed} pytest tests/test_sim_campaign.py -k replay -s)"
     )
 
 
@@ -91,6 +99,7 @@ class Fault:
     code: int | None = None  # fail_request reply code
     nth: int | None = None  # fail_request: the nth matching NQAP
     factor: float = 1.0  # slow engines
+    probability: float | None = None  # refuse: the share of NQAPs refused unexecuted
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,9 @@ class SimConfig:
         kinds_of_work = ["me", "crt"] + (["ci", "rb"] if profile == "default" else [])
         mix = tuple((k, round(rng.uniform(0.1, 1.0), 2)) for k in kinds_of_work)
         kinds = tuple(k for k in FAULT_KINDS if rng.random() < 0.45)
+        # drawn from its own stream (added later: the draws above stay as they were)
+        if random.Random(f"apcrypto-sim:{seed}:refuse").random() < REFUSE_P:
+            kinds += ("refuse",)
         idem_p = rng.choice((0.0, 0.3, 0.7, 1.0))
         deadline_p = rng.choice((0.0, 0.0, 0.1, 0.3))
         faults = _plan_faults(random.Random(f"apcrypto-sim:{seed}:faults"), profile, kinds, n)
@@ -148,6 +160,9 @@ def _plan_faults(rng: random.Random, profile: str, kinds: tuple[str, ...], n: in
             elif kind == "fail_request":
                 q = qid() if rng.random() < 0.7 else None
                 out.append(Fault(kind, 0.0, qid=q, code=rng.choice(FAIL_CODES), nth=rng.randint(1, 20)))
+            elif kind == "refuse":  # once per run; spends re-drive budgets (the last kind: no shift)
+                out.append(Fault(kind, 0.0, code=RY.MESSAGE_TYPE, probability=rng.uniform(0.3, 0.7)))
+                break
             elif kind == "slow":
                 out.append(
                     Fault(
@@ -217,7 +232,7 @@ def _rb_check(n: int) -> Any:
 def _plan(cfg: SimConfig, t0: float) -> list[PlannedFault]:
     """The fault plan as the oracle reads it (absolute times; a fail_request's victim is found in
     the log by its reply code)."""
-    kinds = {"reset": "reset", "slow": "slow"}
+    kinds = {"refuse": "fail_request"}
     return [
         PlannedFault(kinds.get(f.kind, f.kind), t0 + f.at, card=f.card, qid=f.qid, code=f.code)
         for f in cfg.faults
@@ -242,6 +257,8 @@ def _inject(emu: Emulator, cfg: SimConfig, t0: float) -> list[Any]:
             ctl.reset_in_progress(f.qid, f.duration, at=at)
         elif f.kind == "fail_request":
             ctl.fail_request(f.code, qid=f.qid, nth=f.nth)
+        elif f.kind == "refuse":
+            ctl.fail_request(f.code, probability=f.probability)
         elif f.kind == "slow":
             ctl.slow_engines(f.card, f.factor, f.duration, at=at)
     return handles
@@ -333,10 +350,23 @@ def test_campaign(seed: int) -> None:
     run_seed(seed)
 
 
+#: Soak seeds run in chunks: 100 test items instead of 10,000 keeps ``make test``'s collection cheap.
+SOAK_CHUNK = 100
+SOAK_CHUNKS = range(SOAK_SEEDS.start, SOAK_SEEDS.stop, SOAK_CHUNK)
+
+
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", SOAK_SEEDS, ids=[f"seed_{s}" for s in SOAK_SEEDS])
-def test_soak(seed: int) -> None:
-    run_seed(seed, scale=SOAK_SCALE, soak=True)
+@pytest.mark.parametrize("first", SOAK_CHUNKS, ids=[f"seeds_{s}-{s + SOAK_CHUNK - 1}" for s in SOAK_CHUNKS])
+def test_soak(first: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """A chunk of soak seeds; every failing seed is reported with its replay command."""
+    failures = []
+    for seed in range(first, min(first + SOAK_CHUNK, SOAK_SEEDS.stop)):
+        try:
+            run_seed(seed, scale=SOAK_SCALE, soak=True)
+        except AssertionError as exc:
+            failures.append(f"seed {seed}: {exc}")
+        capsys.readouterr()  # each seed prints its options; keep only the failures
+    assert not failures, "\n\n".join(failures)
 
 
 if os.environ.get("APCRYPTO_SIM_SEED") is not None:  # collected only when asked for: never a skip
@@ -367,7 +397,7 @@ def test_same_seed_same_run() -> None:
 def test_options_cover_the_swarm() -> None:
     """Over the campaign's seeds every fault kind, both profiles and every fail code come up."""
     cfgs = [SimConfig.from_seed(s) for s in SEEDS]
-    assert {k for c in cfgs for k in c.kinds} == set(FAULT_KINDS)
+    assert {k for c in cfgs for k in c.kinds} == {*FAULT_KINDS, "refuse"}
     assert {c.profile for c in cfgs} == {"small", "default"}
     assert {f.code for c in cfgs for f in c.faults if f.kind == "fail_request"} == set(FAIL_CODES)
     assert sum(not c.kinds for c in cfgs) >= 1  # and some fault-free runs

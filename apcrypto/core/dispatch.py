@@ -30,6 +30,10 @@ class Dispatcher:
         self.queues = queues
         self.backlog: dict[str, deque[int]] = {}  # new requests per card mode, FIFO
         self.retry: dict[str, deque[int]] = {}  # bounced / re-driven requests, served first
+        # Targeted requests (``rec.target``), FIFO per target: they wait for their own APQN(s), so
+        # they sit apart (one waiting for a busy APQN must not hold up the rest); a fill looks at each
+        # distinct target once, not at each request.
+        self.pinned: dict[str, dict[frozenset[int], deque[int]]] = {}
         self.size = 0  # live requests waiting on the host (the bound callers' submit is checked against)
         self.card_load: dict[int, int] = {}
         self.by_mode: dict[str, list[Queue]] = {}  # dispatch candidates per card mode
@@ -40,16 +44,35 @@ class Dispatcher:
 
     # -- waiting work --
     def enqueue(self, rec: Record, now: float) -> None:
-        self.backlog.setdefault(rec.mode, deque()).append(rec.rid)
+        if rec.target is None:
+            self.backlog.setdefault(rec.mode, deque()).append(rec.rid)
+        else:
+            self._pin(rec)
         self.size += 1
         rec.parked_at = now
 
     def requeue_front(self, rec: Record, now: float) -> None:
         """Back to the host, ahead of new work (it has waited already), in the order it bounced."""
         rec.phase = Phase.QUEUED
-        self.retry.setdefault(rec.mode, deque()).append(rec.rid)
+        if rec.target is None:
+            self.retry.setdefault(rec.mode, deque()).append(rec.rid)
+        else:
+            self._pin(rec)
         self.size += 1
         rec.parked_at = now
+
+    def _pin(self, rec: Record) -> None:
+        assert rec.target is not None
+        self.pinned.setdefault(rec.mode, {}).setdefault(rec.target, deque()).append(rec.rid)
+
+    def _deques(self, mode: str) -> list[deque[int]]:
+        """Every deque of ``mode``'s waiting work, in the order it is served."""
+        out = [dq for dq in (self.retry.get(mode),) if dq is not None]
+        out.extend(self.pinned.get(mode, {}).values())
+        backlog = self.backlog.get(mode)
+        if backlog is not None:
+            out.append(backlog)
+        return out
 
     def waiting_ahead(self, mode: str) -> bool:
         return bool(self.retry.get(mode) or self.backlog.get(mode))
@@ -57,7 +80,7 @@ class Dispatcher:
     def has_waiting(self, mode: str) -> bool:
         """Some undecided request of ``mode`` waits (deques also hold decided ones, skipped lazily)."""
         records = self.ledger.records
-        for dq in (self.retry.get(mode), self.backlog.get(mode)):
+        for dq in self._deques(mode):
             if dq:
                 for rid in dq:
                     rec = records.get(rid)
@@ -66,12 +89,12 @@ class Dispatcher:
         return False
 
     def modes(self) -> list[str]:
-        return list(dict.fromkeys([*self.retry, *self.backlog]))
+        return list(dict.fromkeys([*self.retry, *self.pinned, *self.backlog]))
 
     def take_all(self, mode: str) -> list[Record]:
         """Remove and return every undecided request of ``mode`` waiting on the host."""
         taken: list[Record] = []
-        for dq in (self.retry.get(mode), self.backlog.get(mode)):
+        for dq in self._deques(mode):
             while dq:
                 rec = self.ledger.records.get(dq.popleft())
                 if rec is not None and not rec.resolved:
@@ -85,7 +108,7 @@ class Dispatcher:
         records = self.ledger.records
         expired: list[Record] = []
         nxt: float | None = None
-        for dq in (self.retry.get(mode), self.backlog.get(mode)):
+        for dq in self._deques(mode):
             if not dq:
                 continue
             keep: deque[int] = deque()
@@ -137,7 +160,9 @@ class Dispatcher:
             del self.mf_cards[card]
 
     # -- placing work --
-    def pick(self, mode: str, avoid: int | None, weight: int) -> Queue | None:
+    def pick(
+        self, mode: str, avoid: int | None, weight: int, target: frozenset[int] | None = None
+    ) -> Queue | None:
         best: Queue | None = None
         best_score = 0
         mf_cards = self.mf_cards
@@ -145,6 +170,8 @@ class Dispatcher:
         for q in self.by_mode.get(mode, ()):
             if not q.state.in_service or q.full_hold or len(q.on_card) + len(q.sending) >= q.slots:
                 continue
+            if target is not None and q.qid not in target:
+                continue  # a targeted request runs on its own APQN(s) or nowhere
             if mf_cards and q.card in mf_cards:
                 continue  # its card had a machine failure: its other queues are going down too
             score = card_load.get(q.card, 0) + q.load + weight
@@ -167,13 +194,16 @@ class Dispatcher:
             self._fill_from(mode, retry)
             if retry:
                 return  # bounced and re-driven work goes first
+        pinned = self.pinned.get(mode)
+        if pinned:
+            self._fill_pinned(mode, pinned)
         self._fill_from(mode, self.backlog.get(mode))
 
     def fill_queue(self, q: Queue) -> None:
         """A slot of ``q`` may have freed: give it waiting work.  Every other serving queue of its
         kind is full whenever work waits, so the weighted pick could only choose ``q``; re-driven
         work still goes through the pick, which steers it away from the queue it failed on."""
-        if self.retry.get(q.mode):
+        if self.retry.get(q.mode) or self.pinned.get(q.mode):
             self.fill(q.mode)
             return
         if self.mf_cards and q.card in self.mf_cards:
@@ -200,6 +230,33 @@ class Dispatcher:
             backlog.popleft()
             self.size -= 1
             self.send(q, rec)
+
+    def _fill_pinned(self, mode: str, pinned: dict[frozenset[int], deque[int]]) -> None:
+        """Place targeted requests, each target's in order, while one of its APQNs has a slot."""
+        records = self.ledger.records
+        for target in list(pinned):
+            dq = pinned[target]
+            while dq:
+                rec = records.get(dq[0])
+                if rec is None or rec.resolved:
+                    dq.popleft()  # decided while it waited (deadline, grace): no longer counted
+                    continue
+                q = self.pick(mode, rec.avoid_qid, rec.weight, target)
+                if q is None:
+                    break  # its APQN(s) full or out of service: the next target may have room
+                dq.popleft()
+                self.size -= 1
+                self.send(q, rec)
+            if not dq:
+                del pinned[target]
+
+    def target_in_service(self, rec: Record) -> bool:
+        """One of ``rec``'s target APQNs is in service (it may be busy: then the request waits)."""
+        queues = self.queues
+        return any(
+            (q := queues.get(qid)) is not None and q.state.in_service and q.card not in self.mf_cards
+            for qid in rec.target or ()
+        )
 
     def send(self, q: Queue, rec: Record) -> None:
         att = self.ledger.new_attempt(rec, q.qid)

@@ -47,6 +47,7 @@ from apcrypto.errors import (
     DeadlineExceeded,
     DeviceUnavailable,
     Indeterminate,
+    TargetNotHeld,
 )
 from apcrypto.requests import ModExpo, RandomBytes, Request
 from apformats.codes import MachineFailureState, ResponseCode
@@ -148,16 +149,28 @@ class DriverCore:
         idempotent: bool | None = None,
         deadline: float | None = None,
         now: float = 0.0,
+        target: frozenset[int] | None = None,
     ) -> tuple[int, list[Action]]:
         """Accept ``request``; returns its request id and the actions to carry out.
 
         ``deadline`` is relative (seconds from now).  The outcome arrives as a ``Resolve(rid, ...)``.
+        ``target`` (qids) pins it: it is placed only on those queues, never failed over; if none of
+        them is in service it waits at most ``unavailable_grace``, then ends ``DeviceUnavailable``.
         """
         if self._closed:
             raise CoreMisuse("submit after shutdown")
         self._at(now)
         idem = request.idempotent_default if idempotent is None else bool(idempotent)
         rec = self.ledger.open(request, idempotent=idem, mode=request.mode, weight=request.weight)
+        if target is not None:
+            unknown = sorted(set(target) - self.queues.keys())
+            if unknown or not target:  # the client checks this at submit; a core caller gets the same
+                err = TargetNotHeld(
+                    "target is not one of this client's queues", qid=unknown[0] if unknown else None
+                )
+                self._resolve(rec, Outcome.FAILED, error=err)
+                return rec.rid, self._flush()
+            rec.target = frozenset(target)
         if not self.dispatch.serving.get(rec.mode) and not self.dispatch.mode_exists(rec.mode):
             self._fail_unavailable(rec, f"no queue of kind {rec.mode!r}")
             return rec.rid, self._flush()
@@ -171,7 +184,7 @@ class DriverCore:
         # leaves it so), so a request behind waiting work need not look for a slot.
         waiting = self.dispatch.waiting_ahead(rec.mode)
         self._enqueue(rec)
-        if not waiting:
+        if not waiting or rec.target is not None:  # pinned work may find its queue free
             self._fill(rec.mode)
         return rec.rid, self._flush()
 
@@ -284,6 +297,7 @@ class DriverCore:
         "reply": _on_reply_timeout,
         "deadline": _on_deadline_timer,
         "unavailable": lambda core, mode: core._on_unavailable_timer(mode),
+        "target": lambda core, rid: core._on_target_timer(rid),
     }
 
     def on_transport_lost(
@@ -1049,6 +1063,7 @@ class DriverCore:
         rec = self.ledger.records.get(rid)
         if rec is None:
             self.ledger.counters["late_replies"] += 1
+            self._late_reply_says(q, data)
             return
         self._unload(q, rec)
         if rec.resolved:
@@ -1127,7 +1142,10 @@ class DriverCore:
     def _late_reply_says(self, q: Queue, data: bytes) -> None:
         """A reply for a request already decided (its deadline came first) is not delivered, but
         what it says about the queue still counts: a machine-failure reply means the card failed
-        and holds more such replies; the queue must not take new work until it has recovered."""
+        and holds more such replies; the queue must not take new work until it has recovered (campaign
+        seeds 369 and 10008).  A queue already out of service is being handled by its own machine."""
+        if not q.state.in_service:
+            return
         try:
             reply = parse_reply(data)
         except FormatError:
@@ -1252,6 +1270,8 @@ class DriverCore:
     # ---------------------------------------------------------------- dispatch
     def _enqueue(self, rec: Record) -> None:
         self.dispatch.enqueue(rec, self._now)
+        if rec.target is not None:
+            self._arm(TimerKey.target(rec.rid), self.cfg.unavailable_grace, force=True)
         if not self.dispatch.serving.get(rec.mode):
             self._park_dirty = True
 
@@ -1259,6 +1279,30 @@ class DriverCore:
         """Back to the host, ahead of new work (it has waited already), in the order it bounced."""
         self.dispatch.requeue_front(rec, self._now)
         self._park_dirty = True
+        if rec.target is not None:  # re-driven or bounced: back to its own APQN only, within the grace
+            self._arm(TimerKey.target(rec.rid), self.cfg.unavailable_grace, force=True)
+
+    def _on_target_timer(self, rid: int) -> None:
+        """A targeted request has waited ``unavailable_grace`` on the host: if none of its APQNs is
+        in service it ends ``DeviceUnavailable`` (never failed over); if one is, it is only busy, so
+        the request waits another grace (its deadline, if any, still bounds it)."""
+        rec = self.ledger.records.get(rid)
+        if rec is None or rec.resolved or rec.phase is not Phase.QUEUED or rec.target is None:
+            return  # placed meanwhile (a later bounce re-arms) or decided
+        if self.dispatch.target_in_service(rec):
+            self._arm(TimerKey.target(rid), self.cfg.unavailable_grace, force=True)
+            return
+        self.dispatch.size -= 1  # it stays in its deque, skipped lazily, but waits no more
+        grace = self.cfg.unavailable_grace
+        names = ", ".join(qid_str(t) for t in sorted(rec.target))
+        self._resolve(
+            rec,
+            Outcome.UNAVAILABLE,
+            error=DeviceUnavailable(
+                f"targeted APQN {names} did not come into service within {grace:g} s (no failover)",
+                qid=min(rec.target),
+            ),
+        )
 
     def _withdraw(self, q: Queue) -> None:
         """Take back the NQAPs for ``q`` that are still in this flush's batch: they have not left the
@@ -1354,6 +1398,8 @@ class DriverCore:
         self.ledger.close(rec, outcome)
         if rec.has_deadline:
             self._disarm(TimerKey.deadline(rec.rid))
+        if rec.target is not None:
+            self._disarm(TimerKey.target(rec.rid))
         self.out.resolve(rec.rid, value, error)
 
     def _fail_unavailable(self, rec: Record, why: str) -> None:

@@ -57,6 +57,7 @@ class Record:
     outcome: Outcome | None = None
     has_deadline: bool = False
     parked_at: float = 0.0  # when it last went back to the host (the unavailable grace counts from it)
+    target: frozenset[int] | None = None  # the APQNs it may run on (None: any of its kind); never failed over
 
     @property
     def current(self) -> Attempt | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-TimerKind = Literal["poll", "limit", "reply", "deadline", "unavailable"]
+TimerKind = Literal["poll", "limit", "reply", "deadline", "unavailable", "target"]
 
 #: What each kind bounds (documentation; the handlers are in DriverCore._TIMER_HANDLERS).
 KINDS: dict[str, str] = {
@@ -20,6 +20,7 @@ KINDS: dict[str, str] = {
     "reply": "no reply at all for this long while work is on the card: reset the queue",
     "deadline": "a request's caller-given deadline",
     "unavailable": "the grace of work whose kind has no queue in service",
+    "target": "the grace of a targeted request whose own APQN is out of service",
 }
 
 
@@ -46,3 +47,7 @@ class TimerKey(NamedTuple):
     @classmethod
     def unavailable(cls, mode: str) -> TimerKey:
         return cls("unavailable", mode)
+
+    @classmethod
+    def target(cls, rid: int) -> TimerKey:
+        return cls("target", rid)

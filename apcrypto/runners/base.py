@@ -79,9 +79,16 @@ class RunnerBase(ABC):
             self.apply(self.core.add_queue(qid, self.now()))
 
     def submit_now(
-        self, request: Any, idempotent: bool | None, deadline: float | None, resolver: Resolver
+        self,
+        request: Any,
+        idempotent: bool | None,
+        deadline: float | None,
+        resolver: Resolver,
+        target: frozenset[int] | None = None,
     ) -> int:
-        rid, actions = self.core.submit(request, idempotent=idempotent, deadline=deadline, now=self.now())
+        rid, actions = self.core.submit(
+            request, idempotent=idempotent, deadline=deadline, now=self.now(), target=target
+        )
         self.resolvers[rid] = resolver
         self.apply(actions)
         return rid

@@ -52,7 +52,12 @@ class SimRunner(RunnerBase):
 
     # -- the caller's side --
     def submit(
-        self, request: Any, *, idempotent: bool | None = None, deadline: float | None = None
+        self,
+        request: Any,
+        *,
+        idempotent: bool | None = None,
+        deadline: float | None = None,
+        target: frozenset[int] | None = None,
     ) -> Future[Any]:
         fut: Future[Any] = Future()
         fut.set_running_or_notify_cancel()
@@ -63,7 +68,7 @@ class SimRunner(RunnerBase):
             else:
                 fut.set_result(value)
 
-        self.submit_now(request, idempotent, deadline, done)
+        self.submit_now(request, idempotent, deadline, done, target)
         self.pump()
         return fut
 
@@ -115,9 +120,14 @@ class SimClient(Operations):
         self.transport = runner.transport
 
     def _submit(
-        self, request: Request, idem: bool | None, deadline: float | None, block: bool
+        self,
+        request: Request,
+        idem: bool | None,
+        deadline: float | None,
+        block: bool,
+        target: frozenset[int] | None = None,
     ) -> Future[Any]:
-        return self.runner.submit(request, idempotent=idem, deadline=deadline)
+        return self.runner.submit(request, idempotent=idem, deadline=deadline, target=target)
 
     def _failed(self, error: BaseException) -> Future[Any]:
         fut: Future[Any] = Future()

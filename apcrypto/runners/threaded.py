@@ -95,9 +95,14 @@ class ThreadedRunner(RunnerBase):
                 self._cv.notify()
 
     def submit(
-        self, request: Any, idempotent: bool | None, deadline: float | None, resolver: Resolver
+        self,
+        request: Any,
+        idempotent: bool | None,
+        deadline: float | None,
+        resolver: Resolver,
+        target: frozenset[int] | None = None,
     ) -> None:
-        self.call(lambda: self.submit_now(request, idempotent, deadline, resolver))
+        self.call(lambda: self.submit_now(request, idempotent, deadline, resolver, target))
 
     def watch(self, condition: Callable[[], bool]) -> None:
         """Run ``condition`` on the runner thread after every turn until it returns True (how a
