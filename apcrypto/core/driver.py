@@ -1063,6 +1063,7 @@ class DriverCore:
         rec = self.ledger.records.get(rid)
         if rec is None:
             self.ledger.counters["late_replies"] += 1
+            self._late_reply_says(q, data)
             return
         self._unload(q, rec)
         if rec.resolved:
