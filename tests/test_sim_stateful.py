@@ -132,7 +132,12 @@ class DriverMachine(RuleBasedStateMachine):
             assert att is not None
             q = core.queues[att.qid]
             nqap_out = any(rid == r.rid for rid in q.sending.values())
-            bounded = ("reply", q.qid) in armed or ("limit", q.qid) in armed or nqap_out
+            bounded = (
+                ("reply", q.qid) in armed
+                or ("limit", q.qid) in armed
+                or ("grace", q.qid) in armed
+                or nqap_out
+            )
             assert bounded, (r, views[q.qid], {k: v for k, v in armed.items() if q.qid in k})
 
     @invariant()

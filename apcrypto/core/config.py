@@ -32,6 +32,10 @@ class DriverConfig:
     # recovering, probing or offline) waits at most this long (or its deadline, if sooner), then
     # ends DeviceUnavailable; a queue of its kind back in service within it serves it.
     unavailable_grace: float = 30.0
+    # Work the card held when a session-keeping peer (tcp://, zmq) was declared gone stays undecided
+    # this long (the emulator server's --session-grace default): a resumed session drains its
+    # replies; after it, or on a new session, the ledger decides it as lost.
+    session_grace: float = 60.0
 
     def with_(self, **changes: object) -> DriverConfig:
         return replace(self, **changes)  # type: ignore[arg-type]

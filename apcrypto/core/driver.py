@@ -211,18 +211,39 @@ class DriverCore:
                     self._want_read(q)
                     self._kick(q)
             elif t is TransportLost:
-                self._transport_lost(ev.tags, permanent=ev.permanent, reason=ev.reason, unsent=ev.unsent)
+                self._transport_lost(
+                    ev.tags,
+                    permanent=ev.permanent,
+                    reason=ev.reason,
+                    unsent=ev.unsent,
+                    resumable=ev.resumable,
+                )
             elif t is PeerRestored:
-                self._peer_restored(ev.reason)
+                self._peer_restored(ev.reason, resumed=ev.resumed)
             else:
                 raise CoreMisuse(f"unknown transport event {ev!r}")
         return self._flush()
 
-    def _peer_restored(self, reason: str) -> None:
-        """The peer is back: re-probe every offline queue now instead of after its back-off."""
+    def _peer_restored(self, reason: str, *, resumed: bool = False) -> None:
+        """The peer is back: re-probe every offline queue now instead of after its back-off.
+
+        A queue that went offline holding work for a session the peer kept (``session_held``) is
+        drained first when the session was resumed: its replies are still on the card, and the
+        reset that brings a queue back would wipe them.  A new session holds none of them: the
+        ledger decides them now."""
         self.ledger.counters["peer_restored"] += 1
-        log.info("transport peer restored (%s): re-probing offline queues", reason)
+        log.info("transport peer restored (%s, resumed=%s): re-probing offline queues", reason, resumed)
         for q in self.queues.values():
+            if q.state is QState.OFFLINE and q.session_held:
+                if resumed:
+                    self.ledger.counters["session_drains"] += 1
+                    q.session_held = False
+                    self._disarm(TimerKey.grace(q.qid))
+                    q.offline_backoff = 0.0
+                    q.offline_reason = ""
+                    self._enter_recovery(q, card_recovered=True)
+                    continue
+                self._abandon_on_card(q, "the peer did not resume our session")
             if q.state is QState.OFFLINE:
                 q.offline_backoff = 0.0
                 self._run(q, QEvent.TIMEOUT)
@@ -298,7 +319,16 @@ class DriverCore:
         "deadline": _on_deadline_timer,
         "unavailable": lambda core, mode: core._on_unavailable_timer(mode),
         "target": lambda core, rid: core._on_target_timer(rid),
+        "grace": lambda core, qid: core._on_grace_timer(qid),
     }
+
+    def _on_grace_timer(self, qid: Any) -> None:
+        """The peer's session grace is over and it did not come back: what its card held is gone."""
+        q = self.queues[qid]
+        if q.session_held:
+            self._abandon_on_card(q, "the peer's session grace ended before it came back")
+            if q.state is QState.OFFLINE:
+                self._run(q, QEvent.TIMEOUT)  # re-probes were held off while the session was kept
 
     def on_transport_lost(
         self,
@@ -308,6 +338,7 @@ class DriverCore:
         reason: str,
         now: float = 0.0,
         unsent: Iterable[int] = (),
+        resumable: bool = False,
     ) -> list[Action]:
         """Commands under ``tags`` will never be answered.
 
@@ -315,15 +346,24 @@ class DriverCore:
         the backlog.  Any other lost NQAP may have reached the card: it is kept as on the card,
         unconfirmed, so its reply still resolves it if one comes, and the queue's empty-queue and
         reply-timeout checks decide it from the ledger if none does.  A lost DQAP may have taken a
-        reply with it: the same checks catch that.  ``permanent`` takes the queues out of service.
+        reply with it: the same checks catch that.  ``permanent`` takes the queues out of service;
+        with ``resumable`` what they hold stays undecided for ``cfg.session_grace`` (see
+        :class:`apcrypto.core.events.TransportLost`).
         """
         self._at(now)
-        self._transport_lost(tags, permanent=permanent, reason=reason, unsent=unsent)
+        self._transport_lost(tags, permanent=permanent, reason=reason, unsent=unsent, resumable=resumable)
         return self._flush()
 
     def _transport_lost(
-        self, tags: Iterable[int], *, permanent: bool, reason: str, unsent: Iterable[int]
+        self,
+        tags: Iterable[int],
+        *,
+        permanent: bool,
+        reason: str,
+        unsent: Iterable[int],
+        resumable: bool = False,
     ) -> None:
+        keep = permanent and resumable  # the peer keeps our session: its cards may answer later
         self._link_suspect = True  # until the next answer: the card's silence says nothing
         never_sent = set(unsent)
         touched: dict[int, Queue] = {}
@@ -356,7 +396,7 @@ class DriverCore:
                             rec.current.cleared = True
                         self.ledger.counters["bounced"] += 1
                         self._requeue_front(rec)
-                elif permanent or q.state in _DISCARDING:
+                elif (permanent and not keep) or q.state in _DISCARDING:
                     # maybe sent, and nobody will ever collect it (the peer is gone, or the queue is
                     # already out of service): the ledger decides now
                     self._unload(q, rec)
@@ -392,7 +432,7 @@ class DriverCore:
         for q, rec in lost_now:
             self._attempt_failed(rec, q, may_have_run=True, why=f"transport lost: {reason}")
         for q in going:
-            self._take_offline(q, f"transport lost: {reason}")
+            self._take_offline(q, f"transport lost: {reason}", keep_on_card=keep)
         for q in touched.values():
             if not permanent:
                 log.info("queue %s: commands lost in transit (%s)", qid_str(q.qid), reason)
@@ -664,6 +704,10 @@ class DriverCore:
         return self._step_drain(q)
 
     def _step_reprobe(self, q: Queue) -> Wait:
+        if q.session_held:
+            # a re-probe that succeeds resets the queue, wiping the replies the peer keeps for us:
+            # wait for PeerRestored or the session grace (both re-probe after deciding)
+            return Wait.NONE
         if not q.ctl_inflight:
             q.reprobe_due = False
             q.ctl_inflight = True
@@ -727,7 +771,7 @@ class DriverCore:
             q.mf_recovery = True
             self.dispatch.mf_enter(q.card)
 
-    def _take_offline(self, q: Queue, why: str) -> None:
+    def _take_offline(self, q: Queue, why: str, *, keep_on_card: bool = False) -> None:
         if q.state is not QState.OFFLINE:
             log.warning("queue %s offline: %s", qid_str(q.qid), why)
             self.ledger.counters["offlined"] += 1
@@ -738,7 +782,14 @@ class DriverCore:
         q.full_hold = False
         self._enter(q, QState.OFFLINE)
         self._disarm(q.limit_key)
-        self._abandon_on_card(q, why)
+        if keep_on_card and q.on_card:
+            # the peer keeps our session for its grace: what the card holds may still come back
+            # (PeerRestored resumed=True drains it); the grace timer bounds the wait
+            q.session_held = True
+            q.probe_psmid = None
+            self._arm(TimerKey.grace(q.qid), self.cfg.session_grace, force=True)
+        else:
+            self._abandon_on_card(q, why)
         q.offline_backoff = min(
             max(q.offline_backoff * 2, self.cfg.offline_probe_interval), self.cfg.offline_probe_max
         )
@@ -1251,6 +1302,9 @@ class DriverCore:
 
     def _abandon_on_card(self, q: Queue, why: str) -> None:
         """The card will never answer what it holds for us: decide each from the ledger."""
+        if q.session_held:
+            q.session_held = False
+            self._disarm(TimerKey.grace(q.qid))
         q.probe_sent = False
         q.probe_psmid = None
         if not q.on_card:

@@ -39,7 +39,10 @@ class TransportLost:
     ``permanent`` is False while the transport still tries to reach the peer (a dropped frame, a
     reconnect in progress): the tags are still dead, but the queues need not go out of service.
     ``unsent`` is the subset that provably never left the host (held while disconnected), so the
-    driver may re-drive them as never sent.
+    driver may re-drive them as never sent.  ``resumable`` (with ``permanent``): the peer keeps our
+    session, and the replies its cards hold for us, for a grace; a reconnect presenting our resume
+    token gets them back (:class:`PeerRestored` ``resumed``), so the driver keeps the work the card
+    holds undecided ("maybe on the card") until then, bounded by ``DriverConfig.session_grace``.
     """
 
     reason: str
@@ -47,6 +50,7 @@ class TransportLost:
     permanent: bool = True
     qids: tuple[int, ...] = field(default=())
     unsent: tuple[int, ...] = ()
+    resumable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +59,13 @@ class PeerRestored:
 
     Queues taken offline by the loss need not wait out their re-probe back-off: the core re-probes
     every offline queue at once, brings the healthy ones up again and serves the work that waited.
+    ``resumed``: the peer gave our old session back (its APQNs and the replies they held), so the
+    core drains those replies before any reset; False (a new session) means they are gone.
     ``reason`` is for the log only.
     """
 
     reason: str = ""
+    resumed: bool = False
 
 
 TransportEvent = Completion | Interrupt | TransportLost | PeerRestored

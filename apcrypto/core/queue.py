@@ -92,6 +92,7 @@ class Queue:
     full_hold: bool = False  # the card said Q_FULL: no NQAP until a reply frees a slot
     card_recovered: bool = False  # in RECOVERY_WAIT: the card answers again (not BUSY)
     mf_recovery: bool = False  # in RECOVERY_WAIT because of a machine failure (its card is suspect)
+    session_held: bool = False  # OFFLINE by a resumable loss: on_card kept until resumed or its grace
     reprobe_due: bool = False  # OFFLINE: a re-probe is owed (skipped while a control instruction ran)
     reset_attempts: int = 0
     offline_backoff: float = 0.0

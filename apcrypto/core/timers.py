@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-TimerKind = Literal["poll", "limit", "reply", "deadline", "unavailable", "target"]
+TimerKind = Literal["poll", "limit", "reply", "deadline", "unavailable", "target", "grace"]
 
 #: What each kind bounds (documentation; the handlers are in DriverCore._TIMER_HANDLERS).
 KINDS: dict[str, str] = {
@@ -21,6 +21,7 @@ KINDS: dict[str, str] = {
     "deadline": "a request's caller-given deadline",
     "unavailable": "the grace of work whose kind has no queue in service",
     "target": "the grace of a targeted request whose own APQN is out of service",
+    "grace": "work a gone peer's session may still hold for us: decided when it ends unresumed",
 }
 
 
@@ -51,3 +52,7 @@ class TimerKey(NamedTuple):
     @classmethod
     def target(cls, rid: int) -> TimerKey:
         return cls("target", rid)
+
+    @classmethod
+    def grace(cls, qid: int) -> TimerKey:
+        return cls("grace", qid)

@@ -209,16 +209,23 @@ def code_name(code: int) -> str:
 
 
 def lost(
-    reason: str, cmds: Sequence[Command], *, permanent: bool, unsent: Sequence[Command] = ()
+    reason: str,
+    cmds: Sequence[Command],
+    *,
+    permanent: bool,
+    unsent: Sequence[Command] = (),
+    resumable: bool = False,
 ) -> TransportLost:
     """The event that ends ``cmds``.  ``unsent``: those that provably never left this host (held
-    while the link was down), which the driver may re-drive as never sent."""
+    while the link was down), which the driver may re-drive as never sent.  ``resumable``: the peer
+    keeps our session (and the replies its cards hold) for its grace, so a reconnect may get them."""
     return TransportLost(
         reason,
         tuple(c.tag for c in cmds),
         permanent,
         tuple(sorted({c.qid for c in cmds})),
         tuple(c.tag for c in unsent),
+        resumable,
     )
 
 
@@ -458,7 +465,8 @@ class FramedTransport(Transport):
         brings the queues it took out of service up again."""
         self.counters["restored"] += 1
         self._log.warning("%r: the %s is back", self, self.peer_kind)
-        self._emit(PeerRestored(f"{self._peer} answered a handshake again"))
+        resumed = self.welcome is not None and self.welcome.resumed
+        self._emit(PeerRestored(f"{self._peer} answered a handshake again", resumed=bool(resumed)))
 
     def _refusal(self, err: ErrorFrame) -> Exception | None:
         """The exception for an ERROR that refuses our HELLO; None for one that does not."""
@@ -514,7 +522,9 @@ class FramedTransport(Transport):
             else:
                 self._state = "lost"
         if sent or held or not was_gone:  # the first permanent loss is always said, even when empty
-            self._emit(lost(reason, sent + held, permanent=True, unsent=held))
+            # only a peer gone (not a link closed or given up) with a session token may resume
+            resumable = gone and self.welcome is not None and self.welcome.token is not None
+            self._emit(lost(reason, sent + held, permanent=True, unsent=held, resumable=resumable))
 
     def _outage_limits(self, since: float) -> tuple[float | None, float | None]:
         """When a link silent since ``since`` makes the peer gone (None: already declared), and when
