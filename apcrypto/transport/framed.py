@@ -245,6 +245,9 @@ class FramedTransport(Transport):
     supports_interrupts = True
     #: how messages name the peer ("server", "adapter")
     peer_kind: ClassVar[str] = "peer"
+    #: the peer keeps a dropped session (its APQNs and stored replies) for a grace and gives it back
+    #: to a HELLO presenting our resume token; only then is a peer gone a ``resumable`` loss
+    keeps_sessions: ClassVar[bool] = False
     #: what a refused HELLO raises (a backend may narrow it for its own callers)
     refused_error: ClassVar[type[HandshakeRefused]] = HandshakeRefused
     #: the I/O thread's name, before the endpoint (what debuggers and log formats show)
@@ -523,7 +526,9 @@ class FramedTransport(Transport):
                 self._state = "lost"
         if sent or held or not was_gone:  # the first permanent loss is always said, even when empty
             # only a peer gone (not a link closed or given up) with a session token may resume
-            resumable = gone and self.welcome is not None and self.welcome.token is not None
+            resumable = (
+                gone and self.keeps_sessions and self.welcome is not None and self.welcome.token is not None
+            )
             self._emit(lost(reason, sent + held, permanent=True, unsent=held, resumable=resumable))
 
     def _outage_limits(self, since: float) -> tuple[float | None, float | None]:

@@ -104,6 +104,7 @@ class ZmqTransport(FramedTransport):
     """A DEALER to an emulator server.  Build it with :func:`open_tcp`."""
 
     peer_kind = "server"
+    keeps_sessions = True  # HELLO presents our resume token; the server keeps a session its grace
     thread_name = "apcrypto-zmq"
 
     def __init__(
