@@ -124,6 +124,16 @@ def test_the_session_grace_decides_when_nothing_comes_back() -> None:
     assert s.core.ledger.counters["session_drains"] == 0
 
 
+def test_a_later_loss_that_cannot_resume_decides_what_was_kept() -> None:
+    """The transport gives up (or is closed) while a session is kept: nothing will resume it."""
+    s, rids, _ = held_on_card(1)
+    gone(s, resumable=True)
+    assert rids[0] not in s.resolved
+    gone(s, resumable=False)
+    assert isinstance(s.resolved[rids[0]].error, Indeterminate)
+    assert ("grace", Q0) not in s.timers
+
+
 def test_a_loss_that_cannot_resume_decides_at_once_as_before() -> None:
     s, rids, _ = held_on_card(2)
     gone(s, resumable=False)

@@ -433,6 +433,11 @@ class DriverCore:
             self._attempt_failed(rec, q, may_have_run=True, why=f"transport lost: {reason}")
         for q in going:
             self._take_offline(q, f"transport lost: {reason}", keep_on_card=keep)
+        if permanent and not keep:
+            # the link is gone for good (closed, given up): a session kept for us will never be resumed
+            for q in self.queues.values():
+                if q.session_held:
+                    self._abandon_on_card(q, f"transport lost: {reason}")
         for q in touched.values():
             if not permanent:
                 log.info("queue %s: commands lost in transit (%s)", qid_str(q.qid), reason)

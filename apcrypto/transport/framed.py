@@ -338,7 +338,17 @@ class FramedTransport(Transport):
             self._note_submitted(commands)
             gone = self._gone or self._state == "lost"
             if gone:
-                self._events.append(lost(f"{self._peer} is gone", commands, permanent=True, unsent=commands))
+                # held off while the peer is gone: never sent; the session it may keep is still ours
+                resumable = self._state != "lost" and self._session_kept()
+                self._events.append(
+                    lost(
+                        f"{self._peer} is gone",
+                        commands,
+                        permanent=True,
+                        unsent=commands,
+                        resumable=resumable,
+                    )
+                )
             else:
                 self._outbox.extend(encoded)
             self._cv.notify_all()
@@ -463,6 +473,10 @@ class FramedTransport(Transport):
         if was_gone:
             self._peer_restored()
 
+    def _session_kept(self) -> bool:
+        """Whether a peer gone now may still keep our session (and the replies it holds) for us."""
+        return self.keeps_sessions and self.welcome is not None and self.welcome.token is not None
+
     def _peer_restored(self) -> None:
         """A handshake succeeded after the peer was declared gone: tell the runner, whose driver
         brings the queues it took out of service up again."""
@@ -526,9 +540,7 @@ class FramedTransport(Transport):
                 self._state = "lost"
         if sent or held or not was_gone:  # the first permanent loss is always said, even when empty
             # only a peer gone (not a link closed or given up) with a session token may resume
-            resumable = (
-                gone and self.keeps_sessions and self.welcome is not None and self.welcome.token is not None
-            )
+            resumable = gone and self._session_kept()
             self._emit(lost(reason, sent + held, permanent=True, unsent=held, resumable=resumable))
 
     def _outage_limits(self, since: float) -> tuple[float | None, float | None]:
