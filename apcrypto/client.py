@@ -19,7 +19,7 @@ from apcrypto.config import check_deadline
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
 from apcrypto.errors import ApcryptoError, ClientClosed, HostQueueFull
-from apcrypto.operations import Operations
+from apcrypto.operations import Operations, failed_future
 from apcrypto.requests import Request
 from apcrypto.runners.threaded import ThreadedRunner
 from apcrypto.transport.base import Transport
@@ -63,9 +63,7 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
 
     # ---------------------------------------------------------------- plumbing
     def _failed(self, error: BaseException) -> Future[Any]:
-        fut: Future[Any] = Future()
-        fut.set_running_or_notify_cancel()
-        fut.set_exception(error)
+        fut = failed_future(error)
         with self._lock:
             self._local["failed"] += 1
             self._errors[type(error).__name__] += 1

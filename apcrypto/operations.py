@@ -9,6 +9,7 @@ the card gives for an operand it rejects; arguments of the wrong type raise ``Ty
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
 from apcrypto.errors import BadRequest, TargetNotHeld
@@ -22,6 +23,15 @@ FBytes = TypeVar("FBytes", covariant=True)
 FInt = TypeVar("FInt", covariant=True)
 FNone = TypeVar("FNone", covariant=True)
 FAny = TypeVar("FAny", covariant=True)
+
+
+def failed_future(error: BaseException) -> Future[Any]:
+    """A concurrent future already failed with ``error``: what a request refused before it reached
+    the core (bad operands, a bad target) hands back, so every call still returns a future."""
+    fut: Future[Any] = Future()
+    fut.set_running_or_notify_cancel()
+    fut.set_exception(error)
+    return fut
 
 
 class Operations(Generic[FBytes, FInt, FNone, FAny]):

@@ -17,6 +17,7 @@ import atexit
 import functools
 import os
 import random
+import re
 import selectors
 import shutil
 import signal
@@ -227,3 +228,14 @@ def collect(
 def rsa_key(bits: int = 1024) -> RsaKey:
     """A deterministic RSA key for checking results with ``pow``."""
     return seeded_key(bits, "zmq")
+
+
+def counter_effects(log: list[dict[str, Any]]) -> dict[int, int]:
+    """psmid -> the counter value a completed CI left, from an execution log read over the control
+    plane (an entry's ``effect`` reads ``counter A->B``)."""
+    out = {}
+    for e in log:
+        m = re.fullmatch(r"counter (\d+)->(\d+)", e.get("effect") or "")
+        if m and e["outcome"] == "completed":
+            out[e["psmid"]] = int(m.group(2))
+    return out

@@ -29,7 +29,7 @@ from apformats.codes import ResponseCode as RC
 from apformats.messages import build_type80
 from apformats.results import Instr, qid_of
 from tests._fixtures_driver import HW_ACCEL, Script, expected_me, key, me_request, res
-from tests._fixtures_zmq import ServerProcess, server_factory
+from tests._fixtures_zmq import ServerProcess, counter_effects, server_factory
 
 __all__ = ["server_factory"]  # fixture, imported for pytest
 
@@ -151,16 +151,6 @@ def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def _effects(log: list[dict[str, Any]]) -> dict[int, int]:
-    """psmid -> the counter value a completed CI left (the log's ``effect`` reads ``counter A->B``)."""
-    out = {}
-    for e in log:
-        m = re.fullmatch(r"counter (\d+)->(\d+)", e.get("effect") or "")
-        if m and e["outcome"] == "completed":
-            out[e["psmid"]] = int(m.group(2))
-    return out
-
-
 def test_outage_longer_than_peer_deadline_resumes_and_drains(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
@@ -197,7 +187,7 @@ def test_outage_longer_than_peer_deadline_resumes_and_drains(
         assert counters.get("session_drains", 0) >= 1
         records = [r for r in client.core.ledger.records.values() if r.attempts]
         log = ctl.execution_log()
-        effects = _effects(log)
+        effects = counter_effects(log)
         by_psmid = {r.attempts[-1].psmid: r for r in records}
         ran = [e for e in log if e["psmid"] in by_psmid]
         assert {e["outcome"] for e in ran} == {"completed"}, ran  # nothing lost or abandoned on the card

@@ -32,7 +32,7 @@ from apformats.codes import NO_PENDING_REPLY, ResponseCode
 from apformats.frames import ErrorCode, ErrorFrame, Welcome, decode_frame, encode_command, encode_hello
 from apformats.messages import build_cprb, build_mex, parse_reply
 from apformats.results import ApResult, Instr, qid_domain, qid_of
-from tests._fixtures_zmq import ROOT, E, ServerProcess, collect, rsa_key, server_factory
+from tests._fixtures_zmq import ROOT, E, ServerProcess, collect, counter_effects, rsa_key, server_factory
 
 __all__ = ["server_factory"]  # fixture, imported for pytest
 
@@ -253,16 +253,6 @@ def test_driver_does_not_reset_for_silence_while_the_link_is_down() -> None:
     assert isinstance(s.resolved[rid2].error, Exception)  # decided from the ledger: may have run
 
 
-def _effects(log: list[dict[str, Any]]) -> dict[int, int]:
-    """psmid -> the counter value a completed CI left (``effect`` reads ``counter A->B``)."""
-    out = {}
-    for e in log:
-        m = re.fullmatch(r"counter (\d+)->(\d+)", e.get("effect") or "")
-        if m and e["outcome"] == "completed":
-            out[e["psmid"]] = int(m.group(2))
-    return out
-
-
 def test_reconnect_within_the_grace_drains_replies_and_verdicts_match_the_log(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
@@ -301,7 +291,7 @@ def test_reconnect_within_the_grace_drains_replies_and_verdicts_match_the_log(
         assert victim.transport.counters["resumed"] == 1
         records = [r for r in victim.core.ledger.records.values() if r.attempts]
         log = ctl.execution_log()
-        effects = _effects(log)
+        effects = counter_effects(log)
         by_psmid = {r.attempts[-1].psmid: r for r in records}
         assert len(records) == 16 and all(len(r.attempts) == 1 for r in records)  # nothing re-driven
         assert sorted(effects[p] for p in by_psmid) == sorted(values)

@@ -12,7 +12,7 @@ from typing import Any
 
 from apcrypto.core.config import FAST, DriverConfig
 from apcrypto.core.driver import DriverCore
-from apcrypto.operations import Operations
+from apcrypto.operations import Operations, failed_future
 from apcrypto.requests import Request
 from apcrypto.runners.base import RunnerBase
 from apcrypto.transport.inproc import InprocTransport
@@ -130,10 +130,7 @@ class SimClient(Operations):
         return self.runner.submit(request, idempotent=idem, deadline=deadline, target=target)
 
     def _failed(self, error: BaseException) -> Future[Any]:
-        fut: Future[Any] = Future()
-        fut.set_running_or_notify_cancel()
-        fut.set_exception(error)
-        return fut
+        return failed_future(error)
 
     def settle(self, futures: list[Future[Any]], *, max_time: float = 600.0) -> None:
         self.runner.run_until_settled(futures, max_time=max_time)
