@@ -43,6 +43,7 @@ from typing import Any
 
 from apcrypto.core.config import DriverConfig
 from apcrypto.transport.framed import LinkOptions
+from apcrypto.transport.multi import split_urls
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def resolve(
     merged = {**file_opts, **_env_options(env), **options}
     chosen: str | list[str]
     if url is not None:
-        chosen, source = (url if isinstance(url, str) else list(url)), "argument"
+        chosen, source = (url if isinstance(url, str) else split_urls(url)), "argument"
     elif env.get(URL_ENV):
         chosen, source = env[URL_ENV], f"${URL_ENV}"
     elif file_url is not None:
