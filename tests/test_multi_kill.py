@@ -1,0 +1,137 @@
+"""One client over two real ``apcrypto-emulator serve`` processes, one of them SIGKILLed mid-run and
+restarted on its port (issue 11, "one client over several servers").
+
+The verdicts are checked by the kill checker of ``tests/_fixtures_kill.py`` (it shares nothing with
+the driver: futures, the psmids exceptions name, and the servers' execution logs, each spilled to
+its own SQLite file that survives the SIGKILL).  On top of its checks (every future resolves, every
+result is right, state-changing work accounted for exactly, no psmid runs twice), this test asks
+what a pool promises:
+
+* requests spread over both servers (both logs hold this client's work);
+* the survivor's work is unaffected: every request pinned to its card completes, no failed request
+  names a psmid the survivor ran, and work submitted once the killed server is declared gone all
+  completes (on the survivor);
+* a request pinned to the dead server's card ends ``DeviceUnavailable`` after the grace, as one
+  pinned to an offline card;
+* after the restart the dead server's queues serve again (pinned work lands in the new instance's
+  log).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import apcrypto
+from apcrypto.errors import DeviceUnavailable
+from emulator.execution_log import read_execution_log
+from tests._fixtures_kill import (
+    IN_SERVICE,
+    KEYS,
+    PSMID_BASE,
+    PSMID_HI,
+    Req,
+    check,
+    submit_mixed,
+    wait_all,
+)
+from tests._fixtures_zmq import ServerProcess, server_factory
+
+__all__ = ["server_factory"]  # fixtures used here
+
+#: the driver's short test timings; a server silent 1 s is gone; quick reconnection
+CLIENT = {"config": "fast", "psmid_base": PSMID_BASE, "reconnect_delay_max": 0.3, "peer_deadline": 1.0}
+KEY = KEYS[1024]
+
+
+def _serve(factory: Callable[..., ServerProcess], log: Path, seed: int, *extra: str) -> ServerProcess:
+    return factory("--profile", "default", "--seed", str(seed), "--exec-log", str(log), *extra)
+
+
+def _pinned(client: apcrypto.Client, card: int, n: int, rng: random.Random) -> list[Req]:
+    out = []
+    for _ in range(n):
+        m = rng.randrange(2, KEY.n - 1)
+        out.append(Req("ME-1024", client.mod_expo(m, KEY.e, KEY.n, card=card), pow(m, KEY.e, KEY.n), KEY))
+    return out
+
+
+def _until(cond: Callable[[], bool], timeout: float) -> bool:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            return False
+        time.sleep(0.05)  # a bounded poll of a public read-out
+    return True
+
+
+def _server1_in_service(client: apcrypto.Client) -> bool:
+    qs = client.stats()["queues"]
+    mine = [q["state"] for name, q in qs.items() if name.startswith("1")]
+    return bool(mine) and all(s in IN_SERVICE for s in mine)
+
+
+@pytest.mark.timeout(120)
+def test_one_of_two_servers_sigkilled_and_restarted(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    rng = random.Random(41)
+    logs = {name: tmp_path / f"exec-{name}.sqlite" for name in ("a", "b1", "b2")}
+    a = _serve(server_factory, logs["a"], 21)
+    b = _serve(server_factory, logs["b1"], 22)
+    with apcrypto.connect([a.data, b.data], **CLIENT) as client:
+        assert client.wait_ready(15)
+        warm = submit_mixed(client, 60, rng)
+        assert wait_all(warm, 20) == 0
+        assert all(r.fut.exception() is None for r in warm), "healthy servers failed requests"
+
+        wave = submit_mixed(client, 300, rng)  # a burst, most still queued or on the cards at the kill
+        pinned_a = _pinned(client, 0x00, 40, rng)  # server 0's card 0 only
+        wait_all(wave[:1], 10)
+        b.kill()
+        t_kill = time.monotonic()
+        doubt_until = t_kill + 0.5  # work sent before the client could know may be lost in the socket
+        during = []
+        while client.transport.states()[1] != "gone" and time.monotonic() - t_kill < 10:
+            during += submit_mixed(client, 4, rng)
+            time.sleep(0.1)
+        assert client.transport.states() == ["up", "gone"], client.transport.states()
+        survivor = submit_mixed(client, 60, rng)  # the pool is server 0 alone now
+        dead_card = client.mod_expo(2, KEY.e, KEY.n, card=0x10)
+        with pytest.raises(DeviceUnavailable):
+            dead_card.result(20)  # FAST's unavailable_grace: 1 s
+        assert wait_all(survivor + pinned_a, 30) == 0
+
+        b2 = _serve(server_factory, logs["b2"], 23, "--bind", b.data)
+        assert _until(lambda: _server1_in_service(client), 30), client.stats()["queues"]
+        pinned_b = _pinned(client, 0x11, 20, rng)  # the restarted server's card 1
+        after = submit_mixed(client, 60, rng)
+        unresolved = wait_all(warm + wave + during + survivor + pinned_a + pinned_b + after, 60)
+    for srv in (a, b2):
+        srv.stop()
+    entries = {name: read_execution_log(p) for name, p in logs.items()}
+    ran = {name: {e.psmid for e in log if e.psmid >> 32 == PSMID_HI} for name, log in entries.items()}
+
+    everything = warm + wave + during + survivor + [Req("ME-1024", dead_card)] + pinned_a + pinned_b + after
+    v = check([r for r in everything if r.fut is not dead_card], list(entries.values()), doubt_until)
+    print(
+        f"\nKILL-REPORT multi: 2 servers, one killed; {len(wave) + len(during)} around the kill: "
+        f"{check(wave + during, list(entries.values()), doubt_until).line()}; psmids per log: "
+        + ", ".join(f"{k} {len(s)}" for k, s in ran.items())
+    )
+    assert unresolved == 0 and not v.problems, v.problems
+    # spread: both servers ran this client's work before the kill
+    assert len(ran["a"]) >= 60 and len(ran["b1"]) >= 60, {k: len(s) for k, s in ran.items()}
+    # the survivor's work is unaffected
+    assert all(r.fut.exception() is None for r in pinned_a + survivor)
+    for r in everything:
+        exc = r.fut.exception()
+        psmid = getattr(exc, "psmid", None)
+        assert psmid is None or psmid not in ran["a"], f"{r.kind}: {exc!r} names work the survivor ran"
+    # after the restart: the restarted server's queues serve again
+    assert all(r.fut.exception() is None for r in pinned_b + after)
+    assert len(ran["b2"]) >= len(pinned_b)
