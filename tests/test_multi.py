@@ -356,3 +356,59 @@ def test_config_file_list_reaches_connect(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("APCRYPTO_OPTIONS", json.dumps({"config": "fast"}))
     with apcrypto.connect() as client:
         assert isinstance(client.transport, MultiTransport) and len(client.transport.children) == 2
+
+
+# ---------------------------------------------------------------- listings and card statistics
+
+
+def test_list_and_card_stats_name_each_servers_cards_by_the_pool_numbering(two) -> None:
+    from apcrypto.cardstats import CardSide, PoolCardSide, StatsSampler
+    from apcrypto.cli import listing
+
+    emus, client = two
+    work = [client.mod_expo(b"\x02", 65537, M) for _ in range(60)]
+    work += [client.counter_increment(1) for _ in range(9)]
+    assert all(f.result(20) is not None for f in work)
+    side = CardSide.for_client(client)
+    assert isinstance(side, PoolCardSide)
+    data = listing(client, side)
+    # oracle: each emulator's own log, renumbered by the documented rule
+    per_qid: dict[int, int] = {}
+    for i, e in enumerate(emus):
+        for x in e.execution_log.entries():
+            q = pool_qid(i, x.qid)
+            per_qid[q] = per_qid.get(q, 0) + 1
+    assert data["requests_source"] == "card"
+    assert [c["name"] for c in data["cards"]] == ["00", "01", "02", "03", "10", "11", "12", "13"]
+    for card in data["cards"]:
+        for q in card["queues"]:
+            qid = int(q["name"][:2], 16) << 8 | int(q["name"][3:], 16)
+            assert q["requests"] == per_qid.get(qid, 0), q["name"]
+    assert sum(c["requests"] for c in data["cards"][4:]) > 0  # server 1 counted under its own cards
+
+    report = StatsSampler(side).sample()
+    assert set(report["cards"]) == {"00", "01", "02", "03", "10", "11", "12", "13"}
+    ops = {apqn: sum(int(r["ops"]) for r in fns.values()) for apqn, fns in report["queues"].items()}
+    for i, e in enumerate(emus):
+        ended = [x for x in e.execution_log.entries() if x.ended is not None]
+        assert sum(n for apqn, n in ops.items() if int(apqn[0], 16) == i) == len(ended)
+
+
+def test_pool_card_side_needs_one_control_plane_per_server() -> None:
+    from apcrypto.cardstats import PoolCardSide
+
+    with pytest.raises(ValueError, match="one control endpoint per server"):
+        PoolCardSide.for_children([object(), object()], "tcp://127.0.0.1:1")
+    assert PoolCardSide.for_children([object(), object()], None) is None  # no card side: say so
+
+
+def test_cli_list_takes_several_urls(capsys: pytest.CaptureFixture[str]) -> None:
+    from apcrypto.cli import main
+
+    assert main(["list", "--json", "emu:small", "emu:fast"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in data["cards"]] == ["00", "01", "10", "11", "12", "13"]
+    assert data["requests_source"] == "card"  # each in-process server's own counters
+    assert main(["list", "emu:small", "emu:fast", "01", "12.0003"]) == 0
+    names = [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[2:]]
+    assert names == ["01", "01.0000", "01.0001", "12", "12.0003"]  # lszcrypt filters, pool card ids

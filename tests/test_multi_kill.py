@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 
 import apcrypto
+from apcrypto.cardstats import CardSide
+from apcrypto.cli import listing
 from apcrypto.errors import DeviceUnavailable
 from emulator.execution_log import read_execution_log
 from tests._fixtures_kill import (
@@ -111,6 +113,13 @@ def test_one_of_two_servers_sigkilled_and_restarted(
         pinned_b = _pinned(client, 0x11, 20, rng)  # the restarted server's card 1
         after = submit_mixed(client, 60, rng)
         unresolved = wait_all(warm + wave + during + survivor + pinned_a + pinned_b + after, 60)
+        # apcrypto list over the pool, card-side counts from both control planes
+        side = CardSide.for_client(client, f"{a.control},{b2.control}")
+        assert side is not None
+        try:
+            listed = listing(client, side)
+        finally:
+            side.close()
     for srv in (a, b2):
         srv.stop()
     entries = {name: read_execution_log(p) for name, p in logs.items()}
@@ -135,3 +144,10 @@ def test_one_of_two_servers_sigkilled_and_restarted(
     # after the restart: the restarted server's queues serve again
     assert all(r.fut.exception() is None for r in pinned_b + after)
     assert len(ran["b2"]) >= len(pinned_b)
+    assert listed["requests_source"] == "card"
+    cards = {c["name"]: c for c in listed["cards"]}
+    assert sorted(cards) == ["00", "01", "02", "03", "10", "11", "12", "13"]
+    assert all(c["status"] == "online" for c in cards.values())
+    # the restarted server's counters, under its own card ids: it ran pinned_b on its card 1
+    assert cards["11"]["requests"] >= len(pinned_b)
+    assert cards["11"]["requests"] == sum(1 for e in entries["b2"] if e.qid >> 8 == 1)
