@@ -39,6 +39,7 @@ from apcrypto.transport.multi import MultiTransport, driver_qid, server_qid, spl
 from apformats.codes import ResponseCode
 from apformats.results import Instr
 from emulator import Emulator
+from tests._fixtures_zmq import ServerProcess, zmq_server
 
 M = (1 << 1023) + 1  # a 1024-bit odd modulus: ME-1024 needs no key
 PSMID_HI = 0x3A17
@@ -315,6 +316,25 @@ def test_connect_with_a_list_and_with_a_comma_string(tmp_path: Path) -> None:
             assert client.transport.urls == ["emu:small", "emu:fast"]
             assert client.wait_ready(15)
             assert client.mod_expo(b"\x02", 65537, M, card=0x10).result(20)
+
+
+def test_mixed_schemes_one_server_and_one_embedded_emulator(zmq_server: ServerProcess) -> None:
+    emu = Emulator("small", clock="wall", seed=3)
+    try:
+        with apcrypto.connect(
+            [zmq_server.data, "emu:"], emulator=emu, config="fast", psmid_base=PSMID_HI << 32
+        ) as c:
+            assert c.wait_ready(15)
+            futs = [c.mod_expo(b"\x02", 65537, M) for _ in range(80)]
+            futs += [c.mod_expo(b"\x02", 65537, M, card=0x11) for _ in range(10)]  # the emu: child's card 1
+            assert all(int.from_bytes(f.result(20), "big") == pow(2, 65537, M) for f in futs)
+            assert c.transport.states() == ["up", "up"]
+            st = c.stats()["queues"]
+            assert any(n.startswith("0") and q["requests"] for n, q in st.items())  # the server served too
+        ran = ours(emu)
+        assert len(ran) >= 10 and sum(1 for qs in ran.values() if {q >> 8 for q in qs} == {1}) >= 10
+    finally:
+        emu.close()
 
 
 def test_aio_connect_takes_a_list() -> None:

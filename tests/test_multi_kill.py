@@ -48,6 +48,7 @@ __all__ = ["server_factory"]  # fixtures used here
 #: the driver's short test timings; a server silent 1 s is gone; quick reconnection
 CLIENT = {"config": "fast", "psmid_base": PSMID_BASE, "reconnect_delay_max": 0.3, "peer_deadline": 1.0}
 KEY = KEYS[1024]
+OTHER = 0x7E57 << 32  # the second client's psmids: not this client's, so the checker leaves them out
 
 
 def _serve(factory: Callable[..., ServerProcess], log: Path, seed: int, *extra: str) -> ServerProcess:
@@ -90,6 +91,16 @@ def test_one_of_two_servers_sigkilled_and_restarted(
         warm = submit_mixed(client, 60, rng)
         assert wait_all(warm, 20) == 0
         assert all(r.fut.exception() is None for r in warm), "healthy servers failed requests"
+        # tenancy holds per server: a second pool client over the same servers gets other APQNs
+        with apcrypto.connect([a.data, b.data], **{**CLIENT, "psmid_base": OTHER}) as other:
+            assert other.wait_ready(15)
+            mine, theirs = set(client.transport.qids()), set(other.transport.qids())
+            assert mine and theirs and not mine & theirs, (mine, theirs)
+            assert {q >> 12 for q in mine} == {q >> 12 for q in theirs} == {0, 1}  # on both servers
+            m = rng.randrange(2, KEY.n - 1)
+            assert other.mod_expo(m, KEY.e, KEY.n, card=0x10).result(10) == pow(m, KEY.e, KEY.n).to_bytes(
+                KEY.size, "big"
+            )
 
         wave = submit_mixed(client, 300, rng)  # a burst, most still queued or on the cards at the kill
         pinned_a = _pinned(client, 0x00, 40, rng)  # server 0's card 0 only
