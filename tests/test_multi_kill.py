@@ -162,3 +162,52 @@ def test_one_of_two_servers_sigkilled_and_restarted(
     # the restarted server's counters, under its own card ids: it ran pinned_b on its card 1
     assert cards["11"]["requests"] >= len(pinned_b)
     assert cards["11"]["requests"] == sum(1 for e in entries["b2"] if e.qid >> 8 == 1)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stagger", [0.0, 3.0])
+def test_soak_both_servers_killed_restarted_one_after_the_other(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path, stagger: float
+) -> None:
+    """Both servers SIGKILLed at once (``stagger`` 0) or 3 s apart, under a steady stream of mixed
+    work; server 0 restarted first, server 1 two seconds later.  While one server is back and the
+    other still gone, the one that came back must not decide or disturb the other's work wrongly:
+    the kill checker judges every verdict against all four execution logs."""
+    rng = random.Random(int(stagger) + 100)
+    logs = [tmp_path / f"exec-{n}.sqlite" for n in ("a1", "b1", "a2", "b2")]
+    a, b = _serve(server_factory, logs[0], 31), _serve(server_factory, logs[1], 32)
+    reqs: list[Req] = []
+    with apcrypto.connect([a.data, b.data], **{**CLIENT, "unavailable_grace": 30.0}) as client:
+        assert client.wait_ready(15)
+        reqs += submit_mixed(client, 300, rng)
+        wait_all(reqs[:1], 10)
+        a.kill()
+        t_fault = time.monotonic()
+        t_end = t_fault + stagger + 8.0
+        b_killed = a2 = b2 = None
+        while time.monotonic() < t_end:
+            now = time.monotonic()
+            if b_killed is None and now - t_fault >= stagger:
+                b.kill()
+                b_killed = now
+            if a2 is None and b_killed is not None and now - b_killed >= 2.0:
+                a2 = _serve(server_factory, logs[2], 33, "--bind", a.data)
+            if b2 is None and b_killed is not None and now - b_killed >= 4.0:
+                b2 = _serve(server_factory, logs[3], 34, "--bind", b.data)
+            reqs += submit_mixed(client, 4, rng)
+            time.sleep(0.1)
+        assert a2 is not None and b2 is not None and b_killed is not None
+        doubt = [(t_fault, t_fault + 0.5), (b_killed, b_killed + 0.5)]
+        assert _until(lambda: client.transport.state == "up" and _server1_in_service(client), 30)
+        unresolved = wait_all(reqs, 90)
+        after = submit_mixed(client, 60, rng)
+        after_unresolved = wait_all(after, 30)
+    for srv in (a2, b2):
+        srv.stop()
+    entries = [read_execution_log(p) for p in logs]
+    v = check(reqs + after, entries, max(hi for _, hi in doubt))
+    a_ = check(after, entries)
+    print(f"\nKILL-REPORT multi both killed, stagger {stagger:g}s: {v.line()}; after: {a_.line()}")
+    assert unresolved == 0 and not v.problems, v.problems
+    assert after_unresolved == 0 and a_.counts == {"completed": len(after)}, a_.line()
