@@ -432,3 +432,26 @@ def test_cli_list_takes_several_urls(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["list", "emu:small", "emu:fast", "01", "12.0003"]) == 0
     names = [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[2:]]
     assert names == ["01", "01.0000", "01.0001", "12", "12.0003"]  # lszcrypt filters, pool card ids
+
+
+def test_peer_restored_names_the_servers_queues_once_the_core_takes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forward compatibility: when the core's PeerRestored gains a ``qids`` field (the queues of
+    the peer that came back), the pool fills it with that server's queues only."""
+    import dataclasses
+
+    import apcrypto.transport.multi as multi
+
+    @dataclasses.dataclass(frozen=True)
+    class Scoped:
+        reason: str = ""
+        resumed: bool = False
+        qids: tuple[int, ...] | None = None
+
+    monkeypatch.setattr(multi, "PeerRestored", Scoped)
+    a, b = Scripted([0x0001]), Scripted([0x0001, 0x0302])
+    t = MultiTransport([a, b], ["x:a", "x:b"])
+    b.script = [Scoped("back", resumed=False)]  # type: ignore[list-item]
+    (ev,) = t.poll()
+    assert isinstance(ev, Scoped) and ev.qids == (0x1001, 0x1302) and ev.reason == "x:b: back"
