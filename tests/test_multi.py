@@ -13,6 +13,7 @@ import asyncio
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,9 +125,10 @@ def test_emulator_option_needs_exactly_one_emu_url() -> None:
         emu.close()
 
 
-def test_a_virtual_clock_child_is_refused_and_the_opened_ones_closed() -> None:
-    wall = Emulator("small", clock="wall")
-    virtual = Emulator("small", clock="virtual")
+def test_a_virtual_clock_child_is_refused_and_the_opened_ones_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from apcrypto.transport import TRANSPORTS
+
+    wall, virtual = Emulator("small", clock="wall"), Emulator("small", clock="virtual")
     closed: list[Transport] = []
 
     class Watched(InprocTransport):
@@ -134,36 +136,28 @@ def test_a_virtual_clock_child_is_refused_and_the_opened_ones_closed() -> None:
             closed.append(self)
             super()._close()
 
-    # through open_multi's own path: the second child's clock is found virtual after it opened
-    from apcrypto.transport import TRANSPORTS
-
-    TRANSPORTS["w1"] = (__name__, "_open_wall")
-    TRANSPORTS["w2"] = (__name__, "_open_virtual")
-    global _WALL, _VIRTUAL  # the factories below read them
-    _WALL, _VIRTUAL = (lambda: Watched(wall)), (lambda: Watched(virtual))
+    # two schemes of this test's own, so that open_multi's own path opens them (its second child is
+    # found on a virtual clock only after it opened)
+    monkeypatch.setitem(TRANSPORTS, "wallemu", (__name__, "_open_watched"))
+    monkeypatch.setitem(TRANSPORTS, "vemu", (__name__, "_open_watched"))
+    monkeypatch.setattr(_WATCHED, "make", lambda url: Watched(wall if url.startswith("wallemu") else virtual))
     try:
         with pytest.raises(UrlListError, match="virtual clock"):
-            open_transport(["w1:", "w2:"])
+            open_transport(["wallemu:", "vemu:"])
         assert len(closed) == 2  # both children closed again
         with pytest.raises(UrlListError, match="virtual clock"):
             apcrypto.connect(["emu:small", "emu:fast"], clock="virtual", config="fast")
     finally:
-        del TRANSPORTS["w1"], TRANSPORTS["w2"]
         wall.close()
         virtual.close()
 
 
-_WALL = _VIRTUAL = None
+class _WATCHED:
+    make: Any = None
 
 
-def _open_wall(url: str, **_: object) -> Transport:
-    assert _WALL is not None
-    return _WALL()
-
-
-def _open_virtual(url: str, **_: object) -> Transport:
-    assert _VIRTUAL is not None
-    return _VIRTUAL()
+def _open_watched(url: str, **_: object) -> Transport:
+    return _WATCHED.make(url)  # type: ignore[no-any-return]
 
 
 def test_card_numbering_rule() -> None:
