@@ -6,11 +6,16 @@ handling frames; nothing waits on a modelled engine.  The same client code drive
 ``connect(A)`` and ``connect([A, B])`` (every APQN granted, ``--default-grant all``), alternating
 rounds, and the ratio of the medians is reported.
 
-Beside it, the ceiling this box allows *in the same run*: the firmware alone (the same CRT-2048
-requests computed by ``firmware_stubs``, no queues or frames) in two processes against one.  On a
-2-core machine the pool can scale no better than that, and it also pays for the client's own CPU,
-which shares the same two cores; the load average printed with the ratios says how busy the box
-was.
+Beside it, in the same run, what says whether the figure is the software's or the box's:
+
+* the servers' CPU (from ``/proc``): 1.0 core for one server means it was compute-bound, and less
+  means the box's other load starved it (the load average is printed too);
+* the client's CPU per request, against the servers': on N cores one server alone gets a whole
+  core, while two servers and their client share all N, so the ratio cannot pass
+  ``min(2, N / (1 + client/server CPU per request))`` -- on 2 cores, with the client at a fifth of
+  a server's cost per request, about 1.65;
+* the firmware alone (the same CRT-2048 requests computed by ``firmware_stubs``, no queues or
+  frames) in two processes against one: how the box scales pure math at that moment.
 """
 
 from __future__ import annotations
@@ -52,10 +57,11 @@ def _serve() -> tuple[subprocess.Popen[str], str]:
 
 
 @pytest.fixture(scope="module")
-def two_servers() -> Iterator[list[str]]:
+def two_servers() -> Iterator[list[tuple[int, str]]]:
+    """Two servers: (pid, data URL) each."""
     procs = [_serve() for _ in range(2)]
     try:
-        yield [url for _, url in procs]
+        yield [(p.pid, url) for p, url in procs]
     finally:
         for p, _ in procs:
             p.terminate()
@@ -75,15 +81,27 @@ def driver_crt_run(client: Any, n: int, key: Any) -> int:
     return sum(1 for f in futs if f.result(timeout=0) is not None)
 
 
-def _client_rate(url: str | list[str]) -> tuple[float, float]:
-    """Requests per second through one client, and the client's CPU seconds per request (every
-    thread of this process: caller, runner, I/O threads)."""
-    with apcrypto.connect(url, config="fast") as client:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _client_rate(servers: list[tuple[int, str]]) -> tuple[float, float, float]:
+    """Requests per second through one client over ``servers``, the client's CPU seconds per
+    request (every thread of this process: caller, runner, I/O threads), and the cores the servers
+    used meanwhile (1.0 per server that its CRT math keeps fully busy)."""
+    urls = [url for _, url in servers]
+    with apcrypto.connect(urls[0] if len(urls) == 1 else urls, config="fast") as client:
         assert client.wait_ready(15)
         driver_crt_run(client, 200, KEY)  # warm-up: queues up, interrupts armed, caches hot
+        srv0 = sum(_cpu_seconds(pid) for pid, _ in servers)
         t, cpu = time.perf_counter(), time.process_time()
         assert driver_crt_run(client, N, KEY) == N
-        return N / (time.perf_counter() - t), (time.process_time() - cpu) / N
+        wall = time.perf_counter() - t
+        srv = sum(_cpu_seconds(pid) for pid, _ in servers) - srv0
+        return N / wall, (time.process_time() - cpu) / N, srv / wall
 
 
 def _firmware_rate(procs: int) -> float:
@@ -104,26 +122,31 @@ def _crt_requests(n: int) -> list[bytes]:
 
 
 def test_two_servers_over_one_compute_bound(
-    benchmark: Any, two_servers: list[str], record_ratio: Any
+    benchmark: Any, two_servers: list[tuple[int, str]], record_ratio: Any
 ) -> None:
     one: list[float] = []
     both: list[float] = []
     cpu: list[float] = []
     cpu1: list[float] = []
+    srv: list[float] = []
+    srv1: list[float] = []
     raw1: list[float] = []
     raw2: list[float] = []
     load0 = os.getloadavg()[0]
     for _ in range(ROUNDS):  # alternating, so a change in the box's load hits both sides alike
-        rate, per_request = _client_rate(two_servers[0])
+        rate, per_request, cores = _client_rate(two_servers[:1])
         one.append(rate)
         cpu1.append(per_request)
-        rate, per_request = _client_rate(two_servers)
+        srv1.append(cores)
+        rate, per_request, cores = _client_rate(two_servers)
         both.append(rate)
         cpu.append(per_request)
+        srv.append(cores)
         raw1.append(_firmware_rate(1))
         raw2.append(_firmware_rate(2))
     # pytest-benchmark's own table: one timed round of the pool (the ratios are the figures)
     benchmark.pedantic(_client_rate, args=(two_servers,), rounds=1, iterations=1)
+    s1, s2 = statistics.median(srv1), statistics.median(srv)
     r1, r2 = statistics.median(one), statistics.median(both)
     f1, f2 = statistics.median(raw1), statistics.median(raw2)
     load = max(load0, os.getloadavg()[0])
@@ -137,6 +160,17 @@ def test_two_servers_over_one_compute_bound(
         f"multi: client CPU in cores while two servers serve it  ({c * 1e6:,.0f} us per request; "
         f"{c1 * 1e6:,.0f} us over one server)",
         c * r2,
+    )
+    record_ratio("multi: server CPU in cores, one server (1.0: compute-bound on its core)", s1)
+    record_ratio("multi: server CPU in cores, two servers (2.0: both compute-bound)", s2)
+    # what the box allows at best: one server alone gets one whole core; two servers and the client
+    # share every core, each request costing the server s and the client c CPU seconds
+    per_srv = s2 / r2
+    bound = min(2.0, (os.cpu_count() or 1) / (1.0 + c / per_srv))
+    record_ratio(
+        f"multi: bound on this box, min(2, cores / (1 + client/server CPU per request))  "
+        f"({c * 1e6:,.0f} / {per_srv * 1e6:,.0f} us)",
+        bound,
     )
     record_ratio(
         f"multi: ceiling here, firmware alone in 2 processes / 1, CRT-2048  ({f2:,.0f} vs {f1:,.0f} ops/s)",
