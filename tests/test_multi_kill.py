@@ -23,6 +23,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,3 +212,63 @@ def test_soak_both_servers_killed_restarted_one_after_the_other(
     print(f"\nKILL-REPORT multi both killed, stagger {stagger:g}s: {v.line()}; after: {a_.line()}")
     assert unresolved == 0 and not v.problems, v.problems
     assert after_unresolved == 0 and a_.counts == {"completed": len(after)}, a_.line()
+
+
+def test_at_the_seam_a_killed_servers_loss_names_only_its_own_commands(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """The pool transport alone (no driver): after a SIGKILL of server 1, every ``TransportLost``
+    names only commands sent to server 1 and only its APQNs (as the pool numbers them), while
+    server 0 answers as before; after the restart a ``PeerRestored`` says server 1 is back and its
+    queues answer again."""
+    from apcrypto.transport import Completion, PeerRestored, TransportLost, open_transport
+    from apcrypto.transport.base import Command
+    from apformats.results import Instr
+    from tests._fixtures_zmq import collect
+
+    a = server_factory("--profile", "small", "--seed", "1")
+    b = server_factory("--profile", "small", "--seed", "2")
+    t = open_transport([a.data, b.data], peer_deadline=0.5, reconnect_delay_max=0.2)
+    try:
+        qids = t.qids()
+        on_a = [q for q in qids if q >> 12 == 0]
+        on_b = [q for q in qids if q >> 12 == 1]
+        assert on_a and on_b and len(on_a) == len(on_b)
+        b.kill()
+        tags = iter(range(1, 10_000))
+        sent: dict[int, int] = {}  # tag -> pool qid
+        events: list[Any] = []
+
+        def ask() -> None:
+            cmds = [Command(next(tags), Instr.TAPQ, q, flag=True) for q in (on_a[0], on_b[0])]
+            sent.update({c.tag: c.qid for c in cmds})
+            t.submit(cmds)
+
+        def gone(evs: list[Any]) -> bool:
+            if not any(isinstance(e, TransportLost) and e.permanent for e in evs):
+                ask()  # keep asking both servers until server 1 is declared gone
+                return False
+            return True
+
+        ask()
+        events += collect(t, gone, timeout=10)
+        for ev in events:
+            if isinstance(ev, TransportLost):
+                assert ev.reason.startswith(b.data), ev.reason
+                assert all(sent[tag] in on_b for tag in ev.tags), ev
+                assert all(q in on_b for q in ev.qids), ev
+            elif isinstance(ev, Completion) and sent[ev.tag] in on_a:
+                assert ev.result.status.response_code == 0
+        answered_a = [e for e in events if isinstance(e, Completion) and sent[e.tag] in on_a]
+        assert answered_a, "server 0 stopped answering while server 1 was down"
+
+        server_factory("--profile", "small", "--seed", "3", "--bind", b.data)
+        back = collect(t, lambda evs: any(isinstance(e, PeerRestored) for e in evs), timeout=15)
+        restored = [e for e in back if isinstance(e, PeerRestored)]
+        assert restored[0].reason.startswith(b.data)
+        t.submit([Command(99_999, Instr.TAPQ, on_b[0], flag=True)])
+        answer = collect(t, lambda evs: any(isinstance(e, Completion) and e.tag == 99_999 for e in evs))
+        (done,) = [e for e in answer if isinstance(e, Completion) and e.tag == 99_999]
+        assert done.result.status.response_code == 0  # server 1's queue answers again
+    finally:
+        t.close()
