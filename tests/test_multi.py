@@ -449,3 +449,11 @@ def test_peer_restored_names_the_servers_queues_once_the_core_takes_them(
     b.script = [Scoped("back", resumed=False)]  # type: ignore[list-item]
     (ev,) = t.poll()
     assert isinstance(ev, Scoped) and ev.qids == (0x1001, 0x1302) and ev.reason == "x:b: back"
+
+
+def test_a_server_that_does_not_answer_fails_the_open_with_its_own_error() -> None:
+    from apcrypto.transport.zmq_client import ServerUnreachable
+
+    dead = ["tcp://127.0.0.1:9", "tcp://127.0.0.1:7"]  # nothing listens on discard/echo here
+    with pytest.raises(ServerUnreachable, match=r"127\.0\.0\.1:9\b"):  # the first failure in URL order
+        apcrypto.connect(["emu:small", *dead], timeout=0.3, config="fast")

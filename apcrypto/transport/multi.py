@@ -48,6 +48,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from apcrypto.transport.base import (
@@ -294,14 +295,16 @@ class MultiTransport(Transport):
 
 def open_multi(urls: Sequence[str], **options: Any) -> MultiTransport:
     """Open every URL of ``urls`` (each by its own scheme, all with the same ``options``) and join
-    them in one :class:`MultiTransport`.  Every server must answer at open: the first that does
-    not raises its transport's own error (``ServerUnreachable``, ...), with the others closed."""
-    from apcrypto.transport import open_transport, scheme_of
+    them in one :class:`MultiTransport`.
+
+    The children open at the same time (one thread each), so a pool opens in the time of its
+    slowest server, and an unreachable one costs one handshake timeout, not one per server.  Every
+    server must answer at open: if any does not, every child that opened is closed again and the
+    first failure in URL order is raised (the transport's own error: ``ServerUnreachable``, ...)."""
+    from apcrypto.transport import TRANSPORTS, UnknownTransport, open_transport, scheme_of
 
     urls = split_urls(list(urls))
     schemes = [scheme_of(u) for u in urls]  # UnknownTransport for a bad one, before opening any
-    from apcrypto.transport import TRANSPORTS, UnknownTransport
-
     for u, s in zip(urls, schemes, strict=True):
         if s not in TRANSPORTS:
             raise UnknownTransport(f"unknown transport scheme {s!r} in {u!r}; known: {sorted(TRANSPORTS)}")
@@ -311,12 +314,21 @@ def open_multi(urls: Sequence[str], **options: Any) -> MultiTransport:
         raise UrlListError(
             f"emulator= drives one emu: child, but the list {urls!r} has {schemes.count('emu')} emu: URLs"
         )
-    children: list[Transport] = []
+
+    def open_one(u: str, s: str) -> Transport:
+        child_opts = {**opts, "emulator": emulator} if s == "emu" and emulator is not None else opts
+        return open_transport(u, **child_opts)
+
+    with ThreadPoolExecutor(len(urls), thread_name_prefix="apcrypto-pool-open") as pool:
+        futures = [pool.submit(open_one, u, s) for u, s in zip(urls, schemes, strict=True)]
+        wait(futures)
+    children = [f.result() for f in futures if f.exception() is None]
     try:
-        for u, s in zip(urls, schemes, strict=True):
-            child_opts = {**opts, "emulator": emulator} if s == "emu" and emulator is not None else opts
-            child = open_transport(u, **child_opts)
-            children.append(child)
+        for f in futures:
+            err = f.exception()
+            if err is not None:
+                raise err
+        for u, child in zip(urls, children, strict=True):
             if getattr(child, "virtual_clock", None) is not None:
                 raise UrlListError(
                     f"{u!r} runs on a virtual clock: in a pool of servers every emu: child must run on "
