@@ -457,3 +457,16 @@ def test_a_server_that_does_not_answer_fails_the_open_with_its_own_error() -> No
     dead = ["tcp://127.0.0.1:9", "tcp://127.0.0.1:7"]  # nothing listens on discard/echo here
     with pytest.raises(ServerUnreachable, match=r"127\.0\.0\.1:9\b"):  # the first failure in URL order
         apcrypto.connect(["emu:small", *dead], timeout=0.3, config="fast")
+
+
+def test_a_server_reconfigured_with_a_card_outside_its_block_is_logged_not_fatal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = Scripted([0x0001]), Scripted([0x0001])
+    t = MultiTransport([a, b], ["x:a", "x:b"])
+    b._qids = [0x0001, 0x1001]  # restarted with a 17th card since the pool opened
+    b.script = [Interrupt(0x1001), Interrupt(0x0001)]
+    with caplog.at_level("WARNING", logger="apcrypto.transport.multi"):
+        assert t.qids() == [0x0001, 0x1001]  # server 1's card 0; its card 0x10 cannot be numbered
+        assert t.poll() == [Interrupt(0x1001)]  # only the queue the pool can name
+    assert sum("offers card 10" in r.getMessage() for r in caplog.records) == 1  # once

@@ -169,6 +169,7 @@ class MultiTransport(Transport):
         self.supports_interrupts = all(c.supports_interrupts for c in self.children)
         self._ready = threading.Event()  # a child has something for poll (its notify fired)
         self._events: deque[TransportEvent] = deque()  # the composite's own (unroutable commands)
+        self._unmapped: set[tuple[int, int]] = set()  # (server, qid) outside its block, logged once
         for i, child in enumerate(self.children):
             for q in child.qids():
                 driver_qid(i, q)  # CardOutOfBlock now, not at the first command
@@ -200,10 +201,23 @@ class MultiTransport(Transport):
     def qids(self) -> list[int]:
         out = []
         for i, child in enumerate(self.children):
-            for q in child.qids():
-                if qid_card(q) < CARD_BLOCK:  # a reconnect to a reconfigured server may offer more
-                    out.append(driver_qid(i, q))
+            out += self._mapped(i, child.qids())
         return sorted(out)
+
+    def _mapped(self, i: int, qids: Sequence[int]) -> list[int]:
+        """Server ``i``'s APQNs as the pool numbers them.  All fit at open (else CardOutOfBlock); a
+        server restarted with a card 16 or above since cannot be reached through the pool, which
+        logs it (once per APQN) instead of failing the running client."""
+        out = []
+        for q in qids:
+            if qid_card(q) < CARD_BLOCK:
+                out.append(driver_qid(i, q))
+            elif (i, q) not in self._unmapped:
+                self._unmapped.add((i, q))
+                log.warning(
+                    "%s offers card %02x, outside its block of the pool: not used", self.urls[i], qid_card(q)
+                )
+        return out
 
     def _send(self, commands: Sequence[Command]) -> None:
         n = len(self.children)
@@ -271,10 +285,9 @@ class MultiTransport(Transport):
             if isinstance(ev, Completion):
                 out.append(ev)
             elif isinstance(ev, Interrupt):
-                if qid_card(ev.qid) < CARD_BLOCK:
-                    out.append(Interrupt(driver_qid(i, ev.qid)))
+                out += [Interrupt(q) for q in self._mapped(i, (ev.qid,))]  # none: a queue we never use
             elif isinstance(ev, TransportLost):
-                qids = tuple(driver_qid(i, q) for q in ev.qids if qid_card(q) < CARD_BLOCK)
+                qids = tuple(self._mapped(i, ev.qids))  # always all: they come from our own commands
                 out.append(dataclasses.replace(ev, reason=f"{url}: {ev.reason}", qids=qids))
             elif isinstance(ev, PeerRestored):
                 out.append(self._restored(i, ev))
@@ -284,12 +297,14 @@ class MultiTransport(Transport):
 
     def _restored(self, i: int, ev: PeerRestored) -> PeerRestored:
         """Server ``i`` is back.  When the core's :class:`PeerRestored` can say which queues came
-        back (a ``qids`` field), it says only server ``i``'s; otherwise the core re-probes every
-        offline queue, which for the other servers' queues is only an early probe."""
+        back (a ``qids`` field), it says only server ``i``'s.  Until then the core takes it for
+        every offline queue: it re-probes them all (for another server still gone, an early probe
+        that bounces) and drains or decides every queue holding work for a kept session, also
+        another server's -- conservative verdicts, never a lost or doubled request (the soak kill
+        test with both servers killed checks that), but sooner than that server's own grace."""
         extra: dict[str, Any] = {}
         if "qids" in {f.name for f in dataclasses.fields(PeerRestored)}:
-            mine = self.children[i].qids()
-            extra["qids"] = tuple(driver_qid(i, q) for q in mine if qid_card(q) < CARD_BLOCK)
+            extra["qids"] = tuple(self._mapped(i, self.children[i].qids()))
         return PeerRestored(f"{self.urls[i]}: {ev.reason}", resumed=ev.resumed, **extra)
 
 
