@@ -46,7 +46,14 @@ from apcrypto.transport.framed import (
     LinkOptions,
     link_options,
 )
-from apformats.frames import Welcome, encode_bye, encode_hello, encode_ping
+from apformats.frames import (
+    PROTOCOL_VERSION,
+    READAHEAD_VERSION,
+    Welcome,
+    encode_bye,
+    encode_hello,
+    encode_ping,
+)
 
 __all__ = ["ERROR_RESPONSE_CODES", "HandshakeRefused", "ServerUnreachable", "ZmqTransport", "open_tcp"]
 
@@ -114,6 +121,7 @@ class ZmqTransport(FramedTransport):
         heartbeat: float | None = None,
         curve_server_key: bytes | str | None = None,
         curve_keypair: tuple[bytes | str, bytes | str] | None = None,
+        readahead: bool = True,
         **link: Unpack[LinkOptions],
     ) -> None:
         if not url.startswith("tcp://") or ":" not in url[6:]:
@@ -121,6 +129,7 @@ class ZmqTransport(FramedTransport):
         super().__init__(url, **link)
         self.url = url
         self.heartbeat = heartbeat if heartbeat is not None else min(0.5, self.peer_deadline / 10)
+        self._max_version = READAHEAD_VERSION if readahead else PROTOCOL_VERSION
         self._curve = None
         if curve_server_key is not None:
             public, secret = curve_keypair if curve_keypair is not None else zmq.curve_keypair()
@@ -262,7 +271,8 @@ class ZmqTransport(FramedTransport):
         self._state = "connecting"
         self._attempt_ends = now + max(self.backoff.current, 0.05)
         self.counters["handshakes"] += 1
-        self._write(encode_hello(self.domains, token=self.resume_token))
+        # offer read-ahead (version 2) unless told not to; a version 1 server answers 1 and never does
+        self._write(encode_hello(self.domains, max_version=self._max_version, token=self.resume_token))
 
     def _close_socket(self) -> None:
         if self._sock is None:
@@ -329,6 +339,9 @@ class ZmqTransport(FramedTransport):
             except zmq.Again:
                 return
             if len(parts) != 1:
+                if self._readahead:  # a version 2 server batches frames: one part each
+                    yield from parts
+                    continue
                 self.counters["malformed_rx"] += 1
                 continue
             yield parts[0]
@@ -368,6 +381,7 @@ def open_tcp(
     heartbeat: float | None = None,
     curve_server_key: bytes | str | None = None,
     curve_keypair: tuple[bytes | str, bytes | str] | None = None,
+    readahead: bool = True,
     **options: Any,
 ) -> ZmqTransport:
     """Open ``tcp://HOST:PORT`` and complete the handshake before returning.
@@ -376,14 +390,18 @@ def open_tcp(
     ``reconnect_delay_max``, ``peer_deadline``: how long a silent server may take to come back) are
     :class:`~apcrypto.transport.framed.LinkOptions`.  ``curve_server_key`` (Z85) enables CURVE, with
     ``curve_keypair`` (public, secret; default: a fresh, unlisted pair, which an allow-listing server
-    refuses).  Raises :class:`ServerUnreachable` or :class:`HandshakeRefused` (both
-    ``ConnectionError``).  Options meant for other transports are ignored, so one
-    ``connect(url, **options)`` serves them all.
+    refuses).  ``readahead`` (default on) asks the server to send a queue's waiting replies with the
+    answer to the NQAP or DQAP that finds them (protocol version 2: one round trip for a queue's
+    replies instead of one each; the transport then answers the next DQAPs of that queue from
+    them); off, the card is seen exactly as version 1 shows it.  Raises :class:`ServerUnreachable`
+    or :class:`HandshakeRefused` (both ``ConnectionError``).  Options meant for other transports
+    are ignored, so one ``connect(url, **options)`` serves them all.
     """
     return ZmqTransport(
         url,
         heartbeat=heartbeat,
         curve_server_key=curve_server_key,
         curve_keypair=curve_keypair,
+        readahead=readahead,
         **link_options(options),
     )
