@@ -135,6 +135,8 @@ class ZmqTransport(FramedTransport):
             public, secret = curve_keypair if curve_keypair is not None else zmq.curve_keypair()
             self._curve = (_key(curve_server_key), _key(public), _key(secret))
         self._waker = _Waker()
+        self._io_asleep = False  # the I/O thread polls with nothing to send: a submit must wake it
+        self._hwm_refused = False  # the last flush met the high-water mark: retry at the next event
         # owned by the I/O thread
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
@@ -148,7 +150,11 @@ class ZmqTransport(FramedTransport):
 
     # -- runner-thread side ------------------------------------------------------------------------
     def _wake_io(self) -> None:
-        self._waker.wake()
+        # only an I/O thread that is (about to be) asleep in its poll needs the byte: a busy one
+        # looks at the outbox and at _stop before it polls again (see _io_main)
+        if self._io_asleep or self._stop:
+            self._io_asleep = False
+            self._waker.wake()
 
     def _release(self) -> None:
         self._waker.close()
@@ -175,7 +181,11 @@ class ZmqTransport(FramedTransport):
                         poller.register(new, zmq.POLLIN)
             now = time.monotonic()
             wait = max(0.0, min(self._next_timer(now) - now, 1.0))
-            ready = dict(poller.poll(int(wait * 1000) + 1))
+            with self._cv:  # asleep only with nothing to send: a submit after this wakes us
+                busy = bool(self._outbox) and self._state == "up" and not self._hwm_refused
+                self._io_asleep = not busy and not self._stop
+            ready = dict(poller.poll(0 if busy else int(wait * 1000) + 1))
+            self._io_asleep = False
             if self._waker.fileno() in ready:
                 self._waker.drain()
             if self._mon is not None and self._mon in ready:
@@ -319,9 +329,11 @@ class ZmqTransport(FramedTransport):
         batch = self._take_outbox()
         now = time.monotonic()
         sent = 0
+        self._hwm_refused = False
         for cmd, frame in batch:
             if not self._write(frame):
                 self._hold_back(batch[sent:])
+                self._hwm_refused = True
                 break
             self._inflight[cmd.tag] = (cmd, now)
             sent += 1
