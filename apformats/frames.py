@@ -63,6 +63,7 @@ from apformats.results import ApResult, Instr
 from apformats.status import HwInfo, QueueStatus
 
 __all__ = [
+    "BATCH_FRAMES_MAX",
     "DEFAULT_MAX_FRAME",
     "ERROR_FOR_KIND",
     "FRAME",
@@ -122,6 +123,9 @@ PROTOCOL_VERSION: Final = 1
 READAHEAD_VERSION: Final = 2
 #: Most replies one NQAP or DQAP reads ahead (bounds what a client must keep per answer).
 READAHEAD_MAX: Final = 32
+#: Most frames one message may carry in a version 2 session (one frame per part, either way): a
+#: batch costs the sender one send and the receiver one receive, instead of one per frame.
+BATCH_FRAMES_MAX: Final = 256
 HEADER_LEN: Final = 8
 TRAILER_LEN: Final = 4
 #: Length of a session's resume token (128 bits, from ``secrets``).

@@ -7,12 +7,14 @@ serving thread polls next to the data and control sockets, so the pump thread ne
 socket.  Signal handlers (SIGTERM/SIGINT in the CLI) use the same wake-up.
 
 Data plane: one ROUTER socket (``ROUTER_MANDATORY``, ``linger=0``), one :class:`FrameSession` per client
-routing id.  Each ZeroMQ message from a client is ``[frame]`` (the ROUTER prepends the routing id); each
-reply is one frame.  Clients are DEALERs: no REQ sockets, so no EFSM after a timeout.  Every session of
-the server shares one :class:`~emulator.frame_server.Tenancy`: an APQN is driven by one session at a time,
-and a session whose connection drops keeps its APQNs and replies for ``session_grace`` seconds, for its
-client to resume (under CURVE, only from the same client key, which ZeroMQ's ZAP handler reports as the
-message's ``User-Id``).
+routing id. Each ZeroMQ message from a client is ``[frame]`` (the ROUTER prepends the routing id); each
+reply is one frame. A session that agreed protocol version 2 (read-ahead) may batch: a message of up to
+:data:`~apformats.frames.BATCH_FRAMES_MAX` parts, one frame each, both ways (every frame a batch answers,
+and the interrupts waiting, leave as one message per client). Clients are DEALERs: no REQ sockets, so no
+EFSM after a timeout. Every session of the server shares one :class:`~emulator.frame_server.Tenancy`: an
+APQN is driven by one session at a time, and a session whose connection drops keeps its APQNs and replies
+for ``session_grace`` seconds, for its client to resume (under CURVE, only from the same client key, which
+ZeroMQ's ZAP handler reports as the message's ``User-Id``).
 
 Control plane: a second ROUTER socket.  A request is one JSON object ``{"op": NAME, "args": {...}, "id": X,
 "token": T}`` (``id`` optional, echoed); the answer is ``{"id": X, "ok": true, "result": ...}`` or ``{"id": X,
@@ -63,6 +65,7 @@ import orjson
 import zmq
 
 from apformats.frames import (
+    BATCH_FRAMES_MAX,
     DEFAULT_MAX_FRAME,
     HEADER_LEN,
     READAHEAD_VERSION,
@@ -510,10 +513,18 @@ class EmulatorServer:
                 peer = self._peers[ident] = _Peer(ident, self._new_session(ident, key))
                 self.stats["sessions_opened"] += 1
             peer.last_seen = time.monotonic()
-            # One frame per message; a multipart message is refused as a whole (the session says how).
-            payload = parts[1] if len(parts) == 2 else b""
-            for frame in peer.session.handle(payload):
-                out.append((ident, frame))
+            session = peer.session
+            if len(parts) == 2:
+                out.extend((ident, frame) for frame in session.handle(parts[1]))
+            elif 2 < len(parts) <= BATCH_FRAMES_MAX + 1 and session.version >= READAHEAD_VERSION:
+                # a version 2 client's batch: one frame per part, handled in order
+                self.stats["batches_in"] += 1
+                for payload in parts[1:]:
+                    out.extend((ident, frame) for frame in session.handle(payload))
+                    if session.closed:
+                        break
+            else:  # any other multipart message is refused as a whole (the session says how)
+                out.extend((ident, frame) for frame in session.handle(b""))
             if peer.session.closed:
                 self._drop_peer(ident)
             self._drop_evicted()

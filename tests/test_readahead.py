@@ -20,13 +20,17 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import zmq
 
 from apcrypto.transport import Command, Completion, Interrupt, open_transport
 from apcrypto.transport.framed import READAHEAD_KEEP, FramedTransport
 from apcrypto.transport.zmq_client import ZmqTransport
 from apformats.codes import NO_PENDING_REPLY, ResponseCode
 from apformats.frames import (
+    BATCH_FRAMES_MAX,
     READAHEAD_MAX,
+    ErrorCode,
+    ErrorFrame,
     ResultFrame,
     Welcome,
     decode_frame,
@@ -382,3 +386,57 @@ def test_a_reset_discards_the_kept_replies_as_the_card_discards_its_own(hand: _H
     busy = ApResult(QueueStatus(RC.BUSY))
     hand.feed(encode_result(4, ApResult(_status(True))), _reply(4, 101, False), encode_result(5, busy))
     assert len(hand._ahead[Q]) == 1
+
+
+# --- batches: several frames per message, both ways, in a version 2 session ---------------------------
+
+
+def _raw(url: str) -> tuple[zmq.Context, zmq.Socket]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.rcvtimeo = 5000  # an answer that never comes fails the test, never hangs it
+    sock.connect(url)
+    return ctx, sock
+
+
+def _hello(sock: zmq.Socket, version: int, domains: list[int]) -> Welcome:
+    sock.send(encode_hello(domains, max_version=version))
+    (frame,) = sock.recv_multipart()
+    welcome = decode_frame(frame)
+    assert isinstance(welcome, Welcome) and welcome.version == version
+    return welcome
+
+
+def test_a_version_2_session_takes_and_gives_batches(zmq_server: ServerProcess) -> None:
+    ctx, sock = _raw(zmq_server.data)
+    try:
+        welcome = _hello(sock, 2, [0])
+        q = welcome.qids[0]
+        sock.send_multipart([encode_command(tag, Instr.TAPQ, q, flag=True) for tag in (1, 2, 3)])
+        answers = [decode_frame(p) for p in sock.recv_multipart()]
+        assert [(type(a).__name__, a.tag) for a in answers] == [("ResultFrame", t) for t in (1, 2, 3)]
+        # one frame more than a batch may carry: refused as a whole, as any malformed message
+        too_many = [encode_command(10, Instr.TAPQ, q)] * (BATCH_FRAMES_MAX + 1)
+        sock.send_multipart(too_many)
+        (err,) = [decode_frame(p) for p in sock.recv_multipart()]
+        assert isinstance(err, ErrorFrame) and err.code == ErrorCode.MALFORMED
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def test_a_version_1_session_is_never_batched(zmq_server: ServerProcess) -> None:
+    ctx, sock = _raw(zmq_server.data)
+    try:
+        q = _hello(sock, 1, [1]).qids[0]
+        sock.send_multipart([encode_command(1, Instr.TAPQ, q), encode_command(2, Instr.TAPQ, q)])
+        (err,) = [decode_frame(p) for p in sock.recv_multipart()]
+        assert isinstance(err, ErrorFrame) and err.code == ErrorCode.MALFORMED  # as before version 2
+        for tag in (3, 4):
+            sock.send(encode_command(tag, Instr.TAPQ, q))
+        assert [decode_frame(p).tag for p in sock.recv_multipart()] == [3]  # one frame per message
+        assert [decode_frame(p).tag for p in sock.recv_multipart()] == [4]
+    finally:
+        sock.close(linger=0)
+        ctx.term()

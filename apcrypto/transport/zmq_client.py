@@ -47,6 +47,7 @@ from apcrypto.transport.framed import (
     link_options,
 )
 from apformats.frames import (
+    BATCH_FRAMES_MAX,
     PROTOCOL_VERSION,
     READAHEAD_VERSION,
     Welcome,
@@ -314,11 +315,15 @@ class ZmqTransport(FramedTransport):
                 )
                 self._fail_open(HandshakeRefused(f"{self.url}: {what} (handshake event {event})", 0))
 
-    def _write(self, frame: bytes) -> bool:
+    def _write(self, *frames: bytes) -> bool:
+        """Send ``frames`` as one message (a part each); False if the high-water mark refuses it."""
         if self._sock is None:
             return False
         try:
-            self._sock.send(frame, zmq.NOBLOCK)
+            if len(frames) == 1:
+                self._sock.send(frames[0], zmq.NOBLOCK)
+            else:
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
             return True
         except zmq.Again:
             self.counters["send_would_block"] += 1
@@ -330,13 +335,16 @@ class ZmqTransport(FramedTransport):
         now = time.monotonic()
         sent = 0
         self._hwm_refused = False
-        for cmd, frame in batch:
-            if not self._write(frame):
+        step = BATCH_FRAMES_MAX if self._readahead else 1  # a version 2 server takes a batch per message
+        while sent < len(batch):
+            chunk = batch[sent : sent + step]
+            if not self._write(*(frame for _, frame in chunk)):
                 self._hold_back(batch[sent:])
                 self._hwm_refused = True
                 break
-            self._inflight[cmd.tag] = (cmd, now)
-            sent += 1
+            for cmd, _ in chunk:
+                self._inflight[cmd.tag] = (cmd, now)
+            sent += len(chunk)
         self.counters["sent"] += sent
 
     def _read_socket(self) -> None:
