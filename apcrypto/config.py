@@ -62,7 +62,7 @@ _LINK = frozenset(LinkOptions.__annotations__)
 #: Options of each transport, by URL scheme (a test holds this against the factories' signatures).
 TRANSPORT_OPTIONS: dict[str, frozenset[str]] = {
     "emu": frozenset({"emulator", "seed", "clock", "domains"}),
-    "tcp": _LINK | {"heartbeat", "curve_server_key", "curve_keypair"},
+    "tcp": _LINK | {"heartbeat", "curve_server_key", "curve_keypair", "readahead"},
     "usb": _LINK | {"backend"},
 }
 
