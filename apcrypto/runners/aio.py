@@ -87,6 +87,8 @@ class AsyncioRunner(RunnerBase):
             self.ready_waiters.clear()
         if did and self._vclock is not None:
             self.schedule()  # keep time moving while requests wait; other tasks run in between
+        elif self.journal is not None:
+            self.journal.commit()  # outcomes of this turn, before the loop goes elsewhere
 
     def _bringing_up(self) -> bool:
         """A queue is still between reset and service: let virtual time run for it too."""

@@ -18,7 +18,14 @@ Resolver = Callable[[Any, BaseException | None], None]
 
 
 class RunnerBase(ABC):
-    """Shared action handling.  Subclasses supply the clock (``now``, ``arm``, ``cancel``)."""
+    """Shared action handling.  Subclasses supply the clock (``now``, ``arm``, ``cancel``).
+
+    ``journal`` (an :class:`apcrypto.journal.Journal`, or None): every submitted request is journalled,
+    and each batch of actions is handed to it *before* it is carried out, so the psmids of a batch's
+    NQAPs are committed before the transport sends them (one commit per batch: a group commit).
+    """
+
+    journal: Any = None
 
     def __init__(self, core: DriverCore, transport: Transport) -> None:
         self.core = core
@@ -46,6 +53,8 @@ class RunnerBase(ABC):
 
     # -- shared --
     def apply(self, actions: list[Action]) -> None:
+        if self.journal is not None and actions:
+            self.journal.carry(actions, self.core.ledger.by_psmid.get)  # commit before send
         for a in actions:
             t = type(a)
             if t is Execute:
@@ -90,5 +99,7 @@ class RunnerBase(ABC):
             request, idempotent=idempotent, deadline=deadline, now=self.now(), target=target
         )
         self.resolvers[rid] = resolver
+        if self.journal is not None:
+            self.journal.submitted(rid, request, idempotent, target)
         self.apply(actions)
         return rid

@@ -154,6 +154,8 @@ class ThreadedRunner(RunnerBase):
                         self._vclock.step()  # autojump: nothing to do now, move time to the next event
                         self.pump()
                         continue
+                    if self.journal is not None:
+                        self.journal.commit()  # outcomes of this turn, before the runner sleeps
                 self._idle_wait()
         except BaseException as exc:  # a bug in the core or a transport: surface it, don't hang callers
             self.error = exc
