@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from apcrypto.core.actions import Action, Execute, Resolve
-from apcrypto.reconcile import AttemptRow, Decision, RequestRow
+from apcrypto.core.events import Completion, TransportLost
+from apcrypto.reconcile import UNRUN, AttemptRow, Decision, RequestRow
 from apcrypto.requests import CounterIncrement, KeyRead, KeyStore, ModExpo, ModExpoCrt, RandomBytes, Request
 from apformats.results import Instr
 
@@ -174,6 +175,8 @@ class Journal:
         self._rows: list[tuple[Any, ...]] = []  # requests to insert at the next commit
         self._attempts: list[tuple[int, int, int]] = []  # (psmid, request, qid)
         self._done: list[tuple[int]] = []  # journal ids whose outcome the caller has
+        self._nqap_tags: dict[int, int] = {}  # tag of a journalled NQAP in flight -> its psmid
+        self._refused: list[tuple[str, int]] = []  # (fact, psmid) of NQAPs the card never took
         self._dirty = False
         self._token_of: Callable[[], bytes | None] | None = None
         self._token: bytes | None = None
@@ -306,10 +309,13 @@ class Journal:
             )
             self._dirty = True
 
-    def carry(self, actions: Sequence[Action], rid_of: Callable[[int], int | None]) -> None:
+    def carry(
+        self, actions: Sequence[Action], rid_of: Callable[[int], int | None], *, commit: bool = True
+    ) -> None:
         """Journal what ``actions`` mean, before the runner carries them out: every request NQAP's
         psmid and APQN (``rid_of(psmid)`` names its request; a health probe has none), every
-        outcome; and commit if a batch is about to leave the host (commit before send)."""
+        outcome; and commit if a batch is about to leave the host (commit before send).  A runner
+        that holds its sends back passes ``commit=False`` and commits once before it sends them."""
         send = False
         for a in actions:
             t = type(a)
@@ -320,19 +326,42 @@ class Journal:
                         jid = None if rid is None else self._rids.get(rid)
                         if jid is not None:
                             self._attempts.append((_signed(c.psmid), jid, c.qid))
+                            self._nqap_tags[c.tag] = c.psmid
                             send = True
             elif t is Resolve:
                 jid = self._rids.pop(a.rid, None)  # type: ignore[union-attr]
                 if jid is not None:
                     self._done.append((jid,))
                     self._dirty = True
-        if send:
+        if send and commit:
             self.commit()
+
+    def observe(self, events: Iterable[Any]) -> None:
+        """Transport events, before the core sees them: an NQAP the card refused (any response code
+        but NORMAL: it never took the message) or that provably never left the host (``unsent``)
+        is journalled as never run, so a restart need not doubt it (it rides on the next commit)."""
+        tags = self._nqap_tags
+        if not tags:
+            return
+        for ev in events:
+            t = type(ev)
+            if t is Completion:
+                psmid = tags.pop(ev.tag, None)
+                if psmid is not None and ev.result.status.response_code != 0:
+                    self._refused.append(
+                        (f"{UNRUN}nqap-rc{ev.result.status.response_code:#04x}", _signed(psmid))
+                    )
+            elif t is TransportLost:
+                unsent = set(ev.unsent)
+                for tag in ev.tags:
+                    psmid = tags.pop(tag, None)
+                    if psmid is not None and tag in unsent:
+                        self._refused.append((f"{UNRUN}unsent", _signed(psmid)))
 
     def commit(self) -> None:
         """Write what is pending in one transaction (nothing to write: nothing happens)."""
         with self._lock:
-            if not (self._rows or self._attempts or self._done or self._dirty):
+            if not (self._rows or self._attempts or self._done or self._refused or self._dirty):
                 return
             db = self._c
             if self._rows:
@@ -345,6 +374,9 @@ class Journal:
             if self._attempts:
                 db.executemany("INSERT INTO attempts(psmid, request, qid) VALUES (?, ?, ?)", self._attempts)
                 self._attempts = []
+            if self._refused:
+                db.executemany("UPDATE attempts SET reply = ? WHERE psmid = ?", self._refused)
+                self._refused = []
             if self._done:
                 db.executemany("DELETE FROM attempts WHERE request = ?", self._done)
                 db.executemany("DELETE FROM requests WHERE id = ?", self._done)
@@ -360,7 +392,7 @@ class Journal:
 
     @property
     def dirty(self) -> bool:
-        return self._dirty or bool(self._rows or self._attempts or self._done)
+        return self._dirty or bool(self._rows or self._attempts or self._done or self._refused)
 
     def open_count(self) -> int:
         """Requests of this life not yet ended (what the journal holds for them in memory)."""

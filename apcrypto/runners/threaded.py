@@ -142,8 +142,12 @@ class ThreadedRunner(RunnerBase):
                 batch = [inbox.popleft() for _ in range(len(inbox))]
                 self._wake = False
                 with self.core_lock, self._locked_emu():
-                    for fn in batch:
-                        fn()
+                    self.grouped()  # with a journal: the turn's submissions, one commit, one send
+                    try:
+                        for fn in batch:
+                            fn()
+                    finally:
+                        self.release()
                     did = self.pump() + len(batch)
                     did += self._run_due_timers()
                     if self._watchers:
