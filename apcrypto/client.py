@@ -104,9 +104,14 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
             else:
                 fut.set_result(value)
 
+        journal = self.journal
+        if journal is not None:  # the id its verdict has after a crash: the caller may keep it
+            fut.journal_id = journal.claim(request)  # type: ignore[attr-defined]
         try:
             runner.submit(request, idem, deadline, resolved, target)
         except RuntimeError:
+            if journal is not None:
+                journal.unclaim(request)
             raise ClientClosed("client is closed") from None
         return fut
 

@@ -14,7 +14,8 @@ What is stored, and when (the order is the guarantee):
   batch of actions to :meth:`Journal.carry` before the transport sees it, and the batch is committed
   there, once (a *group commit*: one transaction per batch, not per request).  So a psmid a card may
   hold is always in the file; a request with no psmid in the file never reached a card;
-* **when it ends**: its row is deleted (the caller has its outcome; nothing is left to reconcile).
+* **when it ends**: its row is deleted, once the caller's callback has its outcome (never before:
+  a row gone while its outcome is undelivered would be a request lost); nothing is left to reconcile.
   Deletions ride on the next batch's commit, or on the commit the runner makes when it goes idle;
 * **after a restart**: the reply facts a drain found (``ok``, ``unrun:0x10/2``..., never the result
   bytes) and each open request's verdict and reason, and the re-drives made for them.
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apcrypto.core.actions import Action, Execute, Resolve
+from apcrypto.core.actions import Action, Execute
 from apcrypto.core.events import Completion, TransportLost
 from apcrypto.reconcile import UNRUN, AttemptRow, Decision, RequestRow
 from apcrypto.requests import CounterIncrement, KeyRead, KeyStore, ModExpo, ModExpoCrt, RandomBytes, Request
@@ -171,7 +172,8 @@ class Journal:
         self._db: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
         self._rids: dict[int, int] = {}  # this life's core request id -> journal id
-        self._preassigned: dict[int, int] = {}  # id(request object) -> journal id (re-drives)
+        # id(request object) -> (journal id, row already written): ids claimed at submit, re-drives
+        self._preassigned: dict[int, tuple[int, bool]] = {}
         self._rows: list[tuple[Any, ...]] = []  # requests to insert at the next commit
         self._attempts: list[tuple[int, int, int]] = []  # (psmid, request, qid)
         self._done: list[tuple[int]] = []  # journal ids whose outcome the caller has
@@ -279,21 +281,42 @@ class Journal:
     def preassign(self, request: Request, jid: int) -> None:
         """The next :meth:`submitted` of this very object is the row ``jid`` already written (a
         re-drive the reconciliation recorded with its verdict, atomically)."""
-        self._preassigned[id(request)] = jid
+        with self._lock:
+            self._preassigned[id(request)] = (jid, True)
+
+    def claim(self, request: Request) -> int:
+        """The journal id ``request`` will have (called on the caller's thread at submit, so the
+        caller can keep it with its own records: after a crash, its verdict carries this id)."""
+        with self._lock:
+            pre = self._preassigned.get(id(request))
+            if pre is not None:
+                return pre[0]
+            jid = self._next_id
+            self._next_id += 1
+            self._preassigned[id(request)] = (jid, False)
+            return jid
+
+    def unclaim(self, request: Request) -> None:
+        """A claimed request that was not submitted after all."""
+        with self._lock:
+            self._preassigned.pop(id(request), None)
 
     def submitted(
         self, rid: int, request: Request, idempotent: bool | None, target: frozenset[int] | None
     ) -> None:
         """The core accepted ``request`` as ``rid``: its row goes in with the next commit."""
-        jid = self._preassigned.pop(id(request), None)
-        if jid is not None:
-            self._rids[rid] = jid
-            return
         kind, meta, ops = describe_request(request)
         idem = request.idempotent_default if idempotent is None else bool(idempotent)
         with self._lock:
-            jid = self._next_id
-            self._next_id += 1
+            pre = self._preassigned.pop(id(request), None)
+            if pre is not None and pre[1]:  # a re-drive: its row is written
+                self._rids[rid] = pre[0]
+                return
+            if pre is not None:
+                jid = pre[0]
+            else:
+                jid = self._next_id
+                self._next_id += 1
             self._rids[rid] = jid
             self._rows.append(
                 (
@@ -313,9 +336,10 @@ class Journal:
         self, actions: Sequence[Action], rid_of: Callable[[int], int | None], *, commit: bool = True
     ) -> None:
         """Journal what ``actions`` mean, before the runner carries them out: every request NQAP's
-        psmid and APQN (``rid_of(psmid)`` names its request; a health probe has none), every
-        outcome; and commit if a batch is about to leave the host (commit before send).  A runner
-        that holds its sends back passes ``commit=False`` and commits once before it sends them."""
+        psmid and APQN (``rid_of(psmid)`` names its request; a health probe has none); and commit if
+        a batch is about to leave the host (commit before send).  A runner that holds its sends back
+        passes ``commit=False`` and commits once before it sends them.  Outcomes are journalled by
+        :meth:`ended`, once delivered."""
         send = False
         for a in actions:
             t = type(a)
@@ -328,13 +352,16 @@ class Journal:
                             self._attempts.append((_signed(c.psmid), jid, c.qid))
                             self._nqap_tags[c.tag] = c.psmid
                             send = True
-            elif t is Resolve:
-                jid = self._rids.pop(a.rid, None)  # type: ignore[union-attr]
-                if jid is not None:
-                    self._done.append((jid,))
-                    self._dirty = True
         if send and commit:
             self.commit()
+
+    def ended(self, rid: int) -> None:
+        """Request ``rid``'s caller has its outcome (called *after* the caller's callback ran, so
+        the row cannot be gone while the outcome is not yet delivered): the row goes with the next
+        commit."""
+        jid = self._rids.pop(rid, None)
+        if jid is not None:
+            self._done.append((jid,))
 
     def observe(self, events: Iterable[Any]) -> None:
         """Transport events, before the core sees them: an NQAP the card refused (any response code

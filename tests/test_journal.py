@@ -230,17 +230,23 @@ def test_a_dead_clients_open_requests_all_get_verdicts_that_match_the_card(
     path = tmp_path / "j.db"
     first = connect(emu, path, journal_operands=operands)
 
+    futs: list[Any] = []
+
     def burst() -> None:
         for _ in range(40):
-            first.counter_increment(1)
-            first.mod_expo(9, KEY.e, KEY.n)
+            futs.append(first.counter_increment(1))
+            futs.append(first.mod_expo(9, KEY.e, KEY.n))
 
     burst_then_die(emu, first, burst, 40)
     left = [r["id"] for r in rows(path)]
+    ids = {f.journal_id: f for f in futs}  # what a caller keeps to match verdicts to its own records
+    assert len(ids) == len(futs) and set(left) <= set(ids)
     assert left and all(r["verdict"] is None for r in rows(path))
     second = connect(emu, path, journal_operands=operands)
     records = second.recovered(20)
     assert sorted(r.id for r in records) == sorted(left)  # every one journalled, one verdict each
+    assert all(r.function == ("CPRB:CI" if "Counter" in r.kind else "MEX_1K") for r in records)
+    assert all((r.kind == "CounterIncrement") is (ids[r.id] in futs[::2]) for r in records)
     counts = _judge(emu, records)
     assert counts["completed"] > 0  # the cards still held replies: the drain found them
     if not operands:

@@ -72,6 +72,8 @@ class RunnerBase(ABC):
                 cb = self.resolvers.pop(a.rid, None)  # type: ignore[union-attr]
                 if cb is not None:
                     cb(a.value, a.error)  # type: ignore[union-attr]
+                if self.journal is not None:
+                    self.journal.ended(a.rid)  # type: ignore[union-attr]  # after the caller has it
             elif t is ArmTimer:
                 self.arm(a.key, a.at)  # type: ignore[union-attr]
             elif t is CancelTimer:
