@@ -82,11 +82,25 @@ CREATE TABLE IF NOT EXISTS lives(
 CREATE TABLE IF NOT EXISTS requests(
     id INTEGER PRIMARY KEY, life INTEGER NOT NULL, kind TEXT NOT NULL, function TEXT NOT NULL,
     idempotent INTEGER NOT NULL, meta TEXT NOT NULL, operands BLOB, target TEXT,
+    attempts TEXT NOT NULL DEFAULT '',
     redrive_of INTEGER, verdict TEXT, evidence TEXT, reason TEXT, decided_in INTEGER);
-CREATE TABLE IF NOT EXISTS attempts(
-    psmid INTEGER PRIMARY KEY, request INTEGER NOT NULL, qid INTEGER NOT NULL, reply TEXT);
-CREATE INDEX IF NOT EXISTS attempts_by_request ON attempts(request);
 """
+# ``attempts``: one token per attempt, in the order sent: ``PSMID@QID`` (hex), ``=FACT`` appended when
+# a reply fact is known (``6b0000001a@0200=unrun:0x10/2``).  One row per request, so the hot path
+# is one INSERT (with its first attempt) and one DELETE per request, a few statements per commit.
+
+
+def format_attempts(attempts: Iterable[AttemptRow]) -> str:
+    return " ".join(f"{a.psmid:x}@{a.qid:x}" + ("" if a.reply is None else f"={a.reply}") for a in attempts)
+
+
+def parse_attempts(text: str) -> tuple[AttemptRow, ...]:
+    out = []
+    for token in text.split():
+        where, _, fact = token.partition("=")
+        p, _, q = where.partition("@")
+        out.append(AttemptRow(int(p, 16), int(q, 16), fact or None))
+    return tuple(out)
 
 
 class JournalError(RuntimeError):
@@ -104,6 +118,20 @@ def _signed(psmid: int) -> int:
 
 def _unsigned(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
+
+
+_META_TEXT: dict[tuple[tuple[str, Any], ...], str] = {}
+
+
+def _meta_text(meta: dict[str, Any]) -> str:
+    """``meta`` as JSON, memoised: a client sends the same few shapes (function, modulus length)."""
+    key = tuple(meta.items())
+    text = _META_TEXT.get(key)
+    if text is None:
+        text = json.dumps(meta, separators=(",", ":"))
+        if len(_META_TEXT) < 4096:
+            _META_TEXT[key] = text
+    return text
 
 
 def describe_request(request: Request) -> tuple[str, dict[str, Any], bytes | None]:
@@ -174,11 +202,11 @@ class Journal:
         self._rids: dict[int, int] = {}  # this life's core request id -> journal id
         # id(request object) -> (journal id, row already written): ids claimed at submit, re-drives
         self._preassigned: dict[int, tuple[int, bool]] = {}
-        self._rows: list[tuple[Any, ...]] = []  # requests to insert at the next commit
-        self._attempts: list[tuple[int, int, int]] = []  # (psmid, request, qid)
+        self._rows: dict[int, list[Any]] = {}  # journal id -> the row to insert at the next commit
+        self._open: dict[int, list[AttemptRow]] = {}  # journal id -> its attempts (open requests)
+        self._changed: set[int] = set()  # written rows whose attempts changed since
         self._done: list[tuple[int]] = []  # journal ids whose outcome the caller has
-        self._nqap_tags: dict[int, int] = {}  # tag of a journalled NQAP in flight -> its psmid
-        self._refused: list[tuple[str, int]] = []  # (fact, psmid) of NQAPs the card never took
+        self._nqap_tags: dict[int, tuple[int, int]] = {}  # tag of a journalled NQAP in flight -> (jid, psmid)
         self._dirty = False
         self._token_of: Callable[[], bytes | None] | None = None
         self._token: bytes | None = None
@@ -318,19 +346,17 @@ class Journal:
                 jid = self._next_id
                 self._next_id += 1
             self._rids[rid] = jid
-            self._rows.append(
-                (
-                    jid,
-                    self.life,
-                    kind,
-                    str(meta["function"]),
-                    int(idem),
-                    json.dumps(meta, separators=(",", ":")),
-                    ops if self.operands else None,
-                    None if target is None else json.dumps(sorted(target)),
-                )
-            )
-            self._dirty = True
+            self._open[jid] = []
+            self._rows[jid] = [
+                jid,
+                self.life,
+                kind,
+                str(meta["function"]),
+                int(idem),
+                _meta_text(meta),
+                ops if self.operands else None,
+                None if target is None else json.dumps(sorted(target)),
+            ]
 
     def carry(
         self, actions: Sequence[Action], rid_of: Callable[[int], int | None], *, commit: bool = True
@@ -348,9 +374,12 @@ class Journal:
                     if c.instr is Instr.NQAP:
                         rid = rid_of(c.psmid)
                         jid = None if rid is None else self._rids.get(rid)
-                        if jid is not None:
-                            self._attempts.append((_signed(c.psmid), jid, c.qid))
-                            self._nqap_tags[c.tag] = c.psmid
+                        atts = None if jid is None else self._open.get(jid)
+                        if atts is not None:
+                            atts.append(AttemptRow(c.psmid, c.qid))
+                            if jid not in self._rows:
+                                self._changed.add(jid)  # type: ignore[arg-type]
+                            self._nqap_tags[c.tag] = (jid, c.psmid)  # type: ignore[assignment]
                             send = True
         if send and commit:
             self.commit()
@@ -360,7 +389,11 @@ class Journal:
         the row cannot be gone while the outcome is not yet delivered): the row goes with the next
         commit."""
         jid = self._rids.pop(rid, None)
-        if jid is not None:
+        if jid is None:
+            return
+        self._open.pop(jid, None)
+        self._changed.discard(jid)
+        if self._rows.pop(jid, None) is None:  # never written: nothing to delete either
             self._done.append((jid,))
 
     def observe(self, events: Iterable[Any]) -> None:
@@ -373,39 +406,47 @@ class Journal:
         for ev in events:
             t = type(ev)
             if t is Completion:
-                psmid = tags.pop(ev.tag, None)
-                if psmid is not None and ev.result.status.response_code != 0:
-                    self._refused.append(
-                        (f"{UNRUN}nqap-rc{ev.result.status.response_code:#04x}", _signed(psmid))
-                    )
+                entry = tags.pop(ev.tag, None)
+                if entry is not None and ev.result.status.response_code != 0:
+                    self._fact(*entry, f"{UNRUN}nqap-rc{ev.result.status.response_code:#04x}")
             elif t is TransportLost:
                 unsent = set(ev.unsent)
                 for tag in ev.tags:
-                    psmid = tags.pop(tag, None)
-                    if psmid is not None and tag in unsent:
-                        self._refused.append((f"{UNRUN}unsent", _signed(psmid)))
+                    entry = tags.pop(tag, None)
+                    if entry is not None and tag in unsent:
+                        self._fact(*entry, f"{UNRUN}unsent")
+
+    def _fact(self, jid: int, psmid: int, fact: str) -> None:
+        atts = self._open.get(jid)
+        if atts is None:
+            return
+        for i, a in enumerate(atts):
+            if a.psmid == psmid:
+                atts[i] = AttemptRow(a.psmid, a.qid, fact)
+                if jid not in self._rows:
+                    self._changed.add(jid)
 
     def commit(self) -> None:
         """Write what is pending in one transaction (nothing to write: nothing happens)."""
         with self._lock:
-            if not (self._rows or self._attempts or self._done or self._refused or self._dirty):
+            if not (self._rows or self._changed or self._done or self._dirty):
                 return
             db = self._c
             if self._rows:
+                opened = self._open
                 db.executemany(
-                    "INSERT INTO requests(id, life, kind, function, idempotent, meta, operands, target) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    self._rows,
+                    "INSERT INTO requests(id, life, kind, function, idempotent, meta, operands, target, "
+                    "attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(*r, format_attempts(opened[jid])) for jid, r in self._rows.items()],
                 )
-                self._rows = []
-            if self._attempts:
-                db.executemany("INSERT INTO attempts(psmid, request, qid) VALUES (?, ?, ?)", self._attempts)
-                self._attempts = []
-            if self._refused:
-                db.executemany("UPDATE attempts SET reply = ? WHERE psmid = ?", self._refused)
-                self._refused = []
+                self._rows = {}
+            if self._changed:
+                db.executemany(
+                    "UPDATE requests SET attempts = ? WHERE id = ?",
+                    [(format_attempts(self._open[jid]), jid) for jid in self._changed],
+                )
+                self._changed = set()
             if self._done:
-                db.executemany("DELETE FROM attempts WHERE request = ?", self._done)
                 db.executemany("DELETE FROM requests WHERE id = ?", self._done)
                 self._done = []
             if self._token_of is not None:
@@ -419,7 +460,7 @@ class Journal:
 
     @property
     def dirty(self) -> bool:
-        return self._dirty or bool(self._rows or self._attempts or self._done or self._refused)
+        return self._dirty or bool(self._rows or self._changed or self._done)
 
     def open_count(self) -> int:
         """Requests of this life not yet ended (what the journal holds for them in memory)."""
@@ -430,19 +471,12 @@ class Journal:
         """Every request an earlier life left without an outcome or a verdict, oldest first."""
         with self._lock:
             reqs = self._c.execute(
-                "SELECT id, life, kind, function, idempotent, meta, operands, target, redrive_of "
+                "SELECT id, life, kind, function, idempotent, meta, operands, target, redrive_of, attempts "
                 "FROM requests WHERE life < ? AND verdict IS NULL ORDER BY id",
                 (self.life,),
             ).fetchall()
-            atts: dict[int, list[AttemptRow]] = {}
-            for psmid, req, qid, reply in self._c.execute(
-                "SELECT psmid, request, qid, reply FROM attempts a JOIN requests r ON a.request = r.id "
-                "WHERE r.life < ? AND r.verdict IS NULL ORDER BY a.rowid",
-                (self.life,),
-            ):
-                atts.setdefault(int(req), []).append(AttemptRow(_unsigned(int(psmid)), int(qid), reply))
         out = []
-        for jid, life, kind, function, idem, meta_text, ops, target_text, redrive_of in reqs:
+        for jid, life, kind, function, idem, meta_text, ops, target_text, redrive_of, atts in reqs:
             meta = json.loads(meta_text)
             restored = restore_request(kind, meta, None if ops is None else bytes(ops))
             target = None if target_text is None else frozenset(json.loads(target_text))
@@ -451,22 +485,25 @@ class Journal:
                 str(function),
                 bool(idem),
                 sendable(restored),
-                tuple(atts.get(int(jid), ())),
+                parse_attempts(atts),
                 None if redrive_of is None else int(redrive_of),
                 target,
             )
             out.append(OpenRequest(row, kind, meta, None if ops is None else bytes(ops), target, int(life)))
         return out
 
-    def record_facts(self, facts: Mapping[int, str]) -> None:
-        """What a drain found for each psmid (``reconcile.reply_fact``), committed at once: a
-        reply taken from a card is never only in memory."""
-        if not facts:
+    def record_facts(self, facts: Mapping[int, str], opened: Iterable[OpenRequest]) -> None:
+        """What a drain found for each psmid (``reconcile.reply_fact``) on the ``opened`` requests'
+        attempts, committed at once: a reply taken from a card is never only in memory."""
+        updates = []
+        for o in opened:
+            if any(a.psmid in facts for a in o.row.attempts):
+                atts = [AttemptRow(a.psmid, a.qid, facts.get(a.psmid, a.reply)) for a in o.row.attempts]
+                updates.append((format_attempts(atts), o.row.id))
+        if not updates:
             return
         with self._lock:
-            self._c.executemany(
-                "UPDATE attempts SET reply = ? WHERE psmid = ?", [(f, _signed(p)) for p, f in facts.items()]
-            )
+            self._c.executemany("UPDATE requests SET attempts = ? WHERE id = ?", updates)
             self._c.commit()
             self.commits += 1
 
@@ -532,8 +569,7 @@ def read_verdicts(db: sqlite3.Connection, lock: threading.Lock | None = None) ->
     """The requests a journal holds with their verdicts (or ``None``: not reconciled yet)."""
     query = (
         "SELECT r.id, r.life, r.kind, r.function, r.idempotent, r.verdict, r.evidence, r.reason, "
-        "r.redrive_of, r.decided_in, (SELECT group_concat(printf('%x@%04x', a.psmid, a.qid), ' ') "
-        "FROM attempts a WHERE a.request = r.id), (SELECT d.id FROM requests d WHERE d.redrive_of = r.id) "
+        "r.redrive_of, r.decided_in, r.attempts, (SELECT d.id FROM requests d WHERE d.redrive_of = r.id) "
         "FROM requests r ORDER BY r.id"
     )
     if lock is not None:
@@ -559,19 +595,11 @@ def read_verdicts(db: sqlite3.Connection, lock: threading.Lock | None = None) ->
     for r in rows:
         d = dict(zip(keys, r, strict=True))
         d["idempotent"] = bool(d["idempotent"])
-        d["attempts"] = _attempt_list(d["attempts"])
+        d["attempts"] = [
+            {"psmid": f"{a.psmid:#x}", "apqn": f"{a.qid >> 8:02x}.{a.qid & 0xFF:04x}", "reply": a.reply}
+            for a in parse_attempts(d["attempts"])
+        ]
         out.append(d)
-    return out
-
-
-def _attempt_list(text: str | None) -> list[dict[str, str]]:
-    """``printf('%x@%04x')`` pairs back as ``{"psmid": "0x...", "apqn": "cc.dddd"}``."""
-    out = []
-    for item in (text or "").split():
-        p, _, q = item.partition("@")
-        psmid = int(p, 16) & ((1 << 64) - 1)
-        qid = int(q, 16)
-        out.append({"psmid": f"{psmid:#x}", "apqn": f"{qid >> 8:02x}.{qid & 0xFF:04x}"})
     return out
 
 

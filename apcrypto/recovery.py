@@ -213,9 +213,11 @@ def reconcile_journal(journal: Journal, transport: Transport, *, bound: float) -
     replies: dict[int, bytes] = {}
     emptied: frozenset[int] = frozenset()
     if resumed and wanted:
+        found: dict[int, str] = {}
 
         def commit(batch: dict[int, bytes]) -> None:
-            journal.record_facts({p: _fact(raw) for p, raw in batch.items()})
+            found.update({p: _fact(raw) for p, raw in batch.items()})
+            journal.record_facts(found, opened)  # every fact so far: a row's attempts are rewritten whole
 
         emptied, replies = drain(transport, wanted, bound=bound, on_batch=commit)
     facts = {p: _fact(raw) for p, raw in replies.items()}

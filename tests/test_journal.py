@@ -24,7 +24,14 @@ import pytest
 
 import apcrypto
 from apcrypto import cli
-from apcrypto.journal import Journal, JournalInUse, describe_request, read_journal, restore_request
+from apcrypto.journal import (
+    Journal,
+    JournalInUse,
+    describe_request,
+    parse_attempts,
+    read_journal,
+    restore_request,
+)
 from apcrypto.reconcile import Verdict
 from apcrypto.requests import CounterIncrement, KeyRead, KeyStore, ModExpo, ModExpoCrt, RandomBytes
 from apcrypto.testing import seeded_key
@@ -155,10 +162,8 @@ def test_every_nqap_is_committed_before_it_is_sent(emu: Any, tmp_path: Path) -> 
             if c.instr is Instr.NQAP and client.core.ledger.by_psmid.get(c.psmid) is not None:
                 db = journal._c
                 assert not db.in_transaction, "an NQAP left the host with its journal row uncommitted"
-                signed = c.psmid - (1 << 64) if c.psmid >= 1 << 63 else c.psmid
-                assert db.execute("SELECT qid FROM attempts WHERE psmid = ?", (signed,)).fetchone() == (
-                    c.qid,
-                )
+                texts = [t for (t,) in db.execute("SELECT attempts FROM requests")]
+                assert f"{c.psmid:x}@{c.qid:x}" in " ".join(texts)
                 seen.append(c.psmid)
         send(commands)
 
@@ -277,7 +282,7 @@ def test_requests_the_cards_never_took_are_re_driven_once(emu: Any, tmp_path: Pa
     die(first)
     emu.control.clear()  # the cards come back
     db = sqlite3.connect(path)  # each NQAP the dead cards refused is journalled as never run
-    facts = [f for (f,) in db.execute("SELECT reply FROM attempts")]
+    facts = [a.reply for (t,) in db.execute("SELECT attempts FROM requests") for a in parse_attempts(t)]
     db.close()
     assert any(f is not None for f in facts)  # (a refusal after the last commit died with the process)
     assert all(f is None or f.startswith("unrun:nqap-rc") for f in facts), facts
