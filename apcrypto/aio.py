@@ -144,6 +144,8 @@ class AsyncClient(
             else:
                 fut.set_result(value)
 
+        if self.journal is not None:  # the id its verdict has after a crash: the caller may keep it
+            fut.journal_id = self.journal.claim(request)  # type: ignore[attr-defined]
         self._runner.submit_now(request, idem, deadline, resolved, target)
         self._runner.schedule()
         return fut

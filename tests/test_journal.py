@@ -361,7 +361,9 @@ def test_the_asyncio_client_journals_and_reconciles(emu: Any, tmp_path: Path) ->
     async def main() -> list[apcrypto.Recovered]:
         async with apcrypto.aio.connect("emu:", emulator=emu, config="fast", journal=str(path)) as client:
             assert await client.wait_ready(10)
-            assert await client.counter_increment(1) >= 1  # journalled on the loop too
+            fut = client.counter_increment(1)
+            assert fut.journal_id > max(left)  # type: ignore[attr-defined]
+            assert await fut >= 1  # journalled on the loop too
             return await client.recovered(10)
 
     records = asyncio.run(main())
