@@ -62,6 +62,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+#: Verdicts are kept this many runs of the client after the one that recorded them (``apcrypto
+#: recovered --offline`` shows them), then deleted with the runs that have no row left.
+KEEP_LIVES = 10
 #: ``journal_sync`` values -> the SQLite ``synchronous`` setting
 SYNC_MODES: dict[str, str] = {"normal": "NORMAL", "full": "FULL"}
 
@@ -217,6 +220,14 @@ class Journal:
         self.life = int(last) + 1
         conn.execute(
             "INSERT INTO lives(life, started, pid) VALUES (?, ?, ?)", (self.life, time.time(), os.getpid())
+        )
+        # bounded on disk: verdicts recorded more than KEEP_LIVES runs ago go, and runs with no row left
+        conn.execute(
+            "DELETE FROM requests WHERE verdict IS NOT NULL AND decided_in <= ?", (self.life - KEEP_LIVES,)
+        )
+        conn.execute(
+            "DELETE FROM lives WHERE life <= ? AND life NOT IN (SELECT life FROM requests)",
+            (self.life - KEEP_LIVES,),
         )
         conn.commit()  # the first write takes the exclusive lock (held for the connection's life)
 

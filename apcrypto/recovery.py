@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from apcrypto.core.events import Command, Completion, TransportLost
-from apcrypto.errors import ApcryptoError, BadRequest, Indeterminate
+from apcrypto.errors import ApcryptoError, BadRequest, ClientClosed, Indeterminate
 from apcrypto.journal import Journal, OpenRequest, restore_request, sendable
 from apcrypto.reconcile import FAILED, OK, Decision, Drained, Verdict, decide, reply_fact
 from apcrypto.transport.base import Transport
@@ -50,7 +50,8 @@ class Recovered:
     Verdict`) and ``reason`` say what the driver concluded and why (``evidence`` is the fact it
     rests on).  ``value``: the decoded result of a ``completed`` one (None when it cannot be
     decoded: its kind is not one the journal rebuilds).  ``error``: the exception a caller would have
-    got (``BadRequest`` for failed, ``Indeterminate`` for indeterminate or never-ran).  ``redrive``:
+    got (``BadRequest`` for failed, ``Indeterminate`` for indeterminate, ``ClientClosed`` for never-ran:
+    cut off by the client's death before it ran).  ``redrive``:
     for ``re-driven``, the future of the re-drive (journalled as request ``redrive_id``), whose
     outcome is the request's.
     """
@@ -261,7 +262,12 @@ def _record(d: Decision, o: OpenRequest, raw: bytes | None) -> Recovered:
     elif d.verdict is Verdict.FAILED:
         code = _code(d.fact)
         error = BadRequest(f"request #{o.row.id} failed before the restart", reply_code=code, **kw)
-    elif d.verdict in (Verdict.INDETERMINATE, Verdict.NEVER_RAN):
+    elif d.verdict is Verdict.NEVER_RAN:  # cut off by the client's death, provably before it ran
+        error = ClientClosed(
+            f"request #{o.row.id} ({o.row.function}) of a previous run never ran and was not re-sent",
+            **kw,
+        )
+    elif d.verdict is Verdict.INDETERMINATE:
         error = Indeterminate(
             f"request #{o.row.id} ({o.row.function}) of a previous run: {d.verdict.value}",
             reason=d.reason,

@@ -126,6 +126,28 @@ def test_not_a_journal_and_bad_options_are_refused(tmp_path: Path) -> None:
         Journal.open(tmp_path / "j.db", operands="yes")  # type: ignore[arg-type]
 
 
+def test_verdicts_are_kept_ten_runs_then_the_file_forgets_them(tmp_path: Path) -> None:
+    from apcrypto.reconcile import Drained, decide
+
+    path = tmp_path / "j.db"
+    j = Journal.open(path)
+    j.submitted(1, CounterIncrement(1), None, None)
+    j.close()  # died with it open
+    j = Journal.open(path)
+    opened = j.open_requests()
+    assert [o.row.function for o in opened] == ["CPRB:CI"] and opened[0].row.attempts == ()
+    j.record_verdicts(decide([o.row for o in opened], Drained(False)), {})
+    j.close()
+    for _ in range(9):
+        Journal.open(path).close()
+        assert [r["verdict"] for r in read_journal(path)] == ["never-ran"]
+    Journal.open(path).close()
+    assert read_journal(path) == []
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM lives").fetchone()[0] <= 11  # bounded too
+    db.close()
+
+
 @pytest.mark.parametrize(
     "request_",
     [
