@@ -1,5 +1,6 @@
 """``apcrypto``: list cards and queues (lszcrypt), interval statistics (zcryptstats), the demo, a load
-generator (bench).  Every error is one line on stderr and exit status 1."""
+generator (bench), the verdicts a journal holds (recovered).  Every error is one line on stderr and
+exit status 1."""
 
 from __future__ import annotations
 
@@ -392,6 +393,61 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recovered_row(r: Any) -> dict[str, Any]:
+    """One verdict of ``client.recovered()`` as JSON (results are not printed: they may be secret)."""
+    row: dict[str, Any] = {
+        "id": r.id,
+        "function": r.function,
+        "kind": r.kind,
+        "idempotent": r.idempotent,
+        "verdict": r.verdict.value,
+        "evidence": r.evidence,
+        "reason": r.reason,
+        "attempts": [{"psmid": f"{p:#x}", "apqn": qid_str(q)} for p, q in r.attempts],
+        "redrive": r.redrive_id,
+    }
+    if r.redrive is not None:
+        if not r.redrive.done():
+            row["redrive_outcome"] = "pending"
+        else:
+            exc = r.redrive.exception()
+            row["redrive_outcome"] = "completed" if exc is None else type(exc).__name__
+    return row
+
+
+def cmd_recovered(args: argparse.Namespace) -> int:
+    """The verdicts on the requests a dead client left open in its journal: reconcile them (connect
+    with the journal: resume the session, drain, decide, re-drive) or, ``--offline``, print what the
+    journal already says."""
+    from apcrypto.journal import read_journal
+
+    if args.offline:
+        rows = read_journal(args.journal)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for row in rows:
+            where = ", ".join(f"{a['psmid']}@{a['apqn']}" for a in row["attempts"]) or "no attempt"
+            verdict = row["verdict"] or "open (not reconciled yet)"
+            redrive = f" -> #{row['redrive']}" if row["redrive"] is not None else ""
+            print(f"#{row['id']} {row['function']} {verdict}: {row['reason'] or '-'} [{where}]{redrive}")
+        return 0
+    import apcrypto
+
+    options: dict[str, Any] = {"journal": args.journal}
+    with apcrypto.connect(args.url, **options) as client:
+        records = client.recovered(args.timeout)
+        if args.json:
+            print(json.dumps([_recovered_row(r) for r in records], indent=2))
+        else:
+            for r in records:
+                row = _recovered_row(r)
+                tail = f" ({row['redrive_outcome']})" if "redrive_outcome" in row else ""
+                print(r.line() + tail)
+            print(f"{len(records)} request(s) left open by an earlier run", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``apcrypto`` command: every error is one line on stderr and a non-zero exit status.
 
@@ -512,6 +568,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-raw", action="store_true", help="skip the raw NQAP/DQAP loop comparison")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser(
+        "recovered",
+        help="verdicts on the requests a dead client left open in its journal",
+        description="Connect with a client's journal (docs/journal.md): resume its session, drain the "
+        "replies the cards hold, and print a verdict for every request it left open.",
+    )
+    p.add_argument("url", nargs="?", help="transport URL (default: $APCRYPTO_URL, apcrypto.toml, emu:)")
+    p.add_argument("--journal", required=True, help="the journal file the dead client used")
+    p.add_argument("--offline", action="store_true", help="do not connect: print what the journal says")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for re-drives (default 30)")
+    p.set_defaults(func=cmd_recovered)
     return parser
 
 

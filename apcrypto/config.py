@@ -56,13 +56,13 @@ DEFAULT_URL = "emu:"
 #: Options of the driver (every transport): ``config`` and each :class:`DriverConfig` field.
 DRIVER_OPTIONS = frozenset({"config"} | {f.name for f in fields(DriverConfig)})
 #: Options of the client object itself.
-CLIENT_OPTIONS = frozenset({"psmid_base", "close_timeout"})
+CLIENT_OPTIONS = frozenset({"psmid_base", "close_timeout", "journal", "journal_operands", "journal_sync"})
 #: the link options every frame-carrying transport takes, read from their one definition
 _LINK = frozenset(LinkOptions.__annotations__)
 #: Options of each transport, by URL scheme (a test holds this against the factories' signatures).
 TRANSPORT_OPTIONS: dict[str, frozenset[str]] = {
     "emu": frozenset({"emulator", "seed", "clock", "domains"}),
-    "tcp": _LINK | {"heartbeat", "curve_server_key", "curve_keypair"},
+    "tcp": _LINK | {"heartbeat", "curve_server_key", "curve_keypair", "readahead"},
     "usb": _LINK | {"backend"},
 }
 

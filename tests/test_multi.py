@@ -483,3 +483,12 @@ def test_a_server_reconfigured_with_a_card_outside_its_block_is_logged_not_fatal
         assert t.qids() == [0x0001, 0x1001]  # server 1's card 0; its card 0x10 cannot be numbered
         assert t.poll() == [Interrupt(0x1001)]  # only the queue the pool can name
     assert sum("offers card 10" in r.getMessage() for r in caplog.records) == 1  # once
+
+
+def test_a_journal_over_a_pool_is_refused_and_everything_closed(tmp_path: Path) -> None:
+    # A journal keeps one server session's identity: over a pool it could resume only one server's
+    # held work after a crash, so it is refused, and the pool it opened is closed again.
+    with pytest.raises(UrlListError, match="journal= keeps one server session"):
+        apcrypto.connect(["emu:small", "emu:fast"], config="fast", journal=str(tmp_path / "j.db"))
+    # the journal was closed too: a client may open it at once (one live client per journal)
+    apcrypto.connect("emu:small", config="fast", journal=str(tmp_path / "j.db")).close()
