@@ -288,7 +288,8 @@ class MultiTransport(Transport):
                 out += [Interrupt(q) for q in self._mapped(i, (ev.qid,))]  # none: a queue we never use
             elif isinstance(ev, TransportLost):
                 qids = tuple(self._mapped(i, ev.qids))  # always all: they come from our own commands
-                out.append(dataclasses.replace(ev, reason=f"{url}: {ev.reason}", qids=qids))
+                scope = self._scope(TransportLost, i)
+                out.append(dataclasses.replace(ev, reason=f"{url}: {ev.reason}", qids=qids, **scope))
             elif isinstance(ev, PeerRestored):
                 out.append(self._restored(i, ev))
             else:
@@ -296,16 +297,26 @@ class MultiTransport(Transport):
         return out
 
     def _restored(self, i: int, ev: PeerRestored) -> PeerRestored:
-        """Server ``i`` is back.  When the core's :class:`PeerRestored` can say which queues came
-        back (a ``qids`` field), it says only server ``i``'s.  Until then the core takes it for
-        every offline queue: it re-probes them all (for another server still gone, an early probe
-        that bounces) and drains or decides every queue holding work for a kept session, also
-        another server's -- conservative verdicts, never a lost or doubled request (the soak kill
-        test with both servers killed checks that), but sooner than that server's own grace."""
-        extra: dict[str, Any] = {}
-        if "qids" in {f.name for f in dataclasses.fields(PeerRestored)}:
-            extra["qids"] = tuple(self._mapped(i, self.children[i].qids()))
-        return PeerRestored(f"{self.urls[i]}: {ev.reason}", resumed=ev.resumed, **extra)
+        """Server ``i`` is back (see :meth:`_scope` for what the core makes of it)."""
+        return PeerRestored(
+            f"{self.urls[i]}: {ev.reason}", resumed=ev.resumed, **self._scope(PeerRestored, i)
+        )
+
+    def _scope(self, event: type, i: int) -> dict[str, Any]:
+        """``{"scope": server i's APQNs}`` for an event type that has a ``scope`` field (the queues
+        of the one peer a loss or a return is about), else nothing.
+
+        The core's events carry no such field yet, so the core takes a server's
+        :class:`PeerRestored` for every offline queue: it re-probes them all (for another server
+        still gone, an early probe that bounces) and drains or decides every queue holding work for
+        a kept session, also another server's; and a loss that can no longer resume decides every
+        such queue.  Conservative verdicts, never a lost or doubled request (the soak kill test
+        with both servers killed checks it), but sooner than that server's own grace.  Once the
+        events have ``scope`` the pool fills it, and the core can keep each server's to itself.
+        """
+        if "scope" not in {f.name for f in dataclasses.fields(event)}:
+            return {}
+        return {"scope": tuple(self._mapped(i, self.children[i].qids()))}
 
 
 def open_multi(urls: Sequence[str], **options: Any) -> MultiTransport:
