@@ -39,7 +39,7 @@ class ThreadedRunner(RunnerBase):
         self._stop = False
         self._sleeping = False  # the runner is (about to be) waiting on the condition
         self._sleep_until = math.inf  # when its wait ends by itself (its clock)
-        self._here = False  # a turn is being taken for it on another thread (see wake)
+        self._here = 0  # the thread taking a turn for it (see wake), 0: none
         self.core_lock = threading.RLock()  # held while the core runs; stats() takes it too
         vclock = getattr(transport, "virtual_clock", None)
         self._vclock = vclock
@@ -104,11 +104,12 @@ class ThreadedRunner(RunnerBase):
     def _turn_here(self) -> bool:
         """A runner's turn (transport events, due timers, watchers) on the calling thread, holding the
         core lock; False when the runner holds it (it will look itself) or is stopping."""
-        if self._here:
+        me = threading.get_ident()
+        if self._here == me:
             return True  # called back from inside our own turn: its pump loop polls again
         if self._stop or not self.core_lock.acquire(blocking=False):
             return False
-        self._here = True
+        self._here = me
         try:
             self._wake = False
             self.pump()
@@ -121,7 +122,7 @@ class ThreadedRunner(RunnerBase):
             self._stop = True
             return False
         finally:
-            self._here = False
+            self._here = 0
             self.core_lock.release()
 
     def call(self, fn: Callable[[], object]) -> None:
