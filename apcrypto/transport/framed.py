@@ -158,6 +158,9 @@ class LinkOptions(TypedDict, total=False):
     ``peer_deadline``: how long a vanished peer may take to come back before it is declared gone
     (its queues go out of service; reconnection goes on).  ``give_up_after``: stop trying once the
     peer has been silent that long (None, the default: never, while the transport is open).
+    ``resume_token``: the session token the first HELLO presents (16 bytes; None: a fresh one from
+    :mod:`secrets`), so that a restarted process gets its dead predecessor's session back
+    (``connect(..., journal=...)`` passes the journalled one).
     """
 
     domains: Sequence[int] | None
@@ -167,6 +170,7 @@ class LinkOptions(TypedDict, total=False):
     reconnect_jitter: float
     peer_deadline: float
     give_up_after: float | None
+    resume_token: bytes | None
 
 
 _LINK_KEYS = tuple(LinkOptions.__annotations__)
@@ -290,8 +294,13 @@ class FramedTransport(Transport):
         reconnect_jitter: float = 0.25,
         peer_deadline: float = 5.0,
         give_up_after: float | None = None,
+        resume_token: bytes | None = None,
     ) -> None:
         super().__init__()
+        if resume_token is not None and (
+            not isinstance(resume_token, bytes) or len(resume_token) != TOKEN_LEN
+        ):
+            raise ValueError(f"resume_token must be {TOKEN_LEN} bytes, not {resume_token!r}")
         for name, value in (("timeout", timeout), ("peer_deadline", peer_deadline)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -309,7 +318,8 @@ class FramedTransport(Transport):
         self.counters: Counter[str] = Counter()
         #: the last WELCOME (the session's qids, limit and interrupt support); None before the first
         self.welcome: Welcome | None = None
-        self._token = secrets.token_bytes(TOKEN_LEN)  # our session's proposed identity
+        # our session's proposed identity: a journalled one after a restart, else a fresh one
+        self._token = resume_token if resume_token is not None else secrets.token_bytes(TOKEN_LEN)
         self._log = logging.getLogger(type(self).__module__)  # each backend logs under its own name
         # shared between caller threads and the I/O thread, guarded by _cv
         self._cv = threading.Condition()
