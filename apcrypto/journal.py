@@ -86,7 +86,7 @@ CREATE TABLE IF NOT EXISTS requests(
     id INTEGER PRIMARY KEY, life INTEGER NOT NULL, kind TEXT NOT NULL, function TEXT NOT NULL,
     idempotent INTEGER NOT NULL, meta TEXT NOT NULL, operands BLOB, target TEXT,
     attempts TEXT NOT NULL DEFAULT '',
-    redrive_of INTEGER, verdict TEXT, evidence TEXT, reason TEXT, decided_in INTEGER);
+    redrive_of INTEGER, verdict TEXT, evidence TEXT, reason TEXT, decided_in INTEGER, redrive INTEGER);
 """
 # ``attempts``: one token per attempt, in the order sent: ``PSMID@QID`` (hex), ``=FACT`` appended when
 # a reply fact is known (``6b0000001a@0200=unrun:0x10/2``).  One row per request, so the hot path
@@ -348,8 +348,9 @@ class Journal:
         idem = request.idempotent_default if idempotent is None else bool(idempotent)
         with self._lock:
             pre = self._preassigned.pop(id(request), None)
-            if pre is not None and pre[1]:  # a re-drive: its row is written
+            if pre is not None and pre[1]:  # a re-drive: its row is written; its attempts are not yet
                 self._rids[rid] = pre[0]
+                self._open[pre[0]] = []
                 return
             if pre is not None:
                 jid = pre[0]
@@ -535,6 +536,7 @@ class Journal:
                 jid = self._next_id
                 self._next_id += 1
                 made[did] = jid
+                db.execute("UPDATE requests SET redrive = ? WHERE id = ?", (jid, did))
                 db.execute(
                     "INSERT INTO requests(id, life, kind, function, idempotent, meta, operands, target, "
                     "redrive_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -580,8 +582,7 @@ def read_verdicts(db: sqlite3.Connection, lock: threading.Lock | None = None) ->
     """The requests a journal holds with their verdicts (or ``None``: not reconciled yet)."""
     query = (
         "SELECT r.id, r.life, r.kind, r.function, r.idempotent, r.verdict, r.evidence, r.reason, "
-        "r.redrive_of, r.decided_in, r.attempts, (SELECT d.id FROM requests d WHERE d.redrive_of = r.id) "
-        "FROM requests r ORDER BY r.id"
+        "r.redrive_of, r.decided_in, r.attempts, r.redrive FROM requests r ORDER BY r.id"
     )
     if lock is not None:
         with lock:
