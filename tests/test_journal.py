@@ -438,3 +438,24 @@ def test_the_asyncio_client_journals_and_reconciles(emu: Any, tmp_path: Path) ->
     assert {r.id for r in records} == left
     _judge(emu, records)
     assert all(r["verdict"] is not None for r in rows(path))
+
+
+def test_the_journal_comes_from_the_environment_or_the_config_file_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for var in ("APCRYPTO_URL", "APCRYPTO_OPTIONS", "APCRYPTO_CONFIG_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    (tmp_path / "apcrypto.toml").write_text('url = "emu:small"\n[options]\njournal = "from-file.db"\n')
+    with apcrypto.connect(config="fast") as client:
+        assert client.journal is not None and client.journal.path.name == "from-file.db"
+    monkeypatch.setenv("APCRYPTO_OPTIONS", json.dumps({"journal": "from-env.db", "journal_sync": "full"}))
+    with apcrypto.connect(config="fast") as client:  # the environment beats the file
+        assert client.journal is not None and client.journal.path.name == "from-env.db"
+        assert client.journal.sync == "full"
+    with apcrypto.connect(
+        config="fast", journal=str(tmp_path / "arg.db")
+    ) as client:  # the argument beats both
+        assert client.journal is not None and client.journal.path.name == "arg.db"
+    assert stat.S_IMODE((tmp_path / "from-file.db").stat().st_mode) == 0o600
