@@ -93,6 +93,26 @@ CREATE TABLE IF NOT EXISTS requests(
 # is one INSERT (with its first attempt) and one DELETE per request, a few statements per commit.
 
 
+_INSERT = (
+    "INSERT INTO requests(id, life, kind, function, idempotent, meta, operands, target, attempts) VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    ", ",
+    "",
+)
+_DELETE = ("DELETE FROM requests WHERE id IN (", "?", ", ", ")")
+_CHUNK = 400  # rows per statement (9 parameters each: well under SQLite's 32766)
+
+
+def _many(db: sqlite3.Connection, sql: tuple[str, str, str, str], rows: Sequence[tuple[Any, ...]]) -> None:
+    """One statement for many rows (``head + item, item, ... + tail``), not one per row as
+    ``executemany`` runs: the sqlite3 module lets go of the GIL around every statement step, and
+    under a busy caller thread each handover can cost the runner a whole switch interval."""
+    head, item, sep, tail = sql
+    for i in range(0, len(rows), _CHUNK):
+        chunk = rows[i : i + _CHUNK]
+        db.execute(head + sep.join([item] * len(chunk)) + tail, [v for r in chunk for v in r])
+
+
 def format_attempts(attempts: Iterable[AttemptRow]) -> str:
     return " ".join(f"{a.psmid:x}@{a.qid:x}" + ("" if a.reply is None else f"={a.reply}") for a in attempts)
 
@@ -446,11 +466,7 @@ class Journal:
             db = self._c
             if self._rows:
                 opened = self._open
-                db.executemany(
-                    "INSERT INTO requests(id, life, kind, function, idempotent, meta, operands, target, "
-                    "attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(*r, format_attempts(opened[jid])) for jid, r in self._rows.items()],
-                )
+                _many(db, _INSERT, [(*r, format_attempts(opened[jid])) for jid, r in self._rows.items()])
                 self._rows = {}
             if self._changed:
                 db.executemany(
@@ -459,7 +475,7 @@ class Journal:
                 )
                 self._changed = set()
             if self._done:
-                db.executemany("DELETE FROM requests WHERE id = ?", self._done)
+                _many(db, _DELETE, self._done)
                 self._done = []
             if self._token_of is not None:
                 token = self._token_of()
