@@ -6,7 +6,8 @@ is the user's page; this module is the writer.
 
 What is stored, and when (the order is the guarantee):
 
-* **at submit**: a row per request: its kind (the request class), its function (``MEX_2K``,
+* **at submit** (written with the next commit; a request that ends before it never touches the
+  file): a row per request: its kind (the request class), its function (``MEX_2K``,
   ``CPRB:CI``...), the idempotent flag, the APQNs it is pinned to, the few numbers needed to decode
   its reply (``mod_len``, ``n``) and -- only with ``journal_operands=True`` -- its operand bytes (the
   AP message, or the CPRB payload), which a re-drive after a restart needs;
