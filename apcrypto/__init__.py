@@ -11,6 +11,7 @@ every transport takes the same driver options and gives the same outcomes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -76,8 +77,12 @@ def split_options(options: dict[str, Any]) -> tuple[DriverConfig, dict[str, Any]
     return cfg, client_opts, opts
 
 
-def connect(url: str | None = None, **options: Any) -> Client:
+def connect(url: str | Sequence[str] | None = None, **options: Any) -> Client:
     """Open a client on the adapter(s) behind ``url``.
+
+    Several URLs (a list, or one comma-separated string) make one pool of servers: their cards are
+    dispatched and failed over as one, server *i*'s card *c* numbered ``16*i + c``
+    (:mod:`apcrypto.transport.multi`).
 
     ``url`` and each option come from the argument, else the environment (``APCRYPTO_URL``,
     ``APCRYPTO_OPTIONS``), else a config file (``apcrypto.toml``), else ``"emu:"``; see

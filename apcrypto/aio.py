@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import threading
 from collections import Counter
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 
 from apcrypto import _begin_args, split_options
@@ -198,7 +198,7 @@ class AsyncClient(
 class _Connect:
     """``await connect(...)`` or ``async with connect(...) as client``."""
 
-    def __init__(self, url: str | None, options: dict[str, Any]) -> None:
+    def __init__(self, url: str | Sequence[str] | None, options: dict[str, Any]) -> None:
         self._url = url
         self._options = options
         self._client: AsyncClient | None = None
@@ -257,8 +257,9 @@ def _close_quietly(opened: tuple[Transport, Journal | None, Recovery | None]) ->
             journal.close()
 
 
-def connect(url: str | None = None, **options: Any) -> _Connect:
-    """Open an :class:`AsyncClient`; same URL and options as :func:`apcrypto.connect`."""
+def connect(url: str | Sequence[str] | None = None, **options: Any) -> _Connect:
+    """Open an :class:`AsyncClient`; same URL (or URLs: one pool of servers) and options as
+    :func:`apcrypto.connect`."""
     return _Connect(url, options)
 
 

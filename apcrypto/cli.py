@@ -27,16 +27,15 @@ _MODE_NAMES = {"accel": "Accelerator", "cca": "CCA-Coproc", "ep11": "EP11-Coproc
 _CARD_STATUS = {"checkstopped": "chkstop", "deconfigured": "deconfig"}
 
 
-def _targets(words: Sequence[str]) -> tuple[str | None, list[tuple[int, int | None]]]:
+def _targets(words: Sequence[str]) -> tuple[str | list[str] | None, list[tuple[int, int | None]]]:
     """Split ``apcrypto list`` words into a URL (has a ':') and lszcrypt filters ``CARD[.DOMAIN]``
-    (hex, as lszcrypt and sysfs spell them)."""
-    url: str | None = None
+    (hex, as lszcrypt and sysfs spell them).  Several URLs are one pool of servers (server *i*'s
+    card *c* listed as card ``16*i + c``, :mod:`apcrypto.transport.multi`)."""
+    urls: list[str] = []
     filters: list[tuple[int, int | None]] = []
     for word in words:
         if ":" in word:
-            if url is not None:
-                raise ValueError(f"two URLs given: {url!r} and {word!r}")
-            url = word
+            urls.append(word)
             continue
         card, _, dom = word.partition(".")
         try:
@@ -46,17 +45,17 @@ def _targets(words: Sequence[str]) -> tuple[str | None, list[tuple[int, int | No
         if not 0 <= c <= 0xFF or (d is not None and not 0 <= d <= 0xFF):
             raise ValueError(f"{word!r}: card and domain are 00..ff")
         filters.append((c, d))
-    return url, filters
+    return (urls[0] if len(urls) == 1 else urls or None), filters
 
 
-def _open_for_listing(url: str | None, timeout: float, *, virtual: bool = True) -> Any:
+def _open_for_listing(url: str | list[str] | None, timeout: float, *, virtual: bool = True) -> Any:
     """A client for looking: short bring-up timings; an embedded emulator on a virtual clock (a
     listing needs no real time to pass) unless ``virtual`` is False (interval statistics)."""
     import apcrypto
 
     opts: dict[str, Any] = {"config": "fast"}
     chosen = url or os.environ.get("APCRYPTO_URL") or "emu:"
-    if virtual and chosen.startswith("emu:"):
+    if virtual and isinstance(chosen, str) and chosen.startswith("emu:") and "," not in chosen:
         opts["clock"] = "virtual"
     client = apcrypto.connect(url, **opts)
     client.wait_ready(timeout)
@@ -502,7 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
         "filters such as 02 or 02.0003 (hex)",
     )
     p.add_argument("--url", help="transport URL (same as giving it among the targets)")
-    p.add_argument("--control", help="the server's control plane (tcp://HOST:PORT) for card-side counts")
+    p.add_argument(
+        "--control",
+        help="the server's control plane (tcp://HOST:PORT) for card-side counts; "
+        "for several servers one per server, comma-separated in URL order",
+    )
     p.add_argument("-V", "--verbose", action="store_true", help="more columns: PENDING HWTYPE QDEPTH ...")
     p.add_argument("-b", "--bus", action="store_true", help="show the bus attributes only")
     only = p.add_mutually_exclusive_group()
@@ -523,7 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("targets", nargs="*", metavar="URL|CARD[.DOMAIN]", help="as for 'apcrypto list'")
     p.add_argument("--url", help="transport URL")
-    p.add_argument("--control", help="the server's control plane (tcp://HOST:PORT); needed for tcp://")
+    p.add_argument(
+        "--control",
+        help="the server's control plane (tcp://HOST:PORT); needed for tcp:// "
+        "(several servers: one per server, comma-separated in URL order)",
+    )
     p.add_argument("-i", "--interval", type=float, default=10.0, help="seconds per report (default 10)")
     p.add_argument("-c", "--count", type=int, default=1, help="number of reports (default 1)")
     p.add_argument("-o", "--output", choices=["table", "json", "csv"], default="table")

@@ -360,7 +360,21 @@ def open_journal(
     return journal
 
 
-def begin(journal: Journal, transport: Transport, url: str, psmid_base: int, *, bound: float) -> Recovery:
-    """Record this run (URL, psmid base, session token) and reconcile what earlier runs left open."""
+def begin(
+    journal: Journal, transport: Transport, url: str | Sequence[str], psmid_base: int, *, bound: float
+) -> Recovery:
+    """Record this run (URL, psmid base, session token) and reconcile what earlier runs left open.
+
+    A journal keeps one server session's identity, so a pool of servers (several URLs) cannot be
+    journalled yet: :class:`~apcrypto.transport.UrlListError` rather than a journal that could not
+    resume the sessions of all but one server after a crash."""
+    from apcrypto.transport.multi import UrlListError, split_urls
+
+    urls = split_urls(url)
+    if len(urls) != 1:
+        raise UrlListError(
+            f"journal= keeps one server session; it cannot journal a pool of {len(urls)} servers"
+        )
+    url = urls[0]
     journal.begin(url, psmid_base, lambda: getattr(transport, "resume_token", None))
     return reconcile_journal(journal, transport, bound=bound)
