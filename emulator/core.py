@@ -36,6 +36,7 @@ from apformats.results import ApResult, Instr
 from apformats.status import QueueStatus
 from emulator.clock import TimerHandle, VirtualClock, WallClock
 from emulator.control import ControlPlane
+from emulator.engines import EngineBackend, make_engines, offloaded
 from emulator.execution_log import ExecutionLog
 from emulator.lifecycle import (
     CARD_GATE,
@@ -128,8 +129,17 @@ class Emulator:
                     max_mod_bytes=card.type.max_mod_bytes,
                     mode=card.type.mode,
                     compute=self.profile.timing.compute,
+                    arithmetic=self.profile.execution.arithmetic,
                 )
         self._qids = sorted(q.qid for c in self._cards.values() for q in c.queues.values() if q.usage)
+        # Where engines compute (profile ``execution``): on a virtual clock always inline, so a
+        # simulation never depends on another thread's or process's timing.
+        execution = self.profile.execution
+        self.engines: EngineBackend | None = None
+        if not isinstance(clock, VirtualClock):
+            self.engines = make_engines(
+                execution.backend, execution.workers, self._on_computed, self._on_engines_lost
+            )
 
         if isinstance(clock, WallClock) and not clock.running:
             clock.start()
@@ -145,8 +155,11 @@ class Emulator:
         self.close()
 
     def close(self) -> None:
-        """Stop a WallClock this emulator started (idempotent).  Pending work is left as it is."""
+        """Stop the engine workers and a WallClock this emulator started (idempotent).  Pending work
+        is left as it is."""
         self._closed = True
+        if self.engines is not None:
+            self.engines.close()
         if self._owns_clock and isinstance(self.clock, WallClock):
             self.clock.close()
 
@@ -357,6 +370,11 @@ class Emulator:
             msg.reply = build_error_reply(msg.fail_code)
             entry.reply_code = msg.fail_code
             msg.ok = False
+        elif self.engines is not None and offloaded(msg.function):
+            # Computed elsewhere (engine backend); the message ends when both the answer is back
+            # (_on_computed) and its service time is over (_on_complete), whichever is later.
+            msg.computing = True
+            self.engines.submit(card.id, msg, msg.request, q.fw_ctx)
         else:
             result = firmware_stubs.execute(msg.request, q.fw_ctx)
             msg.reply = result.reply
@@ -364,7 +382,10 @@ class Emulator:
             entry.reply_code = result.reply_code
             entry.effect = result.effect
         delay = self._service_time(card, msg.function)
-        if delay <= 0.0:
+        if msg.computing:
+            if delay > 0.0:
+                engine.timer = self.clock.call_later(delay, lambda: self._on_complete(card, engine, msg))
+        elif delay <= 0.0:
             self._finish(card, engine, msg)
         else:
             engine.timer = self.clock.call_later(delay, lambda: self._on_complete(card, engine, msg))
@@ -406,8 +427,43 @@ class Emulator:
             if engine.message is not msg:  # superseded by a reset or a failure
                 return
             engine.timer = None
+            if msg.computing:  # service time over, answer not back yet: _on_computed finishes it
+                return
             self._finish(card, engine, msg)
             self._dispatch(card)
+        self._flush_interrupts()
+
+    def _on_computed(self, msg: Message, result: firmware_stubs.FirmwareResult) -> None:
+        """An engine backend's answer (its thread, no lock held).  Dropped when the message left its
+        engine meanwhile (reset, machine failure, checkstop: the card's own verdict stands)."""
+        with self.lock:
+            if not msg.computing:
+                return
+            msg.computing = False
+            card = msg.queue.card
+            if msg.engine is None:
+                return
+            engine = card.engines[msg.engine]
+            if engine.message is not msg:
+                return
+            msg.reply = result.reply
+            msg.ok = result.ok
+            msg.entry.reply_code = result.reply_code
+            msg.entry.effect = result.effect
+            if engine.timer is not None:  # the service time is not over yet: _on_complete finishes
+                return
+            self._finish(card, engine, msg)
+            self._dispatch(card)
+        self._flush_interrupts()
+
+    def _on_engines_lost(self, card_id: int) -> None:
+        """A worker process of the card died: the card suffers a machine failure, so everything it
+        held is answered by the firmware's machine-failure handler instead of hanging."""
+        with self.lock:
+            card = self._cards.get(card_id)
+            if card is None or self._closed:
+                return
+            self._card_event(card, CardEvent.MACHINE_FAILURE, recovery_time=self.profile.timing.recovery_time)
         self._flush_interrupts()
 
     # --- interrupts ----------------------------------------------------------------------------
