@@ -433,27 +433,32 @@ class Emulator:
             self._dispatch(card)
         self._flush_interrupts()
 
-    def _on_computed(self, msg: Message, result: firmware_stubs.FirmwareResult) -> None:
-        """An engine backend's answer (its thread, no lock held).  Dropped when the message left its
+    def _on_computed(self, done: list[tuple[Message, firmware_stubs.FirmwareResult]]) -> None:
+        """Engine backend answers (its thread, no lock held).  One dropped when its message left the
         engine meanwhile (reset, machine failure, checkstop: the card's own verdict stands)."""
         with self.lock:
-            if not msg.computing:
-                return
-            msg.computing = False
-            card = msg.queue.card
-            if msg.engine is None:
-                return
-            engine = card.engines[msg.engine]
-            if engine.message is not msg:
-                return
-            msg.reply = result.reply
-            msg.ok = result.ok
-            msg.entry.reply_code = result.reply_code
-            msg.entry.effect = result.effect
-            if engine.timer is not None:  # the service time is not over yet: _on_complete finishes
-                return
-            self._finish(card, engine, msg)
-            self._dispatch(card)
+            cards: list[Card] = []
+            for msg, result in done:
+                if not msg.computing:
+                    continue
+                msg.computing = False
+                card = msg.queue.card
+                if msg.engine is None:
+                    continue
+                engine = card.engines[msg.engine]
+                if engine.message is not msg:
+                    continue
+                msg.reply = result.reply
+                msg.ok = result.ok
+                msg.entry.reply_code = result.reply_code
+                msg.entry.effect = result.effect
+                if engine.timer is not None:  # the service time is not over yet: _on_complete finishes
+                    continue
+                self._finish(card, engine, msg)
+                if card not in cards:
+                    cards.append(card)
+            for card in cards:
+                self._dispatch(card)
         self._flush_interrupts()
 
     def _on_engines_lost(self, card_id: int) -> None:

@@ -16,8 +16,10 @@ State-changing CPRBs, the RNG and injected failures stay inline, in order, in th
   with :meth:`close`, with the emulator being collected, and by themselves when the emulator's
   process dies (end of input and a parent watchdog in the worker).
 
-Both call ``on_done(token, FirmwareResult)`` from their own thread, without any lock held; the
-emulator takes its lock there and drops a result whose engine was reset or failed meanwhile.
+Both call ``on_done([(token, FirmwareResult), ...])`` from their own thread, without any lock held
+(a process backend's reader hands over every result already waiting in the pipe at once, so a burst
+costs the emulator one lock and one interrupt flush); the emulator takes its lock there and drops a
+result whose engine was reset or failed meanwhile.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ __all__ = ["EngineBackend", "ProcessEngines", "ThreadEngines", "make_engines", "
 
 log = logging.getLogger(__name__)
 
-Done = Callable[[Any, FirmwareResult], None]
+Done = Callable[[list[tuple[Any, FirmwareResult]]], None]
 Lost = Callable[[int], None]
 
+#: Most results a process backend's reader hands over in one call.
+READ_BATCH = 64
 #: Seconds :meth:`ProcessEngines.close` waits for a worker to end by itself before killing it.
 CLOSE_GRACE = 2.0
 
@@ -100,7 +104,7 @@ class ThreadEngines:
             if job is None:
                 return
             token, request, ctx = job
-            self._on_done(token, execute(request, ctx))
+            self._on_done([(token, execute(request, ctx))])
 
     def close(self) -> None:
         with self._lock:
@@ -204,16 +208,22 @@ class ProcessEngines:
         return w
 
     def _read(self, w: _Worker) -> None:
-        on_done = self._on_done
+        on_done, recv, poll = self._on_done, w.recv.recv, w.recv.poll
         while True:
             try:
-                job_id, reply, function, ok, reply_code, effect = w.recv.recv()
+                results = [recv()]
+                while len(results) < READ_BATCH and poll():
+                    results.append(recv())
             except (EOFError, OSError):
                 break
             with self._lock:
-                token = w.jobs.pop(job_id, None)
-            if token is not None:
-                on_done(token, FirmwareResult(reply, function, ok, reply_code, effect))
+                done = [
+                    (w.jobs.pop(job_id), FirmwareResult(reply, function, ok, code, effect))
+                    for job_id, reply, function, ok, code, effect in results
+                    if job_id in w.jobs
+                ]
+            if done:
+                on_done(done)
         with self._lock:
             w.dead = True
             pool = self._pools.get(w.card, [])

@@ -261,4 +261,43 @@ def test_driver_over_a_dying_worker_loses_nothing(tmp_path: Path) -> None:
         os.kill(victim[0], signal.SIGKILL)
         results = [f.result(DEADLINE) for f in futs]
         assert emu.engines.lost == 1  # type: ignore[union-attr]
-    assert [int.from_bytes(r, "big") for r in results] == [pow(i + 2, pn.d, n) for i in range(300)]
+    e = pn.public_numbers.e  # r^e = c (mod n) proves r = c^d: RSA is a permutation of [0, n)
+    assert [pow(int.from_bytes(r, "big"), e, n) for r in results] == [i + 2 for i in range(300)]
+
+
+def test_a_reset_drops_answers_still_being_computed(tmp_path: Path) -> None:
+    """RAPQ while the worker holds two answers: they are discarded with the queue (never
+    delivered later); the next requests get their own answers."""
+    with Emulator(_profile(tmp_path, "processes"), clock="wall") as emu:
+        (pid,) = _spawn_workers(emu, 0)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert emu.nqap(Q0[0], 1, crt(11)).status.rc == 0
+            assert emu.nqap(Q0[0], 2, crt(12)).status.rc == 0
+            assert emu.rapq(Q0[0]).status.rc == 0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert emu.nqap(Q0[0], 3, crt(13)).status.rc == 0
+        got = _collect(emu, Q0[:1], 1)
+        assert list(got) == [3] and result_int(got[3]) == pow(13, key().d, key().n)
+        time.sleep(0.05)  # the two stale answers have long been computed by now
+        assert emu.dqap(Q0[0]).status.rc != 0  # ... and were dropped
+        assert {e.psmid: e.outcome for e in emu.execution_log.entries() if e.psmid in (1, 2)} == {
+            1: "discarded",
+            2: "discarded",
+        }
+        assert emu.card_state(0) is CardState.NORMAL and emu.engines.lost == 0  # type: ignore[union-attr]
+
+
+def test_a_client_owning_its_emulator_stops_the_workers() -> None:
+    """``connect("emu:parallel")`` builds (and owns) a wall-clock emulator with worker processes;
+    closing the client ends them."""
+    k = rsa_key(2048)
+    with apcrypto.connect("emu:parallel") as client:
+        assert client.wait_ready(DEADLINE)
+        out = client.mod_expo_crt((5).to_bytes(256, "big"), *crt_args(k)).result(DEADLINE)
+        emu = client.transport.emulator  # type: ignore[attr-defined]
+        pids = emu.engines.pids(0) + emu.engines.pids(1)
+        assert pids
+    assert int.from_bytes(out, "big") == pow(5, k.private_numbers().d, k.public_key().public_numbers().n)
+    assert all(_gone(p) for p in pids)
