@@ -7,10 +7,9 @@ both valid keys and corrupted ones and checks each against plain Python ``pow`` 
   ``cffi`` in ABI mode on the ``libcrypto`` Python's own ``ssl`` module loads.  It runs the two
   half-size exponentiations of a CRT together (AVX-512 IFMA where the CPU has it), about 3x gmpy2
   per core for CRT-2048 here.  ``cffi`` drops the GIL around every call, so threads computing
-  with it use every core.  The Garner recombination is the firmware's own formula on OpenSSL's
-  ``BN_mod_sub``/``BN_mod_mul``/``BN_mul``/``BN_add``: no blinding, no verification with a public
-  exponent (a type 50 CRT request carries none), so a corrupted key gives the same wrong answer
-  the formula gives, as a card computes it.
+  with it use every core.  The Garner recombination is the firmware's own formula (in Python
+  ints): no blinding, no verification with a public exponent (a type 50 CRT request carries none),
+  so a corrupted key gives the same wrong answer the formula gives, as a card computes it.
 * ``gmpy2`` -- GMP's ``mpz_powm``; always there (a hard dependency).  It releases the GIL only in a
   thread whose context has ``allow_release_gil`` set (:func:`prepare_thread` sets it).
 
@@ -24,6 +23,7 @@ from __future__ import annotations
 
 import ctypes.util
 import threading
+import weakref
 from typing import Any, Protocol
 
 import gmpy2
@@ -79,21 +79,15 @@ typedef struct bn_mont_ctx_st BN_MONT_CTX;
 BIGNUM *BN_bin2bn(const unsigned char *s, int len, BIGNUM *ret);
 int BN_bn2binpad(const BIGNUM *a, unsigned char *to, int tolen);
 BIGNUM *BN_new(void);
-void BN_free(BIGNUM *a);
+void BN_clear_free(BIGNUM *a);
 BN_CTX *BN_CTX_new(void);
 void BN_CTX_free(BN_CTX *c);
-int BN_nnmod(BIGNUM *r, const BIGNUM *a, const BIGNUM *m, BN_CTX *ctx);
 int BN_mod_exp_mont(BIGNUM *r, const BIGNUM *a, const BIGNUM *p, const BIGNUM *m, BN_CTX *ctx,
                     BN_MONT_CTX *m_ctx);
 int BN_mod_exp_mont_consttime_x2(BIGNUM *rr1, const BIGNUM *a1, const BIGNUM *p1, const BIGNUM *m1,
                                  BN_MONT_CTX *in_mont1, BIGNUM *rr2, const BIGNUM *a2,
                                  const BIGNUM *p2, const BIGNUM *m2, BN_MONT_CTX *in_mont2,
                                  BN_CTX *ctx);
-int BN_mod_sub(BIGNUM *r, const BIGNUM *a, const BIGNUM *b, const BIGNUM *m, BN_CTX *ctx);
-int BN_mod_mul(BIGNUM *r, const BIGNUM *a, const BIGNUM *b, const BIGNUM *m, BN_CTX *ctx);
-int BN_mul(BIGNUM *r, const BIGNUM *a, const BIGNUM *b, BN_CTX *ctx);
-int BN_add(BIGNUM *r, const BIGNUM *a, const BIGNUM *b);
-int BN_num_bits(const BIGNUM *a);
 """
 
 
@@ -101,17 +95,40 @@ def _bytes(x: int) -> bytes:
     return x.to_bytes((x.bit_length() + 7) // 8 or 1, "big")
 
 
+class _Scratch:
+    """One thread's OpenSSL state: a ``BN_CTX`` and the numbers a call reuses (OpenSSL's
+    contexts are not thread-safe; reusing the numbers saves two C calls per operand)."""
+
+    __slots__ = ("bns", "ctx", "lib")
+
+    def __init__(self, ffi: Any, lib: Any) -> None:
+        self.lib = lib
+        self.ctx = lib.BN_CTX_new()
+        self.bns = [lib.BN_new() for _ in range(8)]
+        if self.ctx == ffi.NULL or ffi.NULL in self.bns:
+            self.free()
+            raise MemoryError("BN_CTX_new / BN_new")
+
+    def free(self) -> None:
+        for bn in self.bns:
+            self.lib.BN_clear_free(bn)
+        self.lib.BN_CTX_free(self.ctx)
+        self.bns = []
+
+
 class OpenSSLArithmetic:
     """OpenSSL's bignum library through cffi (ABI mode: nothing to compile at install time).
 
-    One ``BN_CTX`` per thread (OpenSSL's contexts are not thread-safe); every ``BIGNUM`` a call
-    makes is freed before it returns, whatever happens.
+    Every C call through cffi drops and retakes the GIL, so a call here makes as few as it can: the
+    operands go in with ``BN_bin2bn`` into per-thread numbers, the reductions mod p and q and the
+    Garner recombination are Python int arithmetic (microseconds), and only the two exponentiations
+    are OpenSSL's (one ``BN_mod_exp_mont_consttime_x2``).
     """
 
     name = "openssl"
 
     def __init__(self, library: str | None = None) -> None:
-        from cffi import FFI  # an import error means "not available": see _load
+        from cffi import FFI  # an import error means "not available": see below
 
         ffi = FFI()
         ffi.cdef(_CDEF)
@@ -126,34 +143,22 @@ class OpenSSLArithmetic:
         if self.crt(5, 11, 13, 3, 7, 6) != Gmpy2Arithmetic().crt(5, 11, 13, 3, 7, 6):
             raise OSError(f"{path}: BN_mod_exp_mont_consttime_x2 gives a wrong answer")
 
-    def _ctx(self) -> Any:
-        ctx = getattr(self._local, "ctx", None)
-        if ctx is None:
-            ctx = self._ffi.gc(self._lib.BN_CTX_new(), self._lib.BN_CTX_free)
-            self._local.ctx = ctx
-        return ctx
+    def _scratch(self) -> _Scratch:
+        scratch: _Scratch | None = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = _Scratch(self._ffi, self._lib)
+            weakref.finalize(threading.current_thread(), scratch.free)
+        return scratch
 
-    def _bn(self, x: int, owned: list[Any]) -> Any:
+    def _set(self, bn: Any, x: int) -> None:
         b = _bytes(x)
-        bn = self._lib.BN_bin2bn(b, len(b), self._ffi.NULL)
-        if bn == self._ffi.NULL:
+        if self._lib.BN_bin2bn(b, len(b), bn) == self._ffi.NULL:
             raise MemoryError("BN_bin2bn")
-        owned.append(bn)
-        return bn
 
-    def _new(self, owned: list[Any]) -> Any:
-        bn = self._lib.BN_new()
-        if bn == self._ffi.NULL:
-            raise MemoryError("BN_new")
-        owned.append(bn)
-        return bn
-
-    def _int(self, bn: Any) -> int:
-        size = (self._lib.BN_num_bits(bn) + 7) // 8
-        if size == 0:
-            return 0
+    def _get(self, bn: Any, size: int) -> int:
         buf = self._ffi.new("unsigned char[]", size)
-        self._lib.BN_bn2binpad(bn, buf, size)
+        if self._lib.BN_bn2binpad(bn, buf, size) < 0:
+            raise ArithmeticError("OpenSSL BN_bn2binpad: result longer than its modulus")
         return int.from_bytes(self._ffi.buffer(buf), "big")
 
     @staticmethod
@@ -162,38 +167,28 @@ class OpenSSLArithmetic:
             raise ArithmeticError(f"OpenSSL {what} failed")
 
     def powmod(self, base: int, exponent: int, modulus: int) -> int:
-        lib, owned = self._lib, list[Any]()
-        ctx = self._ctx()
-        try:
-            b, e, m = self._bn(base, owned), self._bn(exponent, owned), self._bn(modulus, owned)
-            r = self._new(owned)
-            self._check(lib.BN_mod_exp_mont(r, b, e, m, ctx, self._ffi.NULL), "BN_mod_exp_mont")
-            return self._int(r)
-        finally:
-            for bn in owned:
-                lib.BN_free(bn)
+        s = self._scratch()
+        b, e, m, r = s.bns[:4]
+        self._set(b, base % modulus)
+        self._set(e, exponent)
+        self._set(m, modulus)
+        self._check(self._lib.BN_mod_exp_mont(r, b, e, m, s.ctx, self._ffi.NULL), "BN_mod_exp_mont")
+        return self._get(r, (modulus.bit_length() + 7) // 8)
 
     def crt(self, c: int, p: int, q: int, dp: int, dq: int, u: int) -> int:
-        lib, owned = self._lib, list[Any]()
-        null = self._ffi.NULL
-        ctx = self._ctx()
-        try:
-            bc, bp, bq = self._bn(c, owned), self._bn(p, owned), self._bn(q, owned)
-            bdp, bdq, bu = self._bn(dp, owned), self._bn(dq, owned), self._bn(u, owned)
-            a1, a2, m1, m2, h, r = (self._new(owned) for _ in range(6))
-            self._check(lib.BN_nnmod(a1, bc, bp, ctx) & lib.BN_nnmod(a2, bc, bq, ctx), "BN_nnmod")
-            self._check(
-                lib.BN_mod_exp_mont_consttime_x2(m1, a1, bdp, bp, null, m2, a2, bdq, bq, null, ctx),
-                "BN_mod_exp_mont_consttime_x2",
-            )
-            self._check(lib.BN_mod_sub(h, m1, m2, bp, ctx), "BN_mod_sub")
-            self._check(lib.BN_mod_mul(h, h, bu, bp, ctx), "BN_mod_mul")
-            self._check(lib.BN_mul(h, h, bq, ctx), "BN_mul")
-            self._check(lib.BN_add(r, m2, h), "BN_add")
-            return self._int(r)
-        finally:
-            for bn in owned:
-                lib.BN_free(bn)
+        s = self._scratch()
+        a1, e1, m1, a2, e2, m2, r1, r2 = s.bns
+        for bn, x in ((a1, c % p), (e1, dp), (m1, p), (a2, c % q), (e2, dq), (m2, q)):
+            self._set(bn, x)
+        self._check(
+            self._lib.BN_mod_exp_mont_consttime_x2(
+                r1, a1, e1, m1, self._ffi.NULL, r2, a2, e2, m2, self._ffi.NULL, s.ctx
+            ),
+            "BN_mod_exp_mont_consttime_x2",
+        )
+        x1 = self._get(r1, (p.bit_length() + 7) // 8)
+        x2 = self._get(r2, (q.bit_length() + 7) // 8)
+        return x2 + (u * (x1 - x2) % p) * q
 
 
 _GMPY2 = Gmpy2Arithmetic()
