@@ -370,11 +370,8 @@ class Emulator:
             msg.reply = build_error_reply(msg.fail_code)
             entry.reply_code = msg.fail_code
             msg.ok = False
-        elif self.engines is not None and offloaded(msg.function):
-            # Computed elsewhere (engine backend); the message ends when both the answer is back
-            # (_on_computed) and its service time is over (_on_complete), whichever is later.
-            msg.computing = True
-            self.engines.submit(card.id, msg, msg.request, q.fw_ctx)
+        elif self.engines is not None and offloaded(msg.function) and self._offload(card, msg):
+            pass  # computed elsewhere: see _offload
         else:
             result = firmware_stubs.execute(msg.request, q.fw_ctx)
             msg.reply = result.reply
@@ -389,6 +386,16 @@ class Emulator:
             self._finish(card, engine, msg)
         else:
             engine.timer = self.clock.call_later(delay, lambda: self._on_complete(card, engine, msg))
+
+    def _offload(self, card: Card, msg: Message) -> bool:
+        """Hand the message's firmware run to the engine backend.  It ends when both its answer is
+        back (:meth:`_on_computed`) and its service time is over (:meth:`_on_complete`), whichever
+        is later.  False (the backend refused: closed, or no worker could start): compute inline."""
+        assert self.engines is not None
+        msg.computing = True
+        if not self.engines.submit(card.id, msg, msg.request, msg.queue.fw_ctx):
+            msg.computing = False
+        return msg.computing
 
     def _service_time(self, card: Card, function: str) -> float:
         key = (card.type.name, function)

@@ -62,7 +62,10 @@ def offloaded(function: str) -> bool:
 class EngineBackend(Protocol):
     name: str
 
-    def submit(self, card: int, token: Any, request: bytes, ctx: FirmwareContext) -> None: ...
+    def submit(self, card: int, token: Any, request: bytes, ctx: FirmwareContext) -> bool:
+        """Take the job (True: ``on_done`` will follow, or ``on_lost`` for the card), or refuse it
+        (False: closed, or no worker could be started): the caller then computes it inline."""
+        ...
 
     def close(self) -> None: ...
 
@@ -80,12 +83,12 @@ class ThreadEngines:
         self._lock = threading.Lock()
         self._closed = False
 
-    def submit(self, card: int, token: Any, request: bytes, ctx: FirmwareContext) -> None:
+    def submit(self, card: int, token: Any, request: bytes, ctx: FirmwareContext) -> bool:
         q = self._queues.get(card)
         if q is None:
             with self._lock:
                 if self._closed:
-                    return
+                    return False
                 q = self._queues.get(card)
                 if q is None:
                     q = self._queues[card] = queue.SimpleQueue()
@@ -96,6 +99,7 @@ class ThreadEngines:
                         t.start()
                         self._threads.append(t)
         q.put((token, request, ctx))
+        return True
 
     def _run(self, q: queue.SimpleQueue[Any]) -> None:
         prepare_thread()
@@ -178,13 +182,18 @@ class ProcessEngines:
         with self._lock:
             return [w.proc.pid for w in self._pools.get(card, []) if not w.dead]
 
-    def submit(self, card: int, token: Any, request: bytes, ctx: FirmwareContext) -> None:
+    def submit(self, card: int, token: Any, request: bytes, ctx: FirmwareContext) -> bool:
         with self._lock:
             if self._closing:
-                return
+                return False
             pool = self._pools.setdefault(card, [])
-            while len(pool) < self._workers:
-                pool.append(self._spawn(card))
+            try:
+                while len(pool) < self._workers:
+                    pool.append(self._spawn(card))
+            except OSError:
+                log.exception("cannot start an engine worker for card %d: computing inline", card)
+                if not pool:
+                    return False
             w = min(pool, key=lambda w: len(w.jobs))
             job_id = next(self._ids)
             w.jobs[job_id] = token
@@ -199,6 +208,7 @@ class ProcessEngines:
                 w.dead = True
                 if w in pool:
                     pool.remove(w)
+        return True
 
     def _spawn(self, card: int) -> _Worker:
         w = _Worker(card)

@@ -301,3 +301,21 @@ def test_a_client_owning_its_emulator_stops_the_workers() -> None:
         assert pids
     assert int.from_bytes(out, "big") == pow(5, k.private_numbers().d, k.public_key().public_numbers().n)
     assert all(_gone(p) for p in pids)
+
+
+def test_no_worker_can_start_so_the_card_computes_inline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that cannot be started (no processes left, a broken interpreter path) is logged
+    and the request computed inline: answered right, not failed and not hung."""
+    import emulator.engines as engines
+
+    def refuse(self: object, card: int) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(engines._Worker, "__init__", refuse)
+    with Emulator(_profile(tmp_path, "processes"), clock="wall") as emu:
+        assert emu.nqap(Q0[0], 1, crt(21)).status.rc == 0
+        assert result_int(_collect(emu, Q0[:1], 1)[1]) == pow(21, key().d, key().n)
+        assert emu.engines.pids(0) == [] and emu.engines.lost == 0  # type: ignore[union-attr]
+    assert "cannot start an engine worker for card 0" in caplog.text
