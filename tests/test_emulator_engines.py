@@ -319,3 +319,39 @@ def test_no_worker_can_start_so_the_card_computes_inline(
         assert result_int(_collect(emu, Q0[:1], 1)[1]) == pow(21, key().d, key().n)
         assert emu.engines.pids(0) == [] and emu.engines.lost == 0  # type: ignore[union-attr]
     assert "cannot start an engine worker for card 0" in caplog.text
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def test_a_killed_server_leaves_no_worker_behind() -> None:
+    """``apcrypto-emulator serve --profile parallel`` computes in worker processes; SIGKILL of the
+    server (no chance to close anything) still leaves none of them running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulator", "serve", "--profile", "parallel", "--default-grant", "all",
+         "--bind", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        url = dict(f.split("=", 1) for f in line[1:])["data"]
+        k = rsa_key(2048)
+        with apcrypto.connect(url) as client:
+            assert client.wait_ready(DEADLINE)
+            futs = [client.mod_expo_crt((i + 2).to_bytes(256, "big"), *crt_args(k)) for i in range(16)]
+            assert all(f.result(DEADLINE) for f in futs)
+            pids = _children(proc.pid)
+            assert 1 <= len(pids) <= 2  # a worker per accelerator card that computed (CCA cards: no RSA)
+            proc.kill()
+            proc.wait(10)
+        assert _wait(lambda: all(_gone(p) for p in pids), 5.0)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
