@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 import random
 import selectors
 import statistics
@@ -49,23 +50,37 @@ ARGS = (KEY.p, KEY.q, KEY.dp, KEY.dq, KEY.qinv)
 MESSAGES = [random.Random(i).randrange(KEY.n) for i in range(max(N_DRIVER, N_RAW))]
 
 
-def _raw_loop(name: str, n: int) -> tuple[int, float, float]:
-    """n CRTs with one arithmetic, back to back; (count, start, end) on the system-wide clock."""
+def _raw_loop(name: str, n: int) -> tuple[int, float, float, float]:
+    """n CRTs with one arithmetic, back to back: (count, start, end, CPU seconds), times on the
+    system-wide monotonic clock."""
     crt = resolve(name).crt
-    start = time.monotonic()
+    cpu, start = time.process_time(), time.monotonic()
     for c in MESSAGES[:n]:
         crt(c, *ARGS)
-    return n, start, time.monotonic()
+    return n, start, time.monotonic(), time.process_time() - cpu
 
 
-def _per_core(name: str) -> float:
-    n, start, end = _raw_loop(name, N_RAW)
-    return n / (end - start)
+def _per_core(name: str) -> tuple[float, float]:
+    """(ops/s, CPU seconds per op) of one process."""
+    n, start, end, cpu = _raw_loop(name, N_RAW)
+    return n / (end - start), cpu / n
 
 
 def _two_cores(pool: concurrent.futures.ProcessPoolExecutor, name: str) -> float:
     runs = list(pool.map(_raw_loop, [name, name], [N_RAW, N_RAW]))
     return sum(r[0] for r in runs) / (max(r[2] for r in runs) - min(r[1] for r in runs))
+
+
+def _cpu_of(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes have used so far (Linux ``/proc``)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 GMPY2_TABLE = '[execution]\narithmetic = "gmpy2"\n\n[card_types.CEX8A]'
@@ -81,15 +96,22 @@ def _profile(tmp: Path, name: str, edits: dict[str, str]) -> Path:
     return path
 
 
-def _driver_round(client: Any, n: int) -> float:
+def _driver_round(client: Any, n: int, emu: Emulator | None = None) -> tuple[float, float]:
+    """(ops/s, CPU seconds per op of this process and the emulator's worker processes)."""
     size = (KEY.n.bit_length() + 7) // 8
-    t = time.perf_counter()
+    pids = (
+        [p for c in emu.cards() for p in emu.engines.pids(c)]
+        if emu and emu.engines and hasattr(emu.engines, "pids")
+        else []
+    )
+    cpu0, wcpu0, t = time.process_time(), _cpu_of(pids), time.perf_counter()
     futs = [client.mod_expo_crt(c.to_bytes(size, "big"), *ARGS) for c in MESSAGES[:n]]
     concurrent.futures.wait(futs, timeout=300)
     rate = n / (time.perf_counter() - t)
+    cpu = time.process_time() - cpu0 + _cpu_of(pids) - wcpu0
     for c, f in list(zip(MESSAGES, futs, strict=False))[:: n // 10]:
         assert pow(int.from_bytes(f.result(timeout=0), "big"), KEY.e, KEY.n) == c  # r^e = c: r = c^d
-    return rate
+    return rate, cpu / n
 
 
 def test_crt2048_compute_bound_on_two_cores(
@@ -106,23 +128,28 @@ def test_crt2048_compute_bound_on_two_cores(
     rates: dict[str, list[float]] = {
         leg: [] for leg in [*legs, "raw gmpy2 1 core", "raw openssl 1 core", "raw 2 cores"]
     }
+    cpu: dict[str, list[float]] = {leg: [] for leg in [*legs, "raw gmpy2 1 core", "raw openssl 1 core"]}
     ctx = multiprocessing.get_context("spawn")
     try:
         with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as pool:
             list(pool.map(_raw_loop, ["gmpy2", "openssl"], [2, 2]))  # start both processes
             for client in clients.values():
                 assert client.wait_ready(30)
-                _driver_round(client, 200)  # warm: workers started, caches filled
+                _driver_round(client, 200, None)  # warm: workers started, caches filled
 
             def one_round() -> None:
-                rates["raw gmpy2 1 core"].append(_per_core("gmpy2"))
-                rates["raw openssl 1 core"].append(_per_core("openssl"))
+                for name in ("gmpy2", "openssl"):
+                    rate, per_op = _per_core(name)
+                    rates[f"raw {name} 1 core"].append(rate)
+                    cpu[f"raw {name} 1 core"].append(per_op)
                 best = (
                     "openssl" if rates["raw openssl 1 core"][-1] > rates["raw gmpy2 1 core"][-1] else "gmpy2"
                 )
                 rates["raw 2 cores"].append(_two_cores(pool, best))
                 for leg, client in clients.items():
-                    rates[leg].append(_driver_round(client, N_DRIVER))
+                    rate, per_op = _driver_round(client, N_DRIVER, emus[leg])
+                    rates[leg].append(rate)
+                    cpu[leg].append(per_op)
 
             benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0)
     finally:
@@ -131,7 +158,9 @@ def test_crt2048_compute_bound_on_two_cores(
         for emu in emus.values():
             emu.close()
     med = {leg: statistics.median(r) for leg, r in rates.items()}
+    mcpu = {leg: statistics.median(c) for leg, c in cpu.items()}
     raw2 = med["raw 2 cores"]
+    raw_cpu = min(mcpu["raw gmpy2 1 core"], mcpu["raw openssl 1 core"])
     record_ratio("compute: raw CRT-2048 ops/s per core, gmpy2", med["raw gmpy2 1 core"])
     record_ratio("compute: raw CRT-2048 ops/s per core, openssl (cffi)", med["raw openssl 1 core"])
     record_ratio(
@@ -141,6 +170,14 @@ def test_crt2048_compute_bound_on_two_cores(
     for leg in legs:
         record_ratio(
             f"compute: driver / raw 2 cores, CRT-2048, {leg}  ({med[leg]:,.0f} ops/s)", med[leg] / raw2
+        )
+    # Load-independent companion: CPU per op of the best raw loop over the driver's (its process
+    # plus its worker processes).  On two otherwise idle cores with nothing serialised the wall
+    # ratio would approach it; on a loaded box the wall figures above share the cores with others.
+    for leg in legs:
+        record_ratio(
+            f"compute: raw CPU/op / driver CPU/op, {leg} ({mcpu[leg] * 1e6:,.0f} vs {raw_cpu * 1e6:,.0f} µs)",
+            raw_cpu / mcpu[leg],
         )
 
 
@@ -181,7 +218,7 @@ def test_crt2048_compute_bound_over_tcp(
 
         def one_round() -> None:
             raw.append(_two_cores(pool, "openssl"))
-            tcp.append(_driver_round(client, N_DRIVER))
+            tcp.append(_driver_round(client, N_DRIVER)[0])
 
         benchmark.pedantic(one_round, rounds=3, warmup_rounds=0)
     rate = statistics.median(tcp)

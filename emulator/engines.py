@@ -34,11 +34,11 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from firmware_stubs import FirmwareContext, FirmwareResult, execute
 from firmware_stubs.arithmetic import prepare_thread
+from firmware_stubs.worker import FrameReader, frame, write_all
 
 __all__ = ["EngineBackend", "ProcessEngines", "ThreadEngines", "make_engines", "offloaded"]
 
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 Done = Callable[[list[tuple[Any, FirmwareResult]]], None]
 Lost = Callable[[int], None]
 
-#: Most results a process backend's reader hands over in one call.
-READ_BATCH = 64
 #: Seconds :meth:`ProcessEngines.close` waits for a worker to end by itself before killing it.
 CLOSE_GRACE = 2.0
 
@@ -125,7 +123,7 @@ class ThreadEngines:
 class _Worker:
     """One worker process and the thread that reads its results."""
 
-    __slots__ = ("card", "dead", "jobs", "proc", "reader", "recv", "send")
+    __slots__ = ("card", "dead", "jobs", "proc", "reader", "recv", "send", "send_open")
 
     def __init__(self, card: int) -> None:
         self.card = card
@@ -136,11 +134,12 @@ class _Worker:
             close_fds=True,
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        # Connections own copies of the pipe fds; the file objects Popen made are closed at once.
-        self.send = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
-        self.recv = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
+        # Raw fds (copies; the file objects Popen made are closed at once): frames, see worker.py.
+        self.send = os.dup(self.proc.stdin.fileno())
+        self.recv = FrameReader(os.dup(self.proc.stdout.fileno()))
         self.proc.stdin.close()
         self.proc.stdout.close()
+        self.send_open = True
         self.jobs: dict[int, Any] = {}
         self.dead = False
         self.reader: threading.Thread | None = None
@@ -150,8 +149,10 @@ def _stop_workers(workers: list[_Worker]) -> None:
     """Close every worker's input, wait a little, then kill; reap all.  Used by close and by the
     finaliser of a backend nobody closed."""
     for w in workers:
-        with contextlib.suppress(OSError):
-            w.send.close()
+        if w.send_open:
+            w.send_open = False
+            with contextlib.suppress(OSError):
+                os.close(w.send)
     for w in workers:
         try:
             w.proc.wait(CLOSE_GRACE)
@@ -198,8 +199,11 @@ class ProcessEngines:
             job_id = next(self._ids)
             w.jobs[job_id] = token
         try:
-            w.send.send(
-                (job_id, request, ctx.domain, ctx.max_mod_bytes, ctx.mode, ctx.compute, ctx.arithmetic)
+            write_all(
+                w.send,
+                frame(
+                    (job_id, request, ctx.domain, ctx.max_mod_bytes, ctx.mode, ctx.compute, ctx.arithmetic)
+                ),
             )
         except OSError:
             # The worker is gone; its reader sees end of input and reports the card lost, which
@@ -218,13 +222,11 @@ class ProcessEngines:
         return w
 
     def _read(self, w: _Worker) -> None:
-        on_done, recv, poll = self._on_done, w.recv.recv, w.recv.poll
+        on_done, read = self._on_done, w.recv.read
         while True:
             try:
-                results = [recv()]
-                while len(results) < READ_BATCH and poll():
-                    results.append(recv())
-            except (EOFError, OSError):
+                results = read()  # everything the worker has written so far: one read
+            except (EOFError, OSError, ValueError):
                 break
             with self._lock:
                 done = [
@@ -241,7 +243,7 @@ class ProcessEngines:
                 pool.remove(w)
             w.jobs.clear()
             closing = self._closing
-        w.recv.close()
+        os.close(w.recv.fd)
         if not closing:
             code = w.proc.wait()
             with self._lock:

@@ -355,3 +355,38 @@ def test_a_killed_server_leaves_no_worker_behind() -> None:
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_worker_frames_survive_any_split_and_refuse_oversize() -> None:
+    """The worker pipes' framing: frames split across reads or packed into one come out whole and
+    in order; a length over the bound is refused, not allocated; end of input is EOFError."""
+    import itertools
+    import struct
+
+    from firmware_stubs.worker import MAX_FRAME, FrameReader, frame, write_all
+
+    r, w = os.pipe()
+    try:
+        reader = FrameReader(r)
+        objs = [(i, bytes(range(i * 9)) * 3, None, True) for i in range(20)]  # < a pipe's buffer
+        data = b"".join(frame(o) for o in objs)
+        ends = list(itertools.accumulate(len(frame(o)) for o in objs))
+        for cut in (1, 3, 7, 500, len(data)):  # the stream in pieces of several sizes
+            got: list[object] = []
+            for i in range(0, len(data), cut):
+                write_all(w, data[i : i + cut])
+                if len(got) < len(objs) and ends[len(got)] <= i + cut:
+                    got += reader.read()  # a whole frame is waiting: returns without blocking
+            while len(got) < len(objs):
+                got += reader.read()
+            assert got == objs
+        write_all(w, struct.pack(">I", MAX_FRAME + 1) + b"x")
+        with pytest.raises(ValueError, match="over the"):
+            reader.read()
+    finally:
+        os.close(w)
+    try:
+        with pytest.raises(EOFError):
+            FrameReader(r).read()
+    finally:
+        os.close(r)
