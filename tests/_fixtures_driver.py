@@ -19,9 +19,10 @@ from typing import Any
 from apcrypto.audit import AuditReport, audit
 from apcrypto.core.actions import Action, ArmTimer, CancelTimer, Execute, Resolve
 from apcrypto.core.config import FAST, DriverConfig
-from apcrypto.core.driver import _PROBE_EXPECT, DriverCore
+from apcrypto.core.driver import DriverCore
 from apcrypto.core.ledger import Outcome
 from apcrypto.core.queue import QState
+from apcrypto.core.verdicts import _PROBE_EXPECT
 from apcrypto.requests import ModExpo, ModExpoCrt
 from apcrypto.runners.sim import SimRunner
 from apcrypto.transport.base import Command

@@ -1,9 +1,10 @@
 """The per-queue state machine table (DESIGN §4.4, reference §3.2): every cell is a real step.
 
-``driver.TABLE[state][event]`` holds the step functions themselves (as ``ap_jumptable`` holds
+``machine.TABLE[state][event]`` holds the step functions themselves (as ``ap_jumptable`` holds
 function pointers), so mypy checks each cell; a missing cell fails at import, and a state with no
 row raises :class:`QueueProtocolError` naming the state, the event and the instruction.  Every cell
-is run here once, and must return a ``Wait``.
+is run here once, and must return a ``Wait``.  ``machine.HANDLERS`` holds one handler per
+instruction's completion, the same way.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import inspect
 
 import pytest
 
+from apcrypto.core import machine
 from apcrypto.core.config import FAST, DriverConfig
 from apcrypto.core.driver import TABLE, DriverCore, QueueProtocolError
+from apcrypto.core.machine import HANDLERS, JUMP, NEXT, TIMERS, QueueMachine
 from apcrypto.core.queue import STATE_LIMITS, QEvent, QState, Queue, Wait
+from apcrypto.core.timers import KINDS
+from apcrypto.core.verdicts import QueueNext
 from apformats.results import Instr, qid_of
+from tests._fixtures_driver import res
 
 CELLS = [(s, e) for s in QState for e in QEvent]
 
@@ -30,12 +36,42 @@ def test_a_missing_cell_names_state_event_and_instruction(monkeypatch: pytest.Mo
     qid = qid_of(0, 0)
     q = Queue(qid, state=QState.IDLE, mode="accel", slots=8)
     core.queues[qid] = q
-    monkeypatch.setattr(QState.IDLE, "jump", ())
-    core._instr = Instr.DQAP
+    jump = list(JUMP)
+    jump[QState.IDLE.idx] = ()
+    monkeypatch.setattr(machine, "JUMP", jump)
+    core.machine.instr = Instr.DQAP
     with pytest.raises(QueueProtocolError, match=r"'idle', event 'kick'.*DQAP") as err:
-        core._run(q, QEvent.KICK)
+        core.machine._run(q, QEvent.KICK)
     assert err.value.state is QState.IDLE and err.value.event is QEvent.KICK
     assert err.value.instr is Instr.DQAP
+
+
+def test_a_missing_handler_names_state_and_instruction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A completion of an instruction with no handler: the queue's state and the instruction."""
+    core = DriverCore(FAST, supports_interrupts=True)
+    qid = qid_of(0, 0)
+    core.add_queue(qid)  # RAPQ in flight under tag 1
+    by_opcode = list(machine._BY_OPCODE)
+    by_opcode[Instr.RAPQ] = None
+    monkeypatch.setattr(machine, "_BY_OPCODE", by_opcode)
+    with pytest.raises(QueueProtocolError, match=r"'reset-start', event 'completion'.*RAPQ") as err:
+        core.on_completion(1, res())
+    assert err.value.state is QState.RESET_START and err.value.instr is Instr.RAPQ
+
+
+def test_one_handler_per_instruction_each_a_method_of_the_machine() -> None:
+    assert set(HANDLERS) == set(Instr)
+    for instr, handler in HANDLERS.items():
+        assert getattr(QueueMachine, handler.__name__) is handler, instr
+        assert list(inspect.signature(handler).parameters) == ["self", "q", "tag", "psmid", "res"]
+        assert machine._BY_OPCODE[instr] is handler  # the hot path's copy is the table's
+
+
+def test_every_timer_kind_and_every_consequence_has_its_cell() -> None:
+    assert set(TIMERS) == set(KINDS)
+    assert set(NEXT) == set(QueueNext)
+    for cell in [*TIMERS.values(), *NEXT.values()]:
+        assert callable(cell) and getattr(QueueMachine, cell.__name__) is cell
 
 
 def test_every_state_has_a_row_and_every_row_every_event() -> None:
@@ -45,13 +81,13 @@ def test_every_state_has_a_row_and_every_row_every_event() -> None:
 
 
 @pytest.mark.parametrize(("state", "event"), CELLS, ids=[f"{s.value}-{e.value}" for s, e in CELLS])
-def test_cell_is_a_step_function_of_the_core(state: QState, event: QEvent) -> None:
+def test_cell_is_a_step_function_of_the_machine(state: QState, event: QEvent) -> None:
     step = TABLE[state][event]
-    assert getattr(DriverCore, step.__name__) is step, step
+    assert getattr(QueueMachine, step.__name__) is step, step
     params = list(inspect.signature(step).parameters)
     assert params == ["self", "q"], (step.__name__, params)
-    # the hot path reads the row installed on the state: it must be the table's
-    assert state.jump[[QEvent.KICK, QEvent.TIMEOUT].index(event)] is step
+    # the hot path reads the row installed for the state: it must be the table's
+    assert JUMP[state.idx][[QEvent.KICK, QEvent.TIMEOUT].index(event)] is step
 
 
 @pytest.mark.parametrize(("state", "event"), CELLS, ids=[f"{s.value}-{e.value}" for s, e in CELLS])
@@ -61,15 +97,15 @@ def test_every_cell_runs_and_returns_a_wait(state: QState, event: QEvent) -> Non
     qid = qid_of(0, 0)
     q = Queue(qid, state=state, mode="accel", slots=8)
     core.queues[qid] = q
-    wait = TABLE[state][event](core, q)
+    wait = TABLE[state][event](core.machine, q)
     assert isinstance(wait, Wait)
-    core._flush()
+    core.machine.flush()
 
 
 def test_no_step_is_unused() -> None:
     """Every ``_step_*`` method is reachable from the table (directly or as a helper of a step)."""
     named = {v.__name__[len("_step_") :] for row in TABLE.values() for v in row.values()}
-    steps = {n[len("_step_") :] for n in dir(DriverCore) if n.startswith("_step_")}
+    steps = {n[len("_step_") :] for n in dir(QueueMachine) if n.startswith("_step_")}
     helpers = {"reset", "probe", "read", "drain", "await"}  # called by other steps
     assert steps - named <= helpers, steps - named
     assert named <= steps

@@ -5,9 +5,10 @@ requests, served first), the weighted load per queue and per card, and which que
 for which mode.  ``fill`` hands waiting work to the in-service queue with the lowest weighted load
 and a free slot (zcrypt's weights, with its penalties for the queue and card a re-drive failed on)
 and emits the NQAP through the outbox.  It decides nothing about a queue's state: the queues it gave
-work to are left in ``touched`` and the requests it could not encode in ``rejected``, for the core
-to settle (state and reply timer) and resolve (a lower piece hands its consequences back; it never
-calls up).
+work to are left in ``touched`` and the requests it could not encode in ``rejected``, for the queue
+machine to settle (state and reply timer) and the verdicts to resolve (a lower piece hands its
+consequences back; it never calls up).  ``dirty`` says that waiting work may have been left with no
+timer (it went back to the host, or a kind's service changed): the verdicts' ``check_parked`` looks.
 
 References only the pieces below it: the ledger, the outbox and the queue records.
 """
@@ -19,15 +20,17 @@ from collections import deque
 from apcrypto.core.ledger import Ledger, Phase, Record
 from apcrypto.core.outbox import Outbox
 from apcrypto.core.queue import QState, Queue
+from apcrypto.core.timers import TimerKey
 from apcrypto.errors import BadRequest
 from apformats.results import Instr
 
 
 class Dispatcher:
-    def __init__(self, ledger: Ledger, out: Outbox, queues: dict[int, Queue]) -> None:
+    def __init__(self, ledger: Ledger, out: Outbox, queues: dict[int, Queue], grace: float = 30.0) -> None:
         self.ledger = ledger
         self.out = out
         self.queues = queues
+        self.grace = grace  # DriverConfig.unavailable_grace: how long a targeted request waits for its APQN
         self.backlog: dict[str, deque[int]] = {}  # new requests per card mode, FIFO
         self.retry: dict[str, deque[int]] = {}  # bounced / re-driven requests, served first
         # Targeted requests (``rec.target``), FIFO per target: they wait for their own APQN(s), so
@@ -41,25 +44,33 @@ class Dispatcher:
         self.mf_cards: dict[int, int] = {}  # card -> its queues in machine-failure recovery
         self.touched: list[Queue] = []  # queues given work since the core last settled them
         self.rejected: list[tuple[Record, BadRequest]] = []  # requests that could not be encoded
+        self.dirty = False  # waiting work may sit with no timer: the verdicts' check_parked looks
 
     # -- waiting work --
-    def enqueue(self, rec: Record, now: float) -> None:
+    def enqueue(self, rec: Record) -> None:
+        """A new request waits on the host (behind the work already waiting)."""
         if rec.target is None:
             self.backlog.setdefault(rec.mode, deque()).append(rec.rid)
         else:
             self._pin(rec)
+            self.out.arm_after(TimerKey.target(rec.rid), self.grace, force=True)
         self.size += 1
-        rec.parked_at = now
+        rec.parked_at = self.out.now
+        if not self.serving.get(rec.mode):
+            self.dirty = True
 
-    def requeue_front(self, rec: Record, now: float) -> None:
-        """Back to the host, ahead of new work (it has waited already), in the order it bounced."""
+    def requeue_front(self, rec: Record) -> None:
+        """Back to the host, ahead of new work (it has waited already), in the order it bounced.
+        A targeted request goes back to its own APQN(s) only, within a new grace."""
         rec.phase = Phase.QUEUED
         if rec.target is None:
             self.retry.setdefault(rec.mode, deque()).append(rec.rid)
         else:
             self._pin(rec)
+            self.out.arm_after(TimerKey.target(rec.rid), self.grace, force=True)
         self.size += 1
-        rec.parked_at = now
+        rec.parked_at = self.out.now
+        self.dirty = True
 
     def _pin(self, rec: Record) -> None:
         assert rec.target is not None
@@ -141,6 +152,7 @@ class Dispatcher:
 
     def service_changed(self, mode: str, entering: bool) -> None:
         self.serving[mode] = self.serving.get(mode, 0) + (1 if entering else -1)
+        self.dirty = True
 
     def learn_mode(self, q: Queue, mode: str) -> None:
         if q in self.by_mode.get(q.mode, ()):
@@ -158,6 +170,7 @@ class Dispatcher:
             self.mf_cards[card] = left
         else:
             del self.mf_cards[card]
+        self.dirty = True
 
     # -- placing work --
     def pick(

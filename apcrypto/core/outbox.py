@@ -1,7 +1,8 @@
 """The outbox: the one writer of the core's actions, and the book of what is in flight.
 
 Every instruction the core issues gets its tag here and waits in the batch until the flush;
-every timer is armed or cancelled here (absolute deadlines on the runner's clock, re-arming keeps
+every timer is armed or cancelled here (absolute deadlines on the runner's clock: ``now`` is the
+reading the core was called with, so ``arm_after(key, delay)`` is ``now + delay``; re-arming keeps
 an earlier pending deadline unless forced); every outcome is appended here.  ``take()`` hands the
 runner one ``Execute`` with the whole batch first, then the rest in the order they were decided.
 Because the batch is still in the outbox until then, a queue leaving service can take back its
@@ -19,7 +20,7 @@ from apformats.results import Instr
 
 
 class Outbox:
-    __slots__ = ("_tags", "actions", "armed", "cmds", "in_flight")
+    __slots__ = ("_tags", "actions", "armed", "cmds", "in_flight", "now")
 
     def __init__(self) -> None:
         self._tags = itertools.count(1)
@@ -27,6 +28,9 @@ class Outbox:
         self.cmds: list[Command] = []  # this flush's batch
         self.actions: list[Action] = []  # timers and outcomes, in the order decided
         self.armed: dict[tuple[Any, ...], float] = {}  # timer key -> absolute deadline
+        #: the runner's clock at the entry point being handled (the core sets it first thing), so
+        #: that every piece arms timers as absolute deadlines on the same reading
+        self.now = 0.0
 
     def emit(self, qid: int, instr: Instr, psmid: int = 0, message: bytes = b"", flag: bool = False) -> int:
         """Queue one instruction for the batch; returns its tag."""
@@ -60,6 +64,10 @@ class Outbox:
             return  # an earlier-or-equal wake-up is already pending
         self.armed[key] = at
         self.actions.append(ArmTimer(key, at))
+
+    def arm_after(self, key: tuple[Any, ...], delay: float, *, force: bool = False) -> None:
+        """Arm ``key`` ``delay`` seconds after :attr:`now` (see :meth:`arm`)."""
+        self.arm(key, self.now + delay, force=force)
 
     def disarm(self, key: tuple[Any, ...]) -> None:
         if self.armed.pop(key, None) is not None:

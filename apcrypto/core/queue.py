@@ -1,20 +1,19 @@
-"""Per-APQN state: what the driver believes one AP queue holds, and its state machine table.
+"""Per-APQN state: what the driver believes one AP queue holds, and the vocabulary of its machine.
 
-The machine has the shape of Linux ``ap_queue.c``'s jump table: ``driver.TABLE[state][event]`` is the
-step function to run, and each step returns a :class:`Wait` hint ordered by urgency, so combining two steps is
-``min()``.  Unlike the kernel, a step never executes an instruction inline: it asks the driver core
-to *emit* one, and the instruction's completion arrives later as its own call (``on_completion``).
+The machine has the shape of Linux ``ap_queue.c``'s jump table: ``machine.TABLE[state][event]`` is
+the step function to run, and each step returns a :class:`Wait` hint ordered by urgency, so
+combining two steps is ``min()``.  Unlike the kernel, a step never executes an instruction inline:
+it asks the outbox to *emit* one, and the instruction's completion arrives later as its own event.
 That keeps the queue machine pure and lets pipelined transports keep many instructions in flight.
 
-The steps and the table live in :mod:`apcrypto.core.driver` (every decision about a queue's next
-state is made there); this module holds the data: states, events, waits and the queue record.
+The steps, the table and every decision about a queue's next state live in
+:mod:`apcrypto.core.machine`; this module holds the data: states, events, waits and the queue record.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Any
 
 from apcrypto.core.timers import TimerKey
 from apformats.results import qid_card, qid_domain
@@ -32,10 +31,10 @@ class QState(Enum):
     RECOVERY_WAIT = "recovery-wait"  # card in machine-failure recovery: drain stored replies, no NQAP
     OFFLINE = "offline"  # out of service; probed again later, comes back by itself
 
-    # Set for every member below the table: plain attributes, because Enum.__hash__ is a Python
+    # Set for every member below the class: plain attributes, because Enum.__hash__ is a Python
     # function and the hot path must not pay for it on every lookup.
     in_service: bool
-    jump: tuple[Any, Any]  # the (KICK, TIMEOUT) cells of driver.TABLE, installed by the driver
+    idx: int  # the state's row in machine.JUMP (its position in this class)
 
 
 _IN_SERVICE = frozenset({QState.IDLE, QState.WORKING, QState.QUEUE_FULL})
@@ -57,8 +56,9 @@ class Wait(IntEnum):
     NONE = 4
 
 
-for _st in QState:
+for _i, _st in enumerate(QState):
     _st.in_service = _st in _IN_SERVICE
+    _st.idx = _i
 
 #: Bound on the time a queue may spend in a state before the driver escalates (config attribute).
 STATE_LIMITS: dict[QState, str] = {

@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 
 TimerKind = Literal["poll", "limit", "reply", "deadline", "unavailable", "target", "grace"]
 
-#: What each kind bounds (documentation; the handlers are in DriverCore._TIMER_HANDLERS).
+#: What each kind bounds (documentation; the handlers are in machine.TIMERS).
 KINDS: dict[str, str] = {
     "poll": "a queue's next look (its state step's wait hint, or an offline queue's re-probe)",
     "limit": "the time a queue may spend in a bounded state (reset, irq, probe, recovery)",
