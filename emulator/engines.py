@@ -76,6 +76,8 @@ class ThreadEngines:
     def __init__(self, workers: int, on_done: Done, on_lost: Lost) -> None:
         self._workers = workers
         self._on_done = on_done
+        self._on_lost = on_lost
+        self.lost = 0  # jobs whose computation raised (each a machine failure of its card)
         self._queues: dict[int, queue.SimpleQueue[Any]] = {}
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -92,21 +94,28 @@ class ThreadEngines:
                     q = self._queues[card] = queue.SimpleQueue()
                     for i in range(self._workers):
                         t = threading.Thread(
-                            target=self._run, args=(q,), name=f"engines-card{card}-{i}", daemon=True
+                            target=self._run, args=(card, q), name=f"engines-card{card}-{i}", daemon=True
                         )
                         t.start()
                         self._threads.append(t)
         q.put((token, request, ctx))
         return True
 
-    def _run(self, q: queue.SimpleQueue[Any]) -> None:
+    def _run(self, card: int, q: queue.SimpleQueue[Any]) -> None:
         prepare_thread()
         while True:
             job = q.get()
             if job is None:
                 return
             token, request, ctx = job
-            self._on_done([(token, execute(request, ctx))])
+            try:
+                result = execute(request, ctx)
+            except Exception:  # the firmware never raises for input: this is the engine failing
+                log.exception("engine thread of card %d failed: machine failure", card)
+                self.lost += 1
+                self._on_lost(card)
+                continue
+            self._on_done([(token, result)])
 
     def close(self) -> None:
         with self._lock:

@@ -390,3 +390,26 @@ def test_worker_frames_survive_any_split_and_refuse_oversize() -> None:
             FrameReader(r).read()
     finally:
         os.close(r)
+
+
+def test_an_engine_thread_that_raises_is_a_machine_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The threads backend: a computation that raises (a library failing, not bad input: the
+    firmware answers bad input) fails the card like a dead worker process, never a hang."""
+    import emulator.engines as engines
+
+    def broken(request: bytes, ctx: object) -> object:
+        raise ArithmeticError("OpenSSL BN_mod_exp_mont_consttime_x2 failed")
+
+    with Emulator(_profile(tmp_path, "threads"), clock="wall") as emu:
+        monkeypatch.setattr(engines, "execute", broken)
+        assert emu.nqap(Q0[0], 1, crt(31)).status.rc == 0
+        assert _wait(lambda: emu.card_state(0) is CardState.RECOVERING, 5.0)
+        rep = parse_reply(_collect(emu, Q0[:1], 1, timeout=5.0)[1].reply)
+        assert (rep.reply_code, rep.mf_state) == (ReplyCode.MACHINE_FAILURE, MachineFailureState.IN_PROCESS)
+        assert emu.engines.lost == 1  # type: ignore[union-attr]
+        monkeypatch.undo()
+        assert emu.nqap(Q0[0], 2, crt(32)).status.rc == 0  # the same threads compute again
+        assert result_int(_collect(emu, Q0[:1], 1)[2]) == pow(32, key().d, key().n)
+    assert "engine thread of card 0 failed" in caplog.text
