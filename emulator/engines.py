@@ -7,7 +7,8 @@ State-changing CPRBs, the RNG and injected failures stay inline, in order, in th
 
 * :class:`ThreadEngines` -- ``workers`` threads per card.  The math releases the GIL (OpenSSL
   through cffi always; gmpy2 with ``allow_release_gil``, set in each worker thread), so two cores
-  compute; the firmware's Python around the math still takes turns on the GIL.
+  compute; the firmware's Python around the math still takes turns on the GIL.  A computation
+  that raises (the firmware answers bad input; this is a library failing) fails the card.
 * :class:`ProcessEngines` -- ``workers`` worker processes per card (``python -m
   firmware_stubs.worker``), started when the card first computes.  Parsing, checks and math all
   run there.  A worker that dies (killed, crashed) is reported through ``on_lost(card)``, which the
