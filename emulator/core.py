@@ -441,8 +441,8 @@ class Emulator:
         self._flush_interrupts()
 
     def _on_computed(self, done: list[tuple[Message, firmware_stubs.FirmwareResult]]) -> None:
-        """Engine backend answers (its thread, no lock held).  One dropped when its message left the
-        engine meanwhile (reset, machine failure, checkstop: the card's own verdict stands)."""
+        """Answers from the engine backend (its thread, no lock held).  An answer is dropped when its
+        message left the engine meanwhile (reset, machine failure, checkstop: that verdict stands)."""
         with self.lock:
             cards: list[Card] = []
             for msg, result in done:
@@ -469,8 +469,9 @@ class Emulator:
         self._flush_interrupts()
 
     def _on_engines_lost(self, card_id: int) -> None:
-        """A worker process of the card died: the card suffers a machine failure, so everything it
-        held is answered by the firmware's machine-failure handler instead of hanging."""
+        """A worker process of the card died (or a worker thread's computation raised): the card
+        suffers a machine failure, so everything it held is answered by the firmware's
+        machine-failure handler instead of waiting forever."""
         with self.lock:
             card = self._cards.get(card_id)
             if card is None or self._closed:
