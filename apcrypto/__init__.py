@@ -11,6 +11,7 @@ every transport takes the same driver options and gives the same outcomes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -27,6 +28,7 @@ from apcrypto.errors import (
     Indeterminate,
     TargetNotHeld,
 )
+from apcrypto.recovery import Recovered, begin, open_journal
 from apcrypto.requests import (
     CounterIncrement,
     KeyRead,
@@ -45,7 +47,7 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _CONFIG_FIELDS = {f.name for f in fields(DriverConfig)}
-_CLIENT_OPTIONS = {"psmid_base", "close_timeout"}
+_CLIENT_OPTIONS = {"psmid_base", "close_timeout", "journal", "journal_operands", "journal_sync"}
 
 
 def split_options(options: dict[str, Any]) -> tuple[DriverConfig, dict[str, Any], dict[str, Any]]:
@@ -75,8 +77,12 @@ def split_options(options: dict[str, Any]) -> tuple[DriverConfig, dict[str, Any]
     return cfg, client_opts, opts
 
 
-def connect(url: str | None = None, **options: Any) -> Client:
+def connect(url: str | Sequence[str] | None = None, **options: Any) -> Client:
     """Open a client on the adapter(s) behind ``url``.
+
+    Several URLs (a list, or one comma-separated string) make one pool of servers: their cards are
+    dispatched and failed over as one, server *i*'s card *c* numbered ``16*i + c``
+    (:mod:`apcrypto.transport.multi`).
 
     ``url`` and each option come from the argument, else the environment (``APCRYPTO_URL``,
     ``APCRYPTO_OPTIONS``), else a config file (``apcrypto.toml``), else ``"emu:"``; see
@@ -84,19 +90,38 @@ def connect(url: str | None = None, **options: Any) -> Client:
 
     Driver options (same on every transport): ``config``, and any :class:`DriverConfig` field
     (``reply_timeout``, ``max_redrives``, ``use_interrupts``, ``backlog_limit``, ...);
-    ``psmid_base``, ``close_timeout``.  Transport options: ``emulator=`` (``emu:``: drive an
-    emulator you built), ``seed``, ``clock`` (``emu:``), ``domains=`` (restrict to these domains),
-    ``timeout``, ``reconnect_delay``, ``reconnect_delay_max``, ``peer_deadline`` (``tcp://``,
+    ``psmid_base``, ``close_timeout``; ``journal=PATH`` (a durable ledger: after a crash, the next
+    ``connect`` with the same journal gives every request left open a verdict, ``client.recovered()``;
+    docs/journal.md), ``journal_operands``, ``journal_sync``.  Transport options: ``emulator=``
+    (``emu:``: drive an emulator you built), ``seed``, ``clock`` (``emu:``), ``domains=``
+    (restrict to these domains), ``timeout``, ``reconnect_delay``, ``reconnect_delay_max``, ``peer_deadline`` (``tcp://``,
     ``usb://``), ``heartbeat``, CURVE keys (``tcp://``), ``backend=`` (``usb://``).
     """
     chosen = resolve(url, options)
     cfg, client_opts, transport_opts = split_options(chosen.options)
-    transport = open_transport(chosen.url, **transport_opts)
+    journal = open_journal(client_opts, transport_opts, explicit_base="psmid_base" in chosen.options)
     try:
-        return Client(transport, cfg, **client_opts)
+        transport = open_transport(chosen.url, **transport_opts)
+    except BaseException:
+        if journal is not None:
+            journal.close()
+        raise
+    try:
+        recovery = None
+        if journal is not None:
+            recovery = begin(journal, transport, chosen.url, **_begin_args(cfg, client_opts))
+        return Client(transport, cfg, journal=journal, recovery=recovery, **client_opts)
     except BaseException:
         transport.close()
+        if journal is not None:
+            journal.close()
         raise
+
+
+def _begin_args(cfg: DriverConfig, client_opts: dict[str, Any]) -> dict[str, Any]:
+    """The journal's run record and drain bound: held work ends within a reply timeout, or a
+    machine-failure recovery on top (docs/journal.md)."""
+    return {"psmid_base": client_opts["psmid_base"], "bound": cfg.reply_timeout + cfg.recovery_timeout}
 
 
 # ``apcrypto.aio`` is part of the public surface (DESIGN §5): reachable after a bare ``import
@@ -118,6 +143,7 @@ __all__ = [
     "ModExpo",
     "ModExpoCrt",
     "RandomBytes",
+    "Recovered",
     "Request",
     "TargetNotHeld",
     "__version__",

@@ -17,16 +17,18 @@ import asyncio
 import contextlib
 import threading
 from collections import Counter
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 
-from apcrypto import split_options
+from apcrypto import _begin_args, split_options
 from apcrypto.cardstats import client_stats
 from apcrypto.config import check_deadline, resolve
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
 from apcrypto.errors import ClientClosed, HostQueueFull
+from apcrypto.journal import Journal
 from apcrypto.operations import Operations
+from apcrypto.recovery import Recovered, Recovery, begin, open_journal, start_redrives
 from apcrypto.requests import Request
 from apcrypto.runners.aio import AsyncioRunner
 from apcrypto.transport import open_transport
@@ -78,7 +80,14 @@ class AsyncClient(
     """Asyncio twin of :class:`apcrypto.Client`; create it with :func:`connect`."""
 
     def __init__(
-        self, transport: Transport, config: DriverConfig, *, psmid_base: int = 0, close_timeout: float = 30.0
+        self,
+        transport: Transport,
+        config: DriverConfig,
+        *,
+        psmid_base: int = 0,
+        close_timeout: float = 30.0,
+        journal: Journal | None = None,
+        recovery: Recovery | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport = transport
@@ -92,8 +101,12 @@ class AsyncClient(
         self._local: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()  # failed requests by exception class (stats())
         self._closed = False
+        self.journal = journal
+        self._runner.journal = journal  # before the queues start: nothing is sent unjournalled
+        self._recovery = recovery or Recovery()
         self._runner.start_queues()
         self._runner.schedule()
+        start_redrives(self._recovery, lambda r, idem, target: self._submit(r, idem, None, True, target))
 
     # ---------------------------------------------------------------- plumbing
     def _failed(self, error: BaseException) -> asyncio.Future[Any]:
@@ -131,11 +144,21 @@ class AsyncClient(
             else:
                 fut.set_result(value)
 
+        if self.journal is not None:  # the id its verdict has after a crash: the caller may keep it
+            fut.journal_id = self.journal.claim(request)  # type: ignore[attr-defined]
         self._runner.submit_now(request, idem, deadline, resolved, target)
         self._runner.schedule()
         return fut
 
     # ---------------------------------------------------------------- state
+    async def recovered(self, timeout: float | None = 30.0) -> list[Recovered]:
+        """As :meth:`apcrypto.Client.recovered`: the verdicts on what a previous run left open, after
+        waiting (bounded) for the re-drives, whose ``redrive`` is an asyncio future here."""
+        futs = [r.redrive for r in self._recovery.records if r.redrive is not None]
+        if futs:
+            await asyncio.wait(futs, timeout=timeout)
+        return list(self._recovery.records)
+
     def stats(self) -> dict[str, Any]:
         """The same shape as :meth:`apcrypto.Client.stats` (see :func:`apcrypto.cardstats.client_stats`)."""
         return client_stats(
@@ -161,6 +184,8 @@ class AsyncClient(
             await asyncio.wait(set(self._pending), timeout=self.close_timeout)
         self._runner.apply(self.core.shutdown(self._runner.now()))
         self._runner.close()
+        if self.journal is not None:
+            self.journal.close()
         await _off_loop(self.transport.close, "apcrypto-aio-close")  # joins the I/O thread
 
     async def __aenter__(self) -> AsyncClient:
@@ -173,7 +198,7 @@ class AsyncClient(
 class _Connect:
     """``await connect(...)`` or ``async with connect(...) as client``."""
 
-    def __init__(self, url: str | None, options: dict[str, Any]) -> None:
+    def __init__(self, url: str | Sequence[str] | None, options: dict[str, Any]) -> None:
         self._url = url
         self._options = options
         self._client: AsyncClient | None = None
@@ -182,12 +207,32 @@ class _Connect:
         chosen = resolve(self._url, self._options)
         cfg, client_opts, transport_opts = split_options(chosen.options)
         url = chosen.url
-        transport = await _off_loop(
-            lambda: open_transport(url, **transport_opts), "apcrypto-aio-open", _close_quietly
-        )
+        explicit = "psmid_base" in chosen.options
+
+        def opening() -> tuple[Transport, Journal | None, Recovery | None]:
+            # the journal's reconciliation drains the session: blocking I/O, off the loop too
+            journal = open_journal(client_opts, transport_opts, explicit_base=explicit)
+            try:
+                transport = open_transport(url, **transport_opts)
+            except BaseException:
+                if journal is not None:
+                    journal.close()
+                raise
+            try:
+                recovery = None
+                if journal is not None:
+                    recovery = begin(journal, transport, url, **_begin_args(cfg, client_opts))
+            except BaseException:
+                _close_quietly((transport, journal, None))
+                raise
+            return transport, journal, recovery
+
+        transport, journal, recovery = await _off_loop(opening, "apcrypto-aio-open", _close_quietly)
         try:
-            return AsyncClient(transport, cfg, **client_opts)
+            return AsyncClient(transport, cfg, journal=journal, recovery=recovery, **client_opts)
         except BaseException:
+            if journal is not None:
+                journal.close()
             await _off_loop(transport.close, "apcrypto-aio-close")
             raise
 
@@ -203,13 +248,18 @@ class _Connect:
             await self._client.aclose()
 
 
-def _close_quietly(transport: Transport) -> None:
+def _close_quietly(opened: tuple[Transport, Journal | None, Recovery | None]) -> None:
+    transport, journal, _ = opened
     with contextlib.suppress(Exception):
         transport.close()
+    if journal is not None:
+        with contextlib.suppress(Exception):
+            journal.close()
 
 
-def connect(url: str | None = None, **options: Any) -> _Connect:
-    """Open an :class:`AsyncClient`; same URL and options as :func:`apcrypto.connect`."""
+def connect(url: str | Sequence[str] | None = None, **options: Any) -> _Connect:
+    """Open an :class:`AsyncClient`; same URL (or URLs: one pool of servers) and options as
+    :func:`apcrypto.connect`."""
     return _Connect(url, options)
 
 

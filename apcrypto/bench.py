@@ -409,7 +409,7 @@ def run_point(
         raise ValueError("give exactly one of requests and duration")
     opts = {"config": "fast", **(options or {})}
     emu = None
-    if url.startswith("emu:") and "emulator" not in opts:
+    if url.startswith("emu:") and "," not in url and "emulator" not in opts:  # one embedded emulator
         from emulator import Emulator
 
         emu = Emulator(url.partition(":")[2] or "default", clock="wall")
@@ -503,7 +503,7 @@ def raw_point(
         raise ValueError(f"the raw loop drives RSA operations only, not {spec.name}")
     opts = dict(options or {})
     emu = None
-    if url.startswith("emu:") and "emulator" not in opts:
+    if url.startswith("emu:") and "," not in url and "emulator" not in opts:  # one embedded emulator
         from emulator import Emulator
 
         emu = Emulator(url.partition(":")[2] or "default", clock="wall")

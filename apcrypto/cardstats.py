@@ -19,9 +19,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from apcrypto.transport.multi import CARD_BLOCK, driver_qid
 from apformats.results import qid_card, qid_str
 
-__all__ = ["CardSide", "StatsSampler", "client_stats", "function_table", "plain"]
+__all__ = ["CardSide", "PoolCardSide", "StatsSampler", "client_stats", "function_table", "plain"]
 
 
 #: the class names the control plane tags its dataclasses with (a card's own ``type`` is kept)
@@ -55,9 +56,16 @@ class CardSide:
         self._owns = owns_control
 
     @classmethod
-    def for_client(cls, client: Any, control: str | None = None, **control_options: Any) -> CardSide | None:
+    def for_client(
+        cls, client: Any, control: str | None = None, **control_options: Any
+    ) -> CardSide | PoolCardSide | None:
         """The card side behind ``client``: its in-process emulator, else the control plane at
-        ``control`` (a ``tcp://`` URL), else None."""
+        ``control`` (a ``tcp://`` URL), else None.  For a pool of servers
+        (:class:`apcrypto.transport.multi.MultiTransport`) a :class:`PoolCardSide`: ``control``
+        then names one control plane per server, comma-separated in the pool's URL order."""
+        children = getattr(client.transport, "children", None)
+        if children is not None:
+            return PoolCardSide.for_children(children, control, **control_options)
         emu = getattr(client.transport, "emulator", None)
         if emu is not None:
             return cls(emulator=emu)
@@ -94,6 +102,90 @@ class CardSide:
     def close(self) -> None:
         if self._owns and self.control is not None:
             self.control.close()
+
+
+class PoolCardSide:
+    """The card sides of a pool of servers, read as one, with the pool's card numbering (server
+    *i*'s card *c* is card ``16*i + c``, :mod:`apcrypto.transport.multi`), so that a card and an
+    APQN name one thing in ``apcrypto list`` and ``apcrypto stats`` as in the client's own stats.
+
+    Every server keeps its own clock: :meth:`snapshot` reports server 0's ``time`` and ``elapsed``
+    (and each server's under ``servers``), and :class:`StatsSampler` samples each server over its
+    own interval before merging (an execution log's times mean nothing on another server's clock).
+    """
+
+    def __init__(self, sides: list[CardSide]) -> None:
+        if not sides:
+            raise ValueError("a pool has at least one server")
+        self.sides = sides
+
+    @classmethod
+    def for_children(
+        cls, children: list[Any], control: str | None, **control_options: Any
+    ) -> PoolCardSide | None:
+        """One side per child: its in-process emulator, else its control plane from ``control``
+        (comma-separated, one per server in URL order); None when a server has neither."""
+        controls = [c.strip() for c in control.split(",")] if control else []
+        if controls and len(controls) != len(children):
+            raise ValueError(
+                f"a pool of {len(children)} servers needs one control endpoint per server, "
+                f"comma-separated in the order of its URLs, not {len(controls)}"
+            )
+        sides: list[CardSide] = []
+        for i, child in enumerate(children):
+            emu = getattr(child, "emulator", None)
+            if emu is not None:
+                sides.append(CardSide(emulator=emu))
+            elif controls:
+                from emulator.control_client import ControlClient
+
+                sides.append(
+                    CardSide(control=ControlClient(controls[i], **control_options), owns_control=True)
+                )
+            else:
+                for s in sides:
+                    s.close()
+                return None
+        return cls(sides)
+
+    def snapshot(self) -> dict[str, Any]:
+        """As :meth:`CardSide.snapshot`, every server's cards and queues renumbered into one list;
+        ``utilisation`` is over every engine of the pool; ``servers`` holds each one's clock."""
+        snaps = [s.snapshot() for s in self.sides]
+        cards: list[dict[str, Any]] = []
+        queues: list[dict[str, Any]] = []
+        busy = engines = 0.0
+        for i, snap in enumerate(snaps):
+            for c in snap["cards"]:
+                card = CARD_BLOCK * i + int(c["card"])
+                cards.append({**c, "card": card, "name": f"{card:02x}"})
+                engines += float(c["engines"])
+                busy += float(c.get("utilisation") or 0.0) * float(c["engines"])
+            for q in snap["queues"]:
+                qid = driver_qid(i, int(q["qid"]))
+                queues.append({**q, "qid": qid, "name": qid_str(qid), "card": qid_card(qid)})
+        return {
+            "time": snaps[0]["time"],
+            "elapsed": snaps[0]["elapsed"],
+            "utilisation": busy / engines if engines else 0.0,
+            "cards": cards,
+            "queues": queues,
+            "servers": [
+                {"time": s["time"], "elapsed": s["elapsed"], "utilisation": s["utilisation"]} for s in snaps
+            ],
+        }
+
+    def executions(self) -> list[dict[str, Any]]:
+        """Every server's execution log, ``qid`` renumbered (times stay on each server's clock)."""
+        return [
+            {**e, "qid": driver_qid(i, int(e["qid"]))}
+            for i, s in enumerate(self.sides)
+            for e in s.executions()
+        ]
+
+    def close(self) -> None:
+        for s in self.sides:
+            s.close()
 
 
 def function_table(
@@ -171,14 +263,19 @@ class StatsSampler:
     """Interval statistics in the manner of ``zcryptstats``: each :meth:`sample` reports what the
     card did since the previous one, per card and per APQN and function, on the card's clock."""
 
-    def __init__(self, side: CardSide) -> None:
+    def __init__(self, side: CardSide | PoolCardSide) -> None:
         self.side = side
         self._last: dict[str, Any] | None = None
+        # a pool: one sampler per server, each on its own clock, merged by sample()
+        self._parts = [StatsSampler(s) for s in side.sides] if isinstance(side, PoolCardSide) else []
 
     def sample(self) -> dict[str, Any]:
         """``{"start", "end", "seconds", "cards": {"02": {utilisation, ops, errors, busy}},
         "queues": {"02.0003": {"MEX_2K": {ops, errors, busy, utilisation, avg_latency}}}}``; the
-        first call reports the interval since the card started."""
+        first call reports the interval since the card started.  For a pool, each server's
+        interval on its own clock, renumbered (``start``/``end``/``seconds``: server 0's)."""
+        if self._parts:
+            return self._sample_pool()
         snap = self.side.snapshot()
         t1 = float(snap["time"])
         prev = self._last
@@ -201,3 +298,16 @@ class StatsSampler:
             }
         self._last = snap
         return {"start": t0, "end": t1, "seconds": span, "cards": cards, "queues": per_queue}
+
+    def _sample_pool(self) -> dict[str, Any]:
+        reports = [p.sample() for p in self._parts]
+        cards: dict[str, dict[str, Any]] = {}
+        queues: dict[str, dict[str, dict[str, float | int]]] = {}
+        for i, r in enumerate(reports):
+            for name, c in r["cards"].items():
+                cards[f"{CARD_BLOCK * i + int(name, 16):02x}"] = c
+            for apqn, fns in r["queues"].items():
+                queues[qid_str(driver_qid(i, int(apqn[:2], 16) << 8 | int(apqn[3:], 16)))] = fns
+        first = reports[0]
+        return {"start": first["start"], "end": first["end"], "seconds": first["seconds"], "cards": cards,
+                "queues": queues}  # fmt: skip

@@ -1,5 +1,6 @@
 """``apcrypto``: list cards and queues (lszcrypt), interval statistics (zcryptstats), the demo, a load
-generator (bench).  Every error is one line on stderr and exit status 1."""
+generator (bench), the verdicts a journal holds (recovered).  Every error is one line on stderr and
+exit status 1."""
 
 from __future__ import annotations
 
@@ -26,16 +27,15 @@ _MODE_NAMES = {"accel": "Accelerator", "cca": "CCA-Coproc", "ep11": "EP11-Coproc
 _CARD_STATUS = {"checkstopped": "chkstop", "deconfigured": "deconfig"}
 
 
-def _targets(words: Sequence[str]) -> tuple[str | None, list[tuple[int, int | None]]]:
+def _targets(words: Sequence[str]) -> tuple[str | list[str] | None, list[tuple[int, int | None]]]:
     """Split ``apcrypto list`` words into a URL (has a ':') and lszcrypt filters ``CARD[.DOMAIN]``
-    (hex, as lszcrypt and sysfs spell them)."""
-    url: str | None = None
+    (hex, as lszcrypt and sysfs spell them).  Several URLs are one pool of servers (server *i*'s
+    card *c* listed as card ``16*i + c``, :mod:`apcrypto.transport.multi`)."""
+    urls: list[str] = []
     filters: list[tuple[int, int | None]] = []
     for word in words:
         if ":" in word:
-            if url is not None:
-                raise ValueError(f"two URLs given: {url!r} and {word!r}")
-            url = word
+            urls.append(word)
             continue
         card, _, dom = word.partition(".")
         try:
@@ -45,17 +45,17 @@ def _targets(words: Sequence[str]) -> tuple[str | None, list[tuple[int, int | No
         if not 0 <= c <= 0xFF or (d is not None and not 0 <= d <= 0xFF):
             raise ValueError(f"{word!r}: card and domain are 00..ff")
         filters.append((c, d))
-    return url, filters
+    return (urls[0] if len(urls) == 1 else urls or None), filters
 
 
-def _open_for_listing(url: str | None, timeout: float, *, virtual: bool = True) -> Any:
+def _open_for_listing(url: str | list[str] | None, timeout: float, *, virtual: bool = True) -> Any:
     """A client for looking: short bring-up timings; an embedded emulator on a virtual clock (a
     listing needs no real time to pass) unless ``virtual`` is False (interval statistics)."""
     import apcrypto
 
     opts: dict[str, Any] = {"config": "fast"}
     chosen = url or os.environ.get("APCRYPTO_URL") or "emu:"
-    if virtual and chosen.startswith("emu:"):
+    if virtual and isinstance(chosen, str) and chosen.startswith("emu:") and "," not in chosen:
         opts["clock"] = "virtual"
     client = apcrypto.connect(url, **opts)
     client.wait_ready(timeout)
@@ -393,6 +393,61 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recovered_row(r: Any) -> dict[str, Any]:
+    """One verdict of ``client.recovered()`` as JSON (results are not printed: they may be secret)."""
+    row: dict[str, Any] = {
+        "id": r.id,
+        "function": r.function,
+        "kind": r.kind,
+        "idempotent": r.idempotent,
+        "verdict": r.verdict.value,
+        "evidence": r.evidence,
+        "reason": r.reason,
+        "attempts": [{"psmid": f"{p:#x}", "apqn": qid_str(q)} for p, q in r.attempts],
+        "redrive": r.redrive_id,
+    }
+    if r.redrive is not None:
+        if not r.redrive.done():
+            row["redrive_outcome"] = "pending"
+        else:
+            exc = r.redrive.exception()
+            row["redrive_outcome"] = "completed" if exc is None else type(exc).__name__
+    return row
+
+
+def cmd_recovered(args: argparse.Namespace) -> int:
+    """The verdicts on the requests a dead client left open in its journal: reconcile them (connect
+    with the journal: resume the session, drain, decide, re-drive) or, ``--offline``, print what the
+    journal already says."""
+    from apcrypto.journal import read_journal
+
+    if args.offline:
+        rows = read_journal(args.journal)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for row in rows:
+            where = ", ".join(f"{a['psmid']}@{a['apqn']}" for a in row["attempts"]) or "no attempt"
+            verdict = row["verdict"] or "open (not reconciled yet)"
+            redrive = f" -> #{row['redrive']}" if row["redrive"] is not None else ""
+            print(f"#{row['id']} {row['function']} {verdict}: {row['reason'] or '-'} [{where}]{redrive}")
+        return 0
+    import apcrypto
+
+    options: dict[str, Any] = {"journal": args.journal}
+    with apcrypto.connect(args.url, **options) as client:
+        records = client.recovered(args.timeout)
+        if args.json:
+            print(json.dumps([_recovered_row(r) for r in records], indent=2))
+        else:
+            for r in records:
+                row = _recovered_row(r)
+                tail = f" ({row['redrive_outcome']})" if "redrive_outcome" in row else ""
+                print(r.line() + tail)
+            print(f"{len(records)} request(s) left open by an earlier run", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``apcrypto`` command: every error is one line on stderr and a non-zero exit status.
 
@@ -446,7 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
         "filters such as 02 or 02.0003 (hex)",
     )
     p.add_argument("--url", help="transport URL (same as giving it among the targets)")
-    p.add_argument("--control", help="the server's control plane (tcp://HOST:PORT) for card-side counts")
+    p.add_argument(
+        "--control",
+        help="the server's control plane (tcp://HOST:PORT) for card-side counts; "
+        "for several servers one per server, comma-separated in URL order",
+    )
     p.add_argument("-V", "--verbose", action="store_true", help="more columns: PENDING HWTYPE QDEPTH ...")
     p.add_argument("-b", "--bus", action="store_true", help="show the bus attributes only")
     only = p.add_mutually_exclusive_group()
@@ -467,7 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("targets", nargs="*", metavar="URL|CARD[.DOMAIN]", help="as for 'apcrypto list'")
     p.add_argument("--url", help="transport URL")
-    p.add_argument("--control", help="the server's control plane (tcp://HOST:PORT); needed for tcp://")
+    p.add_argument(
+        "--control",
+        help="the server's control plane (tcp://HOST:PORT); needed for tcp:// "
+        "(several servers: one per server, comma-separated in URL order)",
+    )
     p.add_argument("-i", "--interval", type=float, default=10.0, help="seconds per report (default 10)")
     p.add_argument("-c", "--count", type=int, default=1, help="number of reports (default 1)")
     p.add_argument("-o", "--output", choices=["table", "json", "csv"], default="table")
@@ -505,6 +568,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-raw", action="store_true", help="skip the raw NQAP/DQAP loop comparison")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser(
+        "recovered",
+        help="verdicts on the requests a dead client left open in its journal",
+        description="Connect with a client's journal (docs/journal.md): resume its session, drain the "
+        "replies the cards hold, and print a verdict for every request it left open.",
+    )
+    p.add_argument("url", nargs="?", help="transport URL (default: $APCRYPTO_URL, apcrypto.toml, emu:)")
+    p.add_argument("--journal", required=True, help="the journal file the dead client used")
+    p.add_argument("--offline", action="store_true", help="do not connect: print what the journal says")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for re-drives (default 30)")
+    p.set_defaults(func=cmd_recovered)
     return parser
 
 

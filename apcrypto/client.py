@@ -19,7 +19,9 @@ from apcrypto.config import check_deadline
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
 from apcrypto.errors import ApcryptoError, ClientClosed, HostQueueFull
+from apcrypto.journal import Journal
 from apcrypto.operations import Operations, failed_future
+from apcrypto.recovery import Recovered, Recovery, start_redrives, wait_redrives
 from apcrypto.requests import Request
 from apcrypto.runners.threaded import ThreadedRunner
 from apcrypto.transport.base import Transport
@@ -47,6 +49,8 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
         *,
         psmid_base: int = 0,
         close_timeout: float = 30.0,
+        journal: Journal | None = None,
+        recovery: Recovery | None = None,
     ) -> None:
         self.transport = transport
         self.config = config
@@ -59,7 +63,11 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
         self._closed = False
         self._local: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()  # failed requests by exception class (stats())
+        self.journal = journal
+        self._runner.journal = journal  # before the runner starts: nothing is sent unjournalled
+        self._recovery = recovery or Recovery()
         self._runner.start()
+        start_redrives(self._recovery, lambda r, idem, target: self._submit(r, idem, None, True, target))
 
     # ---------------------------------------------------------------- plumbing
     def _failed(self, error: BaseException) -> Future[Any]:
@@ -96,9 +104,14 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
             else:
                 fut.set_result(value)
 
+        journal = self.journal
+        if journal is not None:  # the id its verdict has after a crash: the caller may keep it
+            fut.journal_id = journal.claim(request)  # type: ignore[attr-defined]
         try:
             runner.submit(request, idem, deadline, resolved, target)
         except RuntimeError:
+            if journal is not None:
+                journal.unclaim(request)
             raise ClientClosed("client is closed") from None
         return fut
 
@@ -114,6 +127,14 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
                 self._lock.wait(0.01)
 
     # ---------------------------------------------------------------- state
+    def recovered(self, timeout: float | None = 30.0) -> list[Recovered]:
+        """The verdict on every request a previous run of this client (same ``journal=``) left open
+        (docs/journal.md); empty without a journal or when nothing was left open.  Waits, at most
+        ``timeout`` seconds, for the re-drives to end, so each ``redrive`` future is done when it
+        could be."""
+        wait_redrives(self._recovery.records, timeout)
+        return list(self._recovery.records)
+
     def stats(self) -> dict[str, Any]:
         """Counts per outcome and error type, per APQN state, utilisation: one JSON-serialisable
         shape on every transport (:func:`apcrypto.cardstats.client_stats` documents it)."""
@@ -169,6 +190,8 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
             for cb in list(self._runner.resolvers.values()):
                 cb(None, err)
             self._runner.resolvers.clear()
+        if self.journal is not None:
+            self.journal.close()  # what ended meanwhile; the lock goes with the file
         self.transport.close()
 
     def _wait_settled(self, timeout: float) -> bool:

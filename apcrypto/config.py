@@ -17,6 +17,12 @@ Where ``connect()`` takes its URL and options from, python-can's precedence (per
 
 4. the default, ``emu:`` (an emulator in this process).
 
+Several servers form one pool (:mod:`apcrypto.transport.multi`): a list of URLs as the argument
+or in the file (``url = ["tcp://a:5555", "tcp://b:5555"]``), or comma-separated in one string
+(``APCRYPTO_URL=tcp://a:5555,tcp://b:5555``).  A file's ``url`` that is neither a string nor a
+list of strings is a ``ValueError``; a bad list (empty entry, a URL twice, ...) raises
+:class:`apcrypto.transport.multi.UrlListError` when ``connect`` opens it.
+
 ``connect()`` logs (logger ``apcrypto.config``, INFO) which URL it chose and from where whenever
 the caller gave none.
 """
@@ -29,7 +35,7 @@ import logging
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from numbers import Real
 from pathlib import Path
@@ -37,6 +43,7 @@ from typing import Any
 
 from apcrypto.core.config import DriverConfig
 from apcrypto.transport.framed import LinkOptions
+from apcrypto.transport.multi import split_urls
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +56,13 @@ DEFAULT_URL = "emu:"
 #: Options of the driver (every transport): ``config`` and each :class:`DriverConfig` field.
 DRIVER_OPTIONS = frozenset({"config"} | {f.name for f in fields(DriverConfig)})
 #: Options of the client object itself.
-CLIENT_OPTIONS = frozenset({"psmid_base", "close_timeout"})
+CLIENT_OPTIONS = frozenset({"psmid_base", "close_timeout", "journal", "journal_operands", "journal_sync"})
 #: the link options every frame-carrying transport takes, read from their one definition
 _LINK = frozenset(LinkOptions.__annotations__)
 #: Options of each transport, by URL scheme (a test holds this against the factories' signatures).
 TRANSPORT_OPTIONS: dict[str, frozenset[str]] = {
     "emu": frozenset({"emulator", "seed", "clock", "domains"}),
-    "tcp": _LINK | {"heartbeat", "curve_server_key", "curve_keypair"},
+    "tcp": _LINK | {"heartbeat", "curve_server_key", "curve_keypair", "readahead"},
     "usb": _LINK | {"backend"},
 }
 
@@ -90,7 +97,7 @@ def check_options(options: Mapping[str, Any], *, where: str = "connect()") -> No
 class Resolved:
     """The URL and options ``connect`` will use, and where the URL came from."""
 
-    url: str
+    url: str | list[str]  # several: one pool of servers (apcrypto.transport.multi)
     options: dict[str, Any]
     source: str  # "argument" | "$APCRYPTO_URL" | "file PATH" | "default"
     files: tuple[Path, ...] = field(default=())
@@ -112,7 +119,7 @@ def config_file(env: Mapping[str, str] | None = None, cwd: Path | None = None) -
     return xdg if xdg.is_file() else None
 
 
-def load_file(path: Path) -> tuple[str | None, dict[str, Any]]:
+def load_file(path: Path) -> tuple[str | list[str] | None, dict[str, Any]]:
     """``(url, options)`` from a config file; ``ValueError`` for malformed content."""
     try:
         data = tomllib.loads(path.read_text())
@@ -122,8 +129,10 @@ def load_file(path: Path) -> tuple[str | None, dict[str, Any]]:
     if extra:
         raise ValueError(f"config file {str(path)!r}: unknown keys {extra} (expected 'url' and [options])")
     url = data.get("url")
-    if url is not None and not isinstance(url, str):
-        raise ValueError(f"config file {str(path)!r}: url must be a string")
+    if isinstance(url, list) and url and all(isinstance(u, str) for u in url):
+        url = list(url)  # several servers, one pool
+    elif url is not None and not isinstance(url, str):
+        raise ValueError(f"config file {str(path)!r}: url must be a string or a list of strings")
     options = data.get("options", {})
     if not isinstance(options, dict):
         raise ValueError(f"config file {str(path)!r}: [options] must be a table")
@@ -146,7 +155,7 @@ def _env_options(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def resolve(
-    url: str | None,
+    url: str | Sequence[str] | None,
     options: Mapping[str, Any],
     *,
     env: Mapping[str, str] | None = None,
@@ -158,8 +167,9 @@ def resolve(
     path = config_file(env, cwd)
     file_url, file_opts = load_file(path) if path is not None else (None, {})
     merged = {**file_opts, **_env_options(env), **options}
+    chosen: str | list[str]
     if url is not None:
-        chosen, source = url, "argument"
+        chosen, source = (url if isinstance(url, str) else split_urls(url)), "argument"
     elif env.get(URL_ENV):
         chosen, source = env[URL_ENV], f"${URL_ENV}"
     elif file_url is not None:

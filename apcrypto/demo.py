@@ -119,14 +119,17 @@ def run_demo(*, seed: int = 7, requests: int = 3000, sim: bool = False, out: Tex
     keys = {bits: make_key(bits, rng) for bits in (1024, 2048, 4096)}
     emu = Emulator("default", clock=VirtualClock(), seed=seed)
     client: Any
+    # the audit at the end holds every request against the execution log: the ledger keeps them all
+    history = {"ledger_history": requests}
     if sim:
+        from apcrypto.core.config import FAST
         from apcrypto.runners.sim import SimClient, SimRunner
 
-        client = SimClient(SimRunner(emu, psmid_base=0xDE40 << 32))
+        client = SimClient(SimRunner(emu, FAST.with_(**history), psmid_base=0xDE40 << 32))
         client.runner.run(emu.clock.now() + 0.05)  # bring-up
         ready = True
     else:
-        client = apcrypto.connect("emu:", emulator=emu, config="fast", psmid_base=0xDE40 << 32)
+        client = apcrypto.connect("emu:", emulator=emu, config="fast", psmid_base=0xDE40 << 32, **history)
         ready = client.wait_ready(10.0)
     states = [q["state"] for q in client.stats()["queues"].values()]
     out.write(

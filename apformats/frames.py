@@ -63,6 +63,7 @@ from apformats.results import ApResult, Instr
 from apformats.status import HwInfo, QueueStatus
 
 __all__ = [
+    "BATCH_FRAMES_MAX",
     "DEFAULT_MAX_FRAME",
     "ERROR_FOR_KIND",
     "FRAME",
@@ -70,6 +71,8 @@ __all__ = [
     "HEADER_LEN",
     "MAGIC",
     "PROTOCOL_VERSION",
+    "READAHEAD_MAX",
+    "READAHEAD_VERSION",
     "TOKEN_LEN",
     "TRAILER_LEN",
     "Bye",
@@ -111,6 +114,18 @@ MAGIC: Final = b"AP"
 FRAME_VERSION: Final = 1
 #: Version of the session protocol negotiated by HELLO/WELCOME (what the frames mean).
 PROTOCOL_VERSION: Final = 1
+#: The session version from which a server *reads ahead*: an NQAP or DQAP whose status says replies
+#: wait is answered with its RESULT followed by more RESULT frames carrying the same tag, one per
+#: reply the server then dequeued (DQAP after DQAP, at most :data:`READAHEAD_MAX`, stopping at the
+#: first that takes none).  The client keeps them and answers its next DQAPs of that queue from them,
+#: so a queue's replies come back in one round trip instead of one round trip each.  A client asks
+#: for it by offering ``max_version >= READAHEAD_VERSION`` in HELLO; version 1 sessions never see it.
+READAHEAD_VERSION: Final = 2
+#: Most replies one NQAP or DQAP reads ahead (bounds what a client must keep per answer).
+READAHEAD_MAX: Final = 32
+#: Most frames one message may carry in a version 2 session (one frame per part, either way): a
+#: batch costs the sender one send and the receiver one receive, instead of one per frame.
+BATCH_FRAMES_MAX: Final = 256
 HEADER_LEN: Final = 8
 TRAILER_LEN: Final = 4
 #: Length of a session's resume token (128 bits, from ``secrets``).

@@ -45,30 +45,53 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(f"{name:<{width}} {value:10.3f}")
 
 
+def start_emulator_server(profile: str, *extra: str) -> tuple[Any, dict[str, str]]:
+    """``python -m emulator serve --profile PROFILE --default-grant all`` on free loopback ports, in its
+    own process: ``(process, READY fields)`` (``data``, ``control``, ``token_file``).  The caller
+    terminates it."""
+    import selectors
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulator", "serve", "--profile", profile, "--default-grant", "all",
+         "--bind", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(30):
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError("emulator server did not start")
+        line = proc.stdout.readline().split()
+    return proc, dict(f.split("=", 1) for f in line[1:])
+
+
+def stop_emulator_server(proc: Any) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server_process() -> Any:
+    """``(start_emulator_server, stop_emulator_server)`` for a bench that needs its own server."""
+    return start_emulator_server, stop_emulator_server
+
+
 @pytest.fixture(scope="module")
 def emulator_server() -> Any:
     """A real ``python -m emulator serve`` on the ``overhead`` profile (zero service times, echo
     math: the server's engines and gmpy2 are not the limit, so the figure is the software's), on free
     loopback ports.  One client at a time, given every APQN (``--default-grant all``), as the
     ``emu:`` and ``usb:`` targets are."""
-    import selectors
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "serve", "--profile", "overhead", "--default-grant", "all",
-         "--bind", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        assert sel.select(30), "emulator server did not start"
-        line = proc.stdout.readline().split()
-    data = dict(f.split("=", 1) for f in line[1:])["data"]
+    proc, ready = start_emulator_server("overhead")
     try:
-        yield data
+        yield ready["data"]
     finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stdout.close()
+        stop_emulator_server(proc)

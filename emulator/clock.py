@@ -18,13 +18,14 @@ thread and with it every request in flight).
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 __all__ = ["Clock", "ClockError", "TimerHandle", "VirtualClock", "WallClock"]
@@ -207,15 +208,26 @@ class WallClock:
     counted in ``error_count`` and kept in ``errors`` (the last :data:`MAX_ERRORS_KEPT`); the pump
     carries on.  The pump itself is supervised the same way: an unexpected error in its own loop is
     logged and counted, and the loop goes on.
+
+    The wake-up path is kept cheap, because a server schedules a callback or two per request: a new
+    callback wakes the pump only when it is due before the time the pump already waits for (under a
+    backlog it rarely is), and a thread that runs callbacks itself can spare the pump altogether:
+    inside :meth:`assisting` a callback due now does not wake it, and :meth:`run_due` runs what is
+    due on the calling thread (a server does both around each batch of frames, so an answer and the
+    interrupt it causes leave together, with no thread switch between).  Callbacks still run one at
+    a time, in ``(time, seq)`` order, whichever thread runs them.
     """
 
     def __init__(self, *, name: str = "emulator-wallclock") -> None:
         self._t0 = time.monotonic()
         self._timers = _TimerHeap()
         self._cond = threading.Condition(threading.Lock())
+        self._run_lock = threading.Lock()  # held while a callback runs: one at a time, in order
         self._thread: threading.Thread | None = None
         self._closed = False
         self._name = name
+        self._target: float | None = None  # when the waiting pump wakes by itself (None: not waiting)
+        self._assist = 0  # threads inside assisting(): they run what falls due now themselves
         self.errors: collections.deque[BaseException] = collections.deque(maxlen=MAX_ERRORS_KEPT)
         self.error_count = 0
 
@@ -243,7 +255,11 @@ class WallClock:
             if self._closed:
                 raise ClockError("WallClock is closed")
             handle = self._timers.push(when, callback)
-            self._cond.notify()
+            target = self._target
+            # the pump must see it only if it waits past it (running callbacks, it will look anyway),
+            # and not at all when an assisting thread runs what is due now
+            if target is not None and when < target and not (self._assist and when <= self.now()):
+                self._cond.notify()
         return handle
 
     def call_later(self, delay: float, callback: Callback) -> TimerHandle:
@@ -255,6 +271,36 @@ class WallClock:
     def next_deadline(self) -> float | None:
         with self._cond:
             return self._timers.peek()
+
+    @contextlib.contextmanager
+    def assisting(self) -> Iterator[None]:
+        """While inside, a callback scheduled for now does not wake the pump: the caller promises to
+        call :meth:`run_due` on leaving (this context does it), so the work it causes is done on its
+        own thread without a switch."""
+        with self._cond:
+            self._assist += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._assist -= 1
+            self.run_due()
+
+    def run_due(self, limit: int = 10_000) -> int:
+        """Run the callbacks due now on the calling thread (at most ``limit``); returns how many.
+        Errors are handled as the pump handles them."""
+        n = 0
+        while n < limit:
+            with self._run_lock:
+                with self._cond:
+                    when = self._timers.peek()
+                    if self._closed or when is None or when > self.now():
+                        return n
+                    cb = self._timers.pop()._take()
+                if cb is not None:
+                    self._call(cb)
+            n += 1
+        return n
 
     def start(self) -> None:
         """Start the pump thread (idempotent)."""
@@ -278,43 +324,46 @@ class WallClock:
     def _pump(self) -> None:
         while True:
             try:
-                cb = self._next_due()
+                if not self._wait_due():
+                    return
+                with self._run_lock:
+                    with self._cond:  # an assisting thread may have run it meanwhile
+                        when = self._timers.peek()
+                        due = when is not None and when <= self.now() and not self._closed
+                        cb = self._timers.pop()._take() if due else None
+                    if cb is not None:
+                        self._call(cb)
             except Exception as exc:  # the pump must outlive any bug in its own bookkeeping
                 log.exception("WallClock pump error")
                 self._record(exc)
-                continue
-            if cb is _CLOSED:
-                return
-            if cb is None:
-                continue
-            try:
-                cb()
-            except Exception as exc:  # a failing callback must not kill the adapter's clock
-                log.exception("WallClock callback %r failed", cb)
-                self._record(exc)
 
-    def _next_due(self) -> Callback | None:
-        """Wait (in slices of at most MAX_WAIT) for the next due callback; ``_CLOSED`` when closed."""
+    def _call(self, cb: Callback) -> None:
+        try:
+            cb()
+        except Exception as exc:  # a failing callback must not kill the adapter's clock
+            log.exception("WallClock callback %r failed", cb)
+            self._record(exc)
+
+    def _wait_due(self) -> bool:
+        """Wait (in slices of at most MAX_WAIT) until a callback is due; False once closed."""
         with self._cond:
-            while True:
-                if self._closed:
-                    return _CLOSED
-                when = self._timers.peek()
-                if when is not None:
+            try:
+                while True:
+                    if self._closed:
+                        return False
+                    when = self._timers.peek()
+                    if when is None:
+                        self._target = math.inf
+                        self._cond.wait(MAX_WAIT)
+                        continue
                     delay = when - self.now()
                     if delay <= 0:
-                        return self._timers.pop()._take()
+                        return True
+                    self._target = when
                     self._cond.wait(min(delay, MAX_WAIT))
-                else:
-                    self._cond.wait(MAX_WAIT)
+            finally:
+                self._target = None
 
     def _record(self, exc: BaseException) -> None:
         self.errors.append(exc)
         self.error_count += 1
-
-
-def _closed() -> None:  # pragma: no cover - a sentinel, never called
-    """The pump's 'clock closed' sentinel."""
-
-
-_CLOSED: Callback = _closed

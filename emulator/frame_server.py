@@ -76,6 +76,8 @@ from apformats.errors import FormatError
 from apformats.frames import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
+    READAHEAD_MAX,
+    READAHEAD_VERSION,
     Bye,
     Command,
     ErrorCode,
@@ -93,7 +95,7 @@ from apformats.frames import (
     peek_kind,
     peek_tag,
 )
-from apformats.results import ApResult, qid_card, qid_domain, qid_of, qid_str
+from apformats.results import ApResult, Instr, qid_card, qid_domain, qid_of, qid_str
 from apformats.status import QueueStatus
 
 __all__ = [
@@ -110,8 +112,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Protocol versions this server speaks (inclusive range).
-SUPPORTED_VERSIONS: tuple[int, int] = (PROTOCOL_VERSION, PROTOCOL_VERSION)
+#: Protocol versions this server speaks (inclusive range).  Version 2 adds read-ahead
+#: (:data:`apformats.frames.READAHEAD_VERSION`); a version 1 client gets exactly what it always got.
+SUPPORTED_VERSIONS: tuple[int, int] = (PROTOCOL_VERSION, READAHEAD_VERSION)
+#: The instructions whose status may start a read-ahead (their status says whether replies wait).
+_READS_AHEAD = frozenset({Instr.NQAP, Instr.DQAP})
 #: How long a dropped session's APQNs and replies wait for it to come back, seconds.
 DEFAULT_GRACE = 60.0
 #: What a HELLO without a domain list is granted: ``domain`` (one free domain on every card) or
@@ -453,6 +458,13 @@ class FrameSession:
         return self._closed.is_set()
 
     @property
+    def version(self) -> int:
+        """The protocol version agreed by HELLO (0 before it).  From
+        :data:`~apformats.frames.READAHEAD_VERSION` on, the session reads ahead and its owner may
+        send it several frames in one message (the client then takes every part as a frame)."""
+        return self._version
+
+    @property
     def domains(self) -> frozenset[int]:
         """The domains of this session's APQNs; empty before HELLO."""
         return frozenset(qid_domain(q) for q in self._qids)
@@ -491,7 +503,7 @@ class FrameSession:
         except FormatError as exc:
             return [self._refuse(data, exc)]
         if isinstance(frame, Command):
-            return [self._command(frame)]
+            return self._command(frame)
         if isinstance(frame, Ping):
             return [encode_pong(frame.token)]
         if isinstance(frame, Hello):
@@ -571,21 +583,48 @@ class FrameSession:
             token=self.lease.token,
         )
 
-    def _command(self, cmd: Command) -> bytes:
+    def _command(self, cmd: Command) -> list[bytes]:
         if not self.established:
             self.stats["errors_sent"] += 1
-            return encode_error(cmd.tag, ErrorCode.NOT_HELLO, "no session: send HELLO first")
+            return [encode_error(cmd.tag, ErrorCode.NOT_HELLO, "no session: send HELLO first")]
         self.stats["commands"] += 1
         if cmd.qid not in self._qids:
             self.stats["denied"] += 1
-            return encode_result(cmd.tag, _NOT_AVAILABLE)
+            return [encode_result(cmd.tag, _NOT_AVAILABLE)]
+        irq = self._on_interrupt if self._notify else None
         try:
-            result = self.emulator.execute(cmd, self._on_interrupt if self._notify else None)
-            return encode_result(cmd.tag, result)
+            result = self.emulator.execute(cmd, irq)
+            out = [encode_result(cmd.tag, result)]
+            st = result.status
+            if (
+                st.replies_waiting
+                and st.response_code == ResponseCode.NORMAL
+                and self._version >= READAHEAD_VERSION
+                and cmd.instr in _READS_AHEAD
+            ):
+                out += self._read_ahead(cmd, irq)
+            return out
         except Exception as exc:  # a bug in the emulator must not take the server down
             log.exception("%s: %s on qid %#06x failed", self.name, cmd.instr.name, cmd.qid)
             self.stats["errors_sent"] += 1
-            return encode_error(cmd.tag, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return [encode_error(cmd.tag, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")]
+
+    def _read_ahead(self, cmd: Command, irq: Callable[[int], object] | None) -> list[bytes]:
+        """Replies wait on ``cmd``'s queue: dequeue them now (DQAP after DQAP, at most
+        :data:`READAHEAD_MAX`) and answer them under ``cmd``'s tag, so the client has them in the
+        same round trip (see :data:`apformats.frames.READAHEAD_VERSION`).  A DQAP that takes no reply
+        changes nothing on the card, so the one that ends the loop is simply not sent."""
+        dqap = Command(cmd.tag, Instr.DQAP, cmd.qid)
+        frames: list[bytes] = []
+        for _ in range(READAHEAD_MAX):
+            r = self.emulator.execute(dqap, irq)
+            if r.status.response_code != ResponseCode.NORMAL:
+                break
+            frames.append(encode_result(cmd.tag, r))
+            if not r.status.replies_waiting:
+                break
+        self.stats["read_ahead"] += len(frames)
+        return frames
 
     def _on_interrupt(self, qid: int) -> None:
         """Emulator callback (clock context): queue an INTERRUPT frame for this session's owner."""

@@ -7,12 +7,14 @@ serving thread polls next to the data and control sockets, so the pump thread ne
 socket.  Signal handlers (SIGTERM/SIGINT in the CLI) use the same wake-up.
 
 Data plane: one ROUTER socket (``ROUTER_MANDATORY``, ``linger=0``), one :class:`FrameSession` per client
-routing id.  Each ZeroMQ message from a client is ``[frame]`` (the ROUTER prepends the routing id); each
-reply is one frame.  Clients are DEALERs: no REQ sockets, so no EFSM after a timeout.  Every session of
-the server shares one :class:`~emulator.frame_server.Tenancy`: an APQN is driven by one session at a time,
-and a session whose connection drops keeps its APQNs and replies for ``session_grace`` seconds, for its
-client to resume (under CURVE, only from the same client key, which ZeroMQ's ZAP handler reports as the
-message's ``User-Id``).
+routing id. Each ZeroMQ message from a client is ``[frame]`` (the ROUTER prepends the routing id); each
+reply is one frame. A session that agreed protocol version 2 (read-ahead) may batch: a message of up to
+:data:`~apformats.frames.BATCH_FRAMES_MAX` parts, one frame each, both ways (every frame a batch answers,
+and the interrupts waiting, leave as one message per client). Clients are DEALERs: no REQ sockets, so no
+EFSM after a timeout. Every session of the server shares one :class:`~emulator.frame_server.Tenancy`: an
+APQN is driven by one session at a time, and a session whose connection drops keeps its APQNs and replies
+for ``session_grace`` seconds, for its client to resume (under CURVE, only from the same client key, which
+ZeroMQ's ZAP handler reports as the message's ``User-Id``).
 
 Control plane: a second ROUTER socket.  A request is one JSON object ``{"op": NAME, "args": {...}, "id": X,
 "token": T}`` (``id`` optional, echoed); the answer is ``{"id": X, "ok": true, "result": ...}`` or ``{"id": X,
@@ -52,6 +54,7 @@ import queue
 import random
 import secrets
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -62,8 +65,10 @@ import orjson
 import zmq
 
 from apformats.frames import (
+    BATCH_FRAMES_MAX,
     DEFAULT_MAX_FRAME,
     HEADER_LEN,
+    READAHEAD_VERSION,
     TRAILER_LEN,
     ErrorCode,
     FrameKind,
@@ -311,6 +316,8 @@ class EmulatorServer:
         )
         self._peers: dict[bytes, _Peer] = {}
         self._irqs: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()
+        self._irq_nudged = False  # the waker was written for an interrupt and the loop has not looked
+        self._serving: int | None = None  # the serving thread's ident (its interrupts need no wake)
         self._waker = Waker()
         self._stopping = False
         self._ctx: zmq.Context | None = None
@@ -437,14 +444,14 @@ class EmulatorServer:
         poller.register(self._data, zmq.POLLIN)
         poller.register(self._ctrl, zmq.POLLIN)
         poller.register(self._waker, zmq.POLLIN)
+        self._serving = threading.get_ident()
         next_gc = time.monotonic() + 1.0
         while not self._stopping:
             ready = dict(poller.poll(500))
             if self._waker.fileno() in ready:
                 self._waker.drain()
-            self._flush_interrupts()
-            if self._data in ready:
-                self._serve_data()
+            self._irq_nudged = False  # after the drain: a later interrupt nudges again
+            self._serve_data(self._data in ready)
             if self._ctrl in ready:
                 self._serve_control()
             if self.emu.control.transport_faults.take_disconnect():
@@ -455,17 +462,26 @@ class EmulatorServer:
                 self._gc(now)
         self._disconnect(None, "server shutting down")
 
-    def _serve_data(self) -> None:
-        """Handle a batch of data messages; the answers go out after the execution log's spill (if
+    def _serve_data(self, readable: bool) -> None:
+        """Handle a batch of data messages, then send what the batch answers together with the
+        interrupts that are waiting, one message per client where its session allows.
+
+        The emulator's clock is *assisted* meanwhile (a ``WallClock``'s :meth:`~emulator.clock.
+        WallClock.assisting`): what the batch makes due at once -- a reply ready when its NQAP returns,
+        and the interrupt saying so -- runs here at the end of the batch instead of waking the clock's
+        thread, so it leaves with the answers.  The answers go out after the execution log's spill (if
         any) has committed, so nothing a client is told is missing from the file after a SIGKILL."""
         out: list[tuple[bytes, bytes]] = []
         try:
-            self._recv_data(out)
+            if readable:
+                assist = getattr(self.emu.clock, "assisting", None)
+                with assist() if assist is not None else contextlib.nullcontext():
+                    self._recv_data(out)
         finally:
+            self._take_interrupts(out)
             if out:
                 self._sync_log()
-                for ident, frame in out:
-                    self._send(ident, frame)
+                self._send_batch(out)
 
     def _sync_log(self) -> None:
         try:
@@ -497,10 +513,18 @@ class EmulatorServer:
                 peer = self._peers[ident] = _Peer(ident, self._new_session(ident, key))
                 self.stats["sessions_opened"] += 1
             peer.last_seen = time.monotonic()
-            # One frame per message; a multipart message is refused as a whole (the session says how).
-            payload = parts[1] if len(parts) == 2 else b""
-            for frame in peer.session.handle(payload):
-                out.append((ident, frame))
+            session = peer.session
+            if len(parts) == 2:
+                out.extend((ident, frame) for frame in session.handle(parts[1]))
+            elif 2 < len(parts) <= BATCH_FRAMES_MAX + 1 and session.version >= READAHEAD_VERSION:
+                # a version 2 client's batch: one frame per part, handled in order
+                self.stats["batches_in"] += 1
+                for payload in parts[1:]:
+                    out.extend((ident, frame) for frame in session.handle(payload))
+                    if session.closed:
+                        break
+            else:  # any other multipart message is refused as a whole (the session says how)
+                out.extend((ident, frame) for frame in session.handle(b""))
             if peer.session.closed:
                 self._drop_peer(ident)
             self._drop_evicted()
@@ -529,9 +553,13 @@ class EmulatorServer:
                 self._drop_peer(ident)
 
     def _new_session(self, ident: bytes, key: str | None = None) -> FrameSession:
-        def notify(frame: bytes, ident: bytes = ident) -> None:  # pump thread: queue and wake, nothing more
+        def notify(frame: bytes, ident: bytes = ident) -> None:  # clock context: queue, maybe wake
             self._irqs.put((ident, frame))
-            self._waker.wake()
+            # the serving thread takes the queue after every batch; another thread (the clock's
+            # pump) wakes it, once until it next looks
+            if not self._irq_nudged and threading.get_ident() != self._serving:
+                self._irq_nudged = True
+                self._waker.wake()
 
         return FrameSession(
             self.emu,
@@ -542,7 +570,8 @@ class EmulatorServer:
             key=key,
         )
 
-    def _flush_interrupts(self) -> None:
+    def _take_interrupts(self, out: list[tuple[bytes, bytes]]) -> None:
+        """Add the INTERRUPT frames waiting for live sessions to ``out``."""
         while True:
             try:
                 ident, frame = self._irqs.get_nowait()
@@ -550,21 +579,40 @@ class EmulatorServer:
                 return
             peer = self._peers.get(ident)
             if peer is not None and peer.session.established:
-                self._send(ident, frame)
+                out.append((ident, frame))
 
-    def _send(self, ident: bytes, frame: bytes) -> None:
+    def _send_batch(self, out: list[tuple[bytes, bytes]]) -> None:
+        """Send a batch of frames, in order per client.  A client whose session speaks version 2 or
+        later gets its frames as one message of several parts (one frame each): one send instead of
+        one per frame, and a RESULT arrives with the read-ahead replies behind it, never apart from
+        them.  Version 1 clients take one frame per message."""
+        if len(out) == 1:
+            self._send(*out[0])
+            return
+        per_peer: dict[bytes, list[bytes]] = {}
+        for ident, frame in out:
+            frames = per_peer.get(ident)
+            if frames is None:
+                per_peer[ident] = [frame]
+            else:
+                frames.append(frame)
+        for ident, frames in per_peer.items():
+            peer = self._peers.get(ident)
+            if len(frames) > 1 and peer is not None and peer.session.version >= READAHEAD_VERSION:
+                self._send(ident, *frames)
+            else:
+                for frame in frames:
+                    self._send(ident, frame)
+
+    def _send(self, ident: bytes, *frames: bytes) -> None:
+        """Send ``frames`` to ``ident`` as one message (one part each), transport faults applied."""
         assert self._data is not None
-        if peek_kind(frame) in FAULTABLE:
-            faults = self.emu.control.transport_faults
-            if faults.take_drop():
-                self.stats["fault_dropped"] += 1
-                return
-            if faults.take_corrupt():
-                self.stats["fault_corrupted"] += 1
-                frame = self._corrupt(frame)
+        frames = tuple(self._faulted(frames))
+        if not frames:
+            return
         try:
-            self._data.send_multipart([ident, frame], zmq.NOBLOCK)
-            self.stats["frames_out"] += 1
+            self._data.send_multipart([ident, *frames], zmq.NOBLOCK)
+            self.stats["frames_out"] += len(frames)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:  # the client is gone: forget its session
                 self.stats["unroutable"] += 1
@@ -573,6 +621,18 @@ class EmulatorServer:
                 self.stats["hwm_dropped"] += 1
             else:
                 raise
+
+    def _faulted(self, frames: Iterable[bytes]) -> Iterable[bytes]:
+        faults = self.emu.control.transport_faults
+        for frame in frames:
+            if peek_kind(frame) in FAULTABLE:
+                if faults.take_drop():
+                    self.stats["fault_dropped"] += 1
+                    continue
+                if faults.take_corrupt():
+                    self.stats["fault_corrupted"] += 1
+                    frame = self._corrupt(frame)
+            yield frame
 
     def _corrupt(self, frame: bytes) -> bytes:
         buf = bytearray(frame)

@@ -272,11 +272,16 @@ def exact_profile(name: str = "small", **timing: Any) -> Any:
     return replace(p, timing=replace(p.timing, **{"jitter": 0.0, **timing}))
 
 
+#: ``FAST`` with a ledger that remembers every request of a test run (the default keeps only the
+#: newest 1,000 decided ones): an audit of part of a run would prove nothing.
+FAST_AUDITED = FAST.with_(ledger_history=1_000_000)
+
+
 def make_sim(
     profile: Any = "small",
     *,
     seed: int = 0,
-    config: DriverConfig = FAST,
+    config: DriverConfig = FAST_AUDITED,
     settle: float = 0.05,
     **kw: Any,
 ) -> tuple[Emulator, SimRunner]:
@@ -300,6 +305,7 @@ def check_audit(sim: SimRunner, emu: Emulator) -> AuditReport:
     """Audit the ledger against the execution log; fail with the report on any safety breach."""
     report = audit(sim.core.ledger, emu.execution_log.entries())
     assert report.ok, report.summary()
+    assert report.requests == sim.core.ledger.counters["submitted"], "the ledger forgot requests"
     return report
 
 
@@ -330,6 +336,7 @@ def check_verdicts(sim: SimRunner, emu: Emulator, *, card_may_die: bool = False)
     """
     report = audit(sim.core.ledger, emu.execution_log.entries())
     assert report.ok, report.summary()
+    assert report.requests == sim.core.ledger.counters["submitted"], "the ledger forgot requests"
     assert not report.indeterminate_never_started, report.summary()
     if not card_may_die:
         assert not report.indeterminate_card_silent, report.summary()

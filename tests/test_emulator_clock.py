@@ -180,3 +180,98 @@ def test_wallclock_keeps_a_bounded_record_of_failures() -> None:
     with clock:
         assert done.wait(5.0)
     assert clock.error_count == 250 and len(clock.errors) == 100
+
+
+class _CountingCondition:
+    """A stand-in for the wall clock's condition that counts notifications (what wakes the pump)."""
+
+    def __init__(self, inner: threading.Condition) -> None:
+        self.inner = inner
+        self.notified = 0
+
+    def __enter__(self) -> bool:
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.__exit__(*exc)
+
+    def notify(self, n: int = 1) -> None:
+        self.notified += 1
+        self.inner.notify(n)
+
+    def notify_all(self) -> None:
+        self.notified += 1
+        self.inner.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.inner.wait(timeout)
+
+
+def _wait_until(cond, timeout: float = 5.0) -> None:
+    event = threading.Event()
+    deadline = 0.0
+    while not cond():
+        assert deadline < timeout, "condition not met"
+        event.wait(0.001)
+        deadline += 0.001
+
+
+def test_wall_clock_wakes_its_pump_only_for_an_earlier_deadline() -> None:
+    with WallClock() as clock:
+        counting = _CountingCondition(clock._cond)
+        clock._cond = counting  # type: ignore[assignment]
+        clock.call_later(30.0, lambda: None)
+        _wait_until(lambda: clock._target is not None and clock._target < 1e9)  # waits for it
+        before = counting.notified
+        for _ in range(20):  # later than what the pump waits for: no reason to wake it
+            clock.call_later(60.0, lambda: None)
+        assert counting.notified == before
+        ran = threading.Event()
+        clock.call_later(0.0, ran.set)  # earlier: it must wake, and run it
+        assert counting.notified == before + 1
+        assert ran.wait(5)
+
+
+def test_an_assisting_thread_runs_what_falls_due_without_waking_the_pump() -> None:
+    with WallClock() as clock:
+        counting = _CountingCondition(clock._cond)
+        clock._cond = counting  # type: ignore[assignment]
+        _wait_until(lambda: clock._target is not None)  # the pump sleeps (nothing scheduled)
+        order: list[tuple[str, int]] = []
+        me = threading.get_ident()
+        before = counting.notified
+        with clock.assisting():
+            for i in range(3):
+                clock.call_later(0.0, lambda i=i: order.append(("assisted", i)))
+            assert order == []  # not yet: when the assisting thread leaves
+        assert counting.notified == before
+        assert [x for x, _ in order] == ["assisted"] * 3 and [i for _, i in order] == [0, 1, 2]
+        # ... on the assisting thread itself
+        threads: list[int] = []
+        with clock.assisting():
+            clock.call_later(0.0, lambda: threads.append(threading.get_ident()))
+        assert threads == [me]
+        # a later deadline scheduled while assisting still goes to the pump, in time
+        ran = threading.Event()
+        with clock.assisting():
+            clock.call_later(0.01, ran.set)
+        assert ran.wait(5)
+
+
+def test_run_due_runs_only_what_is_due_in_order_and_survives_errors() -> None:
+    clock = WallClock()  # not started: only run_due runs anything
+    try:
+        seen: list[int] = []
+
+        def boom() -> None:
+            raise RuntimeError("callback bug")
+
+        clock.call_at(0.0, lambda: seen.append(1))
+        clock.call_at(0.0, boom)
+        clock.call_at(0.0, lambda: seen.append(2))
+        clock.call_later(60.0, lambda: seen.append(99))
+        assert clock.run_due() == 3
+        assert seen == [1, 2] and clock.error_count == 1
+        assert clock.run_due() == 0 and clock.next_deadline() is not None
+    finally:
+        clock.close()

@@ -205,13 +205,20 @@ def test_no_notify_means_no_interrupts() -> None:
     assert emu.irq[QIDS[0]] is None
 
 
-@pytest.mark.parametrize(("lo", "hi"), [(2, 3), (0, 0), (3, 1)])
+@pytest.mark.parametrize(("lo", "hi"), [(3, 4), (0, 0), (3, 1)])
 def test_version_negotiation_refuses(lo: int, hi: int) -> None:
     s, _, _ = session()
     err = one(s.handle(encode_hello(min_version=lo, max_version=hi)))
     assert err.code == ErrorCode.BAD_VERSION
     assert not s.established
-    assert one(s.handle(encode_hello(min_version=0, max_version=5))).version == 1
+    assert one(s.handle(encode_hello(min_version=0, max_version=5))).version == 2
+
+
+@pytest.mark.parametrize(("lo", "hi", "agreed"), [(1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 9, 2)])
+def test_version_negotiation_agrees_on_the_highest_both_speak(lo: int, hi: int, agreed: int) -> None:
+    s, _, _ = session()
+    assert one(s.handle(encode_hello(min_version=lo, max_version=hi))).version == agreed
+    assert s.version == agreed
 
 
 # --- the shared tenancy: one session per APQN, resume within the grace ---------------------------------

@@ -286,7 +286,7 @@ def run_seed(seed: int, *, scale: int = 1, soak: bool = False) -> dict[str, Any]
     hint = replay_hint(seed, soak)
     emu = Emulator(cfg.profile, seed=seed)
     tap = WireTap(emu)  # before the driver's first NQAP: the bring-up probes are on the wire too
-    sim = SimRunner(emu)
+    sim = SimRunner(emu, FAST.with_(ledger_history=1_000_000))  # the audit below sees every request
     try:
         # bring-up
         t_up = sim.now()
@@ -321,6 +321,7 @@ def run_seed(seed: int, *, scale: int = 1, soak: bool = False) -> dict[str, Any]
         assert report.ok, f"{report}\n{cfg.describe()}\n{hint}"
         # second opinion: the product's own audit of its ledger against the same log
         second = audit(sim.core.ledger, log)
+        assert second.requests == sim.core.ledger.counters["submitted"], f"ledger forgot requests; {hint}"
         assert second.ok and not second.indeterminate_never_started, f"audit: {second.summary()}; {hint}"
         # liveness phase: heal everything; every queue back in service, and serving
         for h in restore_timers:

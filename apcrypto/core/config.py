@@ -36,6 +36,11 @@ class DriverConfig:
     # this long (the emulator server's --session-grace default): a resumed session drains its
     # replies; after it, or on a new session, the ledger decides it as lost.
     session_grace: float = 60.0
+    # Decided requests the ledger still remembers (newest first out of it last), for audits
+    # (apcrypto.audit, the pytest plugin's check) and to tell a late reply from a stray one.
+    # Undecided requests are always kept; this bounds only the history, so a client's memory stays
+    # flat however many requests it has run.  0 keeps none.
+    ledger_history: int = 1_000
 
     def with_(self, **changes: object) -> DriverConfig:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -81,7 +81,7 @@ class DriverCore:
         supports_interrupts: bool = False,
     ) -> None:
         self.cfg = cfg = config or DriverConfig()
-        self.ledger = Ledger(psmid_base)
+        self.ledger = Ledger(psmid_base, cfg.ledger_history)
         self.queues: dict[int, Queue] = {}
         self.irq_ok = supports_interrupts and cfg.use_interrupts
         self.out = Outbox()  # the one writer of actions; what is in flight, by tag

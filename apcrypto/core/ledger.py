@@ -3,6 +3,11 @@
 It is what lets the driver decide a request's fate when a card is too dead to say: an attempt whose
 NQAP was never accepted never left the host; one that was accepted and never answered may have run.
 Lookups are by request id and by psmid (both dicts), never a scan.
+
+Memory stays flat: every undecided request is kept, and of the decided ones only the newest
+``history`` (``DriverConfig.ledger_history``); counts per outcome and the counters are kept forever.
+A reply for a request that has left the history is a late reply like any other (the request was
+decided), never delivered.
 """
 
 from __future__ import annotations
@@ -78,9 +83,11 @@ class Record:
 class Ledger:
     """Request records, psmid allocation and outcome counts for one client."""
 
-    def __init__(self, psmid_base: int = 0, history: int = 200_000) -> None:
+    def __init__(self, psmid_base: int = 0, history: int = 1_000) -> None:
         if not 0 <= psmid_base < (1 << 64):
             raise ValueError("psmid_base must fit in 64 bits")
+        if history < 0:
+            raise ValueError("ledger history must be >= 0")
         self._rids = itertools.count(1)
         # psmids: base + counter, unique for the client's life (the kernel uses pid << 32 + counter).
         self._psmids = itertools.count(psmid_base + 1)

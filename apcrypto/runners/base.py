@@ -18,7 +18,18 @@ Resolver = Callable[[Any, BaseException | None], None]
 
 
 class RunnerBase(ABC):
-    """Shared action handling.  Subclasses supply the clock (``now``, ``arm``, ``cancel``)."""
+    """Shared action handling.  Subclasses supply the clock (``now``, ``arm``, ``cancel``).
+
+    ``journal`` (an :class:`apcrypto.journal.Journal`, or None): every submitted request is journalled,
+    and each batch of actions is handed to it *before* it is carried out, so the psmids of a batch's
+    NQAPs are committed before the transport sends them (one commit per batch: a group commit).
+    Inside :meth:`grouped` (a burst of submissions in one turn) the sends are held back and go out
+    together after one commit, instead of one commit per submission.
+    """
+
+    journal: Any = None
+    _defer = False  # inside grouped(): hold the sends
+    _held: list[Any] | None = None  # commands held back, in order
 
     def __init__(self, core: DriverCore, transport: Transport) -> None:
         self.core = core
@@ -46,18 +57,44 @@ class RunnerBase(ABC):
 
     # -- shared --
     def apply(self, actions: list[Action]) -> None:
+        defer = self._defer
+        if self.journal is not None and actions:
+            # commit before send (held sends: the commit comes with release())
+            self.journal.carry(actions, self.core.ledger.by_psmid.get, commit=not defer)
         for a in actions:
             t = type(a)
             if t is Execute:
-                self.transport.submit(a.commands)  # type: ignore[union-attr]
+                if defer:
+                    self._held.extend(a.commands)  # type: ignore[union-attr]
+                else:
+                    self.transport.submit(a.commands)  # type: ignore[union-attr]
             elif t is Resolve:
                 cb = self.resolvers.pop(a.rid, None)  # type: ignore[union-attr]
                 if cb is not None:
                     cb(a.value, a.error)  # type: ignore[union-attr]
+                if self.journal is not None:
+                    self.journal.ended(a.rid)  # type: ignore[union-attr]  # after the caller has it
             elif t is ArmTimer:
                 self.arm(a.key, a.at)  # type: ignore[union-attr]
             elif t is CancelTimer:
                 self.cancel(a.key)  # type: ignore[union-attr]
+
+    def grouped(self) -> None:
+        """From now until :meth:`release`, hold back what would be sent (only with a journal: it
+        turns a burst of submissions into one commit and one send)."""
+        if self.journal is not None and not self._defer:
+            self._defer = True
+            self._held = []
+
+    def release(self) -> None:
+        """Commit the journal once and send everything held since :meth:`grouped`, in order."""
+        if not self._defer:
+            return
+        self._defer = False
+        held, self._held = self._held, None
+        if held:
+            self.journal.commit()
+            self.transport.submit(held)
 
     def pump(self) -> int:
         """Feed every transport event to the core (a batch at a time) until the transport is quiet."""
@@ -69,6 +106,8 @@ class RunnerBase(ABC):
             if not events:
                 return n
             n += len(events)
+            if self.journal is not None:
+                self.journal.observe(events)  # NQAPs the card refused: journalled as never run
             self.apply(core.on_events(events, self.now()))
 
     def fire(self, key: tuple[Any, ...]) -> None:
@@ -90,5 +129,7 @@ class RunnerBase(ABC):
             request, idempotent=idempotent, deadline=deadline, now=self.now(), target=target
         )
         self.resolvers[rid] = resolver
+        if self.journal is not None:
+            self.journal.submitted(rid, request, idempotent, target)
         self.apply(actions)
         return rid

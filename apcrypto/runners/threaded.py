@@ -142,8 +142,12 @@ class ThreadedRunner(RunnerBase):
                 batch = [inbox.popleft() for _ in range(len(inbox))]
                 self._wake = False
                 with self.core_lock, self._locked_emu():
-                    for fn in batch:
-                        fn()
+                    self.grouped()  # with a journal: the turn's submissions, one commit, one send
+                    try:
+                        for fn in batch:
+                            fn()
+                    finally:
+                        self.release()
                     did = self.pump() + len(batch)
                     did += self._run_due_timers()
                     if self._watchers:
@@ -154,6 +158,8 @@ class ThreadedRunner(RunnerBase):
                         self._vclock.step()  # autojump: nothing to do now, move time to the next event
                         self.pump()
                         continue
+                    if self.journal is not None:
+                        self.journal.commit()  # outcomes of this turn, before the runner sleeps
                 self._idle_wait()
         except BaseException as exc:  # a bug in the core or a transport: surface it, don't hang callers
             self.error = exc

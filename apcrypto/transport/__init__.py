@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Any
 
 from apcrypto.transport.base import (
@@ -15,6 +16,7 @@ from apcrypto.transport.base import (
     TransportEvent,
     TransportLost,
 )
+from apcrypto.transport.multi import CardOutOfBlock, UrlListError
 
 #: scheme -> (module, factory).  The factory is called as ``factory(url, **options)``.
 TRANSPORTS: dict[str, tuple[str, str]] = {
@@ -37,8 +39,20 @@ def scheme_of(url: str) -> str:
     return scheme.lower()
 
 
-def open_transport(url: str, **options: Any) -> Transport:
-    """Open the transport named by ``url``'s scheme."""
+def open_transport(url: str | Sequence[str], **options: Any) -> Transport:
+    """Open the transport named by ``url``'s scheme.
+
+    Several URLs (a list, or one string of comma-separated URLs) open one transport per URL, joined
+    as one pool by :class:`apcrypto.transport.multi.MultiTransport` (card ids renumbered per server,
+    see there); a one-entry list is that URL alone.
+    """
+    if not isinstance(url, str) or "," in url:
+        from apcrypto.transport.multi import open_multi, split_urls
+
+        urls = split_urls(url)
+        if len(urls) > 1:
+            return open_multi(urls, **options)
+        url = urls[0]
     scheme = scheme_of(url)
     try:
         module_name, attr = TRANSPORTS[scheme]
@@ -52,6 +66,7 @@ def open_transport(url: str, **options: Any) -> Transport:
 
 __all__ = [
     "TRANSPORTS",
+    "CardOutOfBlock",
     "Command",
     "Completion",
     "Interrupt",
@@ -61,6 +76,7 @@ __all__ = [
     "TransportEvent",
     "TransportLost",
     "UnknownTransport",
+    "UrlListError",
     "open_transport",
     "scheme_of",
 ]

@@ -43,6 +43,17 @@ notice that it broke).  Both backends therefore answer a runner in the same way:
   WELCOME that is not a resume after an earlier session means the server lost what it held for us
   (restarted, or the grace ran out): counted as ``sessions_lost`` and logged.
 
+* **Read-ahead** (session version 2, :data:`apformats.frames.READAHEAD_VERSION`; a backend offers it
+  in its HELLO): the server answers an NQAP or DQAP that finds replies waiting with those replies too,
+  as extra RESULT frames under the same tag.  They are kept per queue and answer the next DQAPs of that
+  queue here, without a frame: the queue a runner sees is the card's plus the replies kept for it, so
+  while any are kept, other answers for that queue say replies wait (a TAPQ that found the card's
+  queue empty must not look like forgotten work), a DQAP that crossed the read-ahead on the wire is
+  answered with the older kept reply, an INTERRUPT that came meanwhile is passed on after the last
+  one, and a reset carried out discards them, as the card discards its own.  What a peer may send
+  ahead is bounded (:data:`~apformats.frames.READAHEAD_MAX` per answer, :data:`READAHEAD_KEEP` per
+  queue).  Kept replies outlive a lost link: they are the card's answers, already here.
+
 Threads: ``submit`` encodes on the caller's thread and appends to the outbox; the I/O thread takes
 the outbox while the link is up, and turns frames in into events that :meth:`poll` returns.  The
 outbox, the event queue and ``_state`` changes that a submit must see are guarded by ``_cv``; the
@@ -51,6 +62,7 @@ rest (``_inflight``, the link) is the I/O thread's alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import secrets
@@ -74,6 +86,8 @@ from apformats.codes import ResponseCode
 from apformats.errors import FormatError
 from apformats.frames import (
     DEFAULT_MAX_FRAME,
+    READAHEAD_MAX,
+    READAHEAD_VERSION,
     TOKEN_LEN,
     Bye,
     ErrorCode,
@@ -89,7 +103,7 @@ from apformats.frames import (
     encode_pong,
     peek_kind,
 )
-from apformats.results import ApResult
+from apformats.results import ApResult, Instr
 from apformats.status import QueueStatus
 
 __all__ = [
@@ -123,6 +137,15 @@ _RESULTS: dict[int, ApResult] = {
     code: ApResult(QueueStatus(response_code=rc)) for code, rc in ERROR_RESPONSE_CODES.items()
 }
 _TOO_BIG = _RESULTS[ErrorCode.TOO_BIG]
+#: Read-ahead replies kept per queue at most (a well-behaved server sends no more than the queue's
+#: slots); beyond it a reply is dropped and counted, so a peer cannot grow our memory.
+READAHEAD_KEEP = 256
+#: The instructions a server reads ahead after (their tag also names the extra RESULT frames).
+_READS_AHEAD = frozenset({Instr.NQAP, Instr.DQAP})
+#: The instructions that discard a queue's replies when carried out.
+_RESETS = frozenset({Instr.RAPQ, Instr.ZAPQ})
+#: Response codes whose status word describes the queue (its bits are the card's view of it).
+_QUEUE_RCS = frozenset({ResponseCode.NORMAL, ResponseCode.Q_FULL, ResponseCode.BUSY})
 
 
 class LinkOptions(TypedDict, total=False):
@@ -135,6 +158,9 @@ class LinkOptions(TypedDict, total=False):
     ``peer_deadline``: how long a vanished peer may take to come back before it is declared gone
     (its queues go out of service; reconnection goes on).  ``give_up_after``: stop trying once the
     peer has been silent that long (None, the default: never, while the transport is open).
+    ``resume_token``: the session token the first HELLO presents (16 bytes; None: a fresh one from
+    :mod:`secrets`), so that a restarted process gets its dead predecessor's session back
+    (``connect(..., journal=...)`` passes the journalled one).
     """
 
     domains: Sequence[int] | None
@@ -144,6 +170,7 @@ class LinkOptions(TypedDict, total=False):
     reconnect_jitter: float
     peer_deadline: float
     give_up_after: float | None
+    resume_token: bytes | None
 
 
 _LINK_KEYS = tuple(LinkOptions.__annotations__)
@@ -264,8 +291,13 @@ class FramedTransport(Transport):
         reconnect_jitter: float = 0.25,
         peer_deadline: float = 5.0,
         give_up_after: float | None = None,
+        resume_token: bytes | None = None,
     ) -> None:
         super().__init__()
+        if resume_token is not None and (
+            not isinstance(resume_token, bytes) or len(resume_token) != TOKEN_LEN
+        ):
+            raise ValueError(f"resume_token must be {TOKEN_LEN} bytes, not {resume_token!r}")
         for name, value in (("timeout", timeout), ("peer_deadline", peer_deadline)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -283,7 +315,8 @@ class FramedTransport(Transport):
         self.counters: Counter[str] = Counter()
         #: the last WELCOME (the session's qids, limit and interrupt support); None before the first
         self.welcome: Welcome | None = None
-        self._token = secrets.token_bytes(TOKEN_LEN)  # our session's proposed identity
+        # our session's proposed identity: a journalled one after a restart, else a fresh one
+        self._token = resume_token if resume_token is not None else secrets.token_bytes(TOKEN_LEN)
         self._log = logging.getLogger(type(self).__module__)  # each backend logs under its own name
         # shared between caller threads and the I/O thread, guarded by _cv
         self._cv = threading.Condition()
@@ -291,11 +324,19 @@ class FramedTransport(Transport):
         self._events: deque[TransportEvent] = deque()
         self._woken = False
         self._stop = False
+        #: read-ahead replies by qid, in the order the card gave them (see "Read-ahead" above); shared
+        self._ahead: dict[int, deque[ApResult]] = {}
+        self._ahead_irq: set[int] = set()  # queues that had an INTERRUPT while replies were kept
         self._state = "connecting"  # connecting | up | down | lost (given up: nothing more happens)
         self._gone = False  # the peer is declared gone: submits bounce; reconnection goes on
         # the I/O thread's own
         self._inflight: OrderedDict[int, tuple[Command, float]] = OrderedDict()  # in send order
         self._connected_once = False
+        self._readahead = False  # this session's server reads ahead (WELCOME version >= 2)
+        self._ra_tag = 0  # the last NQAP/DQAP answered: extra RESULTs with its tag are read-ahead
+        self._ra_qid = 0
+        self._ra_left = 0
+        self._kept_now: dict[int, None] = {}  # queues given read-ahead replies in this batch
         self._ready = threading.Event()  # set by the first WELCOME, or by a failed open
         self._open_error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -326,6 +367,10 @@ class FramedTransport(Transport):
         return list(w.qids) if w is not None else []
 
     def _send(self, commands: Sequence[Command]) -> None:
+        if self._ahead:
+            commands = self._answer_from_ahead(commands)
+            if not commands:
+                return
         try:
             encoded = [
                 (c, encode_command(c.tag, c.instr, c.qid, c.psmid, c.message, flag=c.flag)) for c in commands
@@ -356,6 +401,43 @@ class FramedTransport(Transport):
             self._notify_ready()
         else:
             self._wake_io()
+
+    def _answer_from_ahead(self, commands: Sequence[Command]) -> Sequence[Command]:
+        """Answer each DQAP of a queue we hold read-ahead replies for with the oldest of them, here
+        and now (the card already gave it; this DQAP would have taken it); return the rest to send."""
+        rest: list[Command] = []
+        answered: list[TransportEvent] = []
+        with self._cv:
+            ahead = self._ahead
+            for c in commands:
+                if c.instr is Instr.DQAP and c.qid in ahead:
+                    after: list[TransportEvent] = []
+                    answered.append(Completion(c.tag, self._take_ahead(c.qid, after)))
+                    answered += after
+                else:
+                    rest.append(c)
+            if answered:
+                self._events.extend(answered)
+                self._cv.notify_all()
+        if answered:
+            self._notify_ready()
+        return rest
+
+    def _take_ahead(self, qid: int, after: list[TransportEvent]) -> ApResult:
+        """The oldest read-ahead reply kept for ``qid`` (under ``_cv``; there is one).  When it was
+        the last and an INTERRUPT came while replies were kept, that interrupt is passed on after it
+        (in ``after``): the kept replies' status words predate it."""
+        kept = self._ahead[qid]
+        result = kept.popleft()
+        self.counters["readahead_used"] += 1
+        if not kept:
+            del self._ahead[qid]
+            if qid in self._ahead_irq:
+                self._ahead_irq.discard(qid)
+                after.append(Interrupt(qid))
+        elif not result.status.replies_waiting:  # more kept than its status says: ask for them
+            after.append(Interrupt(qid))
+        return result
 
     def _recv(self, timeout: float) -> list[TransportEvent]:
         with self._cv:
@@ -459,6 +541,8 @@ class FramedTransport(Transport):
                     "%r: the %s did not resume our session; what it held for us is gone", self, self.peer_kind
                 )
         self.welcome = welcome
+        self._readahead = welcome.version >= READAHEAD_VERSION
+        self._ra_tag = 0
         if not welcome.interrupts:
             self.supports_interrupts = False
         with self._cv:
@@ -551,6 +635,7 @@ class FramedTransport(Transport):
         return gone_at, give_up_at
 
     def _sent_and_unanswered(self) -> list[Command]:
+        self._ra_tag = 0  # what the old link still carried for it is gone with it
         doubt = self._drop_link()
         cmds = [c for c, _ in self._inflight.values()] + doubt
         self._inflight.clear()
@@ -613,22 +698,43 @@ class FramedTransport(Transport):
                     self._log.warning("%r: dropping a bad %s frame: %s", self, peek_kind(raw), exc)
                     continue
                 good += 1
-                ev = self._on_frame(f)
+                ev = self._on_frame(f, events)
                 if ev is not None:
                     events.append(ev)
         finally:  # a frame that breaks the link must not swallow the answers read before it
+            if self._kept_now:
+                # make sure DQAPs come for what was kept: an INTERRUPT per queue after the batch's
+                # own events (a hint the core acts on only when no DQAP of that queue is out; the
+                # answer's own status usually has it ask already)
+                events.extend(Interrupt(q) for q in self._kept_now)
+                self._kept_now.clear()
             if events:
                 self._emit(*events)
         return good
 
-    def _on_frame(self, f: Frame) -> TransportEvent | None:
+    def _on_frame(self, f: Frame, events: list[TransportEvent]) -> TransportEvent | None:
         if isinstance(f, ResultFrame):  # the hot path first
-            if self._inflight.pop(f.tag, None) is None:
+            entry = self._inflight.pop(f.tag, None)
+            if entry is None:
+                if f.tag == self._ra_tag and self._ra_left > 0:
+                    self._keep(f)
+                    return None
                 self.counters["stale_rx"] += 1
                 return None
+            if not self._readahead:
+                return Completion(f.tag, f.to_result())
+            cmd = entry[0]
+            if cmd.instr in _READS_AHEAD:
+                self._ra_tag, self._ra_qid, self._ra_left = f.tag, cmd.qid, READAHEAD_MAX
+            if cmd.qid in self._ahead:
+                return self._behind_ahead(f, cmd, events)
             return Completion(f.tag, f.to_result())
         if isinstance(f, InterruptFrame):
             self.counters["interrupts"] += 1
+            if f.qid in self._ahead:
+                with self._cv:
+                    if f.qid in self._ahead:
+                        self._ahead_irq.add(f.qid)
             return Interrupt(f.qid)
         if isinstance(f, ErrorFrame):
             return self._on_error(f)
@@ -645,6 +751,65 @@ class FramedTransport(Transport):
             return None
         self.counters["unexpected_rx"] += 1
         return None
+
+    def _keep(self, f: ResultFrame) -> None:
+        """An extra RESULT after the last NQAP/DQAP's answer: a reply the server dequeued for us,
+        kept until a DQAP of its queue asks (it may already have: see _dqap_behind_ahead)."""
+        self._ra_left -= 1
+        result = f.to_result()
+        if result.status.response_code != ResponseCode.NORMAL:  # a server reads ahead replies only
+            self.counters["stale_rx"] += 1
+            return
+        self.counters["readahead_rx"] += 1
+        qid = self._ra_qid
+        with self._cv:
+            kept = self._ahead.get(qid)
+            if kept is None:
+                kept = self._ahead[qid] = deque()
+            if len(kept) >= READAHEAD_KEEP:
+                self.counters["readahead_dropped"] += 1
+                return
+            kept.append(result)
+        self._kept_now[qid] = None
+
+    def _behind_ahead(self, f: ResultFrame, cmd: Command, events: list[TransportEvent]) -> Completion | None:
+        """The answer to ``cmd``, executed on the card after replies of its queue were read ahead for
+        us and while we still keep some: the queue the caller sees is the card's plus those kept
+        replies, so the answer must say so.
+
+        * A DQAP is answered with the oldest kept reply, as the card would have answered it had the
+          read-ahead not come first; a reply it took itself joins the end of the kept ones, and an
+          empty answer ("no reply pending", which changed nothing) is dropped.  Its events go
+          straight into ``events`` (an INTERRUPT passed on must follow the completion).
+        * Any other instruction's status says replies wait and the queue is not empty (a TAPQ that
+          found the card's queue empty must not make a caller think held work was forgotten).
+        * A reset (RAPQ, ZAPQ) that was carried out discards the kept replies, as the card discards
+          the replies it holds: everything read ahead before it has arrived before its answer.
+        """
+        real = f.to_result()
+        qid = cmd.qid
+        with self._cv:
+            kept = self._ahead.get(qid)
+            if kept is None:  # a caller's DQAP took the last one meanwhile
+                return Completion(f.tag, real)
+            st = real.status
+            if cmd.instr is Instr.DQAP:
+                if st.response_code == ResponseCode.NORMAL:
+                    kept.append(real)
+                after: list[TransportEvent] = []
+                events.append(Completion(f.tag, self._take_ahead(qid, after)))
+                events.extend(after)
+                self.counters["readahead_reordered"] += 1
+                return None
+            if cmd.instr in _RESETS and st.response_code == ResponseCode.NORMAL:
+                self.counters["readahead_discarded"] += len(kept)
+                del self._ahead[qid]
+                self._ahead_irq.discard(qid)
+                return Completion(f.tag, real)
+        if st.response_code in _QUEUE_RCS and not (st.replies_waiting and not st.queue_empty):
+            st = dataclasses.replace(st, replies_waiting=True, queue_empty=False)
+            real = dataclasses.replace(real, status=st)
+        return Completion(f.tag, real)
 
     def _on_error(self, err: ErrorFrame) -> TransportEvent | None:
         self.counters["errors_rx"] += 1

@@ -46,7 +46,15 @@ from apcrypto.transport.framed import (
     LinkOptions,
     link_options,
 )
-from apformats.frames import Welcome, encode_bye, encode_hello, encode_ping
+from apformats.frames import (
+    BATCH_FRAMES_MAX,
+    PROTOCOL_VERSION,
+    READAHEAD_VERSION,
+    Welcome,
+    encode_bye,
+    encode_hello,
+    encode_ping,
+)
 
 __all__ = ["ERROR_RESPONSE_CODES", "HandshakeRefused", "ServerUnreachable", "ZmqTransport", "open_tcp"]
 
@@ -114,6 +122,7 @@ class ZmqTransport(FramedTransport):
         heartbeat: float | None = None,
         curve_server_key: bytes | str | None = None,
         curve_keypair: tuple[bytes | str, bytes | str] | None = None,
+        readahead: bool = True,
         **link: Unpack[LinkOptions],
     ) -> None:
         if not url.startswith("tcp://") or ":" not in url[6:]:
@@ -121,11 +130,14 @@ class ZmqTransport(FramedTransport):
         super().__init__(url, **link)
         self.url = url
         self.heartbeat = heartbeat if heartbeat is not None else min(0.5, self.peer_deadline / 10)
+        self._max_version = READAHEAD_VERSION if readahead else PROTOCOL_VERSION
         self._curve = None
         if curve_server_key is not None:
             public, secret = curve_keypair if curve_keypair is not None else zmq.curve_keypair()
             self._curve = (_key(curve_server_key), _key(public), _key(secret))
         self._waker = _Waker()
+        self._io_asleep = False  # the I/O thread polls with nothing to send: a submit must wake it
+        self._hwm_refused = False  # the last flush met the high-water mark: retry at the next event
         # owned by the I/O thread
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
@@ -139,7 +151,11 @@ class ZmqTransport(FramedTransport):
 
     # -- runner-thread side ------------------------------------------------------------------------
     def _wake_io(self) -> None:
-        self._waker.wake()
+        # only an I/O thread that is (about to be) asleep in its poll needs the byte: a busy one
+        # looks at the outbox and at _stop before it polls again (see _io_main)
+        if self._io_asleep or self._stop:
+            self._io_asleep = False
+            self._waker.wake()
 
     def _release(self) -> None:
         self._waker.close()
@@ -166,7 +182,11 @@ class ZmqTransport(FramedTransport):
                         poller.register(new, zmq.POLLIN)
             now = time.monotonic()
             wait = max(0.0, min(self._next_timer(now) - now, 1.0))
-            ready = dict(poller.poll(int(wait * 1000) + 1))
+            with self._cv:  # asleep only with nothing to send: a submit after this wakes us
+                busy = bool(self._outbox) and self._state == "up" and not self._hwm_refused
+                self._io_asleep = not busy and not self._stop
+            ready = dict(poller.poll(0 if busy else int(wait * 1000) + 1))
+            self._io_asleep = False
             if self._waker.fileno() in ready:
                 self._waker.drain()
             if self._mon is not None and self._mon in ready:
@@ -262,7 +282,8 @@ class ZmqTransport(FramedTransport):
         self._state = "connecting"
         self._attempt_ends = now + max(self.backoff.current, 0.05)
         self.counters["handshakes"] += 1
-        self._write(encode_hello(self.domains, token=self.resume_token))
+        # offer read-ahead (version 2) unless told not to; a version 1 server answers 1 and never does
+        self._write(encode_hello(self.domains, max_version=self._max_version, token=self.resume_token))
 
     def _close_socket(self) -> None:
         if self._sock is None:
@@ -294,11 +315,15 @@ class ZmqTransport(FramedTransport):
                 )
                 self._fail_open(HandshakeRefused(f"{self.url}: {what} (handshake event {event})", 0))
 
-    def _write(self, frame: bytes) -> bool:
+    def _write(self, *frames: bytes) -> bool:
+        """Send ``frames`` as one message (a part each); False if the high-water mark refuses it."""
         if self._sock is None:
             return False
         try:
-            self._sock.send(frame, zmq.NOBLOCK)
+            if len(frames) == 1:
+                self._sock.send(frames[0], zmq.NOBLOCK)
+            else:
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
             return True
         except zmq.Again:
             self.counters["send_would_block"] += 1
@@ -309,12 +334,17 @@ class ZmqTransport(FramedTransport):
         batch = self._take_outbox()
         now = time.monotonic()
         sent = 0
-        for cmd, frame in batch:
-            if not self._write(frame):
+        self._hwm_refused = False
+        step = BATCH_FRAMES_MAX if self._readahead else 1  # a version 2 server takes a batch per message
+        while sent < len(batch):
+            chunk = batch[sent : sent + step]
+            if not self._write(*(frame for _, frame in chunk)):
                 self._hold_back(batch[sent:])
+                self._hwm_refused = True
                 break
-            self._inflight[cmd.tag] = (cmd, now)
-            sent += 1
+            for cmd, _ in chunk:
+                self._inflight[cmd.tag] = (cmd, now)
+            sent += len(chunk)
         self.counters["sent"] += sent
 
     def _read_socket(self) -> None:
@@ -329,6 +359,9 @@ class ZmqTransport(FramedTransport):
             except zmq.Again:
                 return
             if len(parts) != 1:
+                if self._readahead:  # a version 2 server batches frames: one part each
+                    yield from parts
+                    continue
                 self.counters["malformed_rx"] += 1
                 continue
             yield parts[0]
@@ -368,6 +401,7 @@ def open_tcp(
     heartbeat: float | None = None,
     curve_server_key: bytes | str | None = None,
     curve_keypair: tuple[bytes | str, bytes | str] | None = None,
+    readahead: bool = True,
     **options: Any,
 ) -> ZmqTransport:
     """Open ``tcp://HOST:PORT`` and complete the handshake before returning.
@@ -376,14 +410,18 @@ def open_tcp(
     ``reconnect_delay_max``, ``peer_deadline``: how long a silent server may take to come back) are
     :class:`~apcrypto.transport.framed.LinkOptions`.  ``curve_server_key`` (Z85) enables CURVE, with
     ``curve_keypair`` (public, secret; default: a fresh, unlisted pair, which an allow-listing server
-    refuses).  Raises :class:`ServerUnreachable` or :class:`HandshakeRefused` (both
-    ``ConnectionError``).  Options meant for other transports are ignored, so one
-    ``connect(url, **options)`` serves them all.
+    refuses).  ``readahead`` (default on) asks the server to send a queue's waiting replies with the
+    answer to the NQAP or DQAP that finds them (protocol version 2: one round trip for a queue's
+    replies instead of one each; the transport then answers the next DQAPs of that queue from
+    them); off, the card is seen exactly as version 1 shows it.  Raises :class:`ServerUnreachable`
+    or :class:`HandshakeRefused` (both ``ConnectionError``).  Options meant for other transports
+    are ignored, so one ``connect(url, **options)`` serves them all.
     """
     return ZmqTransport(
         url,
         heartbeat=heartbeat,
         curve_server_key=curve_server_key,
         curve_keypair=curve_keypair,
+        readahead=readahead,
         **link_options(options),
     )
