@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 Done = Callable[[list[tuple[Any, FirmwareResult]]], None]
 Lost = Callable[[int], None]
 
+#: Most jobs one worker process holds.  Its results then fit in a pipe's buffer (64 KiB on Linux;
+#: a reply is at most ~520 bytes), so a worker never blocks writing while the emulator, holding
+#: its lock, blocks writing it a job: no deadlock whatever a profile's engine count.  Past it a
+#: card computes inline.
+MAX_OUTSTANDING = 64
 #: Seconds :meth:`ProcessEngines.close` waits for a worker to end by itself before killing it.
 CLOSE_GRACE = 2.0
 
@@ -206,6 +211,8 @@ class ProcessEngines:
                 if not pool:
                     return False
             w = min(pool, key=lambda w: len(w.jobs))
+            if len(w.jobs) >= MAX_OUTSTANDING:
+                return False  # computed inline: see MAX_OUTSTANDING
             job_id = next(self._ids)
             w.jobs[job_id] = token
         try:

@@ -10,6 +10,7 @@ firmware's machine-failure replies, then the card serves again), never a hang.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -413,3 +414,28 @@ def test_an_engine_thread_that_raises_is_a_machine_failure(
         assert emu.nqap(Q0[0], 2, crt(32)).status.rc == 0  # the same threads compute again
         assert result_int(_collect(emu, Q0[:1], 1)[2]) == pow(32, key().d, key().n)
     assert "engine thread of card 0 failed" in caplog.text
+
+
+def test_a_worker_holds_a_bounded_number_of_jobs(tmp_path: Path) -> None:
+    """Past MAX_OUTSTANDING jobs on one worker the backend refuses (the card computes inline), so
+    the pipes can never fill both ways at once; the held jobs still all come back."""
+    from emulator.engines import MAX_OUTSTANDING
+    from firmware_stubs import DomainStore, FirmwareContext
+
+    done: list[object] = []
+    engines = ProcessEngines(1, lambda batch: done.extend(t for t, _ in batch), lambda card: None)
+    ctx = FirmwareContext(0, DomainStore(), random.Random(0))
+    try:
+        assert engines.submit(0, -1, mex(3), ctx)
+        assert _wait(lambda: done == [-1])
+        (pid,) = engines.pids(0)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            accepted = [engines.submit(0, i, mex(i + 2), ctx) for i in range(MAX_OUTSTANDING + 5)]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert accepted == [True] * MAX_OUTSTANDING + [False] * 5
+        assert _wait(lambda: len(done) == MAX_OUTSTANDING + 1)
+        assert sorted(done[1:]) == list(range(MAX_OUTSTANDING))  # type: ignore[type-var]
+    finally:
+        engines.close()
