@@ -439,3 +439,21 @@ def test_a_worker_holds_a_bounded_number_of_jobs(tmp_path: Path) -> None:
         assert sorted(done[1:]) == list(range(MAX_OUTSTANDING))  # type: ignore[type-var]
     finally:
         engines.close()
+
+
+def test_a_worker_talking_nonsense_is_killed_and_fails_its_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose output is not frames (here: a length over the bound, then silence) is not
+    waited for: it is killed, reaped and its card fails, as if it had died."""
+    import emulator.engines as engines
+
+    liar = "import sys, time; sys.stdout.buffer.write(b'\\xff' * 8); sys.stdout.flush(); time.sleep(60)"
+    monkeypatch.setattr(engines, "WORKER_COMMAND", [sys.executable, "-c", liar])
+    with Emulator(_profile(tmp_path, "processes"), clock="wall") as emu:
+        assert emu.nqap(Q0[0], 1, crt(41)).status.rc == 0
+        pids = emu.engines.pids(0)  # type: ignore[union-attr]
+        assert _wait(lambda: emu.card_state(0) is CardState.RECOVERING, 10.0)
+        assert emu.engines.lost == 1 and all(_gone(p) for p in pids)  # type: ignore[union-attr]
+        rep = parse_reply(_collect(emu, Q0[:1], 1, timeout=5.0)[1].reply)
+        assert rep.mf_state is MachineFailureState.IN_PROCESS
