@@ -30,7 +30,7 @@ from apformats.results import ApResult, qid_of
 from emulator import CardState, Emulator, load_profile
 from emulator.engines import ProcessEngines, ThreadEngines
 
-PARALLEL = (Path(__file__).parent.parent / "emulator" / "profiles" / "parallel.toml").read_text()
+PARALLEL = (Path(__file__).parent.parent / "emulator" / "profiles" / "parallel-processes.toml").read_text()
 Q0 = [qid_of(0, d) for d in range(4)]
 DEADLINE = 20.0
 
@@ -79,12 +79,15 @@ def _wait(cond, timeout: float = DEADLINE) -> bool:  # type: ignore[no-untyped-d
     return True
 
 
-def test_parallel_profile_and_backend_choice(tmp_path: Path) -> None:
+def test_parallel_profiles_and_backend_choice(tmp_path: Path) -> None:
     p = load_profile("parallel")
-    assert (p.execution.backend, p.execution.workers, p.execution.arithmetic) == ("processes", 1, "auto")
+    assert (p.execution.backend, p.execution.workers, p.execution.arithmetic) == ("threads", 1, "auto")
+    assert load_profile("parallel-processes").execution.backend == "processes"
     assert load_profile("fast").execution.backend == "inline"
-    with Emulator("parallel", clock="wall") as emu:
+    with Emulator("parallel-processes", clock="wall") as emu:
         assert isinstance(emu.engines, ProcessEngines)
+    with Emulator("parallel", clock="wall") as emu:
+        assert isinstance(emu.engines, ThreadEngines)
     with Emulator(_profile(tmp_path, "threads"), clock="wall") as emu:
         assert isinstance(emu.engines, ThreadEngines)
     with Emulator("fast", clock="wall") as emu:
@@ -95,7 +98,7 @@ def test_virtual_clock_computes_inline_and_replays() -> None:
     """The simulation path never depends on workers: no backend, and the same log every run."""
     logs = []
     for _ in range(2):
-        emu = Emulator("parallel", seed=7)  # virtual clock
+        emu = Emulator("parallel-processes", seed=7)  # virtual clock
         assert emu.engines is None
         for i, qid in enumerate(Q0 * 3):
             assert emu.nqap(qid, i, crt(i + 2)).status.rc == 0
@@ -291,10 +294,10 @@ def test_a_reset_drops_answers_still_being_computed(tmp_path: Path) -> None:
 
 
 def test_a_client_owning_its_emulator_stops_the_workers() -> None:
-    """``connect("emu:parallel")`` builds (and owns) a wall-clock emulator with worker processes;
+    """``connect("emu:parallel-processes")`` builds (and owns) a wall-clock emulator with workers;
     closing the client ends them."""
     k = rsa_key(2048)
-    with apcrypto.connect("emu:parallel") as client:
+    with apcrypto.connect("emu:parallel-processes") as client:
         assert client.wait_ready(DEADLINE)
         out = client.mod_expo_crt((5).to_bytes(256, "big"), *crt_args(k)).result(DEADLINE)
         emu = client.transport.emulator  # type: ignore[attr-defined]
@@ -330,11 +333,11 @@ def _children(pid: int) -> list[int]:
 
 
 def test_a_killed_server_leaves_no_worker_behind() -> None:
-    """``apcrypto-emulator serve --profile parallel`` computes in worker processes; SIGKILL of the
-    server (no chance to close anything) still leaves none of them running."""
+    """``apcrypto-emulator serve --profile parallel-processes`` computes in worker processes; SIGKILL
+    of the server (no chance to close anything) still leaves none of them running."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "serve", "--profile", "parallel", "--default-grant", "all",
-         "--bind", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0"],
+        [sys.executable, "-m", "emulator", "serve", "--profile", "parallel-processes",
+         "--default-grant", "all", "--bind", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:
