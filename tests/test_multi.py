@@ -426,29 +426,20 @@ def test_cli_list_takes_several_urls(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["list", "emu:small", "emu:fast", "01", "12.0003"]) == 0
     names = [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[2:]]
     assert names == ["01", "01.0000", "01.0001", "12", "12.0003"]  # lszcrypt filters, pool card ids
+    assert main(["stats", "emu:small,emu:fast", "-i", "0.05", "-c", "1", "-o", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["cards"]) == {"00", "01", "10", "11", "12", "13"}  # each server on its own clock
 
 
-def test_peer_restored_names_the_servers_queues_once_the_core_takes_them(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Forward compatibility: when the core's PeerRestored gains a ``qids`` field (the queues of
-    the peer that came back), the pool fills it with that server's queues only."""
-    import dataclasses
-
-    import apcrypto.transport.multi as multi
-
-    @dataclasses.dataclass(frozen=True)
-    class Scoped:
-        reason: str = ""
-        resumed: bool = False
-        qids: tuple[int, ...] | None = None
-
-    monkeypatch.setattr(multi, "PeerRestored", Scoped)
+def test_a_servers_loss_and_return_carry_its_own_queues_as_scope() -> None:
+    """The pool fills ``scope`` on the core's TransportLost and PeerRestored with that server's
+    queues only (renumbered into its block), so the core keeps each server's to itself."""
     a, b = Scripted([0x0001]), Scripted([0x0001, 0x0302])
     t = MultiTransport([a, b], ["x:a", "x:b"])
-    b.script = [Scoped("back", resumed=False)]  # type: ignore[list-item]
-    (ev,) = t.poll()
-    assert isinstance(ev, Scoped) and ev.qids == (0x1001, 0x1302) and ev.reason == "x:b: back"
+    b.script = [TransportLost("gone", (), True, (0x0302,)), PeerRestored("back", resumed=False)]
+    lost, back = t.poll()
+    assert isinstance(lost, TransportLost) and lost.scope == (0x1001, 0x1302) and lost.qids == (0x1302,)
+    assert isinstance(back, PeerRestored) and back.scope == (0x1001, 0x1302) and back.reason == "x:b: back"
 
 
 def test_a_server_that_does_not_answer_fails_the_open_with_its_own_error() -> None:

@@ -288,7 +288,8 @@ class MultiTransport(Transport):
                 out += [Interrupt(q) for q in self._mapped(i, (ev.qid,))]  # none: a queue we never use
             elif isinstance(ev, TransportLost):
                 qids = tuple(self._mapped(i, ev.qids))  # always all: they come from our own commands
-                out.append(dataclasses.replace(ev, reason=f"{url}: {ev.reason}", qids=qids))
+                scope = self._scope(i)
+                out.append(dataclasses.replace(ev, reason=f"{url}: {ev.reason}", qids=qids, **scope))
             elif isinstance(ev, PeerRestored):
                 out.append(self._restored(i, ev))
             else:
@@ -296,16 +297,18 @@ class MultiTransport(Transport):
         return out
 
     def _restored(self, i: int, ev: PeerRestored) -> PeerRestored:
-        """Server ``i`` is back.  When the core's :class:`PeerRestored` can say which queues came
-        back (a ``qids`` field), it says only server ``i``'s.  Until then the core takes it for
-        every offline queue: it re-probes them all (for another server still gone, an early probe
-        that bounces) and drains or decides every queue holding work for a kept session, also
-        another server's -- conservative verdicts, never a lost or doubled request (the soak kill
-        test with both servers killed checks that), but sooner than that server's own grace."""
-        extra: dict[str, Any] = {}
-        if "qids" in {f.name for f in dataclasses.fields(PeerRestored)}:
-            extra["qids"] = tuple(self._mapped(i, self.children[i].qids()))
-        return PeerRestored(f"{self.urls[i]}: {ev.reason}", resumed=ev.resumed, **extra)
+        """Server ``i`` is back (see :meth:`_scope` for what the core makes of it)."""
+        return PeerRestored(f"{self.urls[i]}: {ev.reason}", resumed=ev.resumed, **self._scope(i))
+
+    def _scope(self, i: int) -> dict[str, Any]:
+        """``{"scope": server i's APQNs}``: the queues of the one peer a loss or a return is about.
+
+        With it the core keeps each server's to itself: a server that comes back has only its own
+        offline queues re-probed and its own kept-session queues drained or decided, a loss that
+        can no longer resume decides only that server's held work, and an answer from one server
+        clears the link suspicion of that server's queues only (another may be stopped).
+        """
+        return {"scope": tuple(self._mapped(i, self.children[i].qids()))}
 
 
 def open_multi(urls: Sequence[str], **options: Any) -> MultiTransport:
