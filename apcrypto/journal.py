@@ -6,7 +6,8 @@ is the user's page; this module is the writer.
 
 What is stored, and when (the order is the guarantee):
 
-* **at submit**: a row per request: its kind (the request class), its function (``MEX_2K``,
+* **at submit** (written with the next commit; a request that ends before it never touches the
+  file): a row per request: its kind (the request class), its function (``MEX_2K``,
   ``CPRB:CI``...), the idempotent flag, the APQNs it is pinned to, the few numbers needed to decode
   its reply (``mod_len``, ``n``) and -- only with ``journal_operands=True`` -- its operand bytes (the
   AP message, or the CPRB payload), which a re-drive after a restart needs;
@@ -86,11 +87,31 @@ CREATE TABLE IF NOT EXISTS requests(
     id INTEGER PRIMARY KEY, life INTEGER NOT NULL, kind TEXT NOT NULL, function TEXT NOT NULL,
     idempotent INTEGER NOT NULL, meta TEXT NOT NULL, operands BLOB, target TEXT,
     attempts TEXT NOT NULL DEFAULT '',
-    redrive_of INTEGER, verdict TEXT, evidence TEXT, reason TEXT, decided_in INTEGER);
+    redrive_of INTEGER, verdict TEXT, evidence TEXT, reason TEXT, decided_in INTEGER, redrive INTEGER);
 """
 # ``attempts``: one token per attempt, in the order sent: ``PSMID@QID`` (hex), ``=FACT`` appended when
 # a reply fact is known (``6b0000001a@0200=unrun:0x10/2``).  One row per request, so the hot path
 # is one INSERT (with its first attempt) and one DELETE per request, a few statements per commit.
+
+
+_INSERT = (
+    "INSERT INTO requests(id, life, kind, function, idempotent, meta, operands, target, attempts) VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    ", ",
+    "",
+)
+_DELETE = ("DELETE FROM requests WHERE id IN (", "?", ", ", ")")
+_CHUNK = 400  # rows per statement (9 parameters each: well under SQLite's 32766)
+
+
+def _many(db: sqlite3.Connection, sql: tuple[str, str, str, str], rows: Sequence[tuple[Any, ...]]) -> None:
+    """One statement for many rows (``head + item, item, ... + tail``), not one per row as
+    ``executemany`` runs: the sqlite3 module lets go of the GIL around every statement step, and
+    under a busy caller thread each handover can cost the runner a whole switch interval."""
+    head, item, sep, tail = sql
+    for i in range(0, len(rows), _CHUNK):
+        chunk = rows[i : i + _CHUNK]
+        db.execute(head + sep.join([item] * len(chunk)) + tail, [v for r in chunk for v in r])
 
 
 def format_attempts(attempts: Iterable[AttemptRow]) -> str:
@@ -348,8 +369,9 @@ class Journal:
         idem = request.idempotent_default if idempotent is None else bool(idempotent)
         with self._lock:
             pre = self._preassigned.pop(id(request), None)
-            if pre is not None and pre[1]:  # a re-drive: its row is written
+            if pre is not None and pre[1]:  # a re-drive: its row is written; its attempts are not yet
                 self._rids[rid] = pre[0]
+                self._open[pre[0]] = []
                 return
             if pre is not None:
                 jid = pre[0]
@@ -445,11 +467,7 @@ class Journal:
             db = self._c
             if self._rows:
                 opened = self._open
-                db.executemany(
-                    "INSERT INTO requests(id, life, kind, function, idempotent, meta, operands, target, "
-                    "attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(*r, format_attempts(opened[jid])) for jid, r in self._rows.items()],
-                )
+                _many(db, _INSERT, [(*r, format_attempts(opened[jid])) for jid, r in self._rows.items()])
                 self._rows = {}
             if self._changed:
                 db.executemany(
@@ -458,7 +476,7 @@ class Journal:
                 )
                 self._changed = set()
             if self._done:
-                db.executemany("DELETE FROM requests WHERE id = ?", self._done)
+                _many(db, _DELETE, self._done)
                 self._done = []
             if self._token_of is not None:
                 token = self._token_of()
@@ -535,6 +553,7 @@ class Journal:
                 jid = self._next_id
                 self._next_id += 1
                 made[did] = jid
+                db.execute("UPDATE requests SET redrive = ? WHERE id = ?", (jid, did))
                 db.execute(
                     "INSERT INTO requests(id, life, kind, function, idempotent, meta, operands, target, "
                     "redrive_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -580,8 +599,7 @@ def read_verdicts(db: sqlite3.Connection, lock: threading.Lock | None = None) ->
     """The requests a journal holds with their verdicts (or ``None``: not reconciled yet)."""
     query = (
         "SELECT r.id, r.life, r.kind, r.function, r.idempotent, r.verdict, r.evidence, r.reason, "
-        "r.redrive_of, r.decided_in, r.attempts, (SELECT d.id FROM requests d WHERE d.redrive_of = r.id) "
-        "FROM requests r ORDER BY r.id"
+        "r.redrive_of, r.decided_in, r.attempts, r.redrive FROM requests r ORDER BY r.id"
     )
     if lock is not None:
         with lock:

@@ -114,7 +114,8 @@ def drain(
     """DQAP each APQN of ``wanted`` (qid -> our psmids on it) until it holds nothing (``queue_empty``
     with no reply pending) or all our psmids are answered; at most ``bound`` seconds in all.
 
-    Returns the APQNs emptied (every reply they had for us was taken) and psmid -> reply bytes for
+    Returns the APQNs emptied (nothing of ours left: they held nothing, or every psmid of ours there
+    was answered) and psmid -> reply bytes for
     every reply taken (ours or not: a reply is only ever taken once, so the caller sees them all).
     ``on_batch`` gets each poll's replies before the next DQAP goes out (the journal commits them).
     """
@@ -156,7 +157,8 @@ def drain(
                 replies[ev.result.psmid] = batch[ev.result.psmid] = bytes(ev.result.reply)
                 left.get(q, set()).discard(ev.result.psmid)
                 if q in left and not left[q]:
-                    del left[q]  # every psmid of ours there is answered
+                    del left[q]  # every psmid of ours there is answered: nothing of ours is left
+                    emptied.add(q)
                 else:
                     again_at[q] = clock()
             elif rc == NO_PENDING_REPLY and st.queue_empty:
@@ -169,9 +171,6 @@ def drain(
                 left.pop(q, None)
         if batch and on_batch is not None:
             on_batch(batch)
-    for q in list(left):
-        if q not in emptied and not left[q]:
-            emptied.add(q)
     if inflight:  # bounded: wait a moment for DQAPs still out, so no reply is left unread in a socket
         stop = clock() + min(1.0, bound)
         while inflight and clock() < stop:

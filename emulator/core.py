@@ -36,6 +36,7 @@ from apformats.results import ApResult, Instr
 from apformats.status import QueueStatus
 from emulator.clock import TimerHandle, VirtualClock, WallClock
 from emulator.control import ControlPlane
+from emulator.engines import EngineBackend, make_engines, offloaded
 from emulator.execution_log import ExecutionLog
 from emulator.lifecycle import (
     CARD_GATE,
@@ -128,8 +129,17 @@ class Emulator:
                     max_mod_bytes=card.type.max_mod_bytes,
                     mode=card.type.mode,
                     compute=self.profile.timing.compute,
+                    arithmetic=self.profile.execution.arithmetic,
                 )
         self._qids = sorted(q.qid for c in self._cards.values() for q in c.queues.values() if q.usage)
+        # Where engines compute (profile ``execution``): on a virtual clock always inline, so a
+        # simulation never depends on another thread's or process's timing.
+        execution = self.profile.execution
+        self.engines: EngineBackend | None = None
+        if not isinstance(clock, VirtualClock):
+            self.engines = make_engines(
+                execution.backend, execution.workers, self._on_computed, self._on_engines_lost
+            )
 
         if isinstance(clock, WallClock) and not clock.running:
             clock.start()
@@ -145,8 +155,11 @@ class Emulator:
         self.close()
 
     def close(self) -> None:
-        """Stop a WallClock this emulator started (idempotent).  Pending work is left as it is."""
+        """Stop the engine workers and a WallClock this emulator started (idempotent).  Pending work
+        is left as it is."""
         self._closed = True
+        if self.engines is not None:
+            self.engines.close()
         if self._owns_clock and isinstance(self.clock, WallClock):
             self.clock.close()
 
@@ -357,6 +370,8 @@ class Emulator:
             msg.reply = build_error_reply(msg.fail_code)
             entry.reply_code = msg.fail_code
             msg.ok = False
+        elif self.engines is not None and offloaded(msg.function) and self._offload(card, msg):
+            pass  # computed elsewhere: see _offload
         else:
             result = firmware_stubs.execute(msg.request, q.fw_ctx)
             msg.reply = result.reply
@@ -364,10 +379,23 @@ class Emulator:
             entry.reply_code = result.reply_code
             entry.effect = result.effect
         delay = self._service_time(card, msg.function)
-        if delay <= 0.0:
+        if msg.computing:
+            if delay > 0.0:
+                engine.timer = self.clock.call_later(delay, lambda: self._on_complete(card, engine, msg))
+        elif delay <= 0.0:
             self._finish(card, engine, msg)
         else:
             engine.timer = self.clock.call_later(delay, lambda: self._on_complete(card, engine, msg))
+
+    def _offload(self, card: Card, msg: Message) -> bool:
+        """Hand the message's firmware run to the engine backend.  It ends when both its answer is
+        back (:meth:`_on_computed`) and its service time is over (:meth:`_on_complete`), whichever
+        is later.  False (the backend refused: closed, or no worker could start): compute inline."""
+        assert self.engines is not None
+        msg.computing = True
+        if not self.engines.submit(card.id, msg, msg.request, msg.queue.fw_ctx):
+            msg.computing = False
+        return msg.computing
 
     def _service_time(self, card: Card, function: str) -> float:
         key = (card.type.name, function)
@@ -406,8 +434,49 @@ class Emulator:
             if engine.message is not msg:  # superseded by a reset or a failure
                 return
             engine.timer = None
+            if msg.computing:  # service time over, answer not back yet: _on_computed finishes it
+                return
             self._finish(card, engine, msg)
             self._dispatch(card)
+        self._flush_interrupts()
+
+    def _on_computed(self, done: list[tuple[Message, firmware_stubs.FirmwareResult]]) -> None:
+        """Answers from the engine backend (its thread, no lock held).  An answer is dropped when its
+        message left the engine meanwhile (reset, machine failure, checkstop: that verdict stands)."""
+        with self.lock:
+            cards: list[Card] = []
+            for msg, result in done:
+                if not msg.computing:
+                    continue
+                msg.computing = False
+                card = msg.queue.card
+                if msg.engine is None:
+                    continue
+                engine = card.engines[msg.engine]
+                if engine.message is not msg:
+                    continue
+                msg.reply = result.reply
+                msg.ok = result.ok
+                msg.entry.reply_code = result.reply_code
+                msg.entry.effect = result.effect
+                if engine.timer is not None:  # the service time is not over yet: _on_complete finishes
+                    continue
+                self._finish(card, engine, msg)
+                if card not in cards:
+                    cards.append(card)
+            for card in cards:
+                self._dispatch(card)
+        self._flush_interrupts()
+
+    def _on_engines_lost(self, card_id: int) -> None:
+        """A worker process of the card died (or a worker thread's computation raised): the card
+        suffers a machine failure, so everything it held is answered by the firmware's
+        machine-failure handler instead of waiting forever."""
+        with self.lock:
+            card = self._cards.get(card_id)
+            if card is None or self._closed:
+                return
+            self._card_event(card, CardEvent.MACHINE_FAILURE, recovery_time=self.profile.timing.recovery_time)
         self._flush_interrupts()
 
     # --- interrupts ----------------------------------------------------------------------------

@@ -446,6 +446,9 @@ class FrameSession:
         self._established = False
         self._version = 0
         self._closed = threading.Event()
+        #: queues an answer of this session left with no reply waiting (read-ahead sessions): an
+        #: interrupt due for one of them may be stale (see _on_interrupt)
+        self._drained: set[int] = set()
 
     # -- state -------------------------------------------------------------------------------------
     @property
@@ -596,13 +599,11 @@ class FrameSession:
             result = self.emulator.execute(cmd, irq)
             out = [encode_result(cmd.tag, result)]
             st = result.status
-            if (
-                st.replies_waiting
-                and st.response_code == ResponseCode.NORMAL
-                and self._version >= READAHEAD_VERSION
-                and cmd.instr in _READS_AHEAD
-            ):
-                out += self._read_ahead(cmd, irq)
+            if self._version >= READAHEAD_VERSION and cmd.instr in _READS_AHEAD:
+                if st.replies_waiting and st.response_code == ResponseCode.NORMAL:
+                    out += self._read_ahead(cmd, irq)
+                else:
+                    self._drained.add(cmd.qid)
             return out
         except Exception as exc:  # a bug in the emulator must not take the server down
             log.exception("%s: %s on qid %#06x failed", self.name, cmd.instr.name, cmd.qid)
@@ -622,15 +623,27 @@ class FrameSession:
                 break
             frames.append(encode_result(cmd.tag, r))
             if not r.status.replies_waiting:
+                self._drained.add(cmd.qid)
                 break
         self.stats["read_ahead"] += len(frames)
         return frames
 
     def _on_interrupt(self, qid: int) -> None:
-        """Emulator callback (clock context): queue an INTERRUPT frame for this session's owner."""
+        """Emulator callback (clock context): queue an INTERRUPT frame for this session's owner.
+
+        In a read-ahead session an interrupt whose replies were already taken (a reply ready when
+        its NQAP returned, sent with that NQAP's answer) is spared: the client has them, and it
+        would only DQAP an empty queue.  Only queues an answer left with nothing waiting are asked
+        (a TAPQ: no side effect); anything but a plain "nothing waiting" keeps the interrupt."""
         notify = self._notify
         if notify is None or self.closed:
             return
+        if qid in self._drained:  # a read of this queue found it dry since: is anything waiting?
+            self._drained.discard(qid)
+            st = self.emulator.execute(Command(0, Instr.TAPQ, qid)).status
+            if st.response_code == ResponseCode.NORMAL and not st.replies_waiting:
+                self.stats["interrupts_spared"] += 1
+                return
         self.stats["interrupts"] += 1
         notify(encode_interrupt(qid))
 

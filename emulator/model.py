@@ -29,6 +29,7 @@ class Message:
     """One accepted request message, from NQAP to DQAP."""
 
     __slots__ = (
+        "computing",
         "engine",
         "entry",
         "fail_code",
@@ -56,6 +57,7 @@ class Message:
         self.reply: bytes | None = None
         self.ok = False  # the firmware's verdict: a normal reply (True) or an error reply
         self.fail_code: int | None = None  # set by a FailRequest fault
+        self.computing = False  # its firmware answer is being computed by an engine backend
 
     def __repr__(self) -> str:
         return f"<Message psmid={self.psmid:#x} qid={self.queue.qid:#06x} {self.entry.outcome}>"

@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from apformats.status import DEFAULT_MAX_MSG_SIZE, ML_CHUNK, queue_slots
+from firmware_stubs.arithmetic import ARITHMETIC_NAMES, unavailable_reason
 from firmware_stubs.context import COMPUTE_MODES
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "PROFILE_FORMAT",
     "CardSpec",
     "CardType",
+    "Execution",
     "Profile",
     "ProfileError",
     "Timing",
@@ -43,6 +45,8 @@ PROFILE_FORMAT = 1
 FUNCTION_CLASSES = ("MEX_1K", "MEX_2K", "MEX_4K", "CRT_1K", "CRT_2K", "CRT_4K", "RNG", "CPRB:*")
 _CPRB_FC = re.compile(r"^CPRB:[A-Za-z0-9]{2}$")
 MODES = ("accel", "cca")  # the modes the firmware stubs implement
+#: Where a card's engines run the firmware's RSA math on a wall clock (emulator.engines).
+ENGINE_BACKENDS = ("inline", "threads", "processes")
 
 #: Where the bundled profiles live (installed as package data).
 PROFILE_DIR = Path(__file__).with_name("profiles")
@@ -70,6 +74,27 @@ class Timing:
     reset_time: float
     recovery_time: float
     compute: str = "real"
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where and with what the firmware's RSA arithmetic runs: speed only, never the results.
+
+    ``backend``: ``"inline"`` computes when an engine starts a message, in the thread that started
+    it, under the emulator lock (one core at a time); ``"threads"`` hands RSA requests to
+    ``workers`` threads per card, whose math releases the GIL; ``"processes"`` to ``workers``
+    worker processes per card (the Python around the math runs there too).  A worker process that
+    dies is a machine failure of its card.  The backend applies on a wall clock only: on a virtual
+    clock the math is always inline, so a simulation never depends on another thread's or
+    process's timing (the service time comes from the model either way).
+
+    ``arithmetic``: the library (:mod:`firmware_stubs.arithmetic`): ``"auto"``, ``"openssl"`` or
+    ``"gmpy2"``.
+    """
+
+    backend: str = "inline"
+    workers: int = 1
+    arithmetic: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -127,6 +152,7 @@ class Profile:
     card_types: Mapping[str, CardType]
     cards: tuple[CardSpec, ...]
     source: str = "<memory>"
+    execution: Execution = Execution()
 
     def card(self, card_id: int) -> CardSpec:
         for c in self.cards:
@@ -173,6 +199,16 @@ def _compute(v: Any) -> str | None:
     return None if v in COMPUTE_MODES else f"must be one of {', '.join(COMPUTE_MODES)}"
 
 
+def _backend(v: Any) -> str | None:
+    return None if v in ENGINE_BACKENDS else f"must be one of {', '.join(ENGINE_BACKENDS)}"
+
+
+def _arithmetic(v: Any) -> str | None:
+    if v not in ARITHMETIC_NAMES:
+        return f"must be one of {', '.join(ARITHMETIC_NAMES)}"
+    return unavailable_reason(v)
+
+
 def _mode(v: Any) -> str | None:
     return None if v in MODES else f"must be one of {', '.join(MODES)}"
 
@@ -192,6 +228,11 @@ _TIMING = {
     "reset_time": (True, _seconds),
     "recovery_time": (True, _seconds),
     "compute": (False, _compute),
+}
+_EXECUTION = {
+    "backend": (False, _backend),
+    "workers": (False, _int(1, 64)),
+    "arithmetic": (False, _arithmetic),
 }
 _CARD_TYPE = {
     "at": (True, _int(0, 255)),
@@ -252,7 +293,7 @@ def _service_times(table: Any, path: str, where: str) -> Mapping[str, float]:
 def parse_profile(data: Mapping[str, Any], *, source: str = "<memory>") -> Profile:
     """Validate a TOML document (already parsed) and build a :class:`Profile`."""
     where = f"profile {source}"
-    _check_table(data, _TOP, "", where, extra=("timing", "card_types", "cards"))
+    _check_table(data, _TOP, "", where, extra=("timing", "execution", "card_types", "cards"))
     if data["format"] != PROFILE_FORMAT:
         raise ProfileError(
             f"{where}: 'format' is {data['format']}, this emulator reads format {PROFILE_FORMAT} only"
@@ -266,6 +307,10 @@ def parse_profile(data: Mapping[str, Any], *, source: str = "<memory>") -> Profi
         **{k: float(data["timing"][k]) for k in _TIMING if k != "compute"},
         compute=data["timing"].get("compute", "real"),
     )
+
+    exe_tbl = data.get("execution", {})
+    _check_table(exe_tbl, _EXECUTION, "execution", where)
+    execution = Execution(**exe_tbl)
 
     types_tbl = data["card_types"]
     if not isinstance(types_tbl, dict) or not types_tbl:
@@ -335,6 +380,7 @@ def parse_profile(data: Mapping[str, Any], *, source: str = "<memory>") -> Profi
         card_types=MappingProxyType(card_types),
         cards=tuple(sorted(cards, key=lambda c: c.id)),
         source=source,
+        execution=execution,
     )
 
 

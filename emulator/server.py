@@ -586,8 +586,10 @@ class EmulatorServer:
         later gets its frames as one message of several parts (one frame each): one send instead of
         one per frame, and a RESULT arrives with the read-ahead replies behind it, never apart from
         them.  Version 1 clients take one frame per message."""
+        pending = self.emu.control.transport_faults.pending()
+        faulty = bool(pending["drop"] or pending["corrupt"])  # looked up once a batch, not a frame
         if len(out) == 1:
-            self._send(*out[0])
+            self._send(*out[0], faulty=faulty)
             return
         per_peer: dict[bytes, list[bytes]] = {}
         for ident, frame in out:
@@ -599,17 +601,20 @@ class EmulatorServer:
         for ident, frames in per_peer.items():
             peer = self._peers.get(ident)
             if len(frames) > 1 and peer is not None and peer.session.version >= READAHEAD_VERSION:
-                self._send(ident, *frames)
+                for i in range(0, len(frames), BATCH_FRAMES_MAX):
+                    self._send(ident, *frames[i : i + BATCH_FRAMES_MAX], faulty=faulty)
             else:
                 for frame in frames:
-                    self._send(ident, frame)
+                    self._send(ident, frame, faulty=faulty)
 
-    def _send(self, ident: bytes, *frames: bytes) -> None:
-        """Send ``frames`` to ``ident`` as one message (one part each), transport faults applied."""
+    def _send(self, ident: bytes, *frames: bytes, faulty: bool = True) -> None:
+        """Send ``frames`` to ``ident`` as one message (one part each), transport faults applied
+        (``faulty=False``: the caller knows none is armed)."""
         assert self._data is not None
-        frames = tuple(self._faulted(frames))
-        if not frames:
-            return
+        if faulty:
+            frames = tuple(self._faulted(frames))
+            if not frames:
+                return
         try:
             self._data.send_multipart([ident, *frames], zmq.NOBLOCK)
             self.stats["frames_out"] += len(frames)

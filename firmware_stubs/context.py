@@ -10,11 +10,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from firmware_stubs.arithmetic import unavailable_reason
+
 #: Card modes and the one request type each understands (a CCA coprocessor takes CPRBs, §4.4).
 MODE_REQUEST_TYPE: dict[str, int] = {"accel": 0x50, "cca": 0x06}
 
-#: The firmware's arithmetic: ``real`` computes (gmpy2); ``echo`` answers RSA with the message itself,
-#: correctly shaped, for overhead benchmarks only (the ``overhead`` profile; see ``rsa.mod_expo``).
+#: The firmware's arithmetic: ``real`` computes (:mod:`firmware_stubs.arithmetic`); ``echo`` answers
+#: RSA with the message itself, correctly shaped, for overhead benchmarks only (the ``overhead``
+#: profile; see ``rsa.mod_expo``).
 COMPUTE_MODES: tuple[str, ...] = ("real", "echo")
 
 #: The counter is a u64 in the CPRB reply.
@@ -66,12 +69,18 @@ class FirmwareContext:
     max_mod_bytes: int = 512
     mode: str = "accel"
     compute: str = "real"
+    #: which library computes RSA (:data:`~firmware_stubs.arithmetic.ARITHMETIC_NAMES`): the numbers
+    #: are the same whichever it is, only the speed differs.
+    arithmetic: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in MODE_REQUEST_TYPE:
             raise ValueError(f"mode {self.mode!r} not one of {sorted(MODE_REQUEST_TYPE)}")
         if self.compute not in COMPUTE_MODES:
             raise ValueError(f"compute {self.compute!r} not one of {COMPUTE_MODES}")
+        reason = unavailable_reason(self.arithmetic)
+        if reason is not None:
+            raise ValueError(reason)
 
 
 @dataclass(frozen=True, slots=True)

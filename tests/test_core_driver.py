@@ -782,6 +782,22 @@ def test_peer_restored_reprobes_offline_queues_at_once() -> None:
     assert s.timers[("poll", Q1)] > s.now  # still unreachable: the back-off resumes, no spin
 
 
+def test_peer_restored_with_a_scope_reprobes_only_that_peers_queues() -> None:
+    """A pool of servers says which peer is back (``scope``): only its offline queues are re-probed
+    at once; another peer's stay on their back-off (that server may still be gone)."""
+    from apcrypto.core.events import PeerRestored
+
+    s = up(Q0, Q1)
+    for x in (2, 3):
+        s.submit(me_request(x, K))
+    s.lose_transport(permanent=True)
+    assert s.state(Q0) is QState.OFFLINE and s.state(Q1) is QState.OFFLINE
+    assert not s.cmds(Instr.TAPQ)  # nothing probed yet (the back-off runs)
+    s._take(s.core.on_events([PeerRestored("back", scope=(Q1,))], s.now))
+    assert [c.qid for c in s.cmds(Instr.TAPQ)] == [Q1]
+    assert s.state(Q0) is QState.OFFLINE
+
+
 def test_transport_package_reexports_the_core_events() -> None:
     """The core owns its event types; the transport package re-exports the very same classes."""
     from apcrypto.core import events

@@ -144,3 +144,11 @@ def test_only_the_machine_writes_queue_state() -> None:
                     if isinstance(t, ast.Attribute) and t.attr == "state" and ast.unparse(t.value) != "self":
                         writers.setdefault(path.stem, []).append(fn.name)
     assert writers == {"machine": ["_enter", "_become"]}
+
+
+def test_driver_core_is_importable_from_the_package() -> None:
+    import apcrypto.core
+
+    assert apcrypto.core.DriverCore is DriverCore
+    with pytest.raises(AttributeError):
+        _ = apcrypto.core.NoSuchThing  # type: ignore[attr-defined]

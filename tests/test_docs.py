@@ -104,7 +104,7 @@ def test_every_profile_key_is_described() -> None:
     from emulator import profile
 
     text = (ROOT / "docs" / "profiles.md").read_text()
-    for table in ("_TOP", "_TIMING", "_CARD_TYPE", "_CARD"):
+    for table in ("_TOP", "_TIMING", "_EXECUTION", "_CARD_TYPE", "_CARD"):
         for key in getattr(profile, table, {}):
             assert f"`{key}`" in text, f"docs/profiles.md does not describe {table} key {key!r}"
     assert all(f"`{fc}`" in text or f'`"{fc}"`' in text for fc in profile.FUNCTION_CLASSES)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from emulator import Emulator, ProfileError, bundled_profiles, load_profile
-from emulator.profile import PROFILE_DIR, parse_profile
+from emulator.profile import PROFILE_DIR, Execution, parse_profile
 
 #: zcrypt speed ratings (reference/zcrypt.md §5.4), the bundled profiles' service-time shape.
 RATINGS = {
@@ -72,6 +72,30 @@ def test_overhead_is_fast_with_echo_math_and_nothing_else_echoes() -> None:
     assert "not RSA" in over.description
     assert {n: load_profile(n).timing.compute for n in bundled_profiles() if n != "overhead"} == {
         n: "real" for n in bundled_profiles() if n != "overhead"
+    }
+
+
+def test_parallel_is_fast_computing_in_worker_processes() -> None:
+    """``parallel`` differs from ``fast`` only in name, description and ``execution``; every other
+    bundled profile computes inline with the best arithmetic."""
+    fast, par = load_profile("fast"), load_profile("parallel")
+    assert (par.timing, par.cards) == (fast.timing, fast.cards)
+    assert par.execution == Execution(backend="processes", workers=1, arithmetic="auto")
+    assert {n: load_profile(n).execution for n in bundled_profiles() if n != "parallel"} == {
+        n: Execution() for n in bundled_profiles() if n != "parallel"
+    }
+    assert Execution() == Execution(backend="inline", workers=1, arithmetic="auto")
+
+
+def test_execution_keys_are_read(tmp_path: Path) -> None:
+    doc = _small()
+    doc["execution"] = {"backend": "threads", "workers": 3, "arithmetic": "gmpy2"}
+    p = parse_profile(doc, source="t.toml")
+    assert p.execution == Execution("threads", 3, "gmpy2")
+    emu = Emulator(p)  # virtual clock: inline whatever the profile says, and the firmware is told
+    assert emu.engines is None
+    assert {q.fw_ctx.arithmetic for c in emu._cards.values() for q in c.queues.values() if q.usage} == {
+        "gmpy2"
     }
 
 
@@ -214,6 +238,11 @@ BAD = [
     ("cards", [], r"'cards' must be a non-empty array"),
     ("timing", 3, r"'timing' must be a table"),
     ("timing.compute", "fast", r"'timing\.compute' must be one of real, echo"),
+    ("execution", {"backend": "gpu"}, r"'execution\.backend' must be one of inline, threads, processes"),
+    ("execution", {"workers": 0}, r"'execution\.workers' must be an integer in 1\.\.64"),
+    ("execution", {"arithmetic": "fpga"}, r"'execution\.arithmetic' must be one of auto, openssl, gmpy2"),
+    ("execution", {"threads": 2}, r"unknown key 'execution\.threads'"),
+    ("execution", [], r"'execution' must be a table"),
 ]
 
 
@@ -239,6 +268,6 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     broken.write_text("format = = 1")
     with pytest.raises(ProfileError, match="not valid TOML"):
         load_profile(broken)
-    bundled = r"no bundled profile 'huge' \(bundled: default, fast, overhead, small"
+    bundled = r"no bundled profile 'huge' \(bundled: default, fast, overhead, parallel, small"
     with pytest.raises(ProfileError, match=bundled):
         load_profile("huge")

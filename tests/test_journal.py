@@ -317,6 +317,52 @@ def test_requests_the_cards_never_took_are_re_driven_once(emu: Any, tmp_path: Pa
     assert {r["verdict"] for r in rows(path)} == {"re-driven"}  # the re-drives ended: their rows went
 
 
+def test_a_second_death_during_the_re_drives_leaves_them_judged_too(emu: Any, tmp_path: Path) -> None:
+    """Crash, restart (re-drives sent), crash again while they are on the cards, restart: the
+    re-drives' own psmids were journalled before they left, so the third run judges them from the
+    cards, and never re-drives them again."""
+    path = tmp_path / "j.db"
+    first = connect(emu, path, journal_operands=True)
+    for card in (0, 1):
+        emu.control.checkstop(card)
+    futs = [first.mod_expo(9, KEY.e, KEY.n) for _ in range(6)]
+    committed = threading.Event()
+    journal = first.journal
+    assert journal is not None
+    first._runner.call(lambda: (journal.commit(), committed.set()))
+    assert committed.wait(5) and not any(f.done() for f in futs)
+    die(first)
+    emu.control.clear()
+    for card in emu.cards():
+        emu.control.slow_engines(card, 200.0)
+    # its re-drives go out as it starts (no known-answer probe: the slowed engines would fail it)
+    second = connect(emu, path, journal_operands=True, health_probe=False)
+
+    def on_card() -> int:
+        with second._runner.core_lock:
+            return sum(r.phase.value == "on-card" for r in second.core.ledger.records.values())
+
+    deadline = time.monotonic() + 10
+    while on_card() < 6 and time.monotonic() < deadline:
+        time.sleep(0.005)  # bounded poll: the six re-drives are on the (slow) cards
+    assert on_card() == 6
+    die(second)
+    emu.control.clear()
+    redrives = {r["id"]: r for r in rows(path) if r["redrive_of"] is not None}
+    assert len(redrives) == 6 and all(r["attempts"] for r in redrives.values())  # psmids before send
+    third = connect(emu, path, journal_operands=True)
+    records = {r.id: r for r in third.recovered(20)}
+    assert set(records) == set(redrives)  # the originals were judged already: only the re-drives
+    for r in records.values():
+        assert r.verdict is not Verdict.REDRIVEN  # one re-drive per request, ever
+        ran = any(e.started is not None for p, _ in r.attempts for e in emu.execution_log.for_psmid(p))
+        assert r.verdict is not Verdict.NEVER_RAN or not ran
+    assert any(r.verdict is Verdict.COMPLETED for r in records.values())
+    third.close()
+    originals = [r for r in rows(path) if r["redrive_of"] is None]
+    assert [(r["verdict"], r["redrive"] in redrives) for r in originals] == [("re-driven", True)] * 6
+
+
 def test_requests_whose_nqap_never_arrived_are_indeterminate(emu: Any, tmp_path: Path) -> None:
     """The psmid was committed before the send, and the send never happened: the driver cannot tell
     that from a reply the dead process took, so a state-changing request is in doubt."""
@@ -392,3 +438,24 @@ def test_the_asyncio_client_journals_and_reconciles(emu: Any, tmp_path: Path) ->
     assert {r.id for r in records} == left
     _judge(emu, records)
     assert all(r["verdict"] is not None for r in rows(path))
+
+
+def test_the_journal_comes_from_the_environment_or_the_config_file_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for var in ("APCRYPTO_URL", "APCRYPTO_OPTIONS", "APCRYPTO_CONFIG_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    (tmp_path / "apcrypto.toml").write_text('url = "emu:small"\n[options]\njournal = "from-file.db"\n')
+    with apcrypto.connect(config="fast") as client:
+        assert client.journal is not None and client.journal.path.name == "from-file.db"
+    monkeypatch.setenv("APCRYPTO_OPTIONS", json.dumps({"journal": "from-env.db", "journal_sync": "full"}))
+    with apcrypto.connect(config="fast") as client:  # the environment beats the file
+        assert client.journal is not None and client.journal.path.name == "from-env.db"
+        assert client.journal.sync == "full"
+    with apcrypto.connect(
+        config="fast", journal=str(tmp_path / "arg.db")
+    ) as client:  # the argument beats both
+        assert client.journal is not None and client.journal.path.name == "arg.db"
+    assert stat.S_IMODE((tmp_path / "from-file.db").stat().st_mode) == 0o600

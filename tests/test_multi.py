@@ -431,40 +431,15 @@ def test_cli_list_takes_several_urls(capsys: pytest.CaptureFixture[str]) -> None
     assert set(report["cards"]) == {"00", "01", "10", "11", "12", "13"}  # each server on its own clock
 
 
-def test_events_name_the_servers_queues_once_the_core_takes_a_scope(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Forward compatibility: when the core's PeerRestored and TransportLost gain a ``scope``
-    field (the queues of the one peer the event is about), the pool fills it with that server's
-    queues only."""
-    import dataclasses
-
-    import apcrypto.transport.multi as multi
-
-    @dataclasses.dataclass(frozen=True)
-    class Restored:
-        reason: str = ""
-        resumed: bool = False
-        scope: tuple[int, ...] | None = None
-
-    @dataclasses.dataclass(frozen=True)
-    class Lost:
-        reason: str
-        tags: tuple[int, ...] = ()
-        permanent: bool = True
-        qids: tuple[int, ...] = ()
-        unsent: tuple[int, ...] = ()
-        resumable: bool = False
-        scope: tuple[int, ...] | None = None
-
-    monkeypatch.setattr(multi, "PeerRestored", Restored)
-    monkeypatch.setattr(multi, "TransportLost", Lost)
+def test_a_servers_loss_and_return_carry_its_own_queues_as_scope() -> None:
+    """The pool fills ``scope`` on the core's TransportLost and PeerRestored with that server's
+    queues only (renumbered into its block), so the core keeps each server's to itself."""
     a, b = Scripted([0x0001]), Scripted([0x0001, 0x0302])
     t = MultiTransport([a, b], ["x:a", "x:b"])
-    b.script = [Lost("gone", (), True, (0x0302,)), Restored("back", resumed=False)]  # type: ignore[list-item]
+    b.script = [TransportLost("gone", (), True, (0x0302,)), PeerRestored("back", resumed=False)]
     lost, back = t.poll()
-    assert isinstance(lost, Lost) and lost.scope == (0x1001, 0x1302) and lost.qids == (0x1302,)
-    assert isinstance(back, Restored) and back.scope == (0x1001, 0x1302) and back.reason == "x:b: back"
+    assert isinstance(lost, TransportLost) and lost.scope == (0x1001, 0x1302) and lost.qids == (0x1302,)
+    assert isinstance(back, PeerRestored) and back.scope == (0x1001, 0x1302) and back.reason == "x:b: back"
 
 
 def test_a_server_that_does_not_answer_fails_the_open_with_its_own_error() -> None:

@@ -31,6 +31,7 @@ from apformats.frames import (
     READAHEAD_MAX,
     ErrorCode,
     ErrorFrame,
+    InterruptFrame,
     ResultFrame,
     Welcome,
     decode_frame,
@@ -440,3 +441,35 @@ def test_a_version_1_session_is_never_batched(zmq_server: ServerProcess) -> None
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+def _irq_session(profile: str, version: int) -> tuple[FrameSession, Emulator, list[bytes]]:
+    emu = Emulator(profile, seed=3)
+    sent: list[bytes] = []
+    s = FrameSession(emu, notify=sent.append, name="t")
+    s.handle(encode_hello(max_version=version))
+    s.handle(encode_command(1, Instr.AQIC, Q, flag=True))
+    return s, emu, sent
+
+
+def test_an_interrupt_for_replies_already_read_ahead_is_spared() -> None:
+    s, emu, sent = _irq_session("fast", 2)
+    assert len(_nqap(s, 5, 100)) == 2  # the reply came back with the NQAP's answer
+    emu.clock.run_until_idle()  # the interrupt the card raised for it is due now
+    assert sent == [] and s.stats["interrupts_spared"] == 1
+    # the oracle: a version 1 session on the same card gets it, as it always did
+    s1, emu1, sent1 = _irq_session("fast", 1)
+    assert len(_nqap(s1, 5, 100)) == 1
+    emu1.clock.run_until_idle()
+    assert [decode_frame(f) for f in sent1] == [InterruptFrame(Q)]
+
+
+def test_an_interrupt_for_a_reply_that_waits_is_sent() -> None:
+    s, emu, sent = _irq_session("default", 2)  # real service times: nothing ready at NQAP time
+    for i in range(2):
+        assert len(_nqap(s, 5 + i, 100 + i)) == 1
+    (first,) = _results(s.handle(encode_command(9, Instr.DQAP, Q)))  # finds the queue dry: noted
+    assert first.to_result().status.response_code == NO_PENDING_REPLY
+    emu.clock.advance(1.0)  # both replies complete, one after the other: each raises one, and waits
+    assert [decode_frame(f) for f in sent] == [InterruptFrame(Q)] * 2
+    assert s.stats["interrupts_spared"] == 0

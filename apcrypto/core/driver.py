@@ -173,9 +173,10 @@ class DriverCore:
                     reason=ev.reason,
                     unsent=ev.unsent,
                     resumable=ev.resumable,
+                    scope=ev.scope,
                 )
             elif t is PeerRestored:
-                machine.peer_restored(ev.reason, resumed=ev.resumed)
+                machine.peer_restored(ev.reason, resumed=ev.resumed, scope=ev.scope)
             else:
                 raise CoreMisuse(f"unknown transport event {ev!r}")
         return machine.flush()

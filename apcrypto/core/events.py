@@ -51,6 +51,10 @@ class TransportLost:
     qids: tuple[int, ...] = field(default=())
     unsent: tuple[int, ...] = ()
     resumable: bool = False
+    #: the APQNs of the one peer this loss is about (a pool of servers: one server's); None: every
+    #: queue (a transport with one peer).  What a loss that can no longer resume decides is limited
+    #: to it, so another server's kept session is left to its own grace.
+    scope: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,9 @@ class PeerRestored:
 
     reason: str = ""
     resumed: bool = False
+    #: the APQNs of the peer that is back (a pool of servers: one server's); None: every queue.
+    #: Only these are re-probed, drained or decided: another server may still be gone.
+    scope: tuple[int, ...] | None = None
 
 
 TransportEvent = Completion | Interrupt | TransportLost | PeerRestored

@@ -89,7 +89,11 @@ class QueueMachine:
         self.instr: Instr | None = None  # the instruction whose completion is being handled
         self._kicked: set[int] = set()
         self._refill: set[str] = set()  # modes whose waiting work may be placed at the next flush
-        self._link_suspect = False  # a TransportLost came and no completion since (see _on_reply_timer)
+        # queues whose link is suspect: a TransportLost came for their peer and no answer from it
+        # since (see _on_reply_timer); per peer, so that one server of a pool answering does not
+        # vouch for another's link.  _peer_of: each queue's peer (a lost scope), when events say.
+        self._suspect: set[int] = set()
+        self._peer_of: dict[int, frozenset[int]] = {}
 
     # ---------------------------------------------------------------- entries (from DriverCore)
     def add(self, qid: int) -> None:
@@ -101,13 +105,14 @@ class QueueMachine:
 
     def completion(self, tag: int, result: ApResult) -> None:
         """The transport answered the command submitted under ``tag``: its instruction's handler."""
-        self._link_suspect = False  # an answer came: the link works
         entry = self.out.in_flight.pop(tag, None)
         if entry is None:
             log.warning("completion for unknown tag %d ignored", tag)
             self.ledger.counters["unknown_tags"] += 1
             return
         qid, instr, psmid = entry
+        if self._suspect and qid in self._suspect:  # an answer came: this peer's link works
+            self._suspect -= self._peer_of.get(qid, self._suspect)
         q = self.queues[qid]
         self.occ(q)
         self.instr = instr
@@ -174,10 +179,18 @@ class QueueMachine:
         reason: str,
         unsent: Iterable[int],
         resumable: bool = False,
+        scope: Iterable[int] | None = None,
     ) -> None:
-        """Commands under ``tags`` will never be answered (see ``DriverCore.on_transport_lost``)."""
+        """Commands under ``tags`` will never be answered (see ``DriverCore.on_transport_lost``);
+        ``scope``: the lost peer's queues (None: every queue)."""
         keep = permanent and resumable  # the peer keeps our session: its cards may answer later
-        self._link_suspect = True  # until the next answer: the card's silence says nothing
+        # until the peer's next answer its cards' silence says nothing
+        if scope is None:
+            self._suspect.update(self.queues)
+        else:
+            peer = frozenset(scope)
+            self._suspect |= peer
+            self._peer_of.update(dict.fromkeys(peer, peer))
         never_sent = set(unsent)
         touched: dict[int, Queue] = {}
         lost_now: list[tuple[Queue, Record]] = []
@@ -249,8 +262,9 @@ class QueueMachine:
             self._take_offline(q, f"transport lost: {reason}", keep_on_card=keep)
         if permanent and not keep:
             # the link is gone for good (closed, given up): a session kept for us will never be resumed
+            mine = None if scope is None else frozenset(scope)
             for q in self.queues.values():
-                if q.session_held:
+                if q.session_held and (mine is None or q.qid in mine):
                     self._abandon(q, f"transport lost: {reason}")
         for q in touched.values():
             if not permanent:
@@ -259,16 +273,22 @@ class QueueMachine:
         for mode in {q.mode for q in touched.values()}:
             self._refill.add(mode)
 
-    def peer_restored(self, reason: str, *, resumed: bool = False) -> None:
+    def peer_restored(
+        self, reason: str, *, resumed: bool = False, scope: Iterable[int] | None = None
+    ) -> None:
         """The peer is back: re-probe every offline queue now instead of after its back-off.
 
         A queue that went offline holding work for a session the peer kept (``session_held``) is
         drained first when the session was resumed: its replies are still on the card, and the
         reset that brings a queue back would wipe them.  A new session holds none of them: the
-        ledger decides them now."""
+        ledger decides them now.  ``scope``: the queues of the peer that is back (None: every
+        queue); another peer's are left alone (it may still be gone)."""
         self.ledger.counters["peer_restored"] += 1
         log.info("transport peer restored (%s, resumed=%s): re-probing offline queues", reason, resumed)
+        mine = None if scope is None else frozenset(scope)
         for q in self.queues.values():
+            if mine is not None and q.qid not in mine:
+                continue
             if q.state is QState.OFFLINE and q.session_held:
                 if resumed:
                     self.ledger.counters["session_drains"] += 1
@@ -309,7 +329,7 @@ class QueueMachine:
         if not q.state.in_service:
             return
         if q.held and q.progress == q.progress_seen:
-            if self._link_suspect:
+            if q.qid in self._suspect:
                 # The link is down (lost, nothing answered since): no reply proves nothing about the
                 # card, and a reset now would throw away the replies a resumed session still holds
                 # for us (the server keeps them for its grace).  Wait another period; the

@@ -1,17 +1,22 @@
 """The threaded runner: one thread owns the core and the transport; callers hand it work.
 
-Callers (any thread) put submissions in an inbox and wake the runner; the transport's notify hook
-wakes it when completions or interrupts arrive.  Timers run on the wall clock, or -- when the
-transport is an in-process emulator on a ``VirtualClock`` -- on that virtual clock with
-*autojump*: whenever the runner has nothing to do, it steps the clock to the next deadline
-(trio's MockClock idea), so a whole session with service times and recovery waits runs as fast as
-the CPU allows and timings are exact on the virtual clock.
+Callers (any thread) put submissions in an inbox and wake the runner; the transport's notify hook wakes
+it when completions or interrupts arrive. A transport with an I/O thread of its own that says so
+(``lends_io_thread``: ``tcp://``, ``usb://``) has that thread take the runner's turn itself while the
+runner sleeps, holding the core lock (one thread at a time still drives the core and the transport): an
+answer reaches the core, and the core's next command the wire, without a switch to the runner's thread
+and back. Callers' future callbacks may then run on that thread. Timers run on the wall clock, or --
+when the transport is an in-process emulator on a ``VirtualClock`` -- on that virtual clock with
+*autojump*: whenever the runner has nothing to do, it steps the clock to the next deadline (trio's
+MockClock idea), so a whole session with service times and recovery waits runs as fast as the CPU allows
+and timings are exact on the virtual clock.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -33,9 +38,13 @@ class ThreadedRunner(RunnerBase):
         self._wake = False
         self._stop = False
         self._sleeping = False  # the runner is (about to be) waiting on the condition
+        self._sleep_until = math.inf  # when its wait ends by itself (its clock)
+        self._here = 0  # the thread taking a turn for it (see wake), 0: none
         self.core_lock = threading.RLock()  # held while the core runs; stats() takes it too
         vclock = getattr(transport, "virtual_clock", None)
         self._vclock = vclock
+        # a transport whose own thread may take the runner's turn (see wake), on the wall clock
+        self._borrow = vclock is None and bool(getattr(transport, "lends_io_thread", False))
         self._emu_lock = transport.emulator.lock if vclock is not None else None  # type: ignore[attr-defined]
         # wall-clock timers: heap of (due, seq, key); _due[key] = seq of the live entry
         self._heap: list[tuple[float, int, tuple[Any, ...]]] = []
@@ -64,6 +73,9 @@ class ThreadedRunner(RunnerBase):
         seq = next(self._seq)
         self._due[key] = seq
         heapq.heappush(self._heap, (at, seq, key))
+        if self._sleeping and at < self._sleep_until:  # armed in a turn taken for a sleeping runner
+            with self._cv:
+                self._cv.notify()
 
     def cancel(self, key: tuple[Any, ...]) -> None:
         if self._vclock is not None:
@@ -79,10 +91,39 @@ class ThreadedRunner(RunnerBase):
 
     # -- callers' side (any thread) --
     def wake(self) -> None:
+        """The transport has events (called from its thread).  While the runner sleeps, its turn is
+        taken right here (:meth:`_turn_here`) instead of waking it: the events reach the core without
+        a thread switch, and what the core sends goes out with the transport's next write."""
         self._wake = True  # read by the runner before it sleeps (under the condition's lock)
         if self._sleeping:
+            if self._borrow and self._turn_here():
+                return
             with self._cv:
                 self._cv.notify()
+
+    def _turn_here(self) -> bool:
+        """A runner's turn (transport events, due timers, watchers) on the calling thread, holding the
+        core lock; False when the runner holds it (it will look itself) or is stopping."""
+        me = threading.get_ident()
+        if self._here == me:
+            return True  # called back from inside our own turn: its pump loop polls again
+        if self._stop or not self.core_lock.acquire(blocking=False):
+            return False
+        self._here = me
+        try:
+            self._wake = False
+            self.pump()
+            self._run_due_timers()
+            if self._watchers:
+                self._check_watchers()
+            return True
+        except BaseException as exc:  # the runner's own turn would die of it: stop it the same way
+            self.error = exc
+            self._stop = True
+            return False
+        finally:
+            self._here = 0
+            self.core_lock.release()
 
     def call(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the runner thread (with the core lock held)."""
@@ -195,7 +236,9 @@ class ThreadedRunner(RunnerBase):
                 if self._heap:
                     timeout = max(0.0, min(timeout, self._heap[0][0] - self.now()))
             if timeout > 0:
+                self._sleep_until = self.now() + timeout
                 self._cv.wait(timeout)
+                self._sleep_until = math.inf
             self._sleeping = False
 
 

@@ -6,8 +6,10 @@ message bytes.  The base class holds the policy every backend shares (tag bookke
 semantics, which tags a lost peer leaves unanswered); a backend implements only ``_send`` and
 ``_recv`` and, optionally, interrupt support.
 
-Threading contract: ``submit`` and ``poll`` are called from one runner thread (or loop).  ``wakeup``
-and the notify callback may be used from any thread.
+Threading contract: ``submit`` and ``poll`` are called by one runner at a time: its own thread (or
+loop), or -- for a transport that sets ``lends_io_thread`` -- the transport's notifying thread taking
+the runner's turn under the runner's core lock.  ``wakeup`` and the notify callback may be used from
+any thread; a backend calls the notify callback with none of its own locks held.
 """
 
 from __future__ import annotations

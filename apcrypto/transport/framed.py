@@ -279,6 +279,9 @@ class FramedTransport(Transport):
     refused_error: ClassVar[type[HandshakeRefused]] = HandshakeRefused
     #: the I/O thread's name, before the endpoint (what debuggers and log formats show)
     thread_name: ClassVar[str] = "apcrypto-io"
+    #: a threaded runner may take its turn on the I/O thread when events come while it sleeps
+    #: (``_emit`` notifies outside ``_cv``, and ``submit``/``poll`` are safe from that thread)
+    lends_io_thread: ClassVar[bool] = True
 
     def __init__(
         self,

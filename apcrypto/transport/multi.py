@@ -288,7 +288,7 @@ class MultiTransport(Transport):
                 out += [Interrupt(q) for q in self._mapped(i, (ev.qid,))]  # none: a queue we never use
             elif isinstance(ev, TransportLost):
                 qids = tuple(self._mapped(i, ev.qids))  # always all: they come from our own commands
-                scope = self._scope(TransportLost, i)
+                scope = self._scope(i)
                 out.append(dataclasses.replace(ev, reason=f"{url}: {ev.reason}", qids=qids, **scope))
             elif isinstance(ev, PeerRestored):
                 out.append(self._restored(i, ev))
@@ -298,24 +298,16 @@ class MultiTransport(Transport):
 
     def _restored(self, i: int, ev: PeerRestored) -> PeerRestored:
         """Server ``i`` is back (see :meth:`_scope` for what the core makes of it)."""
-        return PeerRestored(
-            f"{self.urls[i]}: {ev.reason}", resumed=ev.resumed, **self._scope(PeerRestored, i)
-        )
+        return PeerRestored(f"{self.urls[i]}: {ev.reason}", resumed=ev.resumed, **self._scope(i))
 
-    def _scope(self, event: type, i: int) -> dict[str, Any]:
-        """``{"scope": server i's APQNs}`` for an event type that has a ``scope`` field (the queues
-        of the one peer a loss or a return is about), else nothing.
+    def _scope(self, i: int) -> dict[str, Any]:
+        """``{"scope": server i's APQNs}``: the queues of the one peer a loss or a return is about.
 
-        The core's events carry no such field yet, so the core takes a server's
-        :class:`PeerRestored` for every offline queue: it re-probes them all (for another server
-        still gone, an early probe that bounces) and drains or decides every queue holding work for
-        a kept session, also another server's; and a loss that can no longer resume decides every
-        such queue.  Conservative verdicts, never a lost or doubled request (the soak kill test
-        with both servers killed checks it), but sooner than that server's own grace.  Once the
-        events have ``scope`` the pool fills it, and the core can keep each server's to itself.
+        With it the core keeps each server's to itself: a server that comes back has only its own
+        offline queues re-probed and its own kept-session queues drained or decided, a loss that
+        can no longer resume decides only that server's held work, and an answer from one server
+        clears the link suspicion of that server's queues only (another may be stopped).
         """
-        if "scope" not in {f.name for f in dataclasses.fields(event)}:
-            return {}
         return {"scope": tuple(self._mapped(i, self.children[i].qids()))}
 
 

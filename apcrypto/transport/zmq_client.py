@@ -359,7 +359,7 @@ class ZmqTransport(FramedTransport):
             except zmq.Again:
                 return
             if len(parts) != 1:
-                if self._readahead:  # a version 2 server batches frames: one part each
+                if self._readahead and len(parts) <= BATCH_FRAMES_MAX:  # a version 2 server's batch
                     yield from parts
                     continue
                 self.counters["malformed_rx"] += 1

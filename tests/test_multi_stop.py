@@ -1,0 +1,49 @@
+"""One of a pool's two servers SIGSTOPped for less than ``peer_deadline``: its link is down, its
+session kept, and the other server keeps answering.  The other server's answers must not vouch for
+the stopped one's link: its queues' reply timers wait for the link (deferred) instead of resetting
+queues whose replies the resumed session still holds, as for a lone server."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import apcrypto
+from emulator.execution_log import read_execution_log
+from tests._fixtures_kill import PSMID_BASE, check, submit_mixed, wait_all
+from tests._fixtures_zmq import ServerProcess, server_factory
+
+__all__ = ["server_factory"]
+
+
+def test_one_of_two_servers_sigstopped_keeps_its_queues_waiting_for_its_link(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    rng = random.Random(5)
+    logs = [tmp_path / "a.sqlite", tmp_path / "b.sqlite"]
+    a = server_factory("--profile", "default", "--seed", "1", "--exec-log", str(logs[0]))
+    b = server_factory("--profile", "default", "--seed", "2", "--exec-log", str(logs[1]))
+    with apcrypto.connect([a.data, b.data], config="fast", psmid_base=PSMID_BASE) as client:
+        assert client.wait_ready(15)
+        wave = submit_mixed(client, 300, rng)
+        wait_all(wave[:1], 10)
+        b.freeze()
+        t_stop = time.monotonic()
+        during = []
+        while time.monotonic() - t_stop < 3.5:  # past FAST's reply_timeout (2 s), within peer_deadline
+            during += submit_mixed(client, 4, rng)
+            time.sleep(0.1)
+        b.proc.send_signal(signal.SIGCONT)
+        b.killed = False
+        unresolved = wait_all(wave + during, 60)
+        counters = client.stats()["counters"]
+    a.stop()
+    b.stop()
+    v = check(wave + during, [read_execution_log(p) for p in logs], t_stop + 2.0)
+    print(f"\nKILL-REPORT multi stop 3.5s: {v.line()}; counters {counters}")
+    assert unresolved == 0 and not v.problems, v.problems
+    assert counters.get("reply_timeouts", 0) == 0, counters  # no queue reset for the link's silence
+    assert counters.get("reply_timeouts_deferred", 0) > 0  # they waited for the link instead

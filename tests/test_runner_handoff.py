@@ -1,0 +1,189 @@
+"""The threaded runner's hand-off with a transport that lends its I/O thread (``lends_io_thread``):
+while the runner sleeps, the transport's thread takes the runner's turn itself, under the core lock.
+
+A fake core and a fake transport make every step observable: which thread fed the core, that a timer
+armed in such a turn wakes the sleeping runner in time (not at the end of its old wait), that a turn
+is never taken twice at once, that a transport which does not lend its thread still wakes the runner,
+and that a core bug in a borrowed turn stops the runner as it would have on its own thread.  End to
+end, over a real server: results stay right when the I/O thread delivers them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import apcrypto
+from apcrypto.core.actions import Action, ArmTimer
+from apcrypto.runners.threaded import ThreadedRunner
+from apcrypto.transport.base import Command, Interrupt, Transport, TransportEvent
+from tests._fixtures_zmq import ServerProcess, zmq_server
+
+__all__ = ["zmq_server"]  # fixture, imported for pytest
+
+
+class _Core:
+    """Records what it is fed, and on which thread; arms one timer per event batch if told to."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, list[TransportEvent]]] = []
+        self.fired: list[tuple[tuple[Any, ...], float]] = []
+        self.arm_in: float | None = None
+        self.explode = False
+        self.inside = 0
+        self.overlap = False
+
+    def on_events(self, events: list[TransportEvent], now: float) -> list[Action]:
+        self.inside += 1
+        self.overlap |= self.inside > 1
+        try:
+            if self.explode:
+                raise RuntimeError("core bug")
+            self.batches.append((threading.current_thread().name, list(events)))
+            if self.arm_in is not None:
+                return [ArmTimer(("poll", 1), now + self.arm_in)]  # type: ignore[arg-type]
+            return []
+        finally:
+            self.inside -= 1
+
+    def on_timer(self, key: tuple[Any, ...], now: float) -> list[Action]:
+        self.fired.append((key, time.monotonic()))
+        return []
+
+
+class _Lending(Transport):
+    """Events are put in by :meth:`deliver`, from the calling thread, as an I/O thread would."""
+
+    lends_io_thread = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._events: list[TransportEvent] = []
+        self._mu = threading.Lock()
+
+    def deliver(self, *events: TransportEvent) -> None:
+        with self._mu:
+            self._events.extend(events)
+        self._notify_ready()
+
+    def qids(self) -> list[int]:
+        return []
+
+    def _send(self, commands: list[Command]) -> None:  # type: ignore[override]
+        pass
+
+    def _recv(self, timeout: float) -> list[TransportEvent]:
+        with self._mu:
+            out, self._events = self._events, []
+        return out
+
+    def _close(self) -> None:
+        pass
+
+
+class _NotLending(_Lending):
+    lends_io_thread = False
+
+
+def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.001)
+
+
+@pytest.fixture
+def rig() -> Iterator[tuple[ThreadedRunner, _Core, _Lending]]:
+    core, transport = _Core(), _Lending()
+    runner = ThreadedRunner(core, transport)  # type: ignore[arg-type]
+    runner.start()
+    _until(lambda: runner._sleeping)
+    try:
+        yield runner, core, transport
+    finally:
+        runner.stop()
+        transport.close()
+
+
+def _io_thread(fn: Callable[[], None], name: str = "fake-io") -> None:
+    t = threading.Thread(target=fn, name=name)
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+
+
+def test_a_sleeping_runner_s_turn_is_taken_on_the_transport_s_thread(rig) -> None:
+    runner, core, transport = rig
+    _io_thread(lambda: transport.deliver(Interrupt(1)))
+    assert core.batches == [("fake-io", [Interrupt(1)])]  # done before deliver() returned
+    assert runner.alive and runner.error is None
+
+
+def test_a_timer_armed_in_a_borrowed_turn_wakes_the_sleeping_runner(rig) -> None:
+    runner, core, transport = rig
+    core.arm_in = 0.05  # the runner sleeps up to 0.5 s: it must be woken to fire this in time
+    turned = threading.Event()
+    runner.call(turned.set)  # a turn now, so its next sleep starts now and lasts its full 0.5 s
+    assert turned.wait(5)
+    _until(lambda: runner._sleeping)
+    t0 = time.monotonic()
+    _io_thread(lambda: transport.deliver(Interrupt(2)))
+    _until(lambda: bool(core.fired), timeout=5.0)
+    (key, when), *_ = core.fired
+    assert key == ("poll", 1)
+    assert when - t0 < 0.3, f"fired after {when - t0:.3f} s: the sleeping runner was not woken"
+
+
+def test_turns_never_overlap(rig) -> None:
+    _, core, transport = rig
+    threads = [
+        threading.Thread(target=lambda i=i: [transport.deliver(Interrupt(i)) for _ in range(200)])
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    _until(lambda: sum(len(evs) for _, evs in core.batches) == 800)
+    assert not core.overlap
+
+
+def test_a_transport_that_does_not_lend_its_thread_wakes_the_runner() -> None:
+    core, transport = _Core(), _NotLending()
+    runner = ThreadedRunner(core, transport)  # type: ignore[arg-type]
+    runner.start()
+    try:
+        _until(lambda: runner._sleeping)
+        _io_thread(lambda: transport.deliver(Interrupt(3)))
+        _until(lambda: bool(core.batches))
+        assert core.batches == [("apcrypto-runner", [Interrupt(3)])]
+    finally:
+        runner.stop()
+
+
+def test_a_core_bug_in_a_borrowed_turn_stops_the_runner(rig) -> None:
+    runner, core, transport = rig
+    core.explode = True
+    _io_thread(lambda: transport.deliver(Interrupt(4)))  # the transport's thread survives it
+    _until(lambda: not runner.alive)
+    assert isinstance(runner.error, RuntimeError)
+    with pytest.raises(RuntimeError, match="stopped"):
+        runner.call(lambda: None)
+
+
+def test_results_stay_right_when_the_io_thread_delivers_them(zmq_server: ServerProcess) -> None:
+    from tests._fixtures_zmq import E, rsa_key
+
+    k = rsa_key(1024)
+    threads: set[str] = set()
+    with apcrypto.connect(zmq_server.data, domains=[0]) as client:
+        assert client.wait_ready(10)
+        for i in range(30):  # one at a time: the runner sleeps while each answer is on its way
+            fut = client.mod_expo(i + 2, E, k.n)
+            fut.add_done_callback(lambda f: threads.add(threading.current_thread().name))
+            assert int.from_bytes(fut.result(10), "big") == pow(i + 2, E, k.n)
+    assert any(name.startswith("apcrypto-zmq") for name in threads), threads
