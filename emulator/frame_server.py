@@ -49,8 +49,12 @@ APQN), and psmids stay the client's own business.
   key, a token only protects the client that chose it well (a server given none draws one).  When a
   connection drops without a BYE, its APQNs and the replies the cards hold for it stay reserved for
   ``grace`` seconds; a HELLO presenting the token (under CURVE: from the same client key) gets the same
-  APQNs back (WELCOME ``resumed``) and drains what is waiting.  A resume on a new connection while the
-  old one still looks alive takes the session over (the old connection is told BYE).  After the grace,
+  APQNs back (WELCOME ``resumed``) and drains what is waiting.  A version 2 session's lease also keeps
+  the replies each NQAP/DQAP answer took off the card (:class:`TakenReplies`, bounded): the resumed
+  client's REOFFER names the answers it lost, and :meth:`FrameSession._reoffer` puts their replies
+  back at the front of their queues, so none is lost with an answer in flight.  A resume on a new
+  connection while the old one still looks alive takes the session over (the old connection is told
+  BYE).  After the grace,
   or at once when the client says BYE, the APQNs are zeroized (ZAPQ semantics: held requests and
   replies discarded, key slots cleared) and freed.
 

@@ -12,15 +12,18 @@ real server process over TCP.
 
 from __future__ import annotations
 
+import random
 import struct
 import threading
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import zmq
 
+import apcrypto
 from apcrypto.transport import Command, TransportLost
 from apcrypto.transport.zmq_client import ZmqTransport
 from apformats.codes import NO_PENDING_REPLY, ResponseCode
@@ -47,7 +50,9 @@ from apformats.frames import (
 from apformats.messages import build_mex
 from apformats.results import Instr, qid_of
 from emulator import Emulator
+from emulator.execution_log import read_execution_log
 from emulator.frame_server import FrameSession, TakenReplies, Tenancy
+from tests._fixtures_kill import KEYS, PSMID_BASE, Req, check, wait_all
 from tests._fixtures_zmq import E, ServerProcess, rsa_key, server_factory
 
 __all__ = ["server_factory"]  # fixture, imported for pytest
@@ -187,6 +192,24 @@ def test_a_resumed_session_gets_back_exactly_the_replies_its_lost_answers_took()
     log = srv.emu.execution_log
     assert [log.starts(p) for p in range(100, 106)] == [1] * 6
     assert all(e.dequeued is not None and e.outcome == "completed" for e in log.entries())
+
+
+def test_a_reply_put_back_is_not_read_back_until_taken_again() -> None:
+    """The execution log must not say the host has a reply that went back on the card: a reset that
+    then discards it logs it ``discarded`` with no ``dequeued`` (tests/oracle.py's log consistency:
+    "read back by the host but discarded" would be a lie)."""
+    srv = _Server()
+    a, _ = srv.connect()
+    srv.nqaps(a, range(100, 103))
+    assert len(_results(a.handle(encode_command(20, Instr.DQAP, Q)))) == 3
+    a.close()
+    b, _ = srv.connect()
+    assert b.handle(encode_reoffer([20])) == [] and b.stats["reoffered"] == 3
+    entries = srv.emu.execution_log.entries()
+    assert [(e.outcome, e.dequeued) for e in entries] == [("completed", None)] * 3
+    (ans,) = _results(b.handle(encode_command(30, Instr.RAPQ, Q)))
+    assert ans.to_result().status.response_code == RC.NORMAL
+    assert [(e.outcome, e.dequeued) for e in srv.emu.execution_log.entries()] == [("discarded", None)] * 3
 
 
 def test_only_the_named_tags_come_back_ahead_of_what_the_card_still_holds() -> None:
@@ -409,3 +432,70 @@ def test_a_real_server_puts_lost_replies_back_for_a_resumed_client(
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+# --- the driver, end to end: answers swallowed, the link dropped, the session resumed ------------------
+
+
+def _ours_taken(entry: object) -> bool:
+    """An execution-log entry (as the control plane returns it) of this test's, its reply taken."""
+    e = entry if isinstance(entry, dict) else vars(entry)
+    mine = e["psmid"] >> 32 == PSMID_BASE >> 32 and e["function"] == "MEX_1K"  # not the driver's probes
+    return mine and e["dequeued"] is not None
+
+
+def _mex(client: apcrypto.Client, n: int, rng: random.Random) -> list[Req]:
+    """``n`` RSA-1024 modular exponentiations: one request message each."""
+    key = KEYS[1024]
+    out = []
+    for _ in range(n):
+        m = rng.randrange(2, key.n - 1)
+        out.append(Req("ME-1024", client.mod_expo(m, key.e, key.n), pow(m, key.e, key.n), key))
+    return out
+
+
+def test_replies_taken_by_lost_answers_complete_their_requests_after_a_resume(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """Deterministic, with the control plane instead of wall-clock luck: every answer to a wave of
+    requests is swallowed (``drop_frames``) after the server executed them and took their replies
+    off the card (an NQAP on the ``fast`` profile finds its reply ready and reads it ahead); then the
+    server drops the connection, the client reconnects and resumes its session.  Without REOFFER the
+    driver's DQAPs find the queues empty (``card_forgot``): a state-changing request ends
+    Indeterminate although it completed, a stateless one is re-driven (run twice); with it, every
+    one completes from its first run."""
+    rng = random.Random(11)
+    log = tmp_path / "exec.sqlite"
+    srv = server_factory("--profile", "fast", "--seed", "1", "--exec-log", str(log))
+    ctl = srv.control_client()
+    with apcrypto.connect(srv.data, config="fast", psmid_base=PSMID_BASE) as client:
+        assert client.wait_ready(15)
+        warm = _mex(client, 4, rng)
+        assert wait_all(warm, 10) == 0
+        rows = ctl.call("execution_log")
+        before = sum(1 for e in rows if _ours_taken(e))
+        last_seq = max((e if isinstance(e, dict) else vars(e))["seq"] for e in rows)
+        ctl.call("drop_frames", n=100_000)
+        wave = _mex(client, 6, rng)
+        taken = 0
+        deadline = time.monotonic() + 5.0
+        while taken < before + 6 and time.monotonic() < deadline:  # bounded: the server took the 6 replies
+            time.sleep(0.05)
+            taken = sum(1 for e in ctl.call("execution_log") if _ours_taken(e))
+        assert taken >= before + 6, (before, taken)
+        time.sleep(0.1)  # (an NQAP's read-ahead leaves with its answer: nothing more is under way)
+        ctl.call("clear")  # frames flow again
+        assert ctl.call("disconnect") == 1  # the link goes, with every answer it swallowed
+        assert wait_all(wave, 20) == 0
+        stats = ctl.call("stats")
+        counters = client.stats()["counters"]
+    v = check(warm + wave, [read_execution_log(log)])
+    assert not v.problems, v.problems
+    assert v.counts == {"completed": 10}, v.counts
+    # the replies came back: no DQAP found a queue empty, nothing was re-driven, each ran once.  Without
+    # REOFFER: card_forgot, and these (stateless) requests re-driven, i.e. run twice; a
+    # state-changing one would have ended Indeterminate instead.
+    assert not {"card_forgot", "redriven"} & counters.keys(), counters
+    wave_runs = [e for e in read_execution_log(log) if e.seq > last_seq and e.function == "MEX_1K"]
+    assert len(wave_runs) == 6, wave_runs
+    assert stats["tenancy"]["reoffered"] == 6 and stats["tenancy"]["resumed"] == 1, stats["tenancy"]
