@@ -29,6 +29,10 @@ Bodies (all integers big-endian):
 * ERROR     tag u32 (0: not about one command), code u16 (``ErrorCode``), text u16 length + UTF-8.
 * PING/PONG token u64 (PONG echoes the PING's token).
 * BYE       reason: u16 length + UTF-8.
+* REOFFER   (client -> server, session version 2 only) tags: u16 count (at most
+  :data:`REOFFER_TAGS_MAX`) + u32 each: the NQAP/DQAP commands whose answers the client lost with
+  its last link.  Sent right after a *resumed* WELCOME, before any COMMAND; the server puts the
+  replies it dequeued for those answers back on their queues (``emulator.frame_server``).  No answer.
 
 Why a CRC when TCP and USB have their own: the transport-fault injector corrupts frames on purpose, and a
 peer must tell "corrupted in flight" (no field can be trusted, not even the tag) from "well-formed but
@@ -73,6 +77,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "READAHEAD_MAX",
     "READAHEAD_VERSION",
+    "REOFFER_TAGS_MAX",
     "TOKEN_LEN",
     "TRAILER_LEN",
     "Bye",
@@ -88,6 +93,7 @@ __all__ = [
     "InterruptFrame",
     "Ping",
     "Pong",
+    "Reoffer",
     "ResultFrame",
     "Welcome",
     "decode_frame",
@@ -101,6 +107,7 @@ __all__ = [
     "encode_interrupt",
     "encode_ping",
     "encode_pong",
+    "encode_reoffer",
     "encode_result",
     "encode_welcome",
     "error_code_for",
@@ -126,6 +133,8 @@ READAHEAD_MAX: Final = 32
 #: Most frames one message may carry in a version 2 session (one frame per part, either way): a
 #: batch costs the sender one send and the receiver one receive, instead of one per frame.
 BATCH_FRAMES_MAX: Final = 256
+#: Most tags one REOFFER frame may name (a client that lost more names its latest ones).
+REOFFER_TAGS_MAX: Final = 1024
 HEADER_LEN: Final = 8
 TRAILER_LEN: Final = 4
 #: Length of a session's resume token (128 bits, from ``secrets``).
@@ -147,6 +156,7 @@ class FrameKind(IntEnum):
     PING = 0x40
     PONG = 0x41
     BYE = 0x50
+    REOFFER = 0x60
 
 
 class ErrorCode(IntEnum):
@@ -287,7 +297,18 @@ class Bye:
     reason: str = ""
 
 
-Frame = Hello | Welcome | CommandFrame | ResultFrame | InterruptFrame | ErrorFrame | Ping | Pong | Bye
+@dataclass(frozen=True, slots=True)
+class Reoffer:
+    """A resumed client's list of the NQAP/DQAP tags whose answers it lost with its last link: an
+    answer and the replies read ahead behind it travel in one message, so a lost answer means its
+    replies were lost too, and the server may put them back on the card (session version 2)."""
+
+    tags: tuple[int, ...] = ()
+
+
+Frame = (
+    Hello | Welcome | CommandFrame | ResultFrame | InterruptFrame | ErrorFrame | Ping | Pong | Bye | Reoffer
+)
 
 # --- construct definitions: the specification -------------------------------------------------------
 
@@ -362,6 +383,12 @@ TOKEN_BODY = cs.Struct("token" / _U64, cs.Terminated)
 
 BYE_BODY = cs.Struct("reason" / cs.PascalString(_U16, "utf8"), cs.Terminated)
 
+REOFFER_BODY = cs.Struct(
+    "tags" / cs.PrefixedArray(_U16, _U32),
+    cs.Check(lambda c: len(c.tags) <= REOFFER_TAGS_MAX),
+    cs.Terminated,
+)
+
 BODIES: Final[dict[int, cs.Construct]] = {
     FrameKind.HELLO: HELLO_BODY,
     FrameKind.WELCOME: WELCOME_BODY,
@@ -372,6 +399,7 @@ BODIES: Final[dict[int, cs.Construct]] = {
     FrameKind.PING: TOKEN_BODY,
     FrameKind.PONG: TOKEN_BODY,
     FrameKind.BYE: BYE_BODY,
+    FrameKind.REOFFER: REOFFER_BODY,
 }
 
 #: The whole frame.  ``decode_frame_spec`` checks the header (magic, version, kind, limit) first.
@@ -637,6 +665,8 @@ def _from_container(kind: int, b: cs.Container) -> Frame:
         return Ping(b.token)
     if kind == FrameKind.PONG:
         return Pong(b.token)
+    if kind == FrameKind.REOFFER:
+        return Reoffer(tuple(b.tags))
     return Bye(b.reason)
 
 
@@ -699,6 +729,8 @@ def _to_container(f: Frame) -> tuple[int, dict]:
         return FrameKind.PONG, {"token": f.token}
     if isinstance(f, Bye):
         return FrameKind.BYE, {"reason": f.reason}
+    if isinstance(f, Reoffer):
+        return FrameKind.REOFFER, {"tags": list(f.tags)}
     raise TypeError(f"not a frame: {f!r}")
 
 
@@ -885,3 +917,9 @@ def encode_pong(token: int = 0) -> bytes:
 
 def encode_bye(reason: str = "") -> bytes:
     return encode_frame_spec(Bye(reason))
+
+
+def encode_reoffer(tags: tuple[int, ...] | list[int]) -> bytes:
+    """REOFFER frame bytes (construct only: one per resumed link, never on the hot path).  Raises
+    ValueError for more than :data:`REOFFER_TAGS_MAX` tags or a tag outside u32."""
+    return encode_frame_spec(Reoffer(tuple(tags)))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +268,32 @@ class Emulator:
             q = None if card is None else card.queues.get(qid & 0xFF)
             if q is not None:
                 self._reset_queue(q, 0.0, zeroize=True)
+
+    def put_back(self, qid: int, replies: Sequence[tuple[int, bytes]]) -> int:
+        """Return replies the host took (DQAP) but never received to the *front* of ``qid``'s
+        replies, in the order given, so its next DQAPs take them again.  Not an instruction: the
+        frame server calls it for a resumed session's REOFFER (the answer that carried them was lost
+        with the link).  Not a new run either: each ``(psmid, reply)`` goes back to the execution-log
+        entry it came from (the latest of ``qid`` taken under that psmid), whose ``dequeued`` is
+        cleared, since the host does not have it; one with no such entry is not put back.  A queue
+        that does not take a DQAP now (resetting, card failed or gone) takes none back: its card
+        would have discarded them.  Returns how many went back."""
+        with self.lock:
+            _card, q, rc = self._gate(qid, Instr.DQAP)
+            if rc is not None or q is None:
+                return 0
+            back = []
+            for psmid, reply in replies:
+                taken = [e for e in self.execution_log._of(psmid) if e.qid == qid and e.dequeued is not None]
+                if not taken or taken[-1].outcome not in ("completed", "error"):
+                    continue
+                entry = taken[-1]
+                msg = Message(0, q, psmid, b"", entry.function, entry)  # seq 0: older than all it holds
+                msg.reply, msg.ok = reply, entry.outcome == "completed"
+                entry.dequeued = None
+                back.append(msg)
+            q.replies.extendleft(reversed(back))
+            return len(back)
 
     # --- statistics ----------------------------------------------------------------------------
 

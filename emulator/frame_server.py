@@ -49,8 +49,12 @@ APQN), and psmids stay the client's own business.
   key, a token only protects the client that chose it well (a server given none draws one).  When a
   connection drops without a BYE, its APQNs and the replies the cards hold for it stay reserved for
   ``grace`` seconds; a HELLO presenting the token (under CURVE: from the same client key) gets the same
-  APQNs back (WELCOME ``resumed``) and drains what is waiting.  A resume on a new connection while the
-  old one still looks alive takes the session over (the old connection is told BYE).  After the grace,
+  APQNs back (WELCOME ``resumed``) and drains what is waiting.  A version 2 session's lease also keeps
+  the replies each NQAP/DQAP answer took off the card (:class:`TakenReplies`, bounded): the resumed
+  client's REOFFER names the answers it lost, and :meth:`FrameSession._reoffer` puts their replies
+  back at the front of their queues, so none is lost with an answer in flight.  A resume on a new
+  connection while the old one still looks alive takes the session over (the old connection is told
+  BYE).  After the grace,
   or at once when the client says BYE, the APQNs are zeroized (ZAPQ semantics: held requests and
   replies discarded, key slots cleared) and freed.
 
@@ -60,12 +64,13 @@ grants every allowed domain by default and neither reserves nor zeroizes anythin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
 import time
 import tomllib
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +90,7 @@ from apformats.frames import (
     Hello,
     Ping,
     Pong,
+    Reoffer,
     decode_frame,
     encode_error,
     encode_interrupt,
@@ -101,6 +107,8 @@ from apformats.status import QueueStatus
 __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_GRANTS",
+    "REOFFER_KEEP_BYTES",
+    "REOFFER_KEEP_TAGS",
     "SUPPORTED_VERSIONS",
     "FrameSession",
     "InstructionTarget",
@@ -117,6 +125,13 @@ log = logging.getLogger(__name__)
 SUPPORTED_VERSIONS: tuple[int, int] = (PROTOCOL_VERSION, READAHEAD_VERSION)
 #: The instructions whose status may start a read-ahead (their status says whether replies wait).
 _READS_AHEAD = frozenset({Instr.NQAP, Instr.DQAP})
+#: The instructions after whose answer the replies a session keeps for a REOFFER of one queue are
+#: void (the card discarded what it held; a reply taken before must not come back after).
+_RESETS = frozenset({Instr.RAPQ, Instr.ZAPQ})
+#: Most answers (tags) whose dequeued replies a session keeps for a REOFFER, the oldest dropped first.
+REOFFER_KEEP_TAGS = 512
+#: Most reply bytes a session keeps for a REOFFER, the oldest answers dropped first.
+REOFFER_KEEP_BYTES = 1 << 20
 #: How long a dropped session's APQNs and replies wait for it to come back, seconds.
 DEFAULT_GRACE = 60.0
 #: What a HELLO without a domain list is granted: ``domain`` (one free domain on every card) or
@@ -161,6 +176,71 @@ class Refusal(Exception):
         self.text = text
 
 
+class TakenReplies:
+    """The replies a version 2 session took off its cards (a DQAP's own, and those read ahead) per
+    answer it sent, so a resumed client can have the ones whose answers it lost put back (REOFFER).
+
+    Why it is enough to key them by tag: an answer and the replies read ahead behind it leave in one
+    multipart message, which ZeroMQ delivers whole or not at all, so a tag whose answer the client
+    never got is a tag whose replies it never got.  Bounded: the last ``max_tags`` answers and
+    ``max_bytes`` of reply bytes, the oldest dropped first (their replies stay lost, as before).
+    Pure bookkeeping: no I/O, no clock; the session that owns the lease calls it.
+    """
+
+    __slots__ = ("_by_tag", "_bytes", "dropped", "max_bytes", "max_tags")
+
+    def __init__(self, max_tags: int = REOFFER_KEEP_TAGS, max_bytes: int = REOFFER_KEEP_BYTES) -> None:
+        self.max_tags = max_tags
+        self.max_bytes = max_bytes
+        self._by_tag: dict[int, tuple[int, list[tuple[int, bytes]]]] = {}  # in the order answered
+        self._bytes = 0
+        self.dropped = 0  # answers pruned by the bounds (their replies can no longer come back)
+
+    def __len__(self) -> int:
+        return len(self._by_tag)
+
+    @property
+    def size(self) -> int:
+        """Reply bytes kept."""
+        return self._bytes
+
+    def record(self, tag: int, qid: int, replies: list[tuple[int, bytes]]) -> None:
+        """The answer to ``tag`` carried ``replies`` (psmid, reply) of ``qid``, in the order taken."""
+        old = self._by_tag.pop(tag, None)
+        if old is not None:
+            self._bytes -= sum(len(r) for _, r in old[1])
+        self._by_tag[tag] = (qid, replies)
+        self._bytes += sum(len(r) for _, r in replies)
+        while len(self._by_tag) > self.max_tags or self._bytes > self.max_bytes:
+            _tag, (_q, gone) = next(iter(self._by_tag.items()))
+            del self._by_tag[_tag]
+            self._bytes -= sum(len(r) for _, r in gone)
+            self.dropped += 1
+
+    def forget_queue(self, qid: int) -> None:
+        """The queue was reset: the replies taken from it before must never come back."""
+        for tag in [t for t, (q, _) in self._by_tag.items() if q == qid]:
+            self._bytes -= sum(len(r) for _, r in self._by_tag.pop(tag)[1])
+
+    def take(self, tags: Iterable[int]) -> tuple[dict[int, list[tuple[int, bytes]]], int]:
+        """The replies of the answers ``tags`` names, per queue in the order they were taken, and how
+        many of ``tags`` were not kept (unknown, pruned, or never answered); then forget everything:
+        what a resumed client did not name, it received."""
+        wanted = set(tags)
+        out: defaultdict[int, list[tuple[int, bytes]]] = defaultdict(list)
+        found = 0
+        for tag, (qid, replies) in self._by_tag.items():  # answer order, not the client's order
+            if tag in wanted:
+                found += 1
+                out[qid].extend(replies)
+        self.clear()
+        return dict(out), len(wanted) - found
+
+    def clear(self) -> None:
+        self._by_tag.clear()
+        self._bytes = 0
+
+
 @dataclass(eq=False, slots=True)
 class Lease:
     """One session's hold on its APQNs, from the WELCOME that granted them until they are freed.
@@ -175,6 +255,8 @@ class Lease:
     holder: FrameSession | None
     detached_at: float | None = None
     resumes: int = 0
+    #: the replies its version 2 sessions took per answer, for a REOFFER after a resume
+    taken: TakenReplies = dataclasses.field(default_factory=TakenReplies)
 
 
 class Tenancy:
@@ -449,6 +531,10 @@ class FrameSession:
         #: queues an answer of this session left with no reply waiting (read-ahead sessions): an
         #: interrupt due for one of them may be stale (see _on_interrupt)
         self._drained: set[int] = set()
+        #: keep the replies each answer took, for a REOFFER after a resume (version 2, shared server)
+        self._keeps_taken = False
+        #: a REOFFER is taken now: a resumed version 2 session, before its first COMMAND
+        self._may_reoffer = False
 
     # -- state -------------------------------------------------------------------------------------
     @property
@@ -513,6 +599,8 @@ class FrameSession:
             return [self._hello(frame)]
         if isinstance(frame, Pong):
             return []
+        if isinstance(frame, Reoffer):
+            return self._reoffer(frame)
         if isinstance(frame, Bye):
             self.stats["bye"] += 1
             if self.lease is not None:
@@ -557,6 +645,8 @@ class FrameSession:
         self._qids = lease.qids
         self._version = min(hello.max_version, hi)
         self._established = True
+        self._keeps_taken = self._version >= READAHEAD_VERSION and self.tenancy.shared
+        self._may_reoffer = resumed and self._keeps_taken
         self._closed.clear()
         self.stats["resumed" if resumed else "hello"] += 1
         return self._welcome(resumed)
@@ -591,6 +681,10 @@ class FrameSession:
             self.stats["errors_sent"] += 1
             return [encode_error(cmd.tag, ErrorCode.NOT_HELLO, "no session: send HELLO first")]
         self.stats["commands"] += 1
+        if self._may_reoffer:  # the resumed client named no lost answer: it has everything else
+            self._may_reoffer = False
+            assert self.lease is not None
+            self.lease.taken.clear()
         if cmd.qid not in self._qids:
             self.stats["denied"] += 1
             return [encode_result(cmd.tag, _NOT_AVAILABLE)]
@@ -598,35 +692,83 @@ class FrameSession:
         try:
             result = self.emulator.execute(cmd, irq)
             out = [encode_result(cmd.tag, result)]
+            if self._version < READAHEAD_VERSION:
+                return out
             st = result.status
-            if self._version >= READAHEAD_VERSION and cmd.instr in _READS_AHEAD:
-                if st.replies_waiting and st.response_code == ResponseCode.NORMAL:
-                    out += self._read_ahead(cmd, irq)
+            normal = st.response_code == ResponseCode.NORMAL
+            if cmd.instr in _READS_AHEAD:
+                taken = [result] if normal and cmd.instr is Instr.DQAP else []
+                if st.replies_waiting and normal:
+                    ahead = self._read_ahead(cmd, irq)
+                    out += [encode_result(cmd.tag, r) for r in ahead]
+                    taken += ahead
                 else:
                     self._drained.add(cmd.qid)
+                if taken and self._keeps_taken:
+                    assert self.lease is not None
+                    self.lease.taken.record(cmd.tag, cmd.qid, [(r.psmid, r.reply) for r in taken])
+            elif cmd.instr in _RESETS and normal and self.lease is not None:
+                self.lease.taken.forget_queue(cmd.qid)
             return out
         except Exception as exc:  # a bug in the emulator must not take the server down
             log.exception("%s: %s on qid %#06x failed", self.name, cmd.instr.name, cmd.qid)
             self.stats["errors_sent"] += 1
             return [encode_error(cmd.tag, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")]
 
-    def _read_ahead(self, cmd: Command, irq: Callable[[int], object] | None) -> list[bytes]:
+    def _read_ahead(self, cmd: Command, irq: Callable[[int], object] | None) -> list[ApResult]:
         """Replies wait on ``cmd``'s queue: dequeue them now (DQAP after DQAP, at most
         :data:`READAHEAD_MAX`) and answer them under ``cmd``'s tag, so the client has them in the
         same round trip (see :data:`apformats.frames.READAHEAD_VERSION`).  A DQAP that takes no reply
         changes nothing on the card, so the one that ends the loop is simply not sent."""
         dqap = Command(cmd.tag, Instr.DQAP, cmd.qid)
-        frames: list[bytes] = []
+        frames: list[ApResult] = []
         for _ in range(READAHEAD_MAX):
             r = self.emulator.execute(dqap, irq)
             if r.status.response_code != ResponseCode.NORMAL:
                 break
-            frames.append(encode_result(cmd.tag, r))
+            frames.append(r)
             if not r.status.replies_waiting:
                 self._drained.add(cmd.qid)
                 break
         self.stats["read_ahead"] += len(frames)
         return frames
+
+    def _reoffer(self, frame: Reoffer) -> list[bytes]:
+        """A resumed client names the NQAP/DQAP answers it lost with its last link: put the replies
+        those answers took back at the front of their queues, in the order taken, so the card holds
+        them again and the client's next DQAPs get them (the driver needs no change: the queue is
+        simply not empty).  Answers no longer kept (pruned by the bounds, never sent, or not this
+        session's) bring nothing back: those replies stay lost, counted ``reoffer_missed``.  Taken
+        only right after a resumed WELCOME and before any COMMAND (the kept answers are the old
+        link's); otherwise refused with ERROR ``UNEXPECTED``.  No answer: the client goes on."""
+        if not self.established:
+            self.stats["errors_sent"] += 1
+            return [encode_error(0, ErrorCode.NOT_HELLO, "no session: send HELLO first")]
+        if not self._may_reoffer:
+            self.stats["errors_sent"] += 1
+            self.stats["refused_reoffer"] += 1
+            text = "REOFFER is taken only right after a resumed version 2 WELCOME, before any COMMAND"
+            return [encode_error(0, ErrorCode.UNEXPECTED, text)]
+        self._may_reoffer = False
+        assert self.lease is not None
+        per_queue, missed = self.lease.taken.take(frame.tags)
+        put_back: Callable[[int, list[tuple[int, bytes]]], int] | None = getattr(
+            self.emulator, "put_back", None
+        )
+        back = lost = 0
+        for qid, replies in per_queue.items():
+            n = put_back(qid, replies) if put_back is not None and qid in self._qids else 0
+            back += n
+            lost += len(replies) - n
+            if n:
+                self._drained.discard(qid)  # replies wait there again: let interrupts through
+        for counters in (self.stats, self.tenancy.stats):
+            counters["reoffer_tags"] += len(frame.tags)
+            counters["reoffered"] += back
+            counters["reoffer_missed"] += missed
+            counters["reoffer_refused"] += lost  # kept, but the queue took them not (reset, gone)
+        log.info("%s: REOFFER of %d tags put %d replies back", self.name, len(frame.tags), back)
+        return []
 
     def _on_interrupt(self, qid: int) -> None:
         """Emulator callback (clock context): queue an INTERRUPT frame for this session's owner.

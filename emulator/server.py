@@ -820,7 +820,8 @@ class EmulatorServer:
         {"card", "name", "type", "mode", "state", "engines", "engines_busy", "requests", "held",
         "busy_time", "utilisation", "functions": {FN: n}}], "queues": [{"qid", "name", "card",
         "domain", "usage", "state", "irq_enabled", "requests", "held", "slots", "waiting", "running",
-        "replies", "stored", "functions": {FN: n}}]}, "utilisation", "server": {COUNTER: n},
+        "replies", "stored", "functions": {FN: n}}]}, "utilisation", "server": {COUNTER: n}, "tenancy":
+        {COUNTER: n} (sessions granted, resumed, expired; REOFFER: ``reoffered``, ``reoffer_missed``),
         "sessions", "max_sessions", "clock": {"running", "errors"}, "execution_log": {"held",
         "capacity", "oldest", "end", "spill"}}``; ``functions`` count accepted requests per function
         name (``MEX_2K``, ``CPRB:CI``, ...).
@@ -832,6 +833,7 @@ class EmulatorServer:
             "emulator": jsonable(emu_stats),
             "utilisation": getattr(emu_stats, "utilisation", None),
             "server": dict(self.stats),
+            "tenancy": dict(self.tenancy.stats),
             "sessions": len(self._peers),
             "max_sessions": self.max_sessions,
             "clock": {

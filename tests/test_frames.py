@@ -23,6 +23,7 @@ from apformats.frames import (
     InterruptFrame,
     Ping,
     Pong,
+    Reoffer,
     ResultFrame,
     Welcome,
     decode_frame,
@@ -78,6 +79,7 @@ frames = st.one_of(
     st.builds(Ping, u64),
     st.builds(Pong, u64),
     st.builds(Bye, text),
+    st.builds(Reoffer, st.lists(u32, max_size=30).map(tuple)),
 )
 
 hot_frames = st.one_of(
@@ -122,6 +124,8 @@ EXAMPLES = [
     Pong(1),
     Bye(""),
     Bye("server shutting down"),
+    Reoffer(()),
+    Reoffer((1, 0xFFFFFFFF)),
 ]
 
 

@@ -53,6 +53,12 @@ notice that it broke).  Both backends therefore answer a runner in the same way:
   one, and a reset carried out discards them, as the card discards its own.  What a peer may send
   ahead is bounded (:data:`~apformats.frames.READAHEAD_MAX` per answer, :data:`READAHEAD_KEEP` per
   queue).  Kept replies outlive a lost link: they are the card's answers, already here.
+* **Reoffer** (session version 2): an NQAP or DQAP whose answer a link took with it (lost in flight
+  or timed out: a late answer is dropped, so its replies never reach the driver) took replies off
+  the card that nobody has now.  Its tag is remembered (the latest :data:`~apformats.frames.
+  REOFFER_TAGS_MAX`), and the first frame after a WELCOME that *resumes* the session is a REOFFER
+  naming them, before any command: the server puts those replies back at the front of their queues,
+  and the driver's next DQAPs find them there.  A WELCOME that does not resume forgets them.
 
 Threads: ``submit`` encodes on the caller's thread and appends to the outbox; the I/O thread takes
 the outbox while the link is up, and turns frames in into events that :meth:`poll` returns.  The
@@ -88,6 +94,7 @@ from apformats.frames import (
     DEFAULT_MAX_FRAME,
     READAHEAD_MAX,
     READAHEAD_VERSION,
+    REOFFER_TAGS_MAX,
     TOKEN_LEN,
     Bye,
     ErrorCode,
@@ -101,6 +108,7 @@ from apformats.frames import (
     decode_frame,
     encode_command,
     encode_pong,
+    encode_reoffer,
     peek_kind,
 )
 from apformats.results import ApResult, Instr
@@ -340,6 +348,8 @@ class FramedTransport(Transport):
         self._ra_qid = 0
         self._ra_left = 0
         self._kept_now: dict[int, None] = {}  # queues given read-ahead replies in this batch
+        #: NQAP/DQAP tags whose answers were lost, for a REOFFER after a resume (oldest first)
+        self._lost_tags: dict[int, None] = {}
         self._ready = threading.Event()  # set by the first WELCOME, or by a failed open
         self._open_error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -546,6 +556,7 @@ class FramedTransport(Transport):
         self.welcome = welcome
         self._readahead = welcome.version >= READAHEAD_VERSION
         self._ra_tag = 0
+        self._send_reoffer(welcome)
         if not welcome.interrupts:
             self.supports_interrupts = False
         with self._cv:
@@ -559,6 +570,27 @@ class FramedTransport(Transport):
         self._ready.set()
         if was_gone:
             self._peer_restored()
+
+    def _note_lost(self, cmds: Iterable[Command]) -> None:
+        """Remember the tags of NQAPs and DQAPs whose answers never came (version 2 sessions): the
+        server may have taken replies off the card for them (see "Reoffer" above)."""
+        if not self._readahead:
+            return
+        lost_tags = self._lost_tags
+        for c in cmds:
+            if c.instr in _READS_AHEAD:
+                lost_tags[c.tag] = None
+        while len(lost_tags) > REOFFER_TAGS_MAX:  # the oldest are the likeliest pruned by the server
+            del lost_tags[next(iter(lost_tags))]
+            self.counters["reoffer_overflow"] += 1
+
+    def _send_reoffer(self, welcome: Welcome) -> None:
+        """First thing on a resumed version 2 session: name the answers we lost, before any command."""
+        tags, self._lost_tags = list(self._lost_tags), {}
+        if not tags or not welcome.resumed or welcome.version < READAHEAD_VERSION:
+            return
+        self.counters["reoffer_tags"] += len(tags)
+        self._write_frame(encode_reoffer(tags))
 
     def _session_kept(self) -> bool:
         """Whether a peer gone now may still keep our session (and the replies it holds) for us."""
@@ -642,6 +674,7 @@ class FramedTransport(Transport):
         doubt = self._drop_link()
         cmds = [c for c, _ in self._inflight.values()] + doubt
         self._inflight.clear()
+        self._note_lost(cmds)
         return cmds
 
     # -- the I/O thread: commands out ----------------------------------------------------------------
@@ -682,6 +715,7 @@ class FramedTransport(Transport):
         cmds = [self._inflight.pop(t)[0] for t in tags if t in self._inflight]
         if not cmds:
             return None
+        self._note_lost(cmds)  # a late answer is dropped as stale, its read-ahead with it
         self.counters["reply_timeouts"] += len(cmds)
         return lost(reason, cmds, permanent=False)
 
