@@ -11,10 +11,10 @@ What is measured, all in this run, in alternating rounds (medians):
   (ops/s = both counts over the wall time of both).  The ceiling.
 * **driver** -- the public client submitting CRT-2048 requests (all at once) to ``emu:`` with real
   math and zero service times, so the math is the only limit the card sets:
-  ``parallel`` (RSA in one worker process per card, ``execution.backend = "processes"``),
-  the same with worker threads (``"threads"``), and ``fast`` (inline: one core) with gmpy2 as before
-  this work and with the OpenSSL arithmetic.  ``tcp://`` with a ``parallel`` server in its own
-  process is measured separately (its client and server are two more processes on the 2 cores).
+  ``parallel`` (RSA in one worker thread per card, ``execution.backend = "threads"``),
+  ``parallel-processes`` (one worker process per card), and ``fast`` (inline: one core) with gmpy2
+  as before this work and with the OpenSSL arithmetic.  ``tcp://`` with a server of either
+  parallel profile in its own process is measured separately.
 
 The driver's replies are checked (a sample, against plain ``pow``) after the timed part.
 """
@@ -118,8 +118,8 @@ def test_crt2048_compute_bound_on_two_cores(
     benchmark: Any, record_ratio: Callable[..., None], tmp_path: Path
 ) -> None:
     legs = {
-        "emu:parallel, worker processes": Path("parallel"),
-        "emu:parallel, worker threads": _profile(tmp_path, "parallel", {'"processes"': '"threads"'}),
+        "emu:parallel, worker threads": Path("parallel"),
+        "emu:parallel-processes, worker processes": Path("parallel-processes"),
         "emu:fast, inline, openssl": Path("fast"),
         "emu:fast, inline, gmpy2 (before)": _profile(tmp_path, "fast", {"[card_types.CEX8A]": GMPY2_TABLE}),
     }  # fmt: skip
@@ -181,11 +181,11 @@ def test_crt2048_compute_bound_on_two_cores(
         )
 
 
-@pytest.fixture
-def parallel_server() -> Iterator[str]:
-    """``python -m emulator serve --profile parallel`` on free loopback ports."""
+@pytest.fixture(params=["parallel", "parallel-processes"])
+def parallel_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """``python -m emulator serve --profile PARALLEL`` on free loopback ports: (profile, url)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "serve", "--profile", "parallel", "--default-grant", "all",
+        [sys.executable, "-m", "emulator", "serve", "--profile", request.param, "--default-grant", "all",
          "--bind", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
@@ -195,7 +195,7 @@ def parallel_server() -> Iterator[str]:
         assert sel.select(30), "emulator server did not start"
         line = proc.stdout.readline().split()
     try:
-        yield dict(f.split("=", 1) for f in line[1:])["data"]
+        yield request.param, dict(f.split("=", 1) for f in line[1:])["data"]
     finally:
         proc.terminate()
         proc.wait(10)
@@ -203,14 +203,15 @@ def parallel_server() -> Iterator[str]:
 
 
 def test_crt2048_compute_bound_over_tcp(
-    benchmark: Any, record_ratio: Callable[..., None], parallel_server: str
+    benchmark: Any, record_ratio: Callable[..., None], parallel_server: tuple[str, str]
 ) -> None:
+    profile, url = parallel_server
     ctx = multiprocessing.get_context("spawn")
     raw: list[float] = []
     tcp: list[float] = []
     with (
         concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as pool,
-        apcrypto.connect(parallel_server) as client,
+        apcrypto.connect(url) as client,
     ):
         list(pool.map(_raw_loop, ["openssl", "openssl"], [2, 2]))
         assert client.wait_ready(30)
@@ -223,6 +224,6 @@ def test_crt2048_compute_bound_over_tcp(
         benchmark.pedantic(one_round, rounds=3, warmup_rounds=0)
     rate = statistics.median(tcp)
     record_ratio(
-        f"compute: driver / raw 2 cores, CRT-2048, tcp:// parallel server  ({rate:,.0f} ops/s)",
+        f"compute: driver / raw 2 cores, CRT-2048, tcp:// {profile} server  ({rate:,.0f} ops/s)",
         rate / statistics.median(raw),
     )

@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 Done = Callable[[list[tuple[Any, FirmwareResult]]], None]
 Lost = Callable[[int], None]
 
+#: Most jobs one worker process holds.  Its results then fit in a pipe's buffer (64 KiB on Linux;
+#: a reply is at most ~520 bytes), so a worker never blocks writing while the emulator, holding
+#: its lock, blocks writing it a job: no deadlock whatever a profile's engine count.  Past it a
+#: card computes inline.
+MAX_OUTSTANDING = 64
+#: How a worker process is started (a list, no shell).
+WORKER_COMMAND = [sys.executable, "-m", "firmware_stubs.worker"]
 #: Seconds :meth:`ProcessEngines.close` waits for a worker to end by itself before killing it.
 CLOSE_GRACE = 2.0
 
@@ -130,15 +137,20 @@ class ThreadEngines:
                 t.join(CLOSE_GRACE)
 
 
+def _static(ctx: FirmwareContext) -> tuple[int, int, str, str, str]:
+    """What a worker needs of a context: everything but the store and the RNG (RSA reads neither)."""
+    return ctx.domain, ctx.max_mod_bytes, ctx.mode, ctx.compute, ctx.arithmetic
+
+
 class _Worker:
     """One worker process and the thread that reads its results."""
 
-    __slots__ = ("card", "dead", "jobs", "proc", "reader", "recv", "send", "send_open")
+    __slots__ = ("card", "dead", "jobs", "proc", "reader", "recv", "send", "send_lock", "send_open")
 
     def __init__(self, card: int) -> None:
         self.card = card
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "firmware_stubs.worker"],
+            WORKER_COMMAND,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
@@ -150,19 +162,25 @@ class _Worker:
         self.proc.stdin.close()
         self.proc.stdout.close()
         self.send_open = True
+        self.send_lock = threading.Lock()  # closing the job pipe happens once, from either side
         self.jobs: dict[int, Any] = {}
         self.dead = False
         self.reader: threading.Thread | None = None
+
+    def close_send(self) -> None:
+        """End the worker's input (it then exits); once, whoever calls first."""
+        with self.send_lock:
+            if self.send_open:
+                self.send_open = False
+                with contextlib.suppress(OSError):
+                    os.close(self.send)
 
 
 def _stop_workers(workers: list[_Worker]) -> None:
     """Close every worker's input, wait a little, then kill; reap all.  Used by close and by the
     finaliser of a backend nobody closed."""
     for w in workers:
-        if w.send_open:
-            w.send_open = False
-            with contextlib.suppress(OSError):
-                os.close(w.send)
+        w.close_send()
     for w in workers:
         try:
             w.proc.wait(CLOSE_GRACE)
@@ -206,15 +224,14 @@ class ProcessEngines:
                 if not pool:
                     return False
             w = min(pool, key=lambda w: len(w.jobs))
+            if len(w.jobs) >= MAX_OUTSTANDING:
+                return False  # computed inline: see MAX_OUTSTANDING
             job_id = next(self._ids)
             w.jobs[job_id] = token
         try:
-            write_all(
-                w.send,
-                frame(
-                    (job_id, request, ctx.domain, ctx.max_mod_bytes, ctx.mode, ctx.compute, ctx.arithmetic)
-                ),
-            )
+            with w.send_lock:  # never a write to an fd number the reader closed and the OS reused
+                if w.send_open:
+                    write_all(w.send, frame((job_id, request, *_static(ctx))))
         except OSError:
             # The worker is gone; its reader sees end of input and reports the card lost, which
             # fails this message with the rest of the card's (it is on an engine: in-process).
@@ -255,11 +272,14 @@ class ProcessEngines:
             closing = self._closing
         os.close(w.recv.fd)
         if not closing:
+            # Gone, or talking nonsense (a frame over the bound): either way it serves no more.
+            w.proc.kill()
             code = w.proc.wait()
             with self._lock:
                 if w in self._all:
                     self._all.remove(w)
-            self.lost += 1
+                self.lost += 1
+            w.close_send()
             log.warning(
                 "engine worker %d of card %d ended (exit %s): machine failure", w.proc.pid, w.card, code
             )

@@ -798,6 +798,31 @@ def test_peer_restored_with_a_scope_reprobes_only_that_peers_queues() -> None:
     assert s.state(Q0) is QState.OFFLINE
 
 
+def test_one_peers_answers_do_not_vouch_for_another_peers_link() -> None:
+    """Link suspicion is per peer (a pool of servers): after peer B's link drops (``scope``: its
+    queues), an answer from peer A clears A's suspicion only, so B's silent queue keeps deferring its
+    reply timeout (its resumed session still holds the replies) instead of being reset."""
+    from apcrypto.core.events import TransportLost
+
+    s = up(Q0, Q1)
+    on_b = s.submit(me_request(2, K), target=frozenset({Q1}))
+    on_a = s.submit(me_request(3, K), target=frozenset({Q0}))
+    nq_b, nq_a = s.one(Instr.NQAP, Q1), s.one(Instr.NQAP, Q0)
+    s.answer(nq_b, res(irq=True))
+    s.answer(nq_a, res(irq=True))  # both on their cards
+    s._take(s.core.on_events([TransportLost("b dropped", (), False, (Q1,), scope=(Q1,))], s.now))
+    s.interrupt(Q0)  # peer A answers: its link works
+    s.answer(
+        s.one(Instr.DQAP, Q0),
+        res(psmid=nq_a.psmid, reply=build_type80(expected_me(3, K)), empty=True, irq=True),
+    )
+    assert on_a in s.resolved and on_b not in s.resolved
+    for _ in range(3):
+        s.fire(("reply", Q1))
+    assert not s.cmds(Instr.RAPQ, Q1) and not s.cmds(Instr.ZAPQ, Q1) and on_b not in s.resolved
+    assert s.core.ledger.counters["reply_timeouts_deferred"] >= 2 and s.state(Q1).in_service
+
+
 def test_transport_package_reexports_the_core_events() -> None:
     """The core owns its event types; the transport package re-exports the very same classes."""
     from apcrypto.core import events

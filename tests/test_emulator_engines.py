@@ -10,6 +10,7 @@ firmware's machine-failure replies, then the card serves again), never a hang.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from apformats.results import ApResult, qid_of
 from emulator import CardState, Emulator, load_profile
 from emulator.engines import ProcessEngines, ThreadEngines
 
-PARALLEL = (Path(__file__).parent.parent / "emulator" / "profiles" / "parallel.toml").read_text()
+PARALLEL = (Path(__file__).parent.parent / "emulator" / "profiles" / "parallel-processes.toml").read_text()
 Q0 = [qid_of(0, d) for d in range(4)]
 DEADLINE = 20.0
 
@@ -78,12 +79,15 @@ def _wait(cond, timeout: float = DEADLINE) -> bool:  # type: ignore[no-untyped-d
     return True
 
 
-def test_parallel_profile_and_backend_choice(tmp_path: Path) -> None:
+def test_parallel_profiles_and_backend_choice(tmp_path: Path) -> None:
     p = load_profile("parallel")
-    assert (p.execution.backend, p.execution.workers, p.execution.arithmetic) == ("processes", 1, "auto")
+    assert (p.execution.backend, p.execution.workers, p.execution.arithmetic) == ("threads", 1, "auto")
+    assert load_profile("parallel-processes").execution.backend == "processes"
     assert load_profile("fast").execution.backend == "inline"
-    with Emulator("parallel", clock="wall") as emu:
+    with Emulator("parallel-processes", clock="wall") as emu:
         assert isinstance(emu.engines, ProcessEngines)
+    with Emulator("parallel", clock="wall") as emu:
+        assert isinstance(emu.engines, ThreadEngines)
     with Emulator(_profile(tmp_path, "threads"), clock="wall") as emu:
         assert isinstance(emu.engines, ThreadEngines)
     with Emulator("fast", clock="wall") as emu:
@@ -94,7 +98,7 @@ def test_virtual_clock_computes_inline_and_replays() -> None:
     """The simulation path never depends on workers: no backend, and the same log every run."""
     logs = []
     for _ in range(2):
-        emu = Emulator("parallel", seed=7)  # virtual clock
+        emu = Emulator("parallel-processes", seed=7)  # virtual clock
         assert emu.engines is None
         for i, qid in enumerate(Q0 * 3):
             assert emu.nqap(qid, i, crt(i + 2)).status.rc == 0
@@ -290,10 +294,10 @@ def test_a_reset_drops_answers_still_being_computed(tmp_path: Path) -> None:
 
 
 def test_a_client_owning_its_emulator_stops_the_workers() -> None:
-    """``connect("emu:parallel")`` builds (and owns) a wall-clock emulator with worker processes;
+    """``connect("emu:parallel-processes")`` builds (and owns) a wall-clock emulator with workers;
     closing the client ends them."""
     k = rsa_key(2048)
-    with apcrypto.connect("emu:parallel") as client:
+    with apcrypto.connect("emu:parallel-processes") as client:
         assert client.wait_ready(DEADLINE)
         out = client.mod_expo_crt((5).to_bytes(256, "big"), *crt_args(k)).result(DEADLINE)
         emu = client.transport.emulator  # type: ignore[attr-defined]
@@ -329,11 +333,11 @@ def _children(pid: int) -> list[int]:
 
 
 def test_a_killed_server_leaves_no_worker_behind() -> None:
-    """``apcrypto-emulator serve --profile parallel`` computes in worker processes; SIGKILL of the
-    server (no chance to close anything) still leaves none of them running."""
+    """``apcrypto-emulator serve --profile parallel-processes`` computes in worker processes; SIGKILL
+    of the server (no chance to close anything) still leaves none of them running."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "serve", "--profile", "parallel", "--default-grant", "all",
-         "--bind", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0"],
+        [sys.executable, "-m", "emulator", "serve", "--profile", "parallel-processes",
+         "--default-grant", "all", "--bind", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:
@@ -413,3 +417,46 @@ def test_an_engine_thread_that_raises_is_a_machine_failure(
         assert emu.nqap(Q0[0], 2, crt(32)).status.rc == 0  # the same threads compute again
         assert result_int(_collect(emu, Q0[:1], 1)[2]) == pow(32, key().d, key().n)
     assert "engine thread of card 0 failed" in caplog.text
+
+
+def test_a_worker_holds_a_bounded_number_of_jobs(tmp_path: Path) -> None:
+    """Past MAX_OUTSTANDING jobs on one worker the backend refuses (the card computes inline), so
+    the pipes can never fill both ways at once; the held jobs still all come back."""
+    from emulator.engines import MAX_OUTSTANDING
+    from firmware_stubs import DomainStore, FirmwareContext
+
+    done: list[object] = []
+    engines = ProcessEngines(1, lambda batch: done.extend(t for t, _ in batch), lambda card: None)
+    ctx = FirmwareContext(0, DomainStore(), random.Random(0))
+    try:
+        assert engines.submit(0, -1, mex(3), ctx)
+        assert _wait(lambda: done == [-1])
+        (pid,) = engines.pids(0)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            accepted = [engines.submit(0, i, mex(i + 2), ctx) for i in range(MAX_OUTSTANDING + 5)]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert accepted == [True] * MAX_OUTSTANDING + [False] * 5
+        assert _wait(lambda: len(done) == MAX_OUTSTANDING + 1)
+        assert sorted(done[1:]) == list(range(MAX_OUTSTANDING))  # type: ignore[type-var]
+    finally:
+        engines.close()
+
+
+def test_a_worker_talking_nonsense_is_killed_and_fails_its_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose output is not frames (here: a length over the bound, then silence) is not
+    waited for: it is killed, reaped and its card fails, as if it had died."""
+    import emulator.engines as engines
+
+    liar = "import sys, time; sys.stdout.buffer.write(b'\\xff' * 8); sys.stdout.flush(); time.sleep(60)"
+    monkeypatch.setattr(engines, "WORKER_COMMAND", [sys.executable, "-c", liar])
+    with Emulator(_profile(tmp_path, "processes"), clock="wall") as emu:
+        assert emu.nqap(Q0[0], 1, crt(41)).status.rc == 0
+        pids = emu.engines.pids(0)  # type: ignore[union-attr]
+        assert _wait(lambda: emu.card_state(0) is CardState.RECOVERING, 10.0)
+        assert emu.engines.lost == 1 and all(_gone(p) for p in pids)  # type: ignore[union-attr]
+        rep = parse_reply(_collect(emu, Q0[:1], 1, timeout=5.0)[1].reply)
+        assert rep.mf_state is MachineFailureState.IN_PROCESS

@@ -75,15 +75,16 @@ def test_overhead_is_fast_with_echo_math_and_nothing_else_echoes() -> None:
     }
 
 
-def test_parallel_is_fast_computing_in_worker_processes() -> None:
-    """``parallel`` differs from ``fast`` only in name, description and ``execution``; every other
-    bundled profile computes inline with the best arithmetic."""
-    fast, par = load_profile("fast"), load_profile("parallel")
-    assert (par.timing, par.cards) == (fast.timing, fast.cards)
-    assert par.execution == Execution(backend="processes", workers=1, arithmetic="auto")
-    assert {n: load_profile(n).execution for n in bundled_profiles() if n != "parallel"} == {
-        n: Execution() for n in bundled_profiles() if n != "parallel"
-    }
+def test_parallel_profiles_are_fast_computing_in_workers() -> None:
+    """``parallel`` (threads) and ``parallel-processes`` differ from ``fast`` only in name,
+    description and ``execution``; every other bundled profile computes inline."""
+    fast = load_profile("fast")
+    par, procs = load_profile("parallel"), load_profile("parallel-processes")
+    assert (par.timing, par.cards) == (procs.timing, procs.cards) == (fast.timing, fast.cards)
+    assert par.execution == Execution(backend="threads", workers=1, arithmetic="auto")
+    assert procs.execution == Execution(backend="processes", workers=1, arithmetic="auto")
+    inline = [n for n in bundled_profiles() if not n.startswith("parallel")]
+    assert {n: load_profile(n).execution for n in inline} == {n: Execution() for n in inline}
     assert Execution() == Execution(backend="inline", workers=1, arithmetic="auto")
 
 
@@ -268,6 +269,8 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     broken.write_text("format = = 1")
     with pytest.raises(ProfileError, match="not valid TOML"):
         load_profile(broken)
-    bundled = r"no bundled profile 'huge' \(bundled: default, fast, overhead, parallel, small"
+    bundled = (
+        r"no bundled profile 'huge' \(bundled: default, fast, overhead, parallel, parallel-processes, small"
+    )
     with pytest.raises(ProfileError, match=bundled):
         load_profile("huge")

@@ -426,6 +426,9 @@ def test_cli_list_takes_several_urls(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["list", "emu:small", "emu:fast", "01", "12.0003"]) == 0
     names = [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[2:]]
     assert names == ["01", "01.0000", "01.0001", "12", "12.0003"]  # lszcrypt filters, pool card ids
+    assert main(["stats", "emu:small,emu:fast", "-i", "0.05", "-c", "1", "-o", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["cards"]) == {"00", "01", "10", "11", "12", "13"}  # each server on its own clock
 
 
 def test_a_servers_loss_and_return_carry_its_own_queues_as_scope() -> None:

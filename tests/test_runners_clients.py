@@ -258,9 +258,11 @@ def test_checkstop_then_restore(rig: Rig) -> None:
 
 def test_deadline_queued_and_on_card(rig: Rig) -> None:
     for card in (0, 1):
-        rig.emu.control.slow_engines(card, 200.0)  # ME 1K: 60 ms
-    # 8 accelerator queues x 8 slots: the first 64 go to the cards, the rest wait on the host
-    out = rig.run([me(i + 2, deadline=0.02) for i in range(80)])
+        rig.emu.control.slow_engines(card, 500.0)  # ME 1K: 150 ms, three deadlines
+    # 8 accelerator queues x 8 slots: the first 64 go to the cards, the rest wait on the host.  The
+    # deadline leaves a loaded box 50 ms (wall clock) to place the first 64, and expires long before
+    # any of them can finish.
+    out = rig.run([me(i + 2, deadline=0.05) for i in range(80)])
     assert all(isinstance(v, DeadlineExceeded) for v in out), out
     on_card = [v for v in out if v.may_have_run]
     queued = [v for v in out if not v.may_have_run]

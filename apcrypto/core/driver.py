@@ -202,11 +202,15 @@ class DriverCore:
     # thin entries for one event each (tests and simple runners)
     def on_completion(self, tag: int, result: ApResult, now: float = 0.0) -> list[Action]:
         """The transport answered the command submitted under ``tag``."""
-        return self.handle((Completion(tag, result),), now)
+        self.machine.advance(now)
+        self.machine.completion(tag, result)
+        return self.machine.flush()
 
     def on_interrupt(self, qid: int, now: float = 0.0) -> list[Action]:
         """An adapter interrupt for ``qid``: a reply may be waiting."""
-        return self.handle((Interrupt(qid),), now)
+        self.machine.advance(now)
+        self.machine.interrupt(qid)
+        return self.machine.flush()
 
     def on_transport_lost(
         self,

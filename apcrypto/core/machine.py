@@ -385,15 +385,15 @@ class QueueMachine:
         self._apply_wait(q, wait)
 
     def _apply_wait(self, q: Queue, wait: Wait) -> None:
-        key = q.poll_key
         if wait is Wait.NONE:
             return
+        out = self.out  # (the hot path: ``arm`` at ``now + delay`` directly, one call fewer)
         if wait is Wait.HIGH:
-            self.out.arm_after(key, self.cfg.poll_high)
+            out.arm(q.poll_key, out.now + self.cfg.poll_high)
         elif wait is Wait.LOW:
-            self.out.arm_after(key, self.cfg.poll_low)
+            out.arm(q.poll_key, out.now + self.cfg.poll_low)
         elif wait is Wait.INTERRUPT:
-            self.out.arm_after(key, self.cfg.irq_safety_poll if q.irq else self.cfg.poll_high)
+            out.arm(q.poll_key, out.now + (self.cfg.irq_safety_poll if q.irq else self.cfg.poll_high))
 
     # ---------------------------------------------------------------- the two writers of Queue.state
     def _enter(self, q: Queue, state: QState) -> None:
@@ -689,10 +689,11 @@ class QueueMachine:
         settled here) and requests it could not encode (failed by the verdicts)."""
         d = self.dispatch
         if d.touched:
-            armed = self.out.armed
+            out = self.out
+            armed = out.armed
             for q in d.touched:
                 if q.reply_key not in armed:
-                    self.out.arm_after(q.reply_key, self.cfg.reply_timeout)
+                    out.arm(q.reply_key, out.now + self.cfg.reply_timeout)
                 self._settle(q)
             d.touched.clear()
         if d.rejected:
