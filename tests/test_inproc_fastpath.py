@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def test_inproc_interrupt_raised_on_the_sending_thread_with_the_batch() -> None:
-    with Emulator("overhead", clock="wall") as emu:
+    with Emulator("fast", clock="wall") as emu:  # zero service times: replies inline
         t = InprocTransport(emu)
         notified: list[int] = []
         t.set_notify(lambda: notified.append(threading.get_ident()))
