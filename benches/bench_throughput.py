@@ -13,6 +13,12 @@ profile, both sides in this run, as medians:
 
 The raw loop and the driver both encode their requests inside the timed part (a user of either
 must); "firmware alone" times only the execution of requests built beforehand.
+
+Interrupts: the raw loop busy-polls (NQAP until full, DQAP until empty, no AQIC); the driver runs as
+users run it, with interrupts on.  On ``emu:`` an interrupt is a Python call on the thread that sent
+the batch (no frame, no thread switch), so the two differ by that call and the driver's DQAP
+decisions, not by a wire cost.  Both run on a wall clock in this process; the raw loop on one
+thread, the driver on the caller's and its runner's thread under one GIL.
 """
 
 from __future__ import annotations

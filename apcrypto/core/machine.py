@@ -161,8 +161,15 @@ class QueueMachine:
         points, so the integral is exact; integrating after a change (as it used to, on the next
         completion) counted the idle gap before a submit as occupied."""
         self.out.now = now
+        # occ() unrolled (runs on every entry for every queue: the core's hottest loop); the held
+        # count is Queue.held's, written out to spare a property call per queue
         for q in self.queues.values():
-            self.occ(q)
+            dt = now - q.occ_t
+            if dt > 0:
+                held = len(q.on_card) + len(q.sending) + (1 if q.probe_sent else 0)
+                if held:
+                    q.occ_integral += held * dt
+                q.occ_t = now
 
     def occ(self, q: Queue) -> None:
         dt = self.out.now - q.occ_t

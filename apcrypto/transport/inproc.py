@@ -56,6 +56,18 @@ class InprocTransport(Transport):
         self._notify_ready()
 
     def _send(self, commands: Sequence[Command]) -> None:
+        # On a wall clock, the interrupts these commands cause are raised on this thread when the
+        # batch is done (``WallClock.assisting``, as the frame server does per batch of frames)
+        # instead of on the clock's pump thread: no thread switch and clock-lock round trip per
+        # batch, and the runner's pump loop sees them at once.
+        assisting = getattr(self.emulator.clock, "assisting", None)
+        if assisting is None:
+            self._execute(commands)
+        else:
+            with assisting():
+                self._execute(commands)
+
+    def _execute(self, commands: Sequence[Command]) -> None:
         execute = self.emulator.execute  # the emulator's one instruction entry, as the frame server's
         irq = self._on_irq
         append = self._events.append

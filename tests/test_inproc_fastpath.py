@@ -1,0 +1,73 @@
+"""The in-process hot path (issue 11, "in process"): what was made cheaper still does the same thing.
+
+* ``emu:`` on a wall clock raises the interrupts a batch of commands causes on the sending thread,
+  when the batch is done (``WallClock.assisting``), not on the clock's pump thread: the completion
+  and its interrupt are both waiting when ``submit`` returns.
+* The core's per-entry occupancy integration (``QueueMachine.advance``, unrolled) adds exactly
+  ``Queue.held x dt`` for every queue, as the property defines it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from apcrypto.bench import workload
+from apcrypto.transport.base import Command, Completion, Interrupt
+from apcrypto.transport.inproc import InprocTransport
+from apformats.codes import ResponseCode
+from apformats.results import Instr
+from emulator import Emulator
+from tests._fixtures_driver import exact_profile, key, make_sim, me_request
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_inproc_interrupt_raised_on_the_sending_thread_with_the_batch() -> None:
+    with Emulator("fast", clock="wall") as emu:  # zero service times: replies inline
+        t = InprocTransport(emu)
+        notified: list[int] = []
+        t.set_notify(lambda: notified.append(threading.get_ident()))
+        qid = next(q for q in t.qids() if emu.tapq(q).hwinfo.accel)
+        t.submit([Command(1, Instr.AQIC, qid, flag=True)])
+        assert [type(e) for e in t.poll()] == [Completion]
+        reqs = workload(3)
+        t.submit([Command(2 + i, Instr.NQAP, qid, psmid=10 + i, message=m) for i, m in enumerate(reqs)])
+        events = t.poll()  # no wait: everything the batch caused is here already
+        completions = [e for e in events if type(e) is Completion]
+        assert [c.tag for c in completions] == [2, 3, 4]
+        assert all(c.result.status.response_code == ResponseCode.NORMAL for c in completions)
+        assert [e.qid for e in events if type(e) is Interrupt] == [qid]  # one per batch, not per reply
+        assert notified and set(notified) == {threading.get_ident()}
+        t.submit([Command(10 + i, Instr.DQAP, qid) for i in range(3)])
+        replies = [e for e in t.poll() if type(e) is Completion]
+        assert sorted(r.result.psmid for r in replies) == [10, 11, 12]
+        t.close()
+
+
+def test_advance_integrates_held_times_dt_for_every_queue() -> None:
+    _emu, sim = make_sim(exact_profile("small"), seed=5)
+    try:
+        k = key(1024)
+        futs = [sim.submit(me_request(x, k)) for x in range(2, 40)]
+        sim.run(sim.now() + 1e-4)  # part-way: some queues hold messages, some none
+        machine = sim.core.machine
+        queues = list(sim.core.queues.values())
+        held = {q.qid: q.held for q in queues}
+        assert any(held.values()), "the test needs a queue holding messages"
+        before = {q.qid: (q.occ_integral, q.occ_t) for q in queues}
+        later = max(t for _i, t in before.values()) + 0.25
+        machine.advance(later)
+        for q in queues:
+            integral, t0 = before[q.qid]
+            assert q.occ_integral == pytest.approx(integral + held[q.qid] * (later - t0), abs=1e-12)
+            assert q.occ_t == later
+        machine.advance(later)  # no time passed: nothing added
+        assert [q.occ_integral for q in queues] == [
+            pytest.approx(before[q.qid][0] + held[q.qid] * (later - before[q.qid][1])) for q in queues
+        ]
+        sim.run_until_settled(futs, max_time=5.0)
+        assert all(f.done() for f in futs)
+    finally:
+        sim.shutdown()
