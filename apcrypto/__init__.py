@@ -28,7 +28,7 @@ from apcrypto.errors import (
     Indeterminate,
     TargetNotHeld,
 )
-from apcrypto.recovery import Recovered, begin, open_journal
+from apcrypto.recovery import Recovered, open_link
 from apcrypto.requests import (
     CounterIncrement,
     KeyRead,
@@ -99,29 +99,21 @@ def connect(url: str | Sequence[str] | None = None, **options: Any) -> Client:
     """
     chosen = resolve(url, options)
     cfg, client_opts, transport_opts = split_options(chosen.options)
-    journal = open_journal(client_opts, transport_opts, explicit_base="psmid_base" in chosen.options)
+    transport, journal, recovery = open_link(
+        chosen.url,
+        cfg,
+        client_opts,
+        transport_opts,
+        explicit_base="psmid_base" in chosen.options,
+        open_transport=open_transport,
+    )
     try:
-        transport = open_transport(chosen.url, **transport_opts)
-    except BaseException:
-        if journal is not None:
-            journal.close()
-        raise
-    try:
-        recovery = None
-        if journal is not None:
-            recovery = begin(journal, transport, chosen.url, **_begin_args(cfg, client_opts))
         return Client(transport, cfg, journal=journal, recovery=recovery, **client_opts)
     except BaseException:
         transport.close()
         if journal is not None:
             journal.close()
         raise
-
-
-def _begin_args(cfg: DriverConfig, client_opts: dict[str, Any]) -> dict[str, Any]:
-    """The journal's run record and drain bound: held work ends within a reply timeout, or a
-    machine-failure recovery on top (docs/journal.md)."""
-    return {"psmid_base": client_opts["psmid_base"], "bound": cfg.reply_timeout + cfg.recovery_timeout}
 
 
 # ``apcrypto.aio`` is part of the public surface (DESIGN §5): reachable after a bare ``import

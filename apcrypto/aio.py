@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 
-from apcrypto import _begin_args, split_options
+from apcrypto import split_options
 from apcrypto.cardstats import client_stats
 from apcrypto.config import check_deadline, resolve
 from apcrypto.core.config import DriverConfig
@@ -28,7 +28,7 @@ from apcrypto.core.driver import DriverCore
 from apcrypto.errors import ClientClosed, HostQueueFull
 from apcrypto.journal import Journal
 from apcrypto.operations import Operations
-from apcrypto.recovery import Recovered, Recovery, begin, open_journal, start_redrives
+from apcrypto.recovery import Recovered, Recovery, open_link, start_redrives
 from apcrypto.requests import Request
 from apcrypto.runners.aio import AsyncioRunner
 from apcrypto.transport import open_transport
@@ -211,21 +211,9 @@ class _Connect:
 
         def opening() -> tuple[Transport, Journal | None, Recovery | None]:
             # the journal's reconciliation drains the session: blocking I/O, off the loop too
-            journal = open_journal(client_opts, transport_opts, explicit_base=explicit)
-            try:
-                transport = open_transport(url, **transport_opts)
-            except BaseException:
-                if journal is not None:
-                    journal.close()
-                raise
-            try:
-                recovery = None
-                if journal is not None:
-                    recovery = begin(journal, transport, url, **_begin_args(cfg, client_opts))
-            except BaseException:
-                _close_quietly((transport, journal, None))
-                raise
-            return transport, journal, recovery
+            return open_link(
+                url, cfg, client_opts, transport_opts, explicit_base=explicit, open_transport=open_transport
+            )
 
         transport, journal, recovery = await _off_loop(opening, "apcrypto-aio-open", _close_quietly)
         try:

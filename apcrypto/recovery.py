@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from apcrypto.core.config import DriverConfig
 from apcrypto.core.events import Command, Completion, TransportLost
 from apcrypto.errors import ApcryptoError, BadRequest, ClientClosed, Indeterminate
 from apcrypto.journal import Journal, OpenRequest, restore_request, sendable
@@ -378,3 +379,39 @@ def begin(
     url = urls[0]
     journal.begin(url, psmid_base, lambda: getattr(transport, "resume_token", None))
     return reconcile_journal(journal, transport, bound=bound)
+
+
+def open_link(
+    url: str | Sequence[str],
+    cfg: DriverConfig,
+    client_opts: dict[str, Any],
+    transport_opts: dict[str, Any],
+    *,
+    explicit_base: bool,
+    open_transport: Callable[..., Transport],
+) -> tuple[Transport, Journal | None, Recovery | None]:
+    """What every client's ``connect`` opens, in the order the journal needs: the journal first
+    (its session token goes into the transport's HELLO), then the transport, then the
+    reconciliation of what an earlier run left open (it drains the resumed session before the
+    driver's bring-up could reset a queue).  Blocking; anything opened is closed again if a later
+    step raises.  ``open_transport`` is the caller's (so tests and runners may substitute it)."""
+    journal = open_journal(client_opts, transport_opts, explicit_base=explicit_base)
+    try:
+        transport = open_transport(url, **transport_opts)
+    except BaseException:
+        if journal is not None:
+            journal.close()
+        raise
+    try:
+        recovery = None
+        if journal is not None:
+            # the drain bound: held work ends within a reply timeout, or a machine-failure
+            # recovery on top (docs/journal.md)
+            bound = cfg.reply_timeout + cfg.recovery_timeout
+            recovery = begin(journal, transport, url, client_opts["psmid_base"], bound=bound)
+    except BaseException:
+        transport.close()
+        if journal is not None:
+            journal.close()
+        raise
+    return transport, journal, recovery
