@@ -25,10 +25,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import random
-import selectors
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,24 +179,14 @@ def test_crt2048_compute_bound_on_two_cores(
 
 
 @pytest.fixture(params=["parallel", "parallel-processes"])
-def parallel_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
-    """``python -m emulator serve --profile PARALLEL`` on free loopback ports: (profile, url)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "serve", "--profile", request.param, "--default-grant", "all",
-         "--bind", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        assert sel.select(30), "emulator server did not start"
-        line = proc.stdout.readline().split()
+def parallel_server(request: pytest.FixtureRequest, server_process: Any) -> Iterator[tuple[str, str]]:
+    """``python -m emulator serve --profile PARALLEL`` in its own process: (profile, url)."""
+    start, stop = server_process
+    proc, fields = start(request.param)
     try:
-        yield request.param, dict(f.split("=", 1) for f in line[1:])["data"]
+        yield request.param, fields["data"]
     finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stdout.close()
+        stop(proc)
 
 
 def test_crt2048_compute_bound_over_tcp(

@@ -23,10 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
-import selectors
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -42,32 +39,16 @@ ROUNDS = 3
 KEY = seeded_key(2048, "bench-multi")
 
 
-def _serve() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "serve", "--profile", "fast", "--default-grant", "all",
-         "--bind", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        assert sel.select(30), "emulator server did not start"
-        line = proc.stdout.readline().split()
-    return proc, dict(f.split("=", 1) for f in line[1:])["data"]
-
-
 @pytest.fixture(scope="module")
-def two_servers() -> Iterator[list[tuple[int, str]]]:
-    """Two servers: (pid, data URL) each."""
-    procs = [_serve() for _ in range(2)]
+def two_servers(server_process: Any) -> Iterator[list[tuple[int, str]]]:
+    """Two servers on the fast profile, each in its own process: (pid, data URL) each."""
+    start, stop = server_process
+    procs = [start("fast") for _ in range(2)]
     try:
-        yield [(p.pid, url) for p, url in procs]
+        yield [(p.pid, fields["data"]) for p, fields in procs]
     finally:
         for p, _ in procs:
-            p.terminate()
-            p.wait(10)
-            assert p.stdout is not None
-            p.stdout.close()
+            stop(p)
 
 
 def driver_crt_run(client: Any, n: int, key: Any) -> int:
