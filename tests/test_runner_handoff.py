@@ -1,5 +1,6 @@
 """The threaded runner's hand-off with a transport that lends its I/O thread (``lends_io_thread``):
-while the runner sleeps, the transport's thread takes the runner's turn itself, under the core lock.
+while the runner sleeps, the transport's thread takes the runner's turn itself, under the core lock,
+and so does a caller's thread that submits (never ahead of work already in the inbox).
 
 A fake core and a fake transport make every step observable: which thread fed the core, that a timer
 armed in such a turn wakes the sleeping runner in time (not at the end of its old wait), that a turn
@@ -175,6 +176,78 @@ def test_a_core_bug_in_a_borrowed_turn_stops_the_runner(rig) -> None:
         runner.call(lambda: None)
 
 
+def test_a_call_to_a_sleeping_runner_runs_on_the_caller_s_thread(rig) -> None:
+    runner, _, _ = rig
+    ran: list[str] = []
+    _io_thread(lambda: runner.call(lambda: ran.append(threading.current_thread().name)), name="caller")
+    assert ran == ["caller"]  # done before call() returned: no switch to the runner thread
+    assert runner.alive and runner.error is None
+
+
+def test_a_call_to_a_runner_that_does_not_borrow_goes_through_its_inbox() -> None:
+    core, transport = _Core(), _NotLending()
+    runner = ThreadedRunner(core, transport)  # type: ignore[arg-type]
+    runner.start()
+    try:
+        _until(lambda: runner._sleeping)
+        ran: list[str] = []
+        runner.call(lambda: ran.append(threading.current_thread().name))
+        _until(lambda: bool(ran))
+        assert ran == ["apcrypto-runner"]
+    finally:
+        runner.stop()
+
+
+def test_a_call_never_overtakes_work_already_in_the_inbox(rig) -> None:
+    runner, _, _ = rig
+    order: list[int] = []
+    # the runner was told of work but has not taken its inbox yet: it still looks asleep
+    runner._inbox.append(lambda: order.append(1))
+    assert runner._sleeping
+    runner.call(lambda: order.append(2))
+    _until(lambda: len(order) == 2)
+    assert order == [1, 2]
+
+
+def test_a_call_while_another_thread_holds_the_turn_is_queued_behind_it(rig) -> None:
+    runner, _, _ = rig
+    order: list[str] = []
+    held, done = threading.Event(), threading.Event()
+
+    def turn_elsewhere() -> None:  # a borrowed turn in progress on another thread
+        with runner.core_lock:
+            held.set()
+            done.wait(10)
+
+    other = threading.Thread(target=turn_elsewhere)
+    other.start()
+    try:
+        assert held.wait(10)
+        runner.call(lambda: order.append(threading.current_thread().name))
+        assert order == []  # neither run here nor beside the turn in progress
+    finally:
+        done.set()
+        other.join(10)
+    _until(lambda: bool(order))
+    assert order == ["apcrypto-runner"]
+
+
+def test_a_failing_call_on_the_caller_s_thread_stops_the_runner_once(rig) -> None:
+    runner, _, _ = rig
+    runs: list[int] = []
+
+    def bad() -> None:
+        runs.append(1)
+        raise RuntimeError("core bug in a submit")
+
+    runner.call(bad)
+    _until(lambda: not runner.alive)
+    assert runs == [1]  # taken once: never queued again for the runner thread
+    assert isinstance(runner.error, RuntimeError)
+    with pytest.raises(RuntimeError, match="stopped"):
+        runner.call(lambda: None)
+
+
 def test_results_stay_right_when_the_io_thread_delivers_them(zmq_server: ServerProcess) -> None:
     from tests._fixtures_zmq import E, rsa_key
 
@@ -187,3 +260,5 @@ def test_results_stay_right_when_the_io_thread_delivers_them(zmq_server: ServerP
             fut.add_done_callback(lambda f: threads.add(threading.current_thread().name))
             assert int.from_bytes(fut.result(10), "big") == pow(i + 2, E, k.n)
     assert any(name.startswith("apcrypto-zmq") for name in threads), threads
+    # and the submits themselves went out on the caller's thread, straight onto the socket
+    assert client.transport.counters["direct_sends"] > 0  # type: ignore[attr-defined]

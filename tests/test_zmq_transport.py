@@ -334,3 +334,91 @@ def test_give_up_after_makes_the_loss_final(server_factory: Callable[..., Server
         t.submit([Command(1, Instr.TAPQ, Q00)])
         (bounced,) = collect(t, bool, 1)
         assert isinstance(bounced, TransportLost) and bounced.permanent and bounced.unsent == (1,)
+
+
+def test_a_submit_while_the_io_thread_sleeps_leaves_on_the_submitting_thread(
+    zmq_server: ServerProcess,
+) -> None:
+    """The I/O thread asleep in its poll is not woken to send: the submit sends, under the I/O lock."""
+    with open_transport(zmq_server.data, domains=[0], heartbeat=5.0, timeout=10.0) as t:
+        assert isinstance(t, ZmqTransport)
+        for tag in range(1, 21):
+            deadline = time.monotonic() + 5
+            while not t._io_asleep:  # the answer before is in: the I/O thread goes back to sleep
+                assert time.monotonic() < deadline, "the I/O thread never went to sleep"
+                time.sleep(0.001)
+            sent = t.counters["sent"]
+            t.submit([Command(tag, Instr.TAPQ, Q00)])
+            assert t.counters["sent"] == sent + 1  # on the wire before submit() returned
+            evs = collect(t, done({tag}))
+            assert [e.tag for e in evs if isinstance(e, Completion)] == [tag]
+        assert t.counters["direct_sends"] >= 1
+        assert t.outstanding() == []
+
+
+def test_submitting_threads_and_the_io_thread_share_the_socket_without_losing_an_answer(
+    zmq_server: ServerProcess,
+) -> None:
+    """Four threads submit while answers stream in (each send may take the socket's signal of an
+    answer that came meanwhile): every tag is answered exactly once, none waits out a timer (the
+    heartbeat and the reply deadline are long: a missed wake-up would stall for a second)."""
+    per_thread, threads = 150, 4
+    qids = [Q00, Q01]
+    with open_transport(zmq_server.data, domains=[0], heartbeat=5.0, timeout=30.0) as t:
+        assert isinstance(t, ZmqTransport)
+
+        def submitter(base: int) -> None:
+            for i in range(per_thread):
+                t.submit([Command(base + i, Instr.TAPQ, qids[i % 2])])
+                if i % 10 == 0:
+                    time.sleep(0.0005)  # let the I/O thread fall asleep now and then
+
+        workers = [threading.Thread(target=submitter, args=(1 + k * 1000,)) for k in range(threads)]
+        started = time.monotonic()
+        for w in workers:
+            w.start()
+        tags = {1 + k * 1000 + i for k in range(threads) for i in range(per_thread)}
+        evs = collect(t, done(tags), timeout=20.0)
+        for w in workers:
+            w.join(10)
+        answered = [e.tag for e in evs if isinstance(e, Completion)]
+        assert sorted(answered) == sorted(tags)  # each exactly once
+        assert not [e for e in evs if isinstance(e, TransportLost)]
+        assert t.poll(0.05) == [] and t.outstanding() == []
+        assert t.counters["direct_sends"] > 0
+        assert time.monotonic() - started < 10.0
+
+
+def test_a_send_can_take_the_signal_of_a_message_waiting_to_be_read() -> None:
+    """Why the I/O loop and a submitting thread ask the socket (``EVENTS``) before anyone sleeps: a
+    ZeroMQ socket's descriptor signals news once, and a send after the command throttle (~1 ms)
+    consumes it -- with the message still unread.  A poll on the descriptor alone would sleep."""
+    import select
+
+    import zmq
+
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send(b"hello")
+        ident, _ = router.recv_multipart()
+        with pytest.raises(zmq.Again):
+            dealer.recv(zmq.NOBLOCK)  # read dry: the next message will be signalled
+        fd = select.poll()
+        fd.register(dealer.getsockopt(zmq.FD), select.POLLIN)
+        router.send_multipart([ident, b"answer"])
+        deadline = time.monotonic() + 5
+        while not fd.poll(0):
+            assert time.monotonic() < deadline, "the answer was never signalled"
+            time.sleep(0.001)
+        time.sleep(0.01)  # past the throttle: the next send processes the socket's commands
+        dealer.send(b"another request")
+        assert fd.poll(0) == []  # the signal is gone ...
+        assert dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN  # ... and the answer still waits
+        assert dealer.recv(zmq.NOBLOCK) == b"answer"
+    finally:
+        dealer.close(0)
+        router.close(0)
+        ctx.term()

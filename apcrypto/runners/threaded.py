@@ -5,7 +5,9 @@ it when completions or interrupts arrive. A transport with an I/O thread of its 
 (``lends_io_thread``: ``tcp://``, ``usb://``) has that thread take the runner's turn itself while the
 runner sleeps, holding the core lock (one thread at a time still drives the core and the transport): an
 answer reaches the core, and the core's next command the wire, without a switch to the runner's thread
-and back. Callers' future callbacks may then run on that thread. Timers run on the wall clock, or --
+and back. Callers' future callbacks may then run on that thread. With such a transport a caller's
+submit to a sleeping runner with an empty inbox is taken the same way, on the caller's thread: the
+request reaches the core and the wire without waking the runner. Timers run on the wall clock, or --
 when the transport is an in-process emulator on a ``VirtualClock`` -- on that virtual clock with
 *autojump*: whenever the runner has nothing to do, it steps the clock to the next deadline (trio's
 MockClock idea), so a whole session with service times and recovery waits runs as fast as the CPU allows
@@ -101,17 +103,29 @@ class ThreadedRunner(RunnerBase):
             with self._cv:
                 self._cv.notify()
 
-    def _turn_here(self) -> bool:
-        """A runner's turn (transport events, due timers, watchers) on the calling thread, holding the
-        core lock; False when the runner holds it (it will look itself) or is stopping."""
+    def _turn_here(self, fn: Callable[[], object] | None = None) -> bool:
+        """A runner's turn (``fn`` first if given, then transport events, due timers, watchers) on
+        the calling thread, holding the core lock; False when the runner holds it (it will look
+        itself), is stopping, or -- with ``fn`` -- is awake or has work in its inbox (which must run
+        before ``fn``: the caller then queues ``fn`` behind it)."""
         me = threading.get_ident()
         if self._here == me:
-            return True  # called back from inside our own turn: its pump loop polls again
+            # called back from inside our own turn: its pump loop polls again; a call() queues
+            return fn is None
         if self._stop or not self.core_lock.acquire(blocking=False):
+            return False
+        if fn is not None and (not self._sleeping or self._inbox):
+            self.core_lock.release()  # the runner is about to take its inbox: fn goes behind it
             return False
         self._here = me
         try:
             self._wake = False
+            if fn is not None:
+                self.grouped()
+                try:
+                    fn()
+                finally:
+                    self.release()
             self.pump()
             self._run_due_timers()
             if self._watchers:
@@ -120,15 +134,22 @@ class ThreadedRunner(RunnerBase):
         except BaseException as exc:  # the runner's own turn would die of it: stop it the same way
             self.error = exc
             self._stop = True
-            return False
+            return fn is not None  # fn was taken (it ran, or failed): never queue it again
         finally:
             self._here = 0
             self.core_lock.release()
 
     def call(self, fn: Callable[[], object]) -> None:
-        """Run ``fn`` on the runner thread (with the core lock held)."""
+        """Run ``fn`` with the core lock held: on the runner thread, or -- while the runner sleeps with
+        an empty inbox and the transport lends threads (``lends_io_thread``) -- right here, as its
+        turn: a submit then reaches the core and the wire with no switch to the runner thread."""
         if self._stop:
             raise RuntimeError("runner stopped")
+        if self._borrow and self._sleeping and not self._inbox and self._turn_here(fn):
+            if self._stop:  # fn or the turn failed: the runner stops as it would have on its thread
+                with self._cv:
+                    self._cv.notify()
+            return
         self._inbox.append(fn)  # deque.append is atomic; the runner drains the inbox every turn
         if self._sleeping:
             with self._cv:

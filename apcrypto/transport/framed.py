@@ -61,9 +61,11 @@ notice that it broke).  Both backends therefore answer a runner in the same way:
   and the driver's next DQAPs find them there.  A WELCOME that does not resume forgets them.
 
 Threads: ``submit`` encodes on the caller's thread and appends to the outbox; the I/O thread takes
-the outbox while the link is up, and turns frames in into events that :meth:`poll` returns.  The
-outbox, the event queue and ``_state`` changes that a submit must see are guarded by ``_cv``; the
-rest (``_inflight``, the link) is the I/O thread's alone.
+the outbox while the link is up (or a backend's :meth:`_push` lets the submitting thread send it
+while the I/O thread sleeps, holding the backend's I/O lock), and turns frames in into events that
+:meth:`poll` returns.  The outbox, the event queue and ``_state`` changes that a submit must see are
+guarded by ``_cv``; the rest (``_inflight``, the link) is the I/O thread's alone, or whoever's holds
+the backend's I/O lock.
 """
 
 from __future__ import annotations
@@ -413,7 +415,7 @@ class FramedTransport(Transport):
         if gone:
             self._notify_ready()
         else:
-            self._wake_io()
+            self._push()
 
     def _answer_from_ahead(self, commands: Sequence[Command]) -> Sequence[Command]:
         """Answer each DQAP of a queue we hold read-ahead replies for with the oldest of them, here
@@ -509,6 +511,12 @@ class FramedTransport(Transport):
     def _wake_io(self) -> None:
         """Make the I/O thread look at the outbox and ``_stop`` now.  Default: it waits on ``_cv``,
         which every submit and close notifies."""
+
+    def _push(self) -> None:
+        """A submit just filled the outbox: get it sent.  Default: wake the I/O thread, which sends it.
+        A backend whose link a submitting thread may use itself (when the I/O thread is not using it)
+        sends it here instead, sparing a thread switch per submit."""
+        self._wake_io()
 
     def _release(self) -> None:
         """Free what outlives the I/O thread (after it is joined).  Default: nothing."""

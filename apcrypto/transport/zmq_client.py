@@ -1,9 +1,12 @@
 """``tcp://HOST:PORT`` -- the emulator server (``apcrypto-emulator serve``) over ZeroMQ.
 
-One DEALER socket, owned by one I/O thread (ZeroMQ sockets are not thread-safe).  ``submit`` encodes the
-commands on the caller's thread and hands them over through the outbox and a wake-up socketpair; the I/O
-thread sends them at once (many commands in flight: the server answers each by tag, in any order),
-receives RESULT / INTERRUPT / ERROR frames, and turns them into events that :meth:`poll` returns.
+One DEALER socket, used by one thread at a time (ZeroMQ sockets are not thread-safe): whoever holds the
+I/O lock.  The I/O thread holds it except while it sleeps in ``poll`` on the sockets' descriptors.
+``submit`` encodes the commands on the caller's thread and puts them in the outbox; if the I/O thread is
+asleep, the submitting thread takes the lock and sends them itself (no thread switch on the way out),
+otherwise the I/O thread sends them before it sleeps again (woken by a socketpair if need be).  Many
+commands are in flight: the server answers each by tag, in any order.  The I/O thread receives RESULT /
+INTERRUPT / ERROR frames and turns them into events that :meth:`poll` returns.
 
 The failure semantics shared with ``usb://`` (one event per tag, ERROR codes, frames too big, link down,
 lost for good) are :mod:`apcrypto.transport.framed`'s.  What is particular to this link:
@@ -29,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Unpack
+from typing import Any, Unpack, cast
 
 import zmq
 from zmq.utils import z85
@@ -96,6 +101,11 @@ class _Waker:
         self._w.close()
 
 
+def _readable(sock: zmq.Socket) -> bool:
+    """Whether ``sock`` holds a message to read (its ``EVENTS``), whatever its descriptor last said."""
+    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+
 def _key(k: bytes | str) -> bytes:
     """A Z85 CURVE key, checked here: libzmq would kill the I/O thread with a malformed one."""
     raw = k.encode("ascii", "replace") if isinstance(k, str) else bytes(k)
@@ -136,6 +146,10 @@ class ZmqTransport(FramedTransport):
             public, secret = curve_keypair if curve_keypair is not None else zmq.curve_keypair()
             self._curve = (_key(curve_server_key), _key(public), _key(secret))
         self._waker = _Waker()
+        #: held by the I/O thread except while it sleeps in poll: whoever holds it owns the sockets,
+        #: ``_inflight`` and the link's state, so a submitting thread that gets it may send (_push)
+        self._io_lock = threading.Lock()
+        self._direct = True  # False once the I/O loop has ended: the sockets are its own again
         self._io_asleep = False  # the I/O thread polls with nothing to send: a submit must wake it
         self._hwm_refused = False  # the last flush met the high-water mark: retry at the next event
         # owned by the I/O thread
@@ -150,6 +164,29 @@ class ZmqTransport(FramedTransport):
         self._start_io(self.timeout + 1.0, ServerUnreachable(f"no answer from {url} within {self.timeout} s"))
 
     # -- runner-thread side ------------------------------------------------------------------------
+    def _push(self) -> None:
+        """Send what was just submitted on this thread when the I/O thread is not using the socket
+        (asleep in its poll, or between turns): the same :meth:`_flush` it would run, under the same
+        lock, one thread switch sooner.  Otherwise (the I/O thread is at work: it flushes before it
+        sleeps again; or the link is not up) it is woken as before."""
+        lock = self._io_lock
+        if not lock.acquire(blocking=False):
+            self._wake_io()
+            return
+        try:
+            if not self._direct or self._state != "up":
+                self._wake_io()
+                return
+            self.counters["direct_sends"] += 1
+            self._flush()
+            sock = self._sock
+            # the send may have spent the descriptor's signal of a message that came meanwhile: the
+            # sleeping I/O thread would not see it, so it is woken to read it
+            if sock is not None and _readable(sock):
+                self._waker.wake()
+        finally:
+            lock.release()
+
     def _wake_io(self) -> None:
         # only an I/O thread that is (about to be) asleep in its poll needs the byte: a busy one
         # looks at the outbox and at _stop before it polls again (see _io_main)
@@ -164,38 +201,67 @@ class ZmqTransport(FramedTransport):
 
     # -- I/O thread ----------------------------------------------------------------------------------
     def _io_main(self) -> None:
-        self._connect(time.monotonic())
-        poller = zmq.Poller()
-        poller.register(self._waker, zmq.POLLIN)
-        registered: tuple[zmq.Socket | None, zmq.Socket | None] = (None, None)
+        """The I/O loop: under :attr:`_io_lock` the whole time except while it sleeps in ``poll``.
+
+        It polls the sockets' file descriptors with the operating system's ``poll``, not
+        ``zmq.Poller``: a ZeroMQ socket's descriptor says only that the socket has news, so the
+        socket's own readiness (``EVENTS``) is asked under the lock before every sleep -- and no
+        ZeroMQ call touches the socket while the lock is free, which is what lets a submitting
+        thread send on it then (:meth:`_push`)."""
+        lock = self._io_lock
+        lock.acquire()
+        try:
+            self._connect(time.monotonic())
+            self._serve_io()
+        finally:
+            self._direct = False  # from here on only this thread touches the sockets (BYE, close)
+            lock.release()
+
+    def _serve_io(self) -> None:
+        lock = self._io_lock
+        poller = select.poll()
+        waker = self._waker.fileno()
+        poller.register(waker, select.POLLIN)
+        sockets: tuple[zmq.Socket | None, zmq.Socket | None] = (None, None)  # watched: data, monitor
+        watched: set[int] = set()  # their descriptors, registered besides the waker's
+        fired: set[int] = set()
         while True:
             with self._cv:
                 if self._stop:
                     return
-            if registered != (self._sock, self._mon):
-                for old in registered:
-                    if old is not None:
-                        poller.unregister(old)
-                registered = (self._sock, self._mon)
-                for new in registered:
-                    if new is not None:
-                        poller.register(new, zmq.POLLIN)
-            now = time.monotonic()
-            wait = max(0.0, min(self._next_timer(now) - now, 1.0))
-            with self._cv:  # asleep only with nothing to send: a submit after this wakes us
-                busy = bool(self._outbox) and self._state == "up" and not self._hwm_refused
-                self._io_asleep = not busy and not self._stop
-            ready = dict(poller.poll(0 if busy else int(wait * 1000) + 1))
-            self._io_asleep = False
-            if self._waker.fileno() in ready:
+            if waker in fired:
                 self._waker.drain()
-            if self._mon is not None and self._mon in ready:
+            mon = self._mon
+            if mon is not None and _readable(mon):
                 self._read_monitor()
-            if self._sock is not None and self._sock in ready:
-                self._read_socket()
+            self._read_socket()
             if self._state == "up":
                 self._flush()
-            self._timers(time.monotonic())
+            now = time.monotonic()
+            self._timers(now)
+            wait = max(0.0, min(self._next_timer(now) - now, 1.0, self.timeout))
+            if (self._sock, self._mon) != sockets:  # a reconnect made new ones: watch theirs
+                sockets = (self._sock, self._mon)
+                fds = {cast(int, sk.getsockopt(zmq.FD)) for sk in sockets if sk is not None}
+                for fd in watched - fds:
+                    poller.unregister(fd)
+                for fd in fds - watched:
+                    poller.register(fd, select.POLLIN)
+                watched = fds
+            with self._cv:  # asleep only with nothing to send: a submit after this wakes us
+                busy = self._stop or (bool(self._outbox) and self._state == "up" and not self._hwm_refused)
+                self._io_asleep = not busy
+            # a descriptor signals news once, and any call on its socket may take the news (our
+            # sends; a new socket's first message): what a socket already holds is read now
+            for sk in sockets:
+                if not busy and sk is not None and _readable(sk):
+                    busy = True
+            lock.release()
+            try:
+                fired = {fd for fd, _ in poller.poll(0 if busy else int(wait * 1000) + 1)}
+            finally:
+                lock.acquire()
+            self._io_asleep = False
 
     def _next_timer(self, now: float) -> float:
         if self._state == "up":
@@ -348,14 +414,20 @@ class ZmqTransport(FramedTransport):
         self.counters["sent"] += sent
 
     def _read_socket(self) -> None:
+        sock = self._sock
+        if sock is None or not _readable(sock):
+            return
         if self._on_frames(self._incoming()):
             self._last_rx = time.monotonic()  # a frame that decodes is a sign of life
 
     def _incoming(self) -> Iterator[bytes]:
         """The frames waiting on the socket, one per message, until the link goes (maybe mid-batch)."""
-        while self._sock is not None:
+        while True:
+            sock = self._sock
+            if sock is None or not _readable(sock):
+                return
             try:
-                parts = self._sock.recv_multipart(zmq.NOBLOCK)
+                parts = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if len(parts) != 1:
