@@ -192,7 +192,8 @@ class TakenReplies:
     def __init__(self, max_tags: int = REOFFER_KEEP_TAGS, max_bytes: int = REOFFER_KEEP_BYTES) -> None:
         self.max_tags = max_tags
         self.max_bytes = max_bytes
-        self._by_tag: dict[int, tuple[int, list[tuple[int, bytes]]]] = {}  # in the order answered
+        # tag -> (qid, replies, their bytes), in the order answered; the size is kept, not re-summed
+        self._by_tag: dict[int, tuple[int, list[tuple[int, bytes]], int]] = {}
         self._bytes = 0
         self.dropped = 0  # answers pruned by the bounds (their replies can no longer come back)
 
@@ -205,22 +206,26 @@ class TakenReplies:
         return self._bytes
 
     def record(self, tag: int, qid: int, replies: list[tuple[int, bytes]]) -> None:
-        """The answer to ``tag`` carried ``replies`` (psmid, reply) of ``qid``, in the order taken."""
-        old = self._by_tag.pop(tag, None)
+        """The answer to ``tag`` carried ``replies`` (psmid, reply) of ``qid``, in the order taken.
+        Called for every answer that takes a reply, so it is kept cheap: no sums over what is kept."""
+        by_tag = self._by_tag
+        old = by_tag.pop(tag, None)
         if old is not None:
-            self._bytes -= sum(len(r) for _, r in old[1])
-        self._by_tag[tag] = (qid, replies)
-        self._bytes += sum(len(r) for _, r in replies)
-        while len(self._by_tag) > self.max_tags or self._bytes > self.max_bytes:
-            _tag, (_q, gone) = next(iter(self._by_tag.items()))
-            del self._by_tag[_tag]
-            self._bytes -= sum(len(r) for _, r in gone)
+            self._bytes -= old[2]
+        size = 0
+        for _, reply in replies:
+            size += len(reply)
+        by_tag[tag] = (qid, replies, size)
+        self._bytes += size
+        while len(by_tag) > self.max_tags or self._bytes > self.max_bytes:
+            oldest = next(iter(by_tag))
+            self._bytes -= by_tag.pop(oldest)[2]
             self.dropped += 1
 
     def forget_queue(self, qid: int) -> None:
         """The queue was reset: the replies taken from it before must never come back."""
-        for tag in [t for t, (q, _) in self._by_tag.items() if q == qid]:
-            self._bytes -= sum(len(r) for _, r in self._by_tag.pop(tag)[1])
+        for tag in [t for t, (q, _, _) in self._by_tag.items() if q == qid]:
+            self._bytes -= self._by_tag.pop(tag)[2]
 
     def take(self, tags: Iterable[int]) -> tuple[dict[int, list[tuple[int, bytes]]], int]:
         """The replies of the answers ``tags`` names, per queue in the order they were taken, and how
@@ -229,7 +234,7 @@ class TakenReplies:
         wanted = set(tags)
         out: defaultdict[int, list[tuple[int, bytes]]] = defaultdict(list)
         found = 0
-        for tag, (qid, replies) in self._by_tag.items():  # answer order, not the client's order
+        for tag, (qid, replies, _) in self._by_tag.items():  # answer order, not the client's order
             if tag in wanted:
                 found += 1
                 out[qid].extend(replies)

@@ -108,6 +108,26 @@ FAULT_TYPES: dict[str, type] = {
 #: without a BYE is detached -- its grace starts -- within seconds, not after ``session_idle``.
 PROBE_SILENT = 3.0
 
+#: The flags of a multipart send, as plain ints: ``send_multipart`` combines pyzmq's enum flags
+#: per part (``Flag.__or__``, a few microseconds each), which a server answering every request pays.
+_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_LAST = int(zmq.NOBLOCK)
+
+
+def _send_parts(sock: zmq.Socket, parts: Iterable[bytes]) -> None:
+    """``sock.send_multipart(parts, NOBLOCK)`` without its per-part checks and flag arithmetic: the
+    same sends, each part but the last with SNDMORE (ZeroMQ delivers the message whole or not at
+    all; a refusal -- EAGAIN, EHOSTUNREACH -- comes at the first part, as with ``send_multipart``)."""
+    send = sock.send
+    last: bytes | None = None
+    for part in parts:
+        if last is not None:
+            send(last, _MORE)
+        last = part
+    if last is not None:
+        send(last, _LAST)
+
+
 #: Most data messages handled per poll round before control and interrupts get a turn.
 BATCH = 256
 #: Default cap on concurrent client sessions, and default ZMTP handshake timeout in seconds.
@@ -616,7 +636,7 @@ class EmulatorServer:
             if not frames:
                 return
         try:
-            self._data.send_multipart([ident, *frames], zmq.NOBLOCK)
+            _send_parts(self._data, (ident, *frames))
             self.stats["frames_out"] += len(frames)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:  # the client is gone: forget its session
