@@ -369,9 +369,11 @@ def test_submitting_threads_and_the_io_thread_share_the_socket_without_losing_an
 
         def submitter(base: int) -> None:
             for i in range(per_thread):
+                if i % 10 == 0:  # now and then a quiet link: the I/O thread asleep, nothing in flight
+                    deadline = time.monotonic() + 2.0
+                    while t._inflight and time.monotonic() < deadline:
+                        time.sleep(0.0002)
                 t.submit([Command(base + i, Instr.TAPQ, qids[i % 2])])
-                if i % 10 == 0:
-                    time.sleep(0.0005)  # let the I/O thread fall asleep now and then
 
         workers = [threading.Thread(target=submitter, args=(1 + k * 1000,)) for k in range(threads)]
         started = time.monotonic()

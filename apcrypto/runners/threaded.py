@@ -141,11 +141,14 @@ class ThreadedRunner(RunnerBase):
 
     def call(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` with the core lock held: on the runner thread, or -- while the runner sleeps with
-        an empty inbox and the transport lends threads (``lends_io_thread``) -- right here, as its
-        turn: a submit then reaches the core and the wire with no switch to the runner thread."""
+        an empty inbox and no request undecided, and the transport lends threads
+        (``lends_io_thread``) -- right here, as its turn: a submit then reaches the core and the wire
+        with no switch to the runner thread (what one request at a time waits for)."""
         if self._stop:
             raise RuntimeError("runner stopped")
-        if self._borrow and self._sleeping and not self._inbox and self._turn_here(fn):
+        # only with nothing undecided: a burst of submits is better served by the runner, which takes
+        # them as one batch (and the transport sends them together) while this thread goes on
+        if self._borrow and self._sleeping and not self.resolvers and not self._inbox and self._turn_here(fn):
             if self._stop:  # fn or the turn failed: the runner stops as it would have on its thread
                 with self._cv:
                     self._cv.notify()

@@ -171,11 +171,14 @@ class ZmqTransport(FramedTransport):
     # -- runner-thread side ------------------------------------------------------------------------
     def _push(self) -> None:
         """Send what was just submitted on this thread when the I/O thread is not using the socket
-        (asleep in its poll, or between turns): the same :meth:`_flush` it would run, under the same
-        lock, one thread switch sooner.  Otherwise (the I/O thread is at work: it flushes before it
-        sleeps again; or the link is not up) it is woken as before."""
+        (asleep in its poll, or between turns) and nothing is in flight: the same :meth:`_flush` it
+        would run, under the same lock, one thread switch sooner.  Otherwise (the I/O thread is at
+        work: it flushes before it sleeps again; answers are due: it batches what came meanwhile; or
+        the link is not up) it is woken as before."""
         lock = self._io_lock
-        if not lock.acquire(blocking=False):
+        # with answers on their way the I/O thread wakes soon anyway and sends what piled up meanwhile
+        # as one batch; only a link with nothing in flight (one request at a time) is sent on here
+        if self._inflight or not lock.acquire(blocking=False):
             self._wake_io()
             return
         try:
