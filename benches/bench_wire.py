@@ -11,7 +11,8 @@ driver in this one.
   request (client: this process; server: its ``/proc`` counters), which other load on the machine
   does not move as much as it moves ops/s.
 * **Latency at depth 1.**  p50 of one ME-2048 at a time through the driver against the p50 pyzmq
-  round trip of the same two frames.
+  round trip of the same two frames; beside it the CPU time each side spends per request then
+  (every thread wakes for every request: the thread switches show here).
 * **Wall-clock engine utilisation with a backlog, default profile** (real RSA, MEX_2K 0.4 ms, 8
   accelerator engines: a 20,000/s ceiling): the server in its own process over ``tcp://``, and the
   same in process (``emu:``) beside it.  Two figures each: throughput over the ceiling, and the
@@ -176,7 +177,7 @@ def test_tcp_driver_over_pyzmq_echo(timed, record_ratio, overhead_server, echo: 
 
 
 def test_tcp_latency_depth_1_over_pyzmq_round_trip(timed, record_ratio, overhead_server, echo: Echo) -> None:
-    _, ready = overhead_server
+    proc, ready = overhead_server
     size = (MODULUS_2048.bit_length() + 7) // 8
 
     def one_at_a_time(client: apcrypto.Client) -> list[float]:
@@ -190,7 +191,9 @@ def test_tcp_latency_depth_1_over_pyzmq_round_trip(timed, record_ratio, overhead
     with apcrypto.connect(ready["data"], health_probe=False) as client:
         assert client.wait_ready(10)
         one_at_a_time(client)  # warm up
+        c0, s0 = time.process_time(), _proc_cpu(proc.pid)
         lat, _ = timed(one_at_a_time, client, rounds=1, warmup_rounds=0)
+        c1, s1 = time.process_time(), _proc_cpu(proc.pid)
     driver = statistics.median(lat)
     rtt = statistics.median(echo.round_trips(DEPTH1 * 2))
     record_ratio(
@@ -198,6 +201,10 @@ def test_tcp_latency_depth_1_over_pyzmq_round_trip(timed, record_ratio, overhead
         f"  ({driver * 1e6:,.0f} vs {rtt * 1e6:,.0f} us)",
         driver / rtt,
     )
+    # one request at a time, every thread wakes for every request: what each side burns per request
+    record_ratio("  ... client CPU us per request at depth 1", (c1 - c0) / DEPTH1 * 1e6)
+    if s0 is not None and s1 is not None:
+        record_ratio("  ... server CPU us per request at depth 1", (s1 - s0) / DEPTH1 * 1e6)
 
 
 def _card_busy(cards: list[Any], get: Callable[[Any, str], Any]) -> tuple[float, int]:

@@ -194,6 +194,14 @@ class Emulator:
             hw = card.hwinfo if (t_bit and card is not None and rc in HWINFO_TRUSTED) else None
             return ApResult(status, hwinfo=hw)
 
+    def replies_gone(self, qid: int) -> bool:
+        """True when a TAPQ of ``qid`` would answer NORMAL with no reply waiting -- that TAPQ's verdict
+        without building its status (not an instruction: a frame server asks it for every interrupt
+        it may spare, see ``FrameSession._on_interrupt``)."""
+        with self.lock:
+            _card, q, rc = self._gate(qid, Instr.TAPQ)
+            return q is not None and (rc is None or rc == RC.NORMAL) and not q.replies
+
     def nqap(self, qid: int, psmid: int, message: bytes, special: bool = False) -> ApResult:
         """Enqueue ``message`` under ``psmid``; it holds a slot until its reply is DQAP'd."""
         if not 0 <= psmid <= _MAX_PSMID:

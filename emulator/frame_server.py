@@ -787,12 +787,20 @@ class FrameSession:
             return
         if qid in self._drained:  # a read of this queue found it dry since: is anything waiting?
             self._drained.discard(qid)
-            st = self.emulator.execute(Command(0, Instr.TAPQ, qid)).status
-            if st.response_code == ResponseCode.NORMAL and not st.replies_waiting:
+            if self._replies_gone(qid):
                 self.stats["interrupts_spared"] += 1
                 return
         self.stats["interrupts"] += 1
         notify(encode_interrupt(qid))
+
+    def _replies_gone(self, qid: int) -> bool:
+        """A TAPQ of ``qid`` answers NORMAL with no reply waiting (the emulator's ``replies_gone``
+        says so without building the status; any other target is asked with a TAPQ)."""
+        gone: Callable[[int], bool] | None = getattr(self.emulator, "replies_gone", None)
+        if gone is not None:
+            return gone(qid)
+        st = self.emulator.execute(Command(0, Instr.TAPQ, qid)).status
+        return st.response_code == ResponseCode.NORMAL and not st.replies_waiting
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "established" if self._established else "new"

@@ -473,3 +473,36 @@ def test_an_interrupt_for_a_reply_that_waits_is_sent() -> None:
     emu.clock.advance(1.0)  # both replies complete, one after the other: each raises one, and waits
     assert [decode_frame(f) for f in sent] == [InterruptFrame(Q)] * 2
     assert s.stats["interrupts_spared"] == 0
+
+
+def test_the_emulator_s_replies_gone_is_a_tapq_s_verdict_in_every_state() -> None:
+    """``FrameSession`` spares an interrupt on ``Emulator.replies_gone`` instead of a TAPQ: the oracle is
+    the TAPQ itself, asked in each state a queue or its card can be in."""
+    emu = Emulator("default", seed=5)
+    k = rsa_key(1024)
+
+    def tapq_says_gone(qid: int) -> bool:
+        st = emu.tapq(qid, t_bit=False).status
+        return st.response_code == RC.NORMAL and not st.replies_waiting
+
+    probes = [Q, qid_of(0, 1), qid_of(1, 0), qid_of(0, 250), qid_of(99, 0)]  # + no such domain, card
+
+    def check(why: str) -> None:
+        for qid in probes + [qid_of(0, d) for d in range(0, 16)]:
+            assert emu.replies_gone(qid) == tapq_says_gone(qid), (why, hex(qid))
+
+    check("idle")
+    assert emu.nqap(Q, 1, build_mex(3, E, k.n)).status.response_code == RC.NORMAL
+    check("a request running")
+    emu.clock.advance(1.0)
+    assert emu.replies_gone(Q) is False  # a reply waits
+    check("a reply waiting")
+    emu.dqap(Q)
+    assert emu.replies_gone(Q) is True
+    emu.rapq(qid_of(0, 1))
+    check("a reset in progress")
+    emu.control.machine_failure(1, 0.5)
+    check("machine-failure recovery")
+    emu.control.checkstop(0)
+    check("checkstopped")
+    emu.close()
