@@ -745,9 +745,9 @@ _INT_HDR = _HDR.pack(MAGIC, FRAME_VERSION, FrameKind.INTERRUPT, _INT.size)
 _LEN = struct.Struct(">I")
 
 
-def _seal(head: bytes, parts: tuple[bytes, ...]) -> bytes:
-    body_len = sum(len(p) for p in parts)
-    frame = b"".join((head, _LEN.pack(body_len), *parts))
+def _seal(head: bytes, fixed: bytes, tail: bytes) -> bytes:
+    """Header, body (``fixed`` then ``tail``) and CRC: every frame a request crosses, both ways."""
+    frame = b"".join((head, _LEN.pack(len(fixed) + len(tail)), fixed, tail))
     return frame + _CRC.pack(zlib.crc32(frame))
 
 
@@ -768,7 +768,7 @@ def encode_command(
         )
     except struct.error as exc:
         raise ValueError(f"cannot encode COMMAND tag={tag} qid={qid} psmid={psmid}: {exc}") from exc
-    return _seal(_CMD_HDR, (fixed, bytes(message)))
+    return _seal(_CMD_HDR, fixed, message if type(message) is bytes else bytes(message))
 
 
 def encode_result(tag: int, result: ApResult) -> bytes:
@@ -784,7 +784,7 @@ def _encode_result(tag: int, status: int, psmid: int, reply: bytes, hwinfo: int 
         fixed = _RES.pack(tag, status, psmid, hwinfo or 0, 0 if hwinfo is None else 1, 0, 0, len(reply))
     except struct.error as exc:
         raise ValueError(f"cannot encode RESULT tag={tag} psmid={psmid}: {exc}") from exc
-    return _seal(_RES_HDR, (fixed, bytes(reply)))
+    return _seal(_RES_HDR, fixed, reply if type(reply) is bytes else bytes(reply))
 
 
 def _encode_interrupt(qid: int) -> bytes:
