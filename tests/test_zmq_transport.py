@@ -344,7 +344,7 @@ def test_a_submit_while_the_io_thread_sleeps_leaves_on_the_submitting_thread(
         assert isinstance(t, ZmqTransport)
         for tag in range(1, 21):
             deadline = time.monotonic() + 5
-            while not t._io_asleep:  # the answer before is in: the I/O thread goes back to sleep
+            while not t._io_asleep or t._io_lock.locked():  # the I/O thread back asleep in its poll
                 assert time.monotonic() < deadline, "the I/O thread never went to sleep"
                 time.sleep(0.001)
             sent = t.counters["sent"]
