@@ -264,6 +264,25 @@ def test_a_dqap_that_crossed_a_read_ahead_gets_the_older_reply(hand: _Hand) -> N
     assert [(e.tag, e.result.psmid) for e in hand.poll(0.0)] == [(6, 103)]  # type: ignore[union-attr]
 
 
+def test_kept_replies_answer_no_dqap_while_the_link_is_down(hand: _Hand) -> None:
+    """An answer from kept replies reads as the peer's, and a driver takes the peer's answer as proof
+    that its link works (its reply timers stop waiting for the link: tests/test_multi_stop.py).  So
+    while the link is down a DQAP waits like any command, and the kept reply answers it once a
+    handshake has succeeded again -- without a frame."""
+    hand.submit([_nqap_cmd(1, 100)])
+    hand.wire()
+    hand.feed(encode_result(1, ApResult(_status(True))), _reply(1, 100, False))
+    hand._link_down("test: link lost")
+    assert [type(e).__name__ for e in hand.poll(0.0)] == ["TransportLost"]
+    hand.submit([Command(2, Instr.DQAP, Q)])
+    assert hand.poll(0.0) == []  # not answered from the kept reply while the link is down
+    hand._session_up(Welcome(2, (Q,), True, resumed=True))
+    assert hand.wire() == []  # taken from the outbox: answered here, nothing sent
+    (done,) = [e for e in hand.poll(0.0) if isinstance(e, Completion)]
+    assert done.tag == 2 and done.result.psmid == 100
+    assert hand.outstanding() == []
+
+
 def test_an_interrupt_that_came_while_replies_were_kept_follows_the_last(hand: _Hand) -> None:
     hand.submit([_nqap_cmd(1, 100)])
     hand.wire()

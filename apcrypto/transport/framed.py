@@ -52,7 +52,9 @@ notice that it broke).  Both backends therefore answer a runner in the same way:
   answered with the older kept reply, an INTERRUPT that came meanwhile is passed on after the last
   one, and a reset carried out discards them, as the card discards its own.  What a peer may send
   ahead is bounded (:data:`~apformats.frames.READAHEAD_MAX` per answer, :data:`READAHEAD_KEEP` per
-  queue).  Kept replies outlive a lost link: they are the card's answers, already here.
+  queue).  Kept replies outlive a lost link: they are the card's answers, already here; but they
+  answer DQAPs only while the link is up (an answer reads as the peer's, proof to a driver that
+  the link works), so a DQAP submitted while it is down waits in the outbox for the next handshake.
 * **Reoffer** (session version 2): an NQAP or DQAP whose answer a link took with it (lost in flight
   or timed out: a late answer is dropped, so its replies never reach the driver) took replies off
   the card that nobody has now.  Its tag is remembered (the latest :data:`~apformats.frames.
@@ -419,10 +421,17 @@ class FramedTransport(Transport):
 
     def _answer_from_ahead(self, commands: Sequence[Command]) -> Sequence[Command]:
         """Answer each DQAP of a queue we hold read-ahead replies for with the oldest of them, here
-        and now (the card already gave it; this DQAP would have taken it); return the rest to send."""
+        and now (the card already gave it; this DQAP would have taken it); return the rest to send.
+
+        Only while the link is up: an answer reads as the peer's, and a driver takes the peer's
+        answer as proof that its link works (its reply timers stop waiting for the link).  While the
+        link is down such a DQAP waits in the outbox with everything else, and is answered here when
+        the outbox is taken again (:meth:`_take_outbox`, once a handshake has succeeded)."""
         rest: list[Command] = []
         answered: list[TransportEvent] = []
         with self._cv:
+            if self._state != "up" or self._gone:
+                return commands
             ahead = self._ahead
             for c in commands:
                 if c.instr is Instr.DQAP and c.qid in ahead:
@@ -706,6 +715,11 @@ class FramedTransport(Transport):
                 return []
             batch = list(self._outbox)
             self._outbox.clear()
+        if self._ahead:  # DQAPs held while the link was down: kept replies answer them now
+            rest = self._answer_from_ahead([c for c, _ in batch])
+            if len(rest) != len(batch):
+                sending = {c.tag for c in rest}
+                batch = [e for e in batch if e[0].tag in sending]
         limit = self._max_frame
         if any(len(f) > limit for _, f in batch):
             self._emit(*[Completion(c.tag, _TOO_BIG) for c, f in batch if len(f) > limit])
