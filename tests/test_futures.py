@@ -268,6 +268,32 @@ def test_cancel_wakes_result_waiters_and_notify_cancel_wakes_wait() -> None:
     assert waited and waited[0].done == {fut}
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["wait", "as_completed"])
+def test_a_cancelled_future_nobody_waited_on_still_tells_a_later_wait(how: str) -> None:
+    """Cancelled is not final (set_running_or_notify_cancel still moves it, and tells wait()): a
+    wait() that arrives between the two must get a real lock and list, not the final-state stand-in."""
+    fut: LightFuture[int] = LightFuture()
+    assert fut.cancel() and fut._lock is None  # nobody had waited: no lock yet
+    other: LightFuture[int] = LightFuture(running=True)
+    got: list[Any] = []
+
+    def waiter() -> None:
+        t = time.monotonic()
+        if how == "wait":
+            got.append(cf.wait([fut, other], timeout=WAIT, return_when=cf.FIRST_COMPLETED).done)
+        else:
+            got.append({next(cf.as_completed([fut, other], timeout=WAIT))})
+        got.append(time.monotonic() - t)
+
+    w = threading.Thread(target=waiter)
+    w.start()
+    _until(lambda: bool(fut._wl))
+    assert not fut.set_running_or_notify_cancel()
+    w.join(WAIT + 5)
+    assert got[0] == {fut} and got[1] < WAIT / 2
+
+
 def test_asyncio_can_await_it() -> None:
     fut: LightFuture[bytes] = LightFuture(running=True)
 
@@ -311,6 +337,10 @@ def _expected(fut: Future[Any]) -> tuple[Any, ...]:
 
 
 def _observe(fut: Future[Any], how: str) -> tuple[Any, ...]:
+    """What ``result`` / ``exception`` (with a timeout) say. A wake-up that is lost shows as a wait
+    that lasted until its timeout (the state is checked again then, so the value itself is right):
+    that is a failure here, since every future in these tests ends within milliseconds."""
+    t = time.monotonic()
     try:
         if how == "exception":
             exc = fut.exception(timeout=WAIT)
@@ -320,6 +350,8 @@ def _observe(fut: Future[Any], how: str) -> tuple[Any, ...]:
         return ("cancelled",)
     except ValueError as exc:
         return ("err", exc.args[0])
+    finally:
+        assert time.monotonic() - t < WAIT / 2, "woken only by its own timeout: a lost wake-up"
 
 
 def _near_order(rng: random.Random, n: int) -> list[int]:
