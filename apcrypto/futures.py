@@ -15,9 +15,11 @@ the ``concurrent.futures`` logger as the stdlib does. It keeps its fields in ``_
 what only some futures need when it is first needed:
 
 * its lock, on the first ``wait()`` / ``as_completed()`` (which reach ``_condition``: they use it as a
-  mutex only, so it is a plain ``threading.Lock``) or blocking ``result()`` / ``exception()``;
+  mutex only, and ``_waiters`` to append and remove a waiter) or blocking ``result()`` /
+  ``exception()``. One object is both (:class:`_Lock`: an ``RLock`` that also holds the waiters), so
+  ``wait()`` on a pending future costs one tracked object, not a lock and a list;
 * the ``threading.Condition`` a blocking ``result()`` / ``exception()`` sleeps on (over that lock);
-* the list of ``wait()`` waiters (``_waiters``) and the list of done-callbacks.
+* the list of done-callbacks.
 
 THE MUTEX. Each future's mutable fields (state, result, exception, callbacks, waiters) are guarded by
 its *mutex*: the module's ``_BIRTH`` lock for as long as the future has no lock of its own, and its own
@@ -37,6 +39,7 @@ moves forward, and a result or exception is stored before the state that announc
 
 from __future__ import annotations
 
+import _thread
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
@@ -91,6 +94,42 @@ class _Final:
 _FINAL_MARK = _Final()
 
 
+# typeshed marks _thread.RLock final; CPython's type is a base type (Py_TPFLAGS_BASETYPE, 3.11 on)
+class _Lock(_thread.RLock):  # type: ignore[misc]
+    """A future's own lock, which also holds its ``wait()`` / ``as_completed()`` waiters (the stdlib
+    functions only ``append`` and ``remove`` them, with the lock held): one object where a lock and a
+    list were two. Usually there is one waiter, kept as is; a list only from the second on."""
+
+    __slots__ = ("_w",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._w: Any = None  # None, one waiter, or a list of them
+
+    def append(self, waiter: object) -> None:
+        w = self._w
+        if w is None:
+            self._w = waiter
+        elif type(w) is list:
+            w.append(waiter)
+        else:
+            self._w = [w, waiter]
+
+    def remove(self, waiter: object) -> None:
+        w = self._w
+        if type(w) is list:
+            w.remove(waiter)
+        elif w is waiter:
+            self._w = None
+        else:
+            raise ValueError("waiter not installed")
+
+    def waiters(self) -> Any:
+        """The waiters, to iterate (with the lock held)."""
+        w = self._w
+        return () if w is None else w if type(w) is list else (w,)
+
+
 class LightFuture(Future[T]):
     """A ``concurrent.futures.Future`` that is one object until someone waits on it (module doc).
 
@@ -98,7 +137,7 @@ class LightFuture(Future[T]):
     the result (the runner's ``Resolver`` signature), so a request needs no closure to resolve it.
     """
 
-    __slots__ = ("_cbs", "_cv", "_exception", "_lock", "_result", "_state", "_wl")
+    __slots__ = ("_cbs", "_cv", "_exception", "_lock", "_result", "_state")
     _state: str
     _result: Any
     _exception: BaseException | None
@@ -110,13 +149,12 @@ class LightFuture(Future[T]):
         self._state = RUNNING if running else PENDING
         self._result = None
         self._exception = None
-        self._lock: threading.Lock | None = None
+        self._lock: _Lock | None = None  # also holds the wait() / as_completed() waiters
         self._cv: threading.Condition | None = None
-        self._wl: list[Any] | None = None  # wait() / as_completed() waiters
         self._cbs: list[Callable[[Future[T]], object]] | None = None
 
     # ------------------------------------------------------------------ the mutex
-    def _enter(self) -> threading.Lock:
+    def _enter(self) -> Any:
         """Acquire this future's mutex and return it (``_BIRTH`` or the future's own lock)."""
         lock = self._lock
         if lock is None:
@@ -140,20 +178,15 @@ class LightFuture(Future[T]):
             with _BIRTH:
                 lock = self._lock
                 if lock is None:
-                    lock = self._lock = threading.Lock()
+                    lock = self._lock = _Lock()
         return lock
 
     @property
     def _waiters(self) -> Any:  # type: ignore[override]
-        """The ``wait()`` / ``as_completed()`` waiters, made on first use. Only ever reached with
-        ``_condition`` held (by the stdlib's functions): with the future's lock, so making the list
-        is not a race; or with :class:`_Final`, when there is never anyone to tell."""
-        wl = self._wl
-        if wl is None:
-            if self._lock is None and self._state in _FINAL:
-                return _FINAL_MARK
-            wl = self._wl = []
-        return wl
+        """The ``wait()`` / ``as_completed()`` waiters: the same object as ``_condition`` (a
+        :class:`_Lock` holds them; :class:`_Final` has none to keep). The stdlib's functions reach it
+        only with ``_condition`` held."""
+        return self._condition
 
     def _waitable(self) -> threading.Condition:
         """The condition a blocking ``result()`` / ``exception()`` sleeps on; call with the lock held."""
@@ -266,8 +299,8 @@ class LightFuture(Future[T]):
             state = self._state
             if state == CANCELLED:
                 self._state = CANCELLED_AND_NOTIFIED
-                if mutex is not _BIRTH and self._wl:
-                    for waiter in self._wl:
+                if mutex is not _BIRTH:
+                    for waiter in mutex.waiters():
                         waiter.add_cancelled(self)
                 # no notify: cancel() woke the result() waiters already (as in the stdlib)
                 return False
@@ -287,9 +320,8 @@ class LightFuture(Future[T]):
             self._result = result
             self._state = FINISHED
             if mutex is not _BIRTH:  # someone may be waiting: only then is there a lock
-                if self._wl:
-                    for waiter in self._wl:
-                        waiter.add_result(self)
+                for waiter in mutex.waiters():
+                    waiter.add_result(self)
                 if self._cv is not None:
                     self._cv.notify_all()
             callbacks, self._cbs = self._cbs, None
@@ -306,9 +338,8 @@ class LightFuture(Future[T]):
             self._exception = exception
             self._state = FINISHED
             if mutex is not _BIRTH:
-                if self._wl:
-                    for waiter in self._wl:
-                        waiter.add_exception(self)
+                for waiter in mutex.waiters():
+                    waiter.add_exception(self)
                 if self._cv is not None:
                     self._cv.notify_all()
             callbacks, self._cbs = self._cbs, None

@@ -259,7 +259,7 @@ def test_cancel_wakes_result_waiters_and_notify_cancel_wakes_wait() -> None:
     waited: list[Any] = []
     w = threading.Thread(target=lambda: waited.append(cf.wait([fut], timeout=10)))
     w.start()
-    _until(lambda: bool(fut._wl))
+    _until(lambda: fut._lock is not None and fut._lock._w is not None)
     assert fut.cancel()
     t.join(10)
     assert got == ["cancelled"] and w.is_alive()  # wait() is still waiting, as with the stdlib
@@ -288,10 +288,39 @@ def test_a_cancelled_future_nobody_waited_on_still_tells_a_later_wait(how: str) 
 
     w = threading.Thread(target=waiter)
     w.start()
-    _until(lambda: bool(fut._wl))
+    _until(lambda: fut._lock is not None and fut._lock._w is not None)
     assert not fut.set_running_or_notify_cancel()
     w.join(WAIT + 5)
     assert got[0] == {fut} and got[1] < WAIT / 2
+
+
+@pytest.mark.timeout(60)
+def test_several_waits_on_one_future_are_all_told_and_all_uninstalled() -> None:
+    """The future's lock keeps one waiter as is and a list from the second on: three wait() /
+    as_completed() callers at once are each told, and each takes its waiter out again."""
+    fut: LightFuture[int] = LightFuture(running=True)
+    other: LightFuture[int] = LightFuture(running=True)
+    got: list[Any] = []
+
+    def waiting(kind: int) -> None:
+        t = time.monotonic()
+        if kind == 2:
+            done = {next(cf.as_completed([fut, other], timeout=WAIT))}
+        else:
+            done = cf.wait([fut, other], timeout=WAIT, return_when=cf.FIRST_COMPLETED).done
+        got.append((done, time.monotonic() - t))
+
+    threads = [threading.Thread(target=waiting, args=(k,)) for k in range(3)]
+    for i, t in enumerate(threads):
+        t.start()
+        _until(lambda i=i: fut._lock is not None and len(fut._lock.waiters()) == i + 1)
+    fut.set_result(1)
+    for t in threads:
+        t.join(WAIT + 5)
+    assert len(got) == 3 and all(done == {fut} and took < WAIT / 2 for done, took in got)
+    assert fut._lock is not None and fut._lock.waiters() == []  # every waiter taken out again
+    with pytest.raises(ValueError):
+        fut._lock.remove(object())  # as list.remove says of a stranger
 
 
 def test_asyncio_can_await_it() -> None:
@@ -566,7 +595,7 @@ def test_a_future_is_one_tracked_object_resolved_or_not() -> None:
 def test_waiting_on_finished_futures_makes_nothing() -> None:
     futs = [finished(i) for i in range(2000)]
     assert _tracked_per(1, lambda i: cf.wait(futs, timeout=0)) < 20  # the result sets, not 2,000 locks
-    assert all(f._lock is None and f._wl is None for f in futs)
+    assert all(f._lock is None for f in futs)
     assert sorted(f.result() for f in cf.as_completed(futs, timeout=0)) == list(range(2000))
     assert all(f._lock is None for f in futs)
 
