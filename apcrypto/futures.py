@@ -4,7 +4,7 @@ WHY. The threaded client hands back a ``concurrent.futures.Future`` per request 
 backlog of 100,000 requests means 100,000 of them alive at once. The stdlib future builds, in its
 ``__init__``, a ``threading.Condition`` (which copies five bound methods of its ``RLock`` onto itself
 and keeps a deque of waiters), the ``RLock``, and two lists: eleven objects the cyclic garbage
-collector tracks, ~1,500 bytes, for a future that most callers never wait on one by one. Every full
+collector tracks, ~1,600 bytes, for a future that most callers never wait on one by one. Every full
 collection walks all of them; with a deep backlog that was most of the gap between the throughput
 with 100,000 outstanding and with 1,000 (issue 11, "Memory").
 
@@ -20,6 +20,9 @@ what only some futures need when it is first needed:
   ``wait()`` on a pending future costs one tracked object, not a lock and a list;
 * the ``threading.Condition`` a blocking ``result()`` / ``exception()`` sleeps on (over that lock);
 * the list of done-callbacks.
+
+A future that is already finished when ``wait()`` reaches it (the usual case after a burst) gets no
+lock at all: nothing of it changes any more, and it hands out a stand-in (:class:`_Final`).
 
 THE MUTEX. Each future's mutable fields (state, result, exception, callbacks, waiters) are guarded by
 its *mutex*: the module's ``_BIRTH`` lock for as long as the future has no lock of its own, and its own
