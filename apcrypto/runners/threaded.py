@@ -36,7 +36,7 @@ class ThreadedRunner(RunnerBase):
     def __init__(self, core: DriverCore, transport: Transport, *, name: str = "apcrypto-runner") -> None:
         super().__init__(core, transport)
         self._cv = threading.Condition(threading.Lock())
-        self._inbox: deque[Callable[[], object]] = deque()
+        self._inbox: deque[Callable[[], object] | tuple[Any, ...]] = deque()  # calls, submissions
         self._wake = False
         self._stop = False
         self._sleeping = False  # the runner is (about to be) waiting on the condition
@@ -103,7 +103,7 @@ class ThreadedRunner(RunnerBase):
             with self._cv:
                 self._cv.notify()
 
-    def _turn_here(self, fn: Callable[[], object] | None = None) -> bool:
+    def _turn_here(self, fn: Callable[[], object] | tuple[Any, ...] | None = None) -> bool:
         """A runner's turn (``fn`` first if given, then transport events, due timers, watchers) on
         the calling thread, holding the core lock; False when the runner holds it (it will look
         itself), is stopping, or -- with ``fn`` -- is awake or has work in its inbox (which must run
@@ -123,7 +123,10 @@ class ThreadedRunner(RunnerBase):
             if fn is not None:
                 self.grouped()
                 try:
-                    fn()
+                    if isinstance(fn, tuple):
+                        self.submit_now(*fn)  # a submission (see submit)
+                    else:
+                        fn()
                 finally:
                     self.release()
             self.pump()
@@ -140,20 +143,25 @@ class ThreadedRunner(RunnerBase):
             self.core_lock.release()
 
     def call(self, fn: Callable[[], object]) -> None:
-        """Run ``fn`` with the core lock held: on the runner thread, or -- while the runner sleeps with
-        an empty inbox and no request undecided, and the transport lends threads
-        (``lends_io_thread``) -- right here, as its turn: a submit then reaches the core and the wire
-        with no switch to the runner thread (what one request at a time waits for)."""
+        """Run ``fn`` with the core lock held: on the runner thread, or right here (see :meth:`_post`)."""
+        self._post(fn)
+
+    def _post(self, item: Callable[[], object] | tuple[Any, ...]) -> None:
+        """Hand ``item`` (a call, or a submission's arguments) to the runner.  While the runner sleeps
+        with an empty inbox and no request undecided, and the transport lends threads
+        (``lends_io_thread``), it is taken right here as the runner's turn: a submit then reaches the
+        core and the wire with no switch to the runner thread (what one request at a time waits for)."""
         if self._stop:
             raise RuntimeError("runner stopped")
         # only with nothing undecided: a burst of submits is better served by the runner, which takes
         # them as one batch (and the transport sends them together) while this thread goes on
-        if self._borrow and self._sleeping and not self.resolvers and not self._inbox and self._turn_here(fn):
-            if self._stop:  # fn or the turn failed: the runner stops as it would have on its thread
+        idle = self._borrow and self._sleeping and not self.resolvers and not self._inbox
+        if idle and self._turn_here(item):
+            if self._stop:  # it or the turn failed: the runner stops as it would have on its thread
                 with self._cv:
                     self._cv.notify()
             return
-        self._inbox.append(fn)  # deque.append is atomic; the runner drains the inbox every turn
+        self._inbox.append(item)  # deque.append is atomic; the runner drains the inbox every turn
         if self._sleeping:
             with self._cv:
                 self._wake = True
@@ -167,7 +175,9 @@ class ThreadedRunner(RunnerBase):
         resolver: Resolver,
         target: frozenset[int] | None = None,
     ) -> None:
-        self.call(lambda: self.submit_now(request, idempotent, deadline, resolver, target))
+        # a tuple of submit_now's arguments, not a closure: one object per request in the inbox
+        # (a lambda with its cells was seven, each tracked by the garbage collector)
+        self._post((request, idempotent, deadline, resolver, target))
 
     def watch(self, condition: Callable[[], bool]) -> None:
         """Run ``condition`` on the runner thread after every turn until it returns True (how a
@@ -210,7 +220,10 @@ class ThreadedRunner(RunnerBase):
                     self.grouped()  # with a journal: the turn's submissions, one commit, one send
                     try:
                         for fn in batch:
-                            fn()
+                            if isinstance(fn, tuple):
+                                self.submit_now(*fn)  # a submission (see submit)
+                            else:
+                                fn()
                     finally:
                         self.release()
                     did = self.pump() + len(batch)
