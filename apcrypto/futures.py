@@ -181,6 +181,14 @@ class LightFuture(Future[T]):
             with _BIRTH:
                 lock = self._lock
                 if lock is None:
+                    # checked again under the mutex: a setter may have made it final since the check
+                    # above, and a final future must never get a lock. wait() and as_completed()
+                    # acquire what _condition hands them on the way in and release what it hands them
+                    # on the way out: a _Final in and a new lock out is a release of a lock nobody
+                    # holds, which raises halfway through their release loop and leaves every later
+                    # future's lock held for good.
+                    if self._state in _FINAL:
+                        return _FINAL_MARK
                     lock = self._lock = _Lock()
         return lock
 

@@ -484,10 +484,12 @@ def test_threads_waiting_every_way_never_miss_a_completion(seed: int, tiny_switc
         return run
 
     threads = [
-        threading.Thread(target=guard(lambda c=c: _consumer(random.Random(seed * 100 + c), futs, seen, c)))
+        threading.Thread(
+            target=guard(lambda c=c: _consumer(random.Random(seed * 100 + c), futs, seen, c)), daemon=True
+        )
         for c in range(consumers)
     ]
-    threads.append(threading.Thread(target=guard(lambda: _resolver(random.Random(seed), futs))))
+    threads.append(threading.Thread(target=guard(lambda: _resolver(random.Random(seed), futs)), daemon=True))
     for t in threads:
         t.start()
     for t in threads:
@@ -541,6 +543,52 @@ def test_a_setter_that_found_no_lock_rechecks_before_finishing_without_one(
     setter.join(WAIT)
     waiter.join(WAIT + 5)
     assert got == [("ok", 42)]
+
+
+@pytest.mark.timeout(60)
+def test_a_future_that_became_final_while_its_lock_was_being_made_gets_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other interleaving at the lazy lock, forced: a waiter reads "no lock, not final" and,
+    before it takes ``_BIRTH`` to make the lock, the setter finishes the future without one. The
+    waiter must then get the final stand-in, not a new lock: ``wait()`` that entered with the stand-in
+    would otherwise release the new lock on its way out (a lock it never acquired), raise halfway
+    through its release loop, and leave the locks of the futures after it held forever -- a deadlock
+    the stress test above found."""
+    real = futures_mod._BIRTH
+    maker_at_gate, open_gate = threading.Event(), threading.Event()
+
+    class Gate:
+        def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+            if threading.current_thread().name == "maker":
+                maker_at_gate.set()
+                assert open_gate.wait(WAIT)
+            return real.acquire(blocking, timeout)
+
+        def release(self) -> None:
+            real.release()
+
+        def __enter__(self) -> bool:
+            return self.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            self.release()
+
+    monkeypatch.setattr(futures_mod, "_BIRTH", Gate())
+    fut: LightFuture[int] = LightFuture(running=True)
+    entered = cf._base._AcquireFutures([fut])  # type: ignore[attr-defined]
+    got: list[Any] = []
+    maker = threading.Thread(target=lambda: got.append(fut._condition), name="maker")
+    maker.start()
+    assert maker_at_gate.wait(WAIT)  # it saw RUNNING and stands before _BIRTH
+    fut.set_result(7)  # this thread is not gated: it finishes under _BIRTH, no lock
+    entered.__enter__()  # as wait() would now: final, no lock, so the stand-in (nothing acquired)
+    open_gate.set()
+    maker.join(WAIT)
+    assert got and got[0] is futures_mod._FINAL_MARK
+    assert fut._lock is None  # type: ignore[attr-defined]
+    entered.__exit__(None, None, None)  # releases what it acquired: nothing (raised before the fix)
+    assert cf.wait([fut], timeout=0).done == {fut}
 
 
 @pytest.mark.timeout(60)
