@@ -21,6 +21,7 @@ from apformats.errors import FormatError
 from apformats.msgtypes import (
     ERROR_TYPES,
     HEAD_LEN,
+    MAX_MSG_LEN,
     TYPE50_VARIANTS,
     VARIANT_BY_KEYBLOCK,
     Reply,
@@ -69,6 +70,18 @@ def build_crt(
     """Fast path of :func:`apformats.messages.build_crt`."""
     variant, parts = plan_crt(data, p, q, dp, dq, qinv)
     return _layout(variant, parts)
+
+
+def build_cprb(function: str, domain: int, payload: bytes = b"") -> bytes:
+    """Fast path of :func:`apformats.messages.build_cprb` (the same checks, in the same order)."""
+    fc = function.encode("ascii", "replace")
+    decode_fc(fc, 8)  # raises FormatError(ValueError) for a bad code
+    n = len(payload)
+    if HEAD_LEN + n > MAX_MSG_LEN:
+        raise ValueError(f"payload of {n} bytes does not fit msg_len")
+    if not 0 <= domain <= 0xFFFF:
+        raise ValueError(f"domain {domain} out of range")
+    return _T6_HEAD.pack(0, 0x06, HEAD_LEN + n, _ZERO4, fc, domain, n) + bytes(payload)
 
 
 def _type50_variant(data: bytes) -> Type50Variant:
