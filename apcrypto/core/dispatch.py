@@ -223,9 +223,15 @@ class Dispatcher:
             return  # its card had a machine failure: no new work until that card has recovered
         backlog = self.backlog.get(q.mode)
         records = self.ledger.records
-        while backlog and q.state.in_service and not q.full_hold and q.held < q.slots:
+        # (q.held written out: this loop places nearly every request)
+        while (
+            backlog
+            and q.state.in_service
+            and not q.full_hold
+            and len(q.on_card) + len(q.sending) + q.probe_sent < q.slots
+        ):
             rec = records.get(backlog.popleft())
-            if rec is None or rec.resolved:
+            if rec is None or rec.outcome is not None:
                 continue  # decided while it waited (deadline): no longer counted
             self.size -= 1
             self.send(q, rec)

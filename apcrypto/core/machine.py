@@ -47,6 +47,8 @@ log = logging.getLogger("apcrypto.core")
 _WITHDRAW_ON = frozenset({QState.RESET_START, QState.RESET_WAIT, QState.RECOVERY_WAIT, QState.OFFLINE})
 #: States in which an NQAP the card accepts is thrown away by a reset we issued (or nobody collects).
 _DISCARDING = frozenset({QState.RESET_START, QState.RESET_WAIT, QState.SETIRQ_WAIT, QState.OFFLINE})
+#: The same states by ``QState.idx``, for the NQAP completion (an Enum's hash is a Python function).
+_DISCARDING_IDX = frozenset(s.idx for s in _DISCARDING)
 
 
 class QueueProtocolError(CoreMisuse):
@@ -422,15 +424,18 @@ class QueueMachine:
 
     def _settle(self, q: Queue) -> None:
         """Pick IDLE / WORKING / QUEUE_FULL from the counts while in service."""
-        if not q.state.in_service:
+        state = q.state
+        if not state.in_service:
             return
-        if q.held == 0:
+        # Queue.held and has_free_slot written out: this runs several times per request
+        held = len(q.on_card) + len(q.sending) + q.probe_sent
+        if held == 0:
             new = QState.IDLE
-        elif q.has_free_slot():
+        elif not q.full_hold and held < q.slots:
             new = QState.WORKING
         else:
             new = QState.QUEUE_FULL
-        if new is not q.state:
+        if new is not state:
             self._become(q, new)
 
     # ---------------------------------------------------------------- steps (the cells of TABLE)
@@ -489,7 +494,7 @@ class QueueMachine:
         self.dispatch.fill_queue(q)
         self._after_dispatch()
         self._settle(q)
-        return Wait.INTERRUPT if q.held else Wait.NONE
+        return Wait.INTERRUPT if q.on_card or q.sending or q.probe_sent else Wait.NONE  # q.held
 
     def _step_read(self, q: Queue) -> Wait:
         if q.held == 0:
@@ -543,7 +548,7 @@ class QueueMachine:
         return Wait.NONE
 
     def _want_read(self, q: Queue) -> None:
-        if q.held and not q.dqap_inflight and q.state is not QState.OFFLINE:
+        if (q.on_card or q.sending or q.probe_sent) and not q.dqap_inflight and q.state is not QState.OFFLINE:
             q.dqap_inflight = True
             self.out.emit(q.qid, Instr.DQAP)
 
@@ -838,13 +843,12 @@ class QueueMachine:
             return True
         rec = self.ledger.records[q.sending.pop(tag)]
         if v is Verdict.PROCEED:
-            att = rec.current
-            assert att is not None
-            if rec.resolved:
+            att = rec.attempts[-1]  # rec.current: the NQAP being answered made one
+            if rec.outcome is not None:  # rec.resolved
                 # decided while its NQAP was in flight (deadline): it is on the card now; keep the slot
                 att.fate = "late"
                 q.on_card[att.psmid] = rec.rid
-            elif q.state in _DISCARDING:
+            elif q.state.idx in _DISCARDING_IDX:
                 # accepted by a queue we already gave up on (or are resetting, which throws it
                 # away): it may run; nobody will collect it
                 q.on_card[att.psmid] = rec.rid
@@ -865,10 +869,10 @@ class QueueMachine:
             return False
         # the card did not take it: it never left the host
         self.dispatch.unload(q, rec)
-        att = rec.current
-        if att is not None:
-            att.fate = "bounced"
-            att.cleared = True
+        bounced = rec.current
+        if bounced is not None:
+            bounced.fate = "bounced"
+            bounced.cleared = True
         if v is Verdict.FAIL_CALLER:
             self.verdicts.resolve(
                 rec,
@@ -876,7 +880,7 @@ class QueueMachine:
                 error=BadRequest(
                     f"the card refused the request ({st.rc_name()})",
                     qid=q.qid,
-                    psmid=att.psmid if att else None,
+                    psmid=bounced.psmid if bounced else None,
                     response_code=st.response_code,
                 ),
             )

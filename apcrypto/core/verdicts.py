@@ -158,12 +158,12 @@ class Verdicts:
             self.ledger.counters["late_replies"] += 1
             return self.late_reply_says(q, data)
         self.dispatch.unload(q, rec)
-        if rec.resolved:
+        if rec.outcome is not None:  # rec.resolved
             self.ledger.counters["late_replies"] += 1
             log.info("queue %s: late reply for decided request %d dropped", qid_str(q.qid), rid)
             return self.late_reply_says(q, data)
-        att = rec.current
-        assert att is not None and att.psmid == psmid
+        att = rec.attempts[-1]  # rec.current: it was on the card, so it has one
+        assert att.psmid == psmid
         try:
             reply = parse_reply(data)
         except FormatError as exc:
