@@ -73,7 +73,7 @@ class InstantCard:
         return out
 
 
-def core_round(n: int, queues: int = 4) -> tuple[float, int]:
+def core_round(n: int, queues: int = 16) -> tuple[float, int]:
     """One round: bring ``queues`` queues up, then submit ``n`` requests at once and run the card
     until all are resolved.  Returns (CPU seconds of the submit-and-drain part, resolved count)."""
     core = DriverCore(DriverConfig(health_probe=False), supports_interrupts=True)

@@ -285,6 +285,7 @@ class Dispatcher:
             self.rejected.append((rec, BadRequest(f"cannot encode request: {exc}", qid=q.qid)))
             return
         tag = self.out.emit(q.qid, Instr.NQAP, att.psmid, message)
+        q.occ_to(self.out.now)  # before held changes
         q.sending[tag] = rec.rid
         q.load += rec.weight
         self.card_load[q.card] = self.card_load.get(q.card, 0) + rec.weight

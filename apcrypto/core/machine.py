@@ -157,26 +157,17 @@ class QueueMachine:
         return self.out.take()
 
     def advance(self, now: float) -> None:
-        """Time moves to ``now`` (every entry point): each queue's occupancy is integrated up to it
-        first, with the ``held`` it had since the last entry.  ``held`` changes only inside entry
-        points, so the integral is exact; integrating after a change (as it used to, on the next
-        completion) counted the idle gap before a submit as occupied."""
+        """Time moves to ``now`` (every entry point, first).
+
+        Each queue's occupancy integral is brought up to date lazily, by :meth:`Queue.occ_to` just
+        before its ``held`` changes (the dispatcher's send, a reply delivered, a probe, a loss, a
+        withdrawal or an abandon) and before it is read (``stats``): exact, and O(1) per entry
+        instead of a walk over every queue on every entry (it was the core's hottest loop with 16
+        queues).  ``tests/test_core_occupancy.py`` holds it against that walk."""
         self.out.now = now
-        # occ() unrolled (runs on every entry for every queue: the core's hottest loop); the held
-        # count is Queue.held's, written out to spare a property call per queue
-        for q in self.queues.values():
-            dt = now - q.occ_t
-            if dt > 0:
-                held = len(q.on_card) + len(q.sending) + (1 if q.probe_sent else 0)
-                if held:
-                    q.occ_integral += held * dt
-                q.occ_t = now
 
     def occ(self, q: Queue) -> None:
-        dt = self.out.now - q.occ_t
-        if dt > 0:
-            q.occ_integral += q.held * dt
-            q.occ_t = self.out.now
+        q.occ_to(self.out.now)
 
     # ---------------------------------------------------------------- the transport's news
     def transport_lost(
@@ -208,6 +199,7 @@ class QueueMachine:
                 continue
             qid, instr, psmid = entry
             q = self.queues[qid]
+            q.occ_to(self.out.now)  # before its held changes (below)
             touched[qid] = q
             if instr is Instr.NQAP:
                 rid = q.sending.pop(tag, None)
@@ -558,6 +550,7 @@ class QueueMachine:
         q.offline_backoff = 0.0
         q.offline_reason = ""
         q.probe_psmid = None
+        q.occ_to(self.out.now)
         q.probe_sent = False
         self.out.disarm(q.limit_key)
         self._enter(q, QState.IDLE)
@@ -568,6 +561,7 @@ class QueueMachine:
     def _start_reset(self, q: Queue, why: str) -> None:
         log.info("queue %s: reset (%s)", qid_str(q.qid), why)
         q.probe_psmid = None
+        q.occ_to(self.out.now)
         q.probe_sent = False
         q.full_hold = False
         q.card_recovered = False
@@ -601,6 +595,7 @@ class QueueMachine:
         q.offline_reason = why
         q.offline_after_drain = ""
         q.probe_psmid = None
+        q.occ_to(self.out.now)
         q.probe_sent = False
         q.full_hold = False
         self._enter(q, QState.OFFLINE)
@@ -630,6 +625,7 @@ class QueueMachine:
         self.ledger.counters["external_resets"] += 1
         self._abandon(q, "queue reset by someone else")
         q.probe_psmid = None
+        q.occ_to(self.out.now)
         q.probe_sent = False
         self._enter(q, QState.RESET_WAIT)
         self._kicked.add(q.qid)
@@ -654,6 +650,7 @@ class QueueMachine:
         if q.session_held:
             q.session_held = False
             self.out.disarm(TimerKey.grace(q.qid))
+        q.occ_to(self.out.now)
         q.probe_sent = False
         q.probe_psmid = None
         if q.on_card:
@@ -709,6 +706,7 @@ class QueueMachine:
         """Take back the NQAPs for ``q`` that are still in this flush's batch: they have not left the
         host, and the queue is leaving service (a reset or recovery in the same batch would throw
         them away after they started).  Requests go back to the host as never sent."""
+        q.occ_to(self.out.now)
         for c in self.out.withdraw(q.qid, Instr.NQAP):
             rid = q.sending.pop(c.tag, None)
             if rid is None:  # the health probe: it will be issued again in its own state
@@ -831,6 +829,7 @@ class QueueMachine:
                 return True
             # the health probe
             if v is Verdict.PROCEED:
+                q.occ_to(self.out.now)
                 q.probe_sent = True
                 if st.replies_waiting:
                     self._want_read(q)
@@ -841,6 +840,8 @@ class QueueMachine:
                 if v is Verdict.RETRY_SAME and st.response_code == ResponseCode.BUSY:
                     self._enter_recovery(q, card_recovered=False)
             return True
+        if v is not Verdict.PROCEED:
+            q.occ_to(self.out.now)  # it leaves the queue (accepted, it only moves to on_card)
         rec = self.ledger.records[q.sending.pop(tag)]
         if v is Verdict.PROCEED:
             att = rec.attempts[-1]  # rec.current: the NQAP being answered made one
@@ -978,6 +979,7 @@ class QueueMachine:
         return True
 
     def _probe_reply(self, q: Queue, data: bytes) -> None:
+        q.occ_to(self.out.now)
         q.probe_sent = False
         q.probe_psmid = None
         if q.state is QState.PROBE:

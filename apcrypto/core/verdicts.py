@@ -146,6 +146,7 @@ class Verdicts:
     # ---------------------------------------------------------------- replies
     def deliver(self, q: Queue, psmid: int, data: bytes) -> Consequence:
         """A reply dequeued from ``q`` (not the health probe's: the machine checks that first)."""
+        q.occ_to(self.out.now)  # before held changes
         rid = q.on_card.pop(psmid, None)
         if rid is None:
             rid = self._reply_before_status(q, psmid)
@@ -350,6 +351,7 @@ class Verdicts:
         if not q.on_card:
             return NOTHING
         held = list(q.on_card.items())
+        q.occ_to(self.out.now)
         q.on_card.clear()
         redo: list[Record] = []
         for psmid, rid in held:
