@@ -156,10 +156,11 @@ class ModExpo(Request):
 
     def decode(self, reply: Reply) -> bytes:
         res = reply.result
-        if len(res) < self.mod_len:
-            raise ValueError(
-                f"type 80 result of {len(res)} bytes is shorter than the modulus ({self.mod_len})"
-            )
+        n = len(res)
+        if n < self.mod_len:
+            raise ValueError(f"type 80 result of {n} bytes is shorter than the modulus ({self.mod_len})")
+        if n == self.mod_len and type(res) is bytes:
+            return res  # already the caller's bytes: no copy
         return bytes(res[-self.mod_len :])
 
 

@@ -50,7 +50,10 @@ class Dispatcher:
     def enqueue(self, rec: Record) -> None:
         """A new request waits on the host (behind the work already waiting)."""
         if rec.target is None:
-            self.backlog.setdefault(rec.mode, deque()).append(rec.rid)
+            backlog = self.backlog.get(rec.mode)
+            if backlog is None:  # (not setdefault: that builds a deque on every call)
+                backlog = self.backlog[rec.mode] = deque()
+            backlog.append(rec.rid)
         else:
             self._pin(rec)
             self.out.arm_after(TimerKey.target(rec.rid), self.grace, force=True)

@@ -115,7 +115,7 @@ class QueueMachine:
         qid, instr, psmid = entry
         if self._suspect and qid in self._suspect:  # an answer came: this peer's link works
             self._suspect -= self._peer_of.get(qid, self._suspect)
-        q = self.queues[qid]  # its occupancy is already integrated to now: every entry advances first
+        q = self.queues[qid]
         self.instr = instr
         handler = _BY_OPCODE[instr] if instr < len(_BY_OPCODE) else None
         if handler is None:
