@@ -11,6 +11,7 @@ held against its construct twin the same way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from apcrypto import requests as rq
 from apcrypto.requests import ModExpo, ModExpoCrt
 from apformats import messages as m
 from apformats.errors import FormatError
+from apformats.msgtypes import Reply
 
 FAST = settings(
     max_examples=150,
@@ -277,3 +279,20 @@ def test_build_cprb_rejects_a_payload_too_big_for_msg_len() -> None:
         with pytest.raises(ValueError, match="does not fit msg_len"):
             fn("RL", 0, big)
     assert m.build_cprb("RL", 0, big[:-1]) == m.build_cprb_construct("RL", 0, big[:-1])
+
+
+# --- type 80: the Reply the fast parser builds directly ------------------------------------------
+
+
+@FAST
+@given(st.integers(0, 255), st.binary(max_size=600))
+def test_type80_reply_built_directly_equals_the_dataclass(code: int, result: bytes) -> None:
+    msg = bytearray(m.build_type80(result))
+    msg[4] = code
+    fast = m.parse_reply(bytes(msg))
+    spec = m.parse_reply_construct(bytes(msg))
+    assert fast == spec == Reply("ok" if code == 0 else "error", 0x80, code, result)
+    assert hash(fast) == hash(spec)
+    assert repr(fast) == repr(spec)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.kind = "ok"  # type: ignore[misc]
