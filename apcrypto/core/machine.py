@@ -484,7 +484,8 @@ class QueueMachine:
 
     def _step_write(self, q: Queue) -> Wait:
         self.dispatch.fill_queue(q)
-        self._after_dispatch()
+        if self.dispatch.touched or self.dispatch.rejected:
+            self._after_dispatch()  # settles every queue given work, q among them if it got any
         self._settle(q)
         return Wait.INTERRUPT if q.on_card or q.sending or q.probe_sent else Wait.NONE  # q.held
 
@@ -692,7 +693,11 @@ class QueueMachine:
         if d.touched:
             out = self.out
             armed = out.armed
+            last = None
             for q in d.touched:
+                if q is last:
+                    continue  # several requests placed on one queue in a row: settled once
+                last = q
                 if q.reply_key not in armed:
                     out.arm(q.reply_key, out.now + self.cfg.reply_timeout)
                 self._settle(q)
