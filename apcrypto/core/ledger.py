@@ -100,7 +100,7 @@ class Ledger:
         self.counters: Counter[str] = Counter()  # redriven, stray_replies, late_replies, bounced, ...
 
     def open(self, request: Any, *, idempotent: bool, mode: str, weight: int) -> Record:
-        rec = Record(next(self._rids), request, idempotent, mode, weight)
+        rec = Record(next(self._rids), request, idempotent, mode, weight, Phase.QUEUED, [])
         self.records[rec.rid] = rec
         self.counters["submitted"] += 1
         return rec

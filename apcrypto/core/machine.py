@@ -483,10 +483,15 @@ class QueueMachine:
         return Wait.INTERRUPT if q.held else Wait.NONE
 
     def _step_write(self, q: Queue) -> Wait:
-        self.dispatch.fill_queue(q)
-        if self.dispatch.touched or self.dispatch.rejected:
-            self._after_dispatch()  # settles every queue given work, q among them if it got any
-        self._settle(q)
+        d = self.dispatch
+        d.fill_queue(q)
+        if d.touched or d.rejected:
+            given = q in d.touched
+            self._after_dispatch()  # settles every queue given work
+            if not given:
+                self._settle(q)
+        else:
+            self._settle(q)
         return Wait.INTERRUPT if q.on_card or q.sending or q.probe_sent else Wait.NONE  # q.held
 
     def _step_read(self, q: Queue) -> Wait:
