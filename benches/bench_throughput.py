@@ -14,6 +14,11 @@ profile, both sides in this run, as medians:
 The raw loop and the driver both encode their requests inside the timed part (a user of either
 must); "firmware alone" times only the execution of requests built beforehand.
 
+CPU per request (``time.process_time``) is reported beside each wall-clock ratio: client, runner and
+emulator share this process, and CPU moves far less than ops/s when other work shares the machine.
+``test_core_alone_cpu_per_request`` times the driver core by itself against a scripted card that
+answers at once (``benches/cpu_per_request.py``, which also runs standalone for A/B comparisons).
+
 Interrupts: the raw loop busy-polls (NQAP until full, DQAP until empty, no AQIC); the driver runs as
 users run it, with interrupts on.  On ``emu:`` an interrupt is a Python call on the thread that sent
 the batch (no frame, no thread switch), so the two differ by that call and the driver's DQAP
