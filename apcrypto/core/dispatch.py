@@ -183,6 +183,21 @@ class Dispatcher:
         best_score = 0
         mf_cards = self.mf_cards
         card_load = self.card_load
+        # The request's own weight adds the same to every queue's score, so it cannot change which
+        # queue wins: it is left out.  The common case (no re-drive penalty, no target, no card in
+        # machine-failure recovery) runs the same choice without the checks that cannot apply.
+        if avoid is None and target is None and not mf_cards:
+            for q in self.by_mode.get(mode, ()):
+                if not q.state.in_service or q.full_hold or len(q.on_card) + len(q.sending) >= q.slots:
+                    continue
+                score = card_load.get(q.card, 0) + q.load
+                if (
+                    best is None
+                    or score < best_score
+                    or (score == best_score and q.requests_total < best.requests_total)
+                ):
+                    best, best_score = q, score
+            return best
         for q in self.by_mode.get(mode, ()):
             if not q.state.in_service or q.full_hold or len(q.on_card) + len(q.sending) >= q.slots:
                 continue
@@ -190,7 +205,7 @@ class Dispatcher:
                 continue  # a targeted request runs on its own APQN(s) or nowhere
             if mf_cards and q.card in mf_cards:
                 continue  # its card had a machine failure: its other queues are going down too
-            score = card_load.get(q.card, 0) + q.load + weight
+            score = card_load.get(q.card, 0) + q.load
             if avoid is not None:
                 if q.qid == avoid:
                     score += 10000  # zcrypt's TRACK_AGAIN_QUEUE_WEIGHT_PENALTY
