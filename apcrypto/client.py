@@ -19,6 +19,7 @@ from apcrypto.config import check_deadline
 from apcrypto.core.config import DriverConfig
 from apcrypto.core.driver import DriverCore
 from apcrypto.errors import ApcryptoError, ClientClosed, HostQueueFull
+from apcrypto.futures import LightFuture
 from apcrypto.journal import Journal
 from apcrypto.operations import Operations, failed_future
 from apcrypto.recovery import Recovered, Recovery, start_redrives, wait_redrives
@@ -37,6 +38,28 @@ def new_psmid_base() -> int:
     the client's lifetime (it refuses to wrap).
     """
     return secrets.randbits(32) << 32
+
+
+class _RequestFuture(LightFuture[Any]):
+    """The future of one submitted request, and its resolver (the runner calls it with
+    ``(value, error)``): a failure is counted in its client's ``stats()`` before the caller can see
+    it. One object per request: no closure, no Condition (:mod:`apcrypto.futures`)."""
+
+    __slots__ = ("_client", "journal_id")
+    journal_id: int  # with a journal: the id its verdict has after a crash (the caller may keep it)
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(running=True)  # once submitted it runs to an outcome; cancel() is refused
+        self._client: Client | None = client
+
+    def __call__(self, value: Any, error: BaseException | None) -> None:
+        client, self._client = self._client, None  # a future kept by the caller does not keep the client
+        if error is not None:
+            if client is not None:
+                client._count_error(error)
+            self.set_exception(error)
+        else:
+            self.set_result(value)
 
 
 class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[Any]"]):
@@ -77,6 +100,10 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
             self._errors[type(error).__name__] += 1
         return fut
 
+    def _count_error(self, error: BaseException) -> None:
+        with self._lock:
+            self._errors[type(error).__name__] += 1
+
     def _submit(
         self,
         request: Request,
@@ -93,22 +120,12 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
             raise ClientClosed(f"client runner failed: {runner.error!r}")
         if self.core.backlog_size + runner.inbox_size >= self.config.backlog_limit:
             self._wait_for_room(block)
-        fut: Future[Any] = Future()
-        fut.set_running_or_notify_cancel()  # once submitted it runs to an outcome; cancel() is refused
-
-        def resolved(value: Any, error: BaseException | None) -> None:
-            if error is not None:
-                with self._lock:
-                    self._errors[type(error).__name__] += 1
-                fut.set_exception(error)
-            else:
-                fut.set_result(value)
-
+        fut = _RequestFuture(self)
         journal = self.journal
         if journal is not None:  # the id its verdict has after a crash: the caller may keep it
-            fut.journal_id = journal.claim(request)  # type: ignore[attr-defined]
+            fut.journal_id = journal.claim(request)
         try:
-            runner.submit(request, idem, deadline, resolved, target)
+            runner.submit(request, idem, deadline, fut, target)
         except RuntimeError:
             if journal is not None:
                 journal.unclaim(request)

@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
 from apcrypto.errors import BadRequest, TargetNotHeld
+from apcrypto.futures import finished
 from apcrypto.requests import CounterIncrement, KeyRead, KeyStore, ModExpo, ModExpoCrt, RandomBytes, Request
 from apformats.results import qid_str
 
@@ -28,10 +29,7 @@ FAny = TypeVar("FAny", covariant=True)
 def failed_future(error: BaseException) -> Future[Any]:
     """A concurrent future already failed with ``error``: what a request refused before it reached
     the core (bad operands, a bad target) hands back, so every call still returns a future."""
-    fut: Future[Any] = Future()
-    fut.set_running_or_notify_cancel()
-    fut.set_exception(error)
-    return fut
+    return finished(error=error)
 
 
 class Operations(Generic[FBytes, FInt, FNone, FAny]):

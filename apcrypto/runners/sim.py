@@ -12,6 +12,7 @@ from typing import Any
 
 from apcrypto.core.config import FAST, DriverConfig
 from apcrypto.core.driver import DriverCore
+from apcrypto.futures import LightFuture
 from apcrypto.operations import Operations, failed_future
 from apcrypto.requests import Request
 from apcrypto.runners.base import RunnerBase
@@ -59,16 +60,8 @@ class SimRunner(RunnerBase):
         deadline: float | None = None,
         target: frozenset[int] | None = None,
     ) -> Future[Any]:
-        fut: Future[Any] = Future()
-        fut.set_running_or_notify_cancel()
-
-        def done(value: Any, error: BaseException | None) -> None:
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(value)
-
-        self.submit_now(request, idempotent, deadline, done, target)
+        fut: LightFuture[Any] = LightFuture(running=True)  # its own resolver (apcrypto.futures)
+        self.submit_now(request, idempotent, deadline, fut, target)
         self.pump()
         return fut
 

@@ -34,7 +34,7 @@ class ThreadedRunner(RunnerBase):
     def __init__(self, core: DriverCore, transport: Transport, *, name: str = "apcrypto-runner") -> None:
         super().__init__(core, transport)
         self._cv = threading.Condition(threading.Lock())
-        self._inbox: deque[Callable[[], object]] = deque()
+        self._inbox: deque[Callable[[], object] | tuple[Any, ...]] = deque()  # calls, submissions
         self._wake = False
         self._stop = False
         self._sleeping = False  # the runner is (about to be) waiting on the condition
@@ -127,9 +127,12 @@ class ThreadedRunner(RunnerBase):
 
     def call(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the runner thread (with the core lock held)."""
+        self._post(fn)
+
+    def _post(self, item: Callable[[], object] | tuple[Any, ...]) -> None:
         if self._stop:
             raise RuntimeError("runner stopped")
-        self._inbox.append(fn)  # deque.append is atomic; the runner drains the inbox every turn
+        self._inbox.append(item)  # deque.append is atomic; the runner drains the inbox every turn
         if self._sleeping:
             with self._cv:
                 self._wake = True
@@ -143,7 +146,9 @@ class ThreadedRunner(RunnerBase):
         resolver: Resolver,
         target: frozenset[int] | None = None,
     ) -> None:
-        self.call(lambda: self.submit_now(request, idempotent, deadline, resolver, target))
+        # a tuple of submit_now's arguments, not a closure: one object per request in the inbox
+        # (a lambda with its cells was seven, each tracked by the garbage collector)
+        self._post((request, idempotent, deadline, resolver, target))
 
     def watch(self, condition: Callable[[], bool]) -> None:
         """Run ``condition`` on the runner thread after every turn until it returns True (how a
@@ -186,7 +191,10 @@ class ThreadedRunner(RunnerBase):
                     self.grouped()  # with a journal: the turn's submissions, one commit, one send
                     try:
                         for fn in batch:
-                            fn()
+                            if isinstance(fn, tuple):
+                                self.submit_now(*fn)  # a submission (see submit)
+                            else:
+                                fn()
                     finally:
                         self.release()
                     did = self.pump() + len(batch)
