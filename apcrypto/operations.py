@@ -164,7 +164,8 @@ class Operations(Generic[FBytes, FInt, FNone, FAny]):
         apqn: tuple[int, int] | None = None,
         card: int | None = None,
     ) -> Any:
-        target = self._target(apqn, card)  # a bad target raises at once, whatever the operands
+        # a bad target raises at once, whatever the operands (no target: no call, the common case)
+        target = None if apqn is None and card is None else self._target(apqn, card)
         try:
             request = cls(*args)
         except ValueError as exc:

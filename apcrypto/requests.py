@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import struct
 from abc import ABC, abstractmethod
+from functools import lru_cache
 from typing import Any, ClassVar
 
 from apformats import messages as msgs
-from apformats.msgtypes import Reply
+from apformats.msgtypes import VARIANT_BY_KEYBLOCK, Reply
 
 #: Dispatch weights per operation class: zcrypt's CEX8A / CEX8C speed ratings (reference §5.4);
 #: CPRBs weigh ``speed_idx_cca`` MEDIUM (100) × the SECKEY rating (8).
@@ -79,38 +80,128 @@ class Request(ABC):
         """The caller's value from a success reply; ``ValueError`` if the reply cannot carry it."""
 
 
+#: Keys whose encoded head (header and key fields) each request kind keeps, newest first: a server
+#: signs with a handful of keys, so the fields that do not change are laid out once per key, not
+#: once per request.  Bounded, so memory stays flat whatever keys callers pass.
+KEY_CACHE_SIZE = 64
+
+
+def _me_checked(data: bytes, exponent: int | bytes, modulus: int | bytes) -> tuple[int, str, bytes]:
+    """ME's checks and encoding in the order callers see their errors: modulus, data, exponent."""
+    if isinstance(modulus, bytes | bytearray):
+        modulus = bytes(modulus).lstrip(b"\0")  # the variant follows the significant length
+    mod_len = _length(modulus, "modulus")
+    if not 1 <= mod_len <= 512:
+        raise ValueError(f"modulus must be 1..512 bytes and nonzero, got {mod_len} bytes")
+    if _length(data, "data", significant=False) > mod_len:
+        raise ValueError(f"data is longer than the {mod_len}-byte modulus")
+    _length(exponent, "exponent")
+    return mod_len, _class("MEX", mod_len), msgs.build_mex(data, exponent, modulus)
+
+
+@lru_cache(maxsize=KEY_CACHE_SIZE, typed=True)
+def _me_key(exponent: int | bytes, modulus: int | bytes) -> tuple[int, str, bytes, int]:
+    """One key's (mod_len, function, encoded head, message field size): the message built for empty
+    data cut before its message field.  Raises (and caches nothing) for a key that cannot be
+    encoded; the caller then takes the checked path, which raises what it always did."""
+    mod_len, function, msg = _me_checked(b"", exponent, modulus)
+    return (mod_len, function, *_head(msg))
+
+
+def _head(msg: bytes) -> tuple[bytes, int]:
+    """A type 50 message cut before its message field (the last field), and that field's size."""
+    field = VARIANT_BY_KEYBLOCK[int.from_bytes(msg[8:10], "big")].mod_size
+    return msg[: len(msg) - field], field
+
+
+def _operand(data: object, limit: int) -> bytes | None:
+    """``data`` as the bytes its field right-justifies (ints minimal, bytes as given), or None when
+    it is not a plain operand of at most ``limit`` bytes (the checked path then says why)."""
+    t = type(data)
+    if t is bytes:
+        return data if len(data) <= limit else None  # type: ignore[arg-type,return-value]
+    if t is int and data >= 0:  # type: ignore[operator]
+        n = (data.bit_length() + 7) // 8  # type: ignore[attr-defined]
+        return data.to_bytes(n, "big") if n <= limit else None  # type: ignore[attr-defined]
+    return None
+
+
 class ModExpo(Request):
-    """RSA modular exponentiation (ME): ``data ** exponent mod modulus``.  Pure, hence idempotent."""
+    """RSA modular exponentiation (ME): ``data ** exponent mod modulus``.  Pure, hence idempotent.
+
+    The type 50 head of a key (header, exponent and modulus fields) is encoded once per key and kept
+    in a bounded LRU (:data:`KEY_CACHE_SIZE`); a request copies it and lays out its data.  The bytes
+    are those :func:`apformats.messages.build_mex` builds (``tests/test_request_encoding.py``)."""
 
     mode = "accel"
     idempotent_default = True
 
     def __init__(self, data: bytes, exponent: int | bytes, modulus: int | bytes) -> None:
-        if isinstance(modulus, bytes | bytearray):
-            modulus = bytes(modulus).lstrip(b"\0")  # the variant follows the significant length
-        self.mod_len = _length(modulus, "modulus")
-        if not 1 <= self.mod_len <= 512:
-            raise ValueError(f"modulus must be 1..512 bytes and nonzero, got {self.mod_len} bytes")
-        if _length(data, "data", significant=False) > self.mod_len:
-            raise ValueError(f"data is longer than the {self.mod_len}-byte modulus")
-        _length(exponent, "exponent")
-        self.function = _class("MEX", self.mod_len)
-        self._msg = msgs.build_mex(data, exponent, modulus)
+        if type(modulus) is bytes:
+            modulus = modulus.lstrip(b"\0")  # the variant follows the significant length
+        try:
+            mod_len, function, head, field = _me_key(exponent, modulus)
+            d = _operand(data, mod_len)
+        except (TypeError, ValueError):  # unhashable or not encodable: the checked path says why
+            d = None
+        if d is None:
+            self.mod_len, self.function, self._msg = _me_checked(data, exponent, modulus)
+            return
+        self.mod_len = mod_len
+        self.function = function
+        self._msg = head + bytes(field - len(d)) + d if len(d) < field else head + d
 
     def message(self, domain: int) -> bytes:
         return self._msg
 
     def decode(self, reply: Reply) -> bytes:
         res = reply.result
-        if len(res) < self.mod_len:
-            raise ValueError(
-                f"type 80 result of {len(res)} bytes is shorter than the modulus ({self.mod_len})"
-            )
+        n = len(res)
+        if n < self.mod_len:
+            raise ValueError(f"type 80 result of {n} bytes is shorter than the modulus ({self.mod_len})")
+        if n == self.mod_len and type(res) is bytes:
+            return res  # already the caller's bytes: no copy
         return bytes(res[-self.mod_len :])
 
 
+def _crt_checked(
+    data: bytes, p: int | bytes, q: int | bytes, dp: int | bytes, dq: int | bytes, qinv: int | bytes
+) -> tuple[int, str, bytes]:
+    """CRT's checks and encoding in the order callers see their errors: p and q, data, the rest."""
+    pi = int.from_bytes(_to_bytes(p, "p"), "big")
+    qi = int.from_bytes(_to_bytes(q, "q"), "big")
+    if pi <= 1 or qi <= 1:
+        raise ValueError("p and q must be greater than 1")
+    mod_len = ((pi * qi).bit_length() + 7) // 8
+    if mod_len > 512:
+        raise ValueError(f"modulus of {mod_len} bytes exceeds 512")
+    d = _to_bytes(data, "data")
+    if len(d) > mod_len:
+        raise ValueError(f"data is {len(d)} bytes, longer than the {mod_len}-byte modulus")
+    return mod_len, _class("CRT", mod_len), msgs.build_crt(d, p, q, dp, dq, qinv)
+
+
+@lru_cache(maxsize=KEY_CACHE_SIZE, typed=True)
+def _crt_key(
+    p: int | bytes, q: int | bytes, dp: int | bytes, dq: int | bytes, qinv: int | bytes
+) -> tuple[int, str, bytes, int]:
+    """One CRT key's (mod_len, function, encoded head, message field size); as :func:`_me_key`."""
+    mod_len, function, msg = _crt_checked(b"", p, q, dp, dq, qinv)
+    return (mod_len, function, *_head(msg))
+
+
+def clear_key_cache() -> None:
+    """Forget every cached key head.  The cache holds key material (a CRT key's private parts) for
+    as long as a key stays among the newest :data:`KEY_CACHE_SIZE`; a process that retires a key
+    and wants no copy of it left behind calls this."""
+    _me_key.cache_clear()
+    _crt_key.cache_clear()
+
+
 class ModExpoCrt(Request):
-    """RSA with the Chinese Remainder Theorem: ``data ** d mod p*q`` from p, q, dp, dq, qinv."""
+    """RSA with the Chinese Remainder Theorem: ``data ** d mod p*q`` from p, q, dp, dq, qinv.
+
+    The key's head is encoded once per key, as for :class:`ModExpo`."""
 
     mode = "accel"
     idempotent_default = True
@@ -124,18 +215,17 @@ class ModExpoCrt(Request):
         dq: int | bytes,
         qinv: int | bytes,
     ) -> None:
-        pi = int.from_bytes(_to_bytes(p, "p"), "big")
-        qi = int.from_bytes(_to_bytes(q, "q"), "big")
-        if pi <= 1 or qi <= 1:
-            raise ValueError("p and q must be greater than 1")
-        self.mod_len = ((pi * qi).bit_length() + 7) // 8
-        if self.mod_len > 512:
-            raise ValueError(f"modulus of {self.mod_len} bytes exceeds 512")
-        d = _to_bytes(data, "data")
-        if len(d) > self.mod_len:
-            raise ValueError(f"data is {len(d)} bytes, longer than the {self.mod_len}-byte modulus")
-        self.function = _class("CRT", self.mod_len)
-        self._msg = msgs.build_crt(d, p, q, dp, dq, qinv)
+        try:
+            mod_len, function, head, field = _crt_key(p, q, dp, dq, qinv)
+            d = _operand(data, mod_len)
+        except (TypeError, ValueError):  # unhashable or not encodable: the checked path says why
+            d = None
+        if d is None:
+            self.mod_len, self.function, self._msg = _crt_checked(data, p, q, dp, dq, qinv)
+            return
+        self.mod_len = mod_len
+        self.function = function
+        self._msg = head + bytes(field - len(d)) + d if len(d) < field else head + d
 
     def message(self, domain: int) -> bytes:
         return self._msg

@@ -56,8 +56,9 @@ reply empty), ``KR`` key-slot read (req u8 slot; reply the key bytes).
 Parsers are strict about what identifies a message (type, keyblock, lengths) and, for requests,
 reserved fields; reply parsers ignore reserved bytes (hardware may set them) and accept error
 replies longer than 8 bytes (Linux reads only the first 8).  Every parser raises only
-:class:`FormatError`.  The per-request helpers run the verified :mod:`apformats.fastpath`; the
-``*_construct`` functions are the specification path the tests compare it with.
+:class:`FormatError`.  The per-request helpers (the type 50 and type 6 builders, the parsers) run
+the verified :mod:`apformats.fastpath`; the ``*_construct`` functions are the specification path
+the tests compare it with.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ __all__ = [
     "Reply",
     "Request",
     "build_cprb",
+    "build_cprb_construct",
     "build_cprb_reply",
     "build_crt",
     "build_crt_construct",
@@ -330,6 +332,11 @@ def _check_cprb_args(function: str, payload: bytes) -> bytes:
 
 def build_cprb(function: str, domain: int, payload: bytes = b"") -> bytes:
     """Type 6 CPRB request (layout in the module docstring)."""
+    return fastpath.build_cprb(function, domain, payload)
+
+
+def build_cprb_construct(function: str, domain: int, payload: bytes = b"") -> bytes:
+    """:func:`build_cprb` through the construct definition (the specification path)."""
     fc = _check_cprb_args(function, payload)
     if not 0 <= domain <= 0xFFFF:
         raise ValueError(f"domain {domain} out of range")

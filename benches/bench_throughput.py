@@ -14,6 +14,11 @@ profile, both sides in this run, as medians:
 The raw loop and the driver both encode their requests inside the timed part (a user of either
 must); "firmware alone" times only the execution of requests built beforehand.
 
+CPU per request (``time.process_time``) is reported beside each wall-clock ratio: client, runner and
+emulator share this process, and CPU moves far less than ops/s when other work shares the machine.
+``test_core_alone_cpu_per_request`` times the driver core by itself against a scripted card that
+answers at once (``benches/cpu_per_request.py``, which also runs standalone for A/B comparisons).
+
 Interrupts: the raw loop busy-polls (NQAP until full, DQAP until empty, no AQIC); the driver runs as
 users run it, with interrupts on.  On ``emu:`` an interrupt is a Python call on the thread that sent
 the batch (no frame, no thread switch), so the two differ by that call and the driver's DQAP
@@ -42,33 +47,70 @@ def _options(profile: str) -> dict[str, object]:
     return {"health_probe": False} if load_profile(profile).timing.compute == "echo" else {}
 
 
-def _median_rate(fn: Callable[[], int], rounds: int = 5) -> float:
+def _median_rate(fn: Callable[[], int], rounds: int = 5, cpu: list[float] | None = None) -> float:
+    """Median ops/s of ``rounds`` calls; with ``cpu``, each call's process CPU per op is appended."""
     rates = []
     for _ in range(rounds):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ops = fn()
         rates.append(ops / (time.perf_counter() - t))
+        if cpu is not None:
+            cpu.append((time.process_time() - c) / ops)
     return statistics.median(rates)
 
 
 @pytest.mark.parametrize("profile", ["overhead", "fast"])
 def test_driver_over_raw_loop(timed, record_ratio, profile: str) -> None:
+    """Also reports CPU per request (``time.process_time``: client, runner and emulator share this
+    process), which moves far less than wall-clock rates when other work shares the machine."""
     math = "echo math" if load_profile(profile).timing.compute == "echo" else "real math"
     emu = Emulator(profile, clock="wall")
+    driver_cpu: list[float] = []
+
+    def run(client: apcrypto.Client) -> int:
+        c = time.process_time()
+        ops = driver_run(client, N)
+        driver_cpu.append((time.process_time() - c) / ops)
+        return ops
+
     with apcrypto.connect("emu:", emulator=emu, **_options(profile)) as client:
         assert client.wait_ready(10)
-        ops, median = timed(driver_run, client, N, rounds=5, warmup_rounds=1)
+        ops, median = timed(run, client, rounds=5, warmup_rounds=1)
     emu.close()
     assert ops == N
     driver_rate = N / median
+    raw_cpu: list[float] = []
     with Emulator(profile, clock="wall") as raw_emu:
-        raw_rate = _median_rate(lambda: raw_loop(raw_emu, N))
+        raw_rate = _median_rate(lambda: raw_loop(raw_emu, N), cpu=raw_cpu)
     requests = workload(N)  # built outside the timed part: "firmware alone" is execution only
     fw_rate = _median_rate(lambda: firmware_loop(requests, load_profile(profile).timing.compute))
     label = f"emu:{profile} ({math}), ME-2048, medians"
     record_ratio(f"driver / raw NQAP-DQAP loop, {label}", driver_rate / raw_rate)
     record_ratio(f"  ... driver ops/s, {label}", driver_rate)
+    record_ratio(f"  ... CPU us per request, driver (process), {label}", statistics.median(driver_cpu) * 1e6)
+    record_ratio(f"  ... CPU us per request, raw loop, {label}", statistics.median(raw_cpu) * 1e6)
     record_ratio(f"driver / firmware alone (execution only), {label}", driver_rate / fw_rate)
+
+
+def test_core_alone_cpu_per_request(benchmark, record_ratio) -> None:
+    """The driver core alone (``benches/cpu_per_request.py``): 20,000 ME requests submitted at once
+    to 16 queues of a scripted card that answers every instruction at once; no runner, no
+    transport, no emulator, requests built beforehand.  CPU us per request: the core's own
+    bookkeeping (ledger, dispatcher, queue machine, outbox) on the per-request path."""
+    from cpu_per_request import core_round
+
+    cpu: list[float] = []
+
+    def one_round() -> int:
+        seconds, done = core_round(20_000)
+        cpu.append(seconds / done)
+        return done
+
+    assert benchmark.pedantic(one_round, rounds=5, warmup_rounds=1) == 20_000
+    record_ratio(
+        "driver core alone (scripted instant card, 16 queues), CPU us per request",
+        statistics.median(cpu) * 1e6,
+    )
 
 
 def test_raw_loop(benchmark) -> None:

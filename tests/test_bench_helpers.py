@@ -63,3 +63,34 @@ def test_firmware_loop_follows_the_compute_mode() -> None:
     assert firmware_loop(reqs) == firmware_loop(reqs, "echo") == 5
     with pytest.raises(ValueError, match="compute"):
         firmware_loop(reqs, "nope")
+
+
+def test_core_alone_bench_runs_every_request_through_every_slot() -> None:
+    """``benches/cpu_per_request.py``'s instant card: every request is placed, accepted, answered
+    and resolved exactly once, never more in flight on a queue than its slots, and work spreads
+    over every queue (what its CPU-per-request figure claims to time)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))
+    try:
+        import cpu_per_request as bench
+    finally:
+        sys.path.pop(0)
+
+    peak: dict[int, int] = {}
+    answer = bench.InstantCard.answer
+
+    def watching(self: Any, cmds: tuple[Any, ...]) -> list[Any]:
+        out = answer(self, cmds)
+        for qid, held in self.held.items():
+            peak[qid] = max(peak.get(qid, 0), len(held))
+        return out
+
+    bench.InstantCard.answer = watching  # type: ignore[method-assign]
+    try:
+        cpu, done = bench.core_round(500, queues=4)
+    finally:
+        bench.InstantCard.answer = answer  # type: ignore[method-assign]
+    assert done == 500 and cpu > 0
+    assert len(peak) == 4 and all(1 <= n <= bench.HW.slots for n in peak.values()), peak

@@ -17,7 +17,7 @@ from apcrypto.bench import workload
 from apcrypto.transport.base import Command, Completion, Interrupt
 from apcrypto.transport.inproc import InprocTransport
 from apformats.codes import ResponseCode
-from apformats.results import Instr
+from apformats.results import Instr, qid_str
 from emulator import Emulator
 from tests._fixtures_driver import exact_profile, key, make_sim, me_request
 
@@ -46,27 +46,28 @@ def test_inproc_interrupt_raised_on_the_sending_thread_with_the_batch() -> None:
         t.close()
 
 
-def test_advance_integrates_held_times_dt_for_every_queue() -> None:
+def test_occupancy_integrates_held_times_dt_for_every_queue() -> None:
+    """Time passing with nothing changing adds ``held * dt`` to every queue's integral, read
+    through ``stats()`` (the core integrates lazily: before a change of ``held`` and when read)."""
     _emu, sim = make_sim(exact_profile("small"), seed=5)
     try:
         k = key(1024)
         futs = [sim.submit(me_request(x, k)) for x in range(2, 40)]
         sim.run(sim.now() + 1e-4)  # part-way: some queues hold messages, some none
-        machine = sim.core.machine
-        queues = list(sim.core.queues.values())
+        core = sim.core
+        queues = list(core.queues.values())
         held = {q.qid: q.held for q in queues}
         assert any(held.values()), "the test needs a queue holding messages"
-        before = {q.qid: (q.occ_integral, q.occ_t) for q in queues}
-        later = max(t for _i, t in before.values()) + 0.25
-        machine.advance(later)
+        t0 = core.out.now
+        before = {n: q["slot_seconds"] for n, q in core.stats()["queues"].items()}
+        later = t0 + 0.25
+        core.machine.advance(later)
+        after = core.stats()["queues"]
         for q in queues:
-            integral, t0 = before[q.qid]
-            assert q.occ_integral == pytest.approx(integral + held[q.qid] * (later - t0), abs=1e-12)
-            assert q.occ_t == later
-        machine.advance(later)  # no time passed: nothing added
-        assert [q.occ_integral for q in queues] == [
-            pytest.approx(before[q.qid][0] + held[q.qid] * (later - before[q.qid][1])) for q in queues
-        ]
+            name = qid_str(q.qid)
+            assert after[name]["slot_seconds"] == pytest.approx(before[name] + held[q.qid] * 0.25, abs=1e-12)
+        again = core.stats()["queues"]  # no time passed: nothing added
+        assert [v["slot_seconds"] for v in again.values()] == [v["slot_seconds"] for v in after.values()]
         sim.run_until_settled(futs, max_time=5.0)
         assert all(f.done() for f in futs)
     finally:

@@ -50,7 +50,10 @@ class Dispatcher:
     def enqueue(self, rec: Record) -> None:
         """A new request waits on the host (behind the work already waiting)."""
         if rec.target is None:
-            self.backlog.setdefault(rec.mode, deque()).append(rec.rid)
+            backlog = self.backlog.get(rec.mode)
+            if backlog is None:  # (not setdefault: that builds a deque on every call)
+                backlog = self.backlog[rec.mode] = deque()
+            backlog.append(rec.rid)
         else:
             self._pin(rec)
             self.out.arm_after(TimerKey.target(rec.rid), self.grace, force=True)
@@ -180,6 +183,21 @@ class Dispatcher:
         best_score = 0
         mf_cards = self.mf_cards
         card_load = self.card_load
+        # The request's own weight adds the same to every queue's score, so it cannot change which
+        # queue wins: it is left out.  The common case (no re-drive penalty, no target, no card in
+        # machine-failure recovery) runs the same choice without the checks that cannot apply.
+        if avoid is None and target is None and not mf_cards:
+            for q in self.by_mode.get(mode, ()):
+                if not q.state.in_service or q.full_hold or len(q.on_card) + len(q.sending) >= q.slots:
+                    continue
+                score = card_load.get(q.card, 0) + q.load
+                if (
+                    best is None
+                    or score < best_score
+                    or (score == best_score and q.requests_total < best.requests_total)
+                ):
+                    best, best_score = q, score
+            return best
         for q in self.by_mode.get(mode, ()):
             if not q.state.in_service or q.full_hold or len(q.on_card) + len(q.sending) >= q.slots:
                 continue
@@ -187,7 +205,7 @@ class Dispatcher:
                 continue  # a targeted request runs on its own APQN(s) or nowhere
             if mf_cards and q.card in mf_cards:
                 continue  # its card had a machine failure: its other queues are going down too
-            score = card_load.get(q.card, 0) + q.load + weight
+            score = card_load.get(q.card, 0) + q.load
             if avoid is not None:
                 if q.qid == avoid:
                     score += 10000  # zcrypt's TRACK_AGAIN_QUEUE_WEIGHT_PENALTY
@@ -223,9 +241,15 @@ class Dispatcher:
             return  # its card had a machine failure: no new work until that card has recovered
         backlog = self.backlog.get(q.mode)
         records = self.ledger.records
-        while backlog and q.state.in_service and not q.full_hold and q.held < q.slots:
+        # (q.held written out: this loop places nearly every request)
+        while (
+            backlog
+            and q.state.in_service
+            and not q.full_hold
+            and len(q.on_card) + len(q.sending) + q.probe_sent < q.slots
+        ):
             rec = records.get(backlog.popleft())
-            if rec is None or rec.resolved:
+            if rec is None or rec.outcome is not None:
                 continue  # decided while it waited (deadline): no longer counted
             self.size -= 1
             self.send(q, rec)
@@ -279,6 +303,7 @@ class Dispatcher:
             self.rejected.append((rec, BadRequest(f"cannot encode request: {exc}", qid=q.qid)))
             return
         tag = self.out.emit(q.qid, Instr.NQAP, att.psmid, message)
+        q.occ_to(self.out.now)  # before held changes
         q.sending[tag] = rec.rid
         q.load += rec.weight
         self.card_load[q.card] = self.card_load.get(q.card, 0) + rec.weight

@@ -100,7 +100,7 @@ class Ledger:
         self.counters: Counter[str] = Counter()  # redriven, stray_replies, late_replies, bounced, ...
 
     def open(self, request: Any, *, idempotent: bool, mode: str, weight: int) -> Record:
-        rec = Record(next(self._rids), request, idempotent, mode, weight)
+        rec = Record(next(self._rids), request, idempotent, mode, weight, Phase.QUEUED, [])
         self.records[rec.rid] = rec
         self.counters["submitted"] += 1
         return rec
@@ -129,7 +129,7 @@ class Ledger:
             raise AssertionError(f"request {rec.rid} decided twice ({rec.outcome} then {outcome})")
         rec.outcome = outcome
         rec.phase = Phase.DONE
-        self.outcomes[outcome.value] += 1
+        self.outcomes[outcome._value_] += 1  # (.value is a Python descriptor; _value_ a plain slot)
         self._resolved.append(rec.rid)
         if len(self._resolved) > self._history:
             gone = self.records.pop(self._resolved.popleft(), None)

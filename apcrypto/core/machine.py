@@ -47,6 +47,8 @@ log = logging.getLogger("apcrypto.core")
 _WITHDRAW_ON = frozenset({QState.RESET_START, QState.RESET_WAIT, QState.RECOVERY_WAIT, QState.OFFLINE})
 #: States in which an NQAP the card accepts is thrown away by a reset we issued (or nobody collects).
 _DISCARDING = frozenset({QState.RESET_START, QState.RESET_WAIT, QState.SETIRQ_WAIT, QState.OFFLINE})
+#: The same states by ``QState.idx``, for the NQAP completion (an Enum's hash is a Python function).
+_DISCARDING_IDX = frozenset(s.idx for s in _DISCARDING)
 
 
 class QueueProtocolError(CoreMisuse):
@@ -113,7 +115,7 @@ class QueueMachine:
         qid, instr, psmid = entry
         if self._suspect and qid in self._suspect:  # an answer came: this peer's link works
             self._suspect -= self._peer_of.get(qid, self._suspect)
-        q = self.queues[qid]  # its occupancy is already integrated to now: every entry advances first
+        q = self.queues[qid]
         self.instr = instr
         handler = _BY_OPCODE[instr] if instr < len(_BY_OPCODE) else None
         if handler is None:
@@ -155,26 +157,17 @@ class QueueMachine:
         return self.out.take()
 
     def advance(self, now: float) -> None:
-        """Time moves to ``now`` (every entry point): each queue's occupancy is integrated up to it
-        first, with the ``held`` it had since the last entry.  ``held`` changes only inside entry
-        points, so the integral is exact; integrating after a change (as it used to, on the next
-        completion) counted the idle gap before a submit as occupied."""
+        """Time moves to ``now`` (every entry point, first).
+
+        Each queue's occupancy integral is brought up to date lazily, by :meth:`Queue.occ_to` just
+        before its ``held`` changes (the dispatcher's send, a reply delivered, a probe, a loss, a
+        withdrawal or an abandon) and before it is read (``stats``): exact, and O(1) per entry
+        instead of a walk over every queue on every entry (it was the core's hottest loop with 16
+        queues).  ``tests/test_core_occupancy.py`` holds it against that walk."""
         self.out.now = now
-        # occ() unrolled (runs on every entry for every queue: the core's hottest loop); the held
-        # count is Queue.held's, written out to spare a property call per queue
-        for q in self.queues.values():
-            dt = now - q.occ_t
-            if dt > 0:
-                held = len(q.on_card) + len(q.sending) + (1 if q.probe_sent else 0)
-                if held:
-                    q.occ_integral += held * dt
-                q.occ_t = now
 
     def occ(self, q: Queue) -> None:
-        dt = self.out.now - q.occ_t
-        if dt > 0:
-            q.occ_integral += q.held * dt
-            q.occ_t = self.out.now
+        q.occ_to(self.out.now)
 
     # ---------------------------------------------------------------- the transport's news
     def transport_lost(
@@ -206,6 +199,7 @@ class QueueMachine:
                 continue
             qid, instr, psmid = entry
             q = self.queues[qid]
+            q.occ_to(self.out.now)  # before its held changes (below)
             touched[qid] = q
             if instr is Instr.NQAP:
                 rid = q.sending.pop(tag, None)
@@ -422,15 +416,18 @@ class QueueMachine:
 
     def _settle(self, q: Queue) -> None:
         """Pick IDLE / WORKING / QUEUE_FULL from the counts while in service."""
-        if not q.state.in_service:
+        state = q.state
+        if not state.in_service:
             return
-        if q.held == 0:
+        # Queue.held and has_free_slot written out: this runs several times per request
+        held = len(q.on_card) + len(q.sending) + q.probe_sent
+        if held == 0:
             new = QState.IDLE
-        elif q.has_free_slot():
+        elif not q.full_hold and held < q.slots:
             new = QState.WORKING
         else:
             new = QState.QUEUE_FULL
-        if new is not q.state:
+        if new is not state:
             self._become(q, new)
 
     # ---------------------------------------------------------------- steps (the cells of TABLE)
@@ -486,10 +483,16 @@ class QueueMachine:
         return Wait.INTERRUPT if q.held else Wait.NONE
 
     def _step_write(self, q: Queue) -> Wait:
-        self.dispatch.fill_queue(q)
-        self._after_dispatch()
-        self._settle(q)
-        return Wait.INTERRUPT if q.held else Wait.NONE
+        d = self.dispatch
+        d.fill_queue(q)
+        if d.touched or d.rejected:
+            given = q in d.touched
+            self._after_dispatch()  # settles every queue given work
+            if not given:
+                self._settle(q)
+        else:
+            self._settle(q)
+        return Wait.INTERRUPT if q.on_card or q.sending or q.probe_sent else Wait.NONE  # q.held
 
     def _step_read(self, q: Queue) -> Wait:
         if q.held == 0:
@@ -543,7 +546,7 @@ class QueueMachine:
         return Wait.NONE
 
     def _want_read(self, q: Queue) -> None:
-        if q.held and not q.dqap_inflight and q.state is not QState.OFFLINE:
+        if (q.on_card or q.sending or q.probe_sent) and not q.dqap_inflight and q.state is not QState.OFFLINE:
             q.dqap_inflight = True
             self.out.emit(q.qid, Instr.DQAP)
 
@@ -553,6 +556,7 @@ class QueueMachine:
         q.offline_backoff = 0.0
         q.offline_reason = ""
         q.probe_psmid = None
+        q.occ_to(self.out.now)
         q.probe_sent = False
         self.out.disarm(q.limit_key)
         self._enter(q, QState.IDLE)
@@ -563,6 +567,7 @@ class QueueMachine:
     def _start_reset(self, q: Queue, why: str) -> None:
         log.info("queue %s: reset (%s)", qid_str(q.qid), why)
         q.probe_psmid = None
+        q.occ_to(self.out.now)
         q.probe_sent = False
         q.full_hold = False
         q.card_recovered = False
@@ -596,6 +601,7 @@ class QueueMachine:
         q.offline_reason = why
         q.offline_after_drain = ""
         q.probe_psmid = None
+        q.occ_to(self.out.now)
         q.probe_sent = False
         q.full_hold = False
         self._enter(q, QState.OFFLINE)
@@ -625,6 +631,7 @@ class QueueMachine:
         self.ledger.counters["external_resets"] += 1
         self._abandon(q, "queue reset by someone else")
         q.probe_psmid = None
+        q.occ_to(self.out.now)
         q.probe_sent = False
         self._enter(q, QState.RESET_WAIT)
         self._kicked.add(q.qid)
@@ -649,6 +656,7 @@ class QueueMachine:
         if q.session_held:
             q.session_held = False
             self.out.disarm(TimerKey.grace(q.qid))
+        q.occ_to(self.out.now)
         q.probe_sent = False
         q.probe_psmid = None
         if q.on_card:
@@ -690,7 +698,11 @@ class QueueMachine:
         if d.touched:
             out = self.out
             armed = out.armed
+            last = None
             for q in d.touched:
+                if q is last:
+                    continue  # several requests placed on one queue in a row: settled once
+                last = q
                 if q.reply_key not in armed:
                     out.arm(q.reply_key, out.now + self.cfg.reply_timeout)
                 self._settle(q)
@@ -704,6 +716,7 @@ class QueueMachine:
         """Take back the NQAPs for ``q`` that are still in this flush's batch: they have not left the
         host, and the queue is leaving service (a reset or recovery in the same batch would throw
         them away after they started).  Requests go back to the host as never sent."""
+        q.occ_to(self.out.now)
         for c in self.out.withdraw(q.qid, Instr.NQAP):
             rid = q.sending.pop(c.tag, None)
             if rid is None:  # the health probe: it will be issued again in its own state
@@ -826,6 +839,7 @@ class QueueMachine:
                 return True
             # the health probe
             if v is Verdict.PROCEED:
+                q.occ_to(self.out.now)
                 q.probe_sent = True
                 if st.replies_waiting:
                     self._want_read(q)
@@ -836,15 +850,16 @@ class QueueMachine:
                 if v is Verdict.RETRY_SAME and st.response_code == ResponseCode.BUSY:
                     self._enter_recovery(q, card_recovered=False)
             return True
+        if v is not Verdict.PROCEED:
+            q.occ_to(self.out.now)  # it leaves the queue (accepted, it only moves to on_card)
         rec = self.ledger.records[q.sending.pop(tag)]
         if v is Verdict.PROCEED:
-            att = rec.current
-            assert att is not None
-            if rec.resolved:
+            att = rec.attempts[-1]  # rec.current: the NQAP being answered made one
+            if rec.outcome is not None:  # rec.resolved
                 # decided while its NQAP was in flight (deadline): it is on the card now; keep the slot
                 att.fate = "late"
                 q.on_card[att.psmid] = rec.rid
-            elif q.state in _DISCARDING:
+            elif q.state.idx in _DISCARDING_IDX:
                 # accepted by a queue we already gave up on (or are resetting, which throws it
                 # away): it may run; nobody will collect it
                 q.on_card[att.psmid] = rec.rid
@@ -865,10 +880,10 @@ class QueueMachine:
             return False
         # the card did not take it: it never left the host
         self.dispatch.unload(q, rec)
-        att = rec.current
-        if att is not None:
-            att.fate = "bounced"
-            att.cleared = True
+        bounced = rec.current
+        if bounced is not None:
+            bounced.fate = "bounced"
+            bounced.cleared = True
         if v is Verdict.FAIL_CALLER:
             self.verdicts.resolve(
                 rec,
@@ -876,7 +891,7 @@ class QueueMachine:
                 error=BadRequest(
                     f"the card refused the request ({st.rc_name()})",
                     qid=q.qid,
-                    psmid=att.psmid if att else None,
+                    psmid=bounced.psmid if bounced else None,
                     response_code=st.response_code,
                 ),
             )
@@ -974,6 +989,7 @@ class QueueMachine:
         return True
 
     def _probe_reply(self, q: Queue, data: bytes) -> None:
+        q.occ_to(self.out.now)
         q.probe_sent = False
         q.probe_psmid = None
         if q.state is QState.PROBE:

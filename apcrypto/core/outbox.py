@@ -18,6 +18,12 @@ from apcrypto.core.actions import Action, ArmTimer, CancelTimer, Execute, Resolv
 from apcrypto.core.events import Command
 from apformats.results import Instr
 
+# Two commands are built per request (NQAP, DQAP): built as the tuple they are, without the
+# NamedTuple's Python-level __new__ (half the cost).  The field order is checked here once.
+_tuple_new = tuple.__new__
+if Command._fields != ("tag", "instr", "qid", "psmid", "message", "flag", "special"):
+    raise ImportError("apformats.frames.Command changed its fields: update Outbox.emit")
+
 
 class Outbox:
     __slots__ = ("_tags", "actions", "armed", "cmds", "in_flight", "now")
@@ -36,7 +42,7 @@ class Outbox:
         """Queue one instruction for the batch; returns its tag."""
         tag = next(self._tags)
         self.in_flight[tag] = (qid, instr, psmid)
-        self.cmds.append(Command(tag, instr, qid, psmid, message, flag))
+        self.cmds.append(_tuple_new(Command, (tag, instr, qid, psmid, message, flag, False)))
         return tag
 
     def settle(self, tag: int) -> tuple[int, Instr, int] | None:

@@ -132,3 +132,15 @@ class Queue:
 
     def has_free_slot(self) -> bool:
         return not self.full_hold and self.held < self.slots
+
+    def occ_to(self, now: float) -> None:
+        """Integrate the messages held up to ``now`` (``occ_integral``).  The core calls this
+        just before every change of ``held`` (and before reading the integral), never after: the
+        ``held`` since ``occ_t`` is then the one integrated, so the integral is exact, and a queue
+        whose ``held`` does not change costs nothing however many entry points pass."""
+        dt = now - self.occ_t
+        if dt > 0:
+            held = len(self.on_card) + len(self.sending) + self.probe_sent
+            if held:
+                self.occ_integral += held * dt
+            self.occ_t = now

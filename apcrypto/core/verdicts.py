@@ -146,6 +146,7 @@ class Verdicts:
     # ---------------------------------------------------------------- replies
     def deliver(self, q: Queue, psmid: int, data: bytes) -> Consequence:
         """A reply dequeued from ``q`` (not the health probe's: the machine checks that first)."""
+        q.occ_to(self.out.now)  # before held changes
         rid = q.on_card.pop(psmid, None)
         if rid is None:
             rid = self._reply_before_status(q, psmid)
@@ -158,12 +159,12 @@ class Verdicts:
             self.ledger.counters["late_replies"] += 1
             return self.late_reply_says(q, data)
         self.dispatch.unload(q, rec)
-        if rec.resolved:
+        if rec.outcome is not None:  # rec.resolved
             self.ledger.counters["late_replies"] += 1
             log.info("queue %s: late reply for decided request %d dropped", qid_str(q.qid), rid)
             return self.late_reply_says(q, data)
-        att = rec.current
-        assert att is not None and att.psmid == psmid
+        att = rec.attempts[-1]  # rec.current: it was on the card, so it has one
+        assert att.psmid == psmid
         try:
             reply = parse_reply(data)
         except FormatError as exc:
@@ -350,6 +351,7 @@ class Verdicts:
         if not q.on_card:
             return NOTHING
         held = list(q.on_card.items())
+        q.occ_to(self.out.now)
         q.on_card.clear()
         redo: list[Record] = []
         for psmid, rid in held:
