@@ -18,14 +18,13 @@ thread and with it every request in flight).
 from __future__ import annotations
 
 import collections
-import contextlib
 import heapq
 import itertools
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Protocol
 
 __all__ = ["Clock", "ClockError", "TimerHandle", "VirtualClock", "WallClock"]
@@ -228,6 +227,7 @@ class WallClock:
         self._name = name
         self._target: float | None = None  # when the waiting pump wakes by itself (None: not waiting)
         self._assist = 0  # threads inside assisting(): they run what falls due now themselves
+        self._assisting = _Assisting(self)
         self.errors: collections.deque[BaseException] = collections.deque(maxlen=MAX_ERRORS_KEPT)
         self.error_count = 0
 
@@ -272,19 +272,23 @@ class WallClock:
         with self._cond:
             return self._timers.peek()
 
-    @contextlib.contextmanager
-    def assisting(self) -> Iterator[None]:
+    def assisting(self) -> _Assisting:
         """While inside, a callback scheduled for now does not wake the pump: the caller promises to
         call :meth:`run_due` on leaving (this context does it), so the work it causes is done on its
-        own thread without a switch."""
+        own thread without a switch.  One context object per clock, a plain class (re-entrant and
+        usable from many threads at once: its state is the clock's counter): the in-process
+        transport enters it for every batch, and a generator context manager's per-use objects and
+        frames cost about as much as the bookkeeping it guards."""
+        return self._assisting
+
+    def _assist_enter(self) -> None:
         with self._cond:
             self._assist += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._assist -= 1
-            self.run_due()
+
+    def _assist_exit(self) -> None:
+        with self._cond:
+            self._assist -= 1
+        self.run_due()
 
     def run_due(self, limit: int = 10_000) -> int:
         """Run the callbacks due now on the calling thread (at most ``limit``); returns how many.
@@ -367,3 +371,19 @@ class WallClock:
     def _record(self, exc: BaseException) -> None:
         self.errors.append(exc)
         self.error_count += 1
+
+
+class _Assisting:
+    """:meth:`WallClock.assisting`'s context: enter and leave count on the clock (see there)."""
+
+    __slots__ = ("_enter", "_exit")
+
+    def __init__(self, clock: WallClock) -> None:
+        self._enter = clock._assist_enter
+        self._exit = clock._assist_exit
+
+    def __enter__(self) -> None:
+        self._enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._exit()

@@ -517,7 +517,12 @@ class Emulator:
 
     def _schedule_irq_flush(self) -> None:
         """Called outside the lock after an instruction made replies available inline: deliver the
-        interrupt from clock-callback context, as a real adapter interrupt arrives asynchronously."""
+        interrupt from clock-callback context, as a real adapter interrupt arrives asynchronously.
+        A flush already scheduled delivers every interrupt due until it runs (it takes ``_irq_due``
+        under the lock), so only the first NQAP of a batch needs the lock here: the unlocked look is
+        checked again under it."""
+        if self._irq_flush is not None:
+            return
         with self.lock:
             if self._irq_flush is None and self._irq_due:
                 self._irq_flush = self.clock.call_later(0.0, self._flush_interrupts)

@@ -258,6 +258,29 @@ def test_an_assisting_thread_runs_what_falls_due_without_waking_the_pump() -> No
         assert ran.wait(5)
 
 
+def test_assisting_nests_and_leaves_on_an_error_running_what_fell_due() -> None:
+    """The assisting context is one object per clock (not a generator per use): nested and
+    sequential uses count in and out, and leaving on an exception still runs what fell due and
+    stops counting the thread in (a count left behind would keep the pump from ever being woken
+    for work due now)."""
+    clock = WallClock()  # not started: only the assisting thread runs anything
+    try:
+        ran: list[str] = []
+        with clock.assisting():
+            with clock.assisting():
+                assert clock._assist == 2
+                clock.call_later(0.0, lambda: ran.append("inner"))
+            assert ran == ["inner"] and clock._assist == 1
+            clock.call_later(0.0, lambda: ran.append("outer"))
+        assert ran == ["inner", "outer"] and clock._assist == 0
+        with pytest.raises(KeyError), clock.assisting():
+            clock.call_later(0.0, lambda: ran.append("after error"))
+            raise KeyError("body failed")
+        assert ran[-1] == "after error" and clock._assist == 0
+    finally:
+        clock.close()
+
+
 def test_run_due_runs_only_what_is_due_in_order_and_survives_errors() -> None:
     clock = WallClock()  # not started: only run_due runs anything
     try:

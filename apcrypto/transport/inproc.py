@@ -31,6 +31,9 @@ class InprocTransport(Transport):
         self._owns = owns
         self._domains = None if domains is None else frozenset(domains)
         self._events: deque[TransportEvent] = deque()
+        # the clock's assisting context (a wall clock's: see _send), looked up once, not per batch
+        assisting = getattr(getattr(emulator, "clock", None), "assisting", None)
+        self._assist: Any = None if assisting is None else assisting()
 
     @property
     def virtual_clock(self) -> Any | None:
@@ -60,20 +63,24 @@ class InprocTransport(Transport):
         # batch is done (``WallClock.assisting``, as the frame server does per batch of frames)
         # instead of on the clock's pump thread: no thread switch and clock-lock round trip per
         # batch, and the runner's pump loop sees them at once.
-        assisting = getattr(self.emulator.clock, "assisting", None)
-        if assisting is None:
+        assist = self._assist
+        if assist is None:
             self._execute(commands)
         else:
-            with assisting():
+            with assist:
                 self._execute(commands)
 
     def _execute(self, commands: Sequence[Command]) -> None:
         execute = self.emulator.execute  # the emulator's one instruction entry, as the frame server's
         irq = self._on_irq
         append = self._events.append
+        if self._domains is None:  # the common case: every queue the emulator has is ours
+            for c in commands:
+                append(Completion(c.tag, execute(c, irq)))
+            return
+        allowed = self._allowed
         for c in commands:
-            res = execute(c, irq) if self._allowed(c.qid) else _NOT_AVAIL
-            append(Completion(c.tag, res))
+            append(Completion(c.tag, execute(c, irq) if allowed(c.qid) else _NOT_AVAIL))
 
     def _recv(self, timeout: float) -> list[TransportEvent]:
         ev = self._events
