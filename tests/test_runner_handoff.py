@@ -11,6 +11,7 @@ end, over a real server: results stay right when the I/O thread delivers them.
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import pytest
 
 import apcrypto
 from apcrypto.core.actions import Action, ArmTimer
+from apcrypto.runners import threaded
 from apcrypto.runners.threaded import ThreadedRunner
 from apcrypto.transport.base import Command, Interrupt, Transport, TransportEvent
 from tests._fixtures_zmq import ServerProcess, zmq_server
@@ -246,6 +248,76 @@ def test_a_failing_call_on_the_caller_s_thread_stops_the_runner_once(rig) -> Non
     assert isinstance(runner.error, RuntimeError)
     with pytest.raises(RuntimeError, match="stopped"):
         runner.call(lambda: None)
+
+
+def test_the_timer_heap_is_only_touched_under_the_core_lock(rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the runner sleeps, other threads take its turns and arm and fire timers on its heap; the
+    runner dropping stale entries (armed, then cancelled) from that heap without the core lock lost
+    live timers and could die of an IndexError.  Every heap operation must hold the core lock."""
+    runner, core, transport = rig
+    unlocked: list[str] = []
+
+    def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def op(*args: Any) -> Any:
+            if not runner.core_lock._is_owned():  # type: ignore[attr-defined]
+                unlocked.append(f"{fn.__name__} on {threading.current_thread().name}")
+            return fn(*args)
+
+        return op
+
+    monkeypatch.setattr(
+        threaded.heapq,
+        "heappush",
+        guarded(heapq.heappush),  # type: ignore[attr-defined]
+    )
+    monkeypatch.setattr(threaded.heapq, "heappop", guarded(heapq.heappop))  # type: ignore[attr-defined]
+
+    def stale_then_live(i: int) -> None:
+        runner.arm(("stale", i), runner.now() + 30.0)
+        runner.cancel(("stale", i))  # the entry stays on the heap, at its head: the runner drops it
+        runner.arm(("live", i), runner.now() + 0.01)
+
+    for i in range(5):
+        runner.call(lambda i=i: stale_then_live(i))  # a turn on this thread: the runner sleeps
+        _io_thread(lambda i=i: transport.deliver(Interrupt(i)))  # and one on an I/O thread
+    _until(lambda: sum(k[0] == "live" for k, _ in core.fired) == 5)
+    assert unlocked == []
+    assert runner.alive and runner.error is None
+
+
+def test_a_caller_does_not_take_a_turn_once_another_request_is_undecided(rig) -> None:
+    """A caller judges the runner idle (asleep, inbox empty, nothing undecided) before it holds the
+    core lock; if another thread submits in between, a turn taken anyway would pump that request's
+    answer and run the other caller's callbacks inside this caller's submit, under this caller's own
+    locks.  Checked again under the lock, the caller hands its submission to the runner instead."""
+    runner, _, _ = rig
+    submitted_on: dict[str, str] = {}
+    a_judged, b_submitted = threading.Event(), threading.Event()
+    real_turn = runner._turn_here
+
+    def late_turn(fn: Any = None) -> bool:
+        if threading.current_thread().name == "A" and fn is not None:
+            a_judged.set()  # A saw nothing undecided and now stands before the core lock
+            assert b_submitted.wait(5)
+        return real_turn(fn)
+
+    def submit(request: str, **_: Any) -> tuple[int, list[Action]]:
+        submitted_on[request] = threading.current_thread().name
+        return len(submitted_on), []
+
+    runner._turn_here = late_turn  # type: ignore[method-assign]
+    runner.core.submit = submit  # type: ignore[method-assign]
+    ta = threading.Thread(target=lambda: runner.submit("X", True, None, lambda v, e: None), name="A")
+    ta.start()
+    assert a_judged.wait(5)
+    tb = threading.Thread(target=lambda: runner.submit("Y", True, None, lambda v, e: None), name="B")
+    tb.start()
+    tb.join(5)
+    b_submitted.set()
+    ta.join(5)
+    assert not ta.is_alive() and not tb.is_alive()
+    _until(lambda: "X" in submitted_on)
+    assert submitted_on == {"Y": "B", "X": "apcrypto-runner"}  # B's turn; X went through the inbox
 
 
 def test_results_stay_right_when_the_io_thread_delivers_them(zmq_server: ServerProcess) -> None:

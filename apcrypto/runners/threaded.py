@@ -114,8 +114,11 @@ class ThreadedRunner(RunnerBase):
             return fn is None
         if self._stop or not self.core_lock.acquire(blocking=False):
             return False
-        if fn is not None and (not self._sleeping or self._inbox):
-            self.core_lock.release()  # the runner is about to take its inbox: fn goes behind it
+        if fn is not None and (not self._sleeping or self._inbox or self.resolvers):
+            # the runner is about to take its inbox (fn goes behind it), or a request was submitted
+            # since the caller saw none undecided: its answer would be pumped in this turn and its
+            # callbacks run inside this caller's submit, under whatever locks the caller holds
+            self.core_lock.release()
             return False
         self._here = me
         try:
@@ -238,7 +241,8 @@ class ThreadedRunner(RunnerBase):
                         continue
                     if self.journal is not None:
                         self.journal.commit()  # outcomes of this turn, before the runner sleeps
-                self._idle_wait()
+                    due = self._next_due()  # read under the core lock: turns taken while it sleeps
+                self._idle_wait(due)  # arm and pop timers on the same heap
         except BaseException as exc:  # a bug in the core or a transport: surface it, don't hang callers
             self.error = exc
             raise
@@ -260,18 +264,27 @@ class ThreadedRunner(RunnerBase):
                 n += 1
         return n
 
-    def _idle_wait(self) -> None:
+    def _next_due(self) -> float:
+        """When the earliest live wall-clock timer is due (inf: none).  Call with the core lock held:
+        the heap is only ever read or changed under it, since while the runner sleeps other threads
+        take its turns (:meth:`_turn_here`) and arm and fire timers on the same heap."""
+        heap, due = self._heap, self._due
+        while heap and due.get(heap[0][2]) != heap[0][1]:
+            heapq.heappop(heap)  # drop cancelled / replaced entries
+        return heap[0][0] if heap else math.inf
+
+    def _idle_wait(self, due: float = math.inf) -> None:
+        """Sleep until woken, or until ``due`` (the next timer, read under the core lock before the
+        lock was let go; a timer armed earlier than it since then wakes the runner, see :meth:`arm`),
+        or at most 0.5 s."""
         with self._cv:
             self._sleeping = True
             if self._wake or self._inbox or self._stop:
                 self._sleeping = False
                 return
             timeout = 0.5
-            if self._vclock is None:
-                while self._heap and self._due.get(self._heap[0][2]) != self._heap[0][1]:
-                    heapq.heappop(self._heap)  # drop cancelled / replaced entries
-                if self._heap:
-                    timeout = max(0.0, min(timeout, self._heap[0][0] - self.now()))
+            if self._vclock is None and due < math.inf:
+                timeout = max(0.0, min(timeout, due - self.now()))
             if timeout > 0:
                 self._sleep_until = self.now() + timeout
                 self._cv.wait(timeout)

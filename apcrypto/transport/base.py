@@ -9,7 +9,10 @@ semantics, which tags a lost peer leaves unanswered); a backend implements only 
 Threading contract: ``submit`` and ``poll`` are called by one runner at a time: its own thread (or
 loop), or -- for a transport that sets ``lends_io_thread`` -- the transport's notifying thread taking
 the runner's turn under the runner's core lock.  ``wakeup`` and the notify callback may be used from
-any thread; a backend calls the notify callback with none of its own locks held.
+any thread.  A backend calls the notify callback with none of its locks held that a runner's turn
+would need (``submit`` and ``poll`` must not block on them); ``tcp://`` calls it holding only its
+socket's I/O lock, which every other thread takes without blocking (a submitting thread that finds it
+taken hands its send to the I/O thread), so callbacks run in such a turn cannot deadlock on it.
 """
 
 from __future__ import annotations
