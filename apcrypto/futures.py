@@ -232,14 +232,7 @@ class LightFuture(Future[T]):
                     raise self._exception
                 return self._result
             with self._condition:
-                if self._state in _CANCELLED:
-                    raise CancelledError()
-                if self._state != FINISHED:
-                    self._waitable().wait(timeout)
-                    if self._state in _CANCELLED:
-                        raise CancelledError()
-                    if self._state != FINISHED:
-                        raise TimeoutError()
+                self._wait_finished(timeout)
                 if self._exception:
                     raise self._exception
                 return self._result
@@ -250,15 +243,20 @@ class LightFuture(Future[T]):
         if self._state == FINISHED:
             return self._exception
         with self._condition:
+            self._wait_finished(timeout)
+            return self._exception
+
+    def _wait_finished(self, timeout: float | None) -> None:
+        """With the future's lock held: wait (at most ``timeout``) until it is FINISHED; raise
+        ``CancelledError`` or ``TimeoutError`` as the stdlib's ``result()`` and ``exception()`` do."""
+        if self._state in _CANCELLED:
+            raise CancelledError()
+        if self._state != FINISHED:
+            self._waitable().wait(timeout)
             if self._state in _CANCELLED:
                 raise CancelledError()
             if self._state != FINISHED:
-                self._waitable().wait(timeout)
-                if self._state in _CANCELLED:
-                    raise CancelledError()
-                if self._state != FINISHED:
-                    raise TimeoutError()
-            return self._exception
+                raise TimeoutError()
 
     # ------------------------------------------------------------------ callbacks
     def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:

@@ -126,10 +126,7 @@ class ThreadedRunner(RunnerBase):
             if fn is not None:
                 self.grouped()
                 try:
-                    if isinstance(fn, tuple):
-                        self.submit_now(*fn)  # a submission (see submit)
-                    else:
-                        fn()
+                    self._run_item(fn)
                 finally:
                     self.release()
             self.pump()
@@ -223,10 +220,7 @@ class ThreadedRunner(RunnerBase):
                     self.grouped()  # with a journal: the turn's submissions, one commit, one send
                     try:
                         for fn in batch:
-                            if isinstance(fn, tuple):
-                                self.submit_now(*fn)  # a submission (see submit)
-                            else:
-                                fn()
+                            self._run_item(fn)
                     finally:
                         self.release()
                     did = self.pump() + len(batch)
@@ -246,6 +240,13 @@ class ThreadedRunner(RunnerBase):
         except BaseException as exc:  # a bug in the core or a transport: surface it, don't hang callers
             self.error = exc
             raise
+
+    def _run_item(self, item: Callable[[], object] | tuple[Any, ...]) -> None:
+        """Carry out one inbox item in a turn: a submission's arguments (see :meth:`submit`), or a call."""
+        if isinstance(item, tuple):
+            self.submit_now(*item)
+        else:
+            item()
 
     def _locked_emu(self) -> Any:
         return self._emu_lock if self._emu_lock is not None else _NULL
