@@ -21,6 +21,7 @@ import pytest
 
 import apcrypto
 from apcrypto.core.actions import Action, ArmTimer
+from apcrypto.errors import ApcryptoError
 from apcrypto.runners import threaded
 from apcrypto.runners.threaded import ThreadedRunner
 from apcrypto.transport.base import Command, Interrupt, Transport, TransportEvent
@@ -318,6 +319,58 @@ def test_a_caller_does_not_take_a_turn_once_another_request_is_undecided(rig) ->
     assert not ta.is_alive() and not tb.is_alive()
     _until(lambda: "X" in submitted_on)
     assert submitted_on == {"Y": "B", "X": "apcrypto-runner"}  # B's turn; X went through the inbox
+
+
+def _core_failing_on(bad: str) -> Callable[..., tuple[int, list[Action]]]:
+    rids = iter(range(1, 1000))
+
+    def submit(request: str, **_: Any) -> tuple[int, list[Action]]:
+        if request == bad:
+            raise RuntimeError(f"core bug on {request}")
+        return next(rids), []
+
+    return submit
+
+
+def test_a_submission_the_core_raises_on_in_a_caller_s_turn_ends_with_an_error(rig) -> None:
+    """The core raising on a submit (a bug) leaves the request without a rid: no Resolve would ever
+    come, and the caller already holds its future.  It ends now, with the error, and the runner stops."""
+    runner, _, _ = rig
+    runner.core.submit = _core_failing_on("boom")  # type: ignore[method-assign]
+    got: list[BaseException | None] = []
+    runner.submit("boom", True, None, lambda value, error: got.append(error))
+    assert len(got) == 1 and isinstance(got[0], ApcryptoError) and "core bug on boom" in str(got[0])
+    _until(lambda: not runner.alive)
+    with pytest.raises(RuntimeError, match="stopped"):
+        runner.submit("late", True, None, lambda value, error: None)
+
+
+# the runner thread dies of the core bug by design (it re-raises after recording it in .error)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_when_the_runner_dies_on_a_batch_every_submission_it_had_taken_or_held_ends(rig) -> None:
+    """Submissions queued while the core lock was busy are run by the runner thread as one batch; the
+    core raising on the first must not strand the ones behind it, nor what is still in the inbox."""
+    runner, _, _ = rig
+    runner.core.submit = _core_failing_on("a")  # type: ignore[method-assign]
+    ended: dict[str, BaseException | None] = {}
+    held, go = threading.Event(), threading.Event()
+
+    def busy() -> None:  # a turn in progress elsewhere: the submissions below queue in the inbox
+        with runner.core_lock:
+            held.set()
+            assert go.wait(10)
+
+    other = threading.Thread(target=busy)
+    other.start()
+    assert held.wait(10)
+    for name in "abc":
+        runner.submit(name, True, None, lambda value, error, name=name: ended.__setitem__(name, error))
+    go.set()
+    other.join(10)
+    _until(lambda: not runner.alive)
+    assert sorted(ended) == ["a", "b", "c"]  # each exactly once (a dict entry per call)
+    assert all(isinstance(e, ApcryptoError) for e in ended.values())
+    assert isinstance(runner.error, RuntimeError)
 
 
 def test_results_stay_right_when_the_io_thread_delivers_them(zmq_server: ServerProcess) -> None:

@@ -117,6 +117,12 @@ class RunnerBase(ABC):
         for qid in self.transport.qids():
             self.apply(self.core.add_queue(qid, self.now()))
 
+    def unplaced(self, resolver: Resolver, error: BaseException) -> None:
+        """The core raised on a submission (a bug), so nothing will ever resolve it.  Here the caller
+        of :meth:`submit_now` gets the exception itself (asyncio: the submitting coroutine); a runner
+        whose callers already hold their futures when the core sees the request fails it instead."""
+        return None
+
     def submit_now(
         self,
         request: Any,
@@ -125,9 +131,13 @@ class RunnerBase(ABC):
         resolver: Resolver,
         target: frozenset[int] | None = None,
     ) -> int:
-        rid, actions = self.core.submit(
-            request, idempotent=idempotent, deadline=deadline, now=self.now(), target=target
-        )
+        try:
+            rid, actions = self.core.submit(
+                request, idempotent=idempotent, deadline=deadline, now=self.now(), target=target
+            )
+        except BaseException as exc:  # a core bug: the request has no rid, so no Resolve will come
+            self.unplaced(resolver, exc)
+            raise
         self.resolvers[rid] = resolver
         if self.journal is not None:
             self.journal.submitted(rid, request, idempotent, target)

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from apcrypto.core.driver import DriverCore
-from apcrypto.runners.base import Resolver, RunnerBase
+from apcrypto.errors import ApcryptoError
+from apcrypto.runners.base import Resolver, RunnerBase, log
 from apcrypto.transport.base import Transport
 
 
@@ -209,18 +210,20 @@ class ThreadedRunner(RunnerBase):
 
     # -- the runner thread --
     def _main(self) -> None:
+        batch: list[Callable[[], object] | tuple[Any, ...]] = []  # taken from the inbox, not yet run
         try:
             while True:
                 if self._stop and not self._inbox:
                     return
                 inbox = self._inbox
                 batch = [inbox.popleft() for _ in range(len(inbox))]
+                batch.reverse()  # run from the end (oldest first): what is left was never run
                 self._wake = False
                 with self.core_lock, self._locked_emu():
                     self.grouped()  # with a journal: the turn's submissions, one commit, one send
                     try:
-                        for fn in batch:
-                            self._run_item(fn)
+                        while batch:
+                            self._run_item(batch.pop())
                     finally:
                         self.release()
                     did = self.pump() + len(batch)
@@ -239,7 +242,25 @@ class ThreadedRunner(RunnerBase):
                 self._idle_wait(due)  # arm and pop timers on the same heap
         except BaseException as exc:  # a bug in the core or a transport: surface it, don't hang callers
             self.error = exc
+            self._stop = True  # callers now get "runner stopped" instead of a place in the inbox
+            self._orphaned(batch, exc)
+            self._orphaned(list(self._inbox), exc)
             raise
+
+    def unplaced(self, resolver: Resolver, error: BaseException) -> None:
+        """A submission the core raised on: its caller already holds the future, so it is failed now."""
+        self._orphaned([(None, None, None, resolver)], error)
+
+    def _orphaned(self, items: list[Any], error: BaseException) -> None:
+        """Fail every submission among ``items`` (taken for a turn that died, or left in the inbox of
+        a runner that did): none reached the core, so no Resolve would ever end it."""
+        err = ApcryptoError(f"runner failed before the request reached the driver core: {error!r}")
+        for item in items:
+            if isinstance(item, tuple):
+                try:
+                    item[3](None, err)
+                except Exception:  # one resolver failing must not keep the others from running
+                    log.exception("resolver failed")
 
     def _run_item(self, item: Callable[[], object] | tuple[Any, ...]) -> None:
         """Carry out one inbox item in a turn: a submission's arguments (see :meth:`submit`), or a call."""
