@@ -322,33 +322,27 @@ class LightFuture(Future[T]):
         raise RuntimeError("Future in unexpected state")
 
     def set_result(self, result: T) -> None:
+        self._finish(result, None, False)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._finish(None, exception, True)
+
+    def _finish(self, result: Any, exception: BaseException | None, failed: bool) -> None:
+        """FINISHED with ``result`` or (``failed``) ``exception``: tell the ``wait()`` waiters, wake
+        the blocked ``result()`` callers, then run the done-callbacks outside the mutex."""
         mutex = self._enter()
         try:
             if self._state in _DONE:
                 raise InvalidStateError(f"{self._state}: {self!r}")
             self._result = result
+            self._exception = exception
             self._state = FINISHED
             if mutex is not _BIRTH:  # someone may be waiting: only then is there a lock
                 for waiter in mutex.waiters():
-                    waiter.add_result(self)
-                if self._cv is not None:
-                    self._cv.notify_all()
-            callbacks, self._cbs = self._cbs, None
-        finally:
-            mutex.release()
-        if callbacks:
-            self._invoke(callbacks)
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        mutex = self._enter()
-        try:
-            if self._state in _DONE:
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._exception = exception
-            self._state = FINISHED
-            if mutex is not _BIRTH:
-                for waiter in mutex.waiters():
-                    waiter.add_exception(self)
+                    if failed:
+                        waiter.add_exception(self)
+                    else:
+                        waiter.add_result(self)
                 if self._cv is not None:
                     self._cv.notify_all()
             callbacks, self._cbs = self._cbs, None
