@@ -504,20 +504,16 @@ def test_threads_waiting_every_way_never_miss_a_completion(seed: int, tiny_switc
     assert sum(f._lock is not None for f in futs) >= len(futs) // 4  # type: ignore[attr-defined]
 
 
-@pytest.mark.timeout(60)
-def test_a_setter_that_found_no_lock_rechecks_before_finishing_without_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The interleaving the re-check under ``_BIRTH`` is for, forced: the setter reads "no lock",
-    then (before it takes ``_BIRTH``) a waiter makes the lock and goes to sleep on it. The setter
-    must see the lock and wake the waiter, not finish silently under ``_BIRTH``."""
+def _gate_birth(monkeypatch: pytest.MonkeyPatch, thread: str) -> tuple[threading.Event, threading.Event]:
+    """Stop the thread named ``thread`` just before it takes ``_BIRTH`` (every other thread passes):
+    returns (it stands at the gate, open the gate), to force an interleaving at the lazy lock."""
     real = futures_mod._BIRTH
-    setter_at_gate, open_gate = threading.Event(), threading.Event()
+    at_gate, open_gate = threading.Event(), threading.Event()
 
     class Gate:
         def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-            if threading.current_thread().name == "setter":
-                setter_at_gate.set()
+            if threading.current_thread().name == thread:
+                at_gate.set()
                 assert open_gate.wait(WAIT)
             return real.acquire(blocking, timeout)
 
@@ -531,6 +527,17 @@ def test_a_setter_that_found_no_lock_rechecks_before_finishing_without_one(
             self.release()
 
     monkeypatch.setattr(futures_mod, "_BIRTH", Gate())
+    return at_gate, open_gate
+
+
+@pytest.mark.timeout(60)
+def test_a_setter_that_found_no_lock_rechecks_before_finishing_without_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The interleaving the re-check under ``_BIRTH`` is for, forced: the setter reads "no lock",
+    then (before it takes ``_BIRTH``) a waiter makes the lock and goes to sleep on it. The setter
+    must see the lock and wake the waiter, not finish silently under ``_BIRTH``."""
+    setter_at_gate, open_gate = _gate_birth(monkeypatch, "setter")
     fut: LightFuture[int] = LightFuture(running=True)
     setter = threading.Thread(target=fut.set_result, args=(42,), name="setter")
     setter.start()
@@ -555,26 +562,7 @@ def test_a_future_that_became_final_while_its_lock_was_being_made_gets_none(
     would otherwise release the new lock on its way out (a lock it never acquired), raise halfway
     through its release loop, and leave the locks of the futures after it held forever -- a deadlock
     the stress test above found."""
-    real = futures_mod._BIRTH
-    maker_at_gate, open_gate = threading.Event(), threading.Event()
-
-    class Gate:
-        def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-            if threading.current_thread().name == "maker":
-                maker_at_gate.set()
-                assert open_gate.wait(WAIT)
-            return real.acquire(blocking, timeout)
-
-        def release(self) -> None:
-            real.release()
-
-        def __enter__(self) -> bool:
-            return self.acquire()
-
-        def __exit__(self, *exc: object) -> None:
-            self.release()
-
-    monkeypatch.setattr(futures_mod, "_BIRTH", Gate())
+    maker_at_gate, open_gate = _gate_birth(monkeypatch, "maker")
     fut: LightFuture[int] = LightFuture(running=True)
     entered = cf._base._AcquireFutures([fut])  # type: ignore[attr-defined]
     got: list[Any] = []
