@@ -226,7 +226,7 @@ class WallClock:
         self._closed = False
         self._name = name
         self._target: float | None = None  # when the waiting pump wakes by itself (None: not waiting)
-        self._assist = 0  # threads inside assisting(): they run what falls due now themselves
+        self._assist = 0  # threads inside assisting(): they run what falls due themselves
         self._assisting = _Assisting(self)
         self.errors: collections.deque[BaseException] = collections.deque(maxlen=MAX_ERRORS_KEPT)
         self.error_count = 0
@@ -257,8 +257,8 @@ class WallClock:
             handle = self._timers.push(when, callback)
             target = self._target
             # the pump must see it only if it waits past it (running callbacks, it will look anyway),
-            # and not at all when an assisting thread runs what is due now
-            if target is not None and when < target and not (self._assist and when <= self.now()):
+            # and not at all while a thread assists: that thread runs it, or wakes the pump on leaving
+            if target is not None and when < target and not self._assist:
                 self._cond.notify()
         return handle
 
@@ -273,12 +273,16 @@ class WallClock:
             return self._timers.peek()
 
     def assisting(self) -> _Assisting:
-        """While inside, a callback scheduled for now does not wake the pump: the caller promises to
-        call :meth:`run_due` on leaving (this context does it), so the work it causes is done on its
-        own thread without a switch.  One context object per clock, a plain class (re-entrant and
-        usable from many threads at once: its state is the clock's counter): the in-process
-        transport enters it for every batch, and a generator context manager's per-use objects and
-        frames cost about as much as the bookkeeping it guards."""
+        """While a thread is inside, the pump runs no callback: the thread runs what falls due
+        itself, with :meth:`run_due` -- this context calls it on leaving, and a long batch calls it
+        as it goes -- so the work a batch of instructions causes (a reply ready at once, the
+        interrupt saying so, an engine finishing meanwhile) is done on the thread that holds the
+        emulator anyway, with no switch to the pump and no fight with it for the emulator's lock
+        and the GIL.  On leaving, the last thread out wakes the pump if callbacks are still to come.
+        One context object per clock, a plain class (re-entrant and usable from many threads at once:
+        its state is the clock's counter): the in-process transport enters it for every batch, and a
+        generator context manager's per-use objects and frames cost about as much as the
+        bookkeeping it guards."""
         return self._assisting
 
     def _assist_enter(self) -> None:
@@ -286,9 +290,13 @@ class WallClock:
             self._assist += 1
 
     def _assist_exit(self) -> None:
+        self.run_due()  # still inside: what falls due meanwhile is run here too
         with self._cond:
             self._assist -= 1
-        self.run_due()
+            if not self._assist:  # the last one out: wake the pump if it waits past what is to come
+                when, target = self._timers.peek(), self._target
+                if when is not None and target is not None and when < target:
+                    self._cond.notify()
 
     def run_due(self, limit: int = 10_000) -> int:
         """Run the callbacks due now on the calling thread (at most ``limit``); returns how many.
@@ -355,6 +363,10 @@ class WallClock:
                 while True:
                     if self._closed:
                         return False
+                    if self._assist:  # a thread runs what falls due; the last one out wakes us
+                        self._target = math.inf
+                        self._cond.wait(MAX_WAIT)
+                        continue
                     when = self._timers.peek()
                     if when is None:
                         self._target = math.inf

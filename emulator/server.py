@@ -130,6 +130,7 @@ def _send_parts(sock: zmq.Socket, parts: Iterable[bytes]) -> None:
 
 #: Most data messages handled per poll round before control and interrupts get a turn.
 BATCH = 256
+RUN_DUE_EVERY = 4  # frames of a client's batch between two looks at the clock (see _recv_data)
 #: Default cap on concurrent client sessions, and default ZMTP handshake timeout in seconds.
 MAX_SESSIONS = 256
 HANDSHAKE_IVL = 2.0
@@ -511,6 +512,10 @@ class EmulatorServer:
 
     def _recv_data(self, out: list[tuple[bytes, bytes]]) -> None:
         assert self._data is not None
+        # inside the clock's assisting context the pump stands down: engines that finish during a
+        # long batch are finished here (after every message, and every RUN_DUE_EVERY frames of a
+        # client's batch), not only at its end
+        run_due = getattr(self.emu.clock, "run_due", None)
         for _ in range(BATCH):
             key = None
             try:
@@ -539,15 +544,19 @@ class EmulatorServer:
             elif 2 < len(parts) <= BATCH_FRAMES_MAX + 1 and session.version >= READAHEAD_VERSION:
                 # a version 2 client's batch: one frame per part, handled in order
                 self.stats["batches_in"] += 1
-                for payload in parts[1:]:
+                for i, payload in enumerate(parts[1:], 1):
                     out.extend((ident, frame) for frame in session.handle(payload))
                     if session.closed:
                         break
+                    if run_due is not None and not i % RUN_DUE_EVERY:
+                        run_due()
             else:  # any other multipart message is refused as a whole (the session says how)
                 out.extend((ident, frame) for frame in session.handle(b""))
             if peer.session.closed:
                 self._drop_peer(ident)
             self._drop_evicted()
+            if run_due is not None:
+                run_due()
 
     @staticmethod
     def _user_id(frame: zmq.Frame) -> str | None:

@@ -298,3 +298,29 @@ def test_run_due_runs_only_what_is_due_in_order_and_survives_errors() -> None:
         assert clock.run_due() == 0 and clock.next_deadline() is not None
     finally:
         clock.close()
+
+
+def test_the_pump_runs_nothing_while_a_thread_assists_and_is_woken_when_it_leaves() -> None:
+    """While a thread is inside ``assisting()`` (a server handling a batch, the in-process transport
+    executing one) the pump stands down, even for a callback that falls due meanwhile: the
+    assisting thread runs it (``run_due`` as it goes, and on leaving), so the two never fight over
+    the emulator's lock and the GIL.  A callback still to come when the thread leaves goes back to
+    the pump, which runs it in time."""
+    with WallClock() as clock:
+        _wait_until(lambda: clock._target is not None)  # the pump sleeps (nothing scheduled)
+        me = threading.get_ident()
+        ran: list[int] = []
+        due = threading.Event()
+        clock.call_later(0.05, lambda: ran.append(threading.get_ident()))
+        _wait_until(lambda: clock._target is not None and clock._target < 1e9)  # the pump waits for it
+        with clock.assisting():
+            clock.call_later(0.001, due.set)  # falls due while assisting too
+            _wait_until(lambda: clock.now() > 0.06)  # both long past due: the pump woke for the first
+            assert ran == [] and not due.is_set()  # ... and left both to this thread
+            assert clock.run_due() == 2  # the batch looks at the clock as it goes
+        assert ran == [me] and due.is_set()
+        with clock.assisting():
+            clock.call_later(0.01, lambda: ran.append(threading.get_ident()))
+        assert len(ran) == 1  # not due when the thread left: the pump takes it
+        _wait_until(lambda: len(ran) == 2)
+        assert ran[1] != me

@@ -1,0 +1,82 @@
+"""A server finishes what falls due during a client's batch on its serving thread, mid-batch.
+
+While the serving thread handles a batch of frames it is inside the wall clock's ``assisting()``
+context, so the clock's pump stands down (see ``tests/test_emulator_clock.py``); engines whose
+service time ends meanwhile must still finish in time -- the serving thread looks at the clock as
+it goes -- or every engine would sit on a finished request until the batch is over.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import zmq
+
+from apformats.frames import (
+    READAHEAD_VERSION,
+    ResultFrame,
+    Welcome,
+    decode_frame,
+    encode_command,
+    encode_hello,
+)
+from apformats.messages import build_mex
+from apformats.results import Instr
+from emulator import Emulator
+from emulator.server import EmulatorServer
+
+MODULUS = (1 << 2047) | 0x1D7
+SIZE = 256
+
+
+@pytest.mark.timeout(30)
+def test_engines_that_finish_during_a_batch_are_finished_before_the_batch_ends(tmp_path: Path) -> None:
+    emu = Emulator("default", clock="wall")  # MEX_2K 0.4 ms on 2 x 4 accelerator engines
+    srv = EmulatorServer(
+        emu,
+        bind="tcp://127.0.0.1:0",
+        control="tcp://127.0.0.1:0",
+        default_grant="all",
+        control_token_file=tmp_path / "token",
+    )
+    data_url, _ = srv.start()
+    serving = threading.Thread(target=srv.serve, daemon=True)
+    serving.start()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.rcvtimeo = 10_000
+    try:
+        sock.connect(data_url)
+        sock.send(encode_hello(min_version=READAHEAD_VERSION, max_version=READAHEAD_VERSION))
+        welcome = decode_frame(sock.recv())
+        assert isinstance(welcome, Welcome)
+        accel = [q for q in welcome.qids if (q >> 8) in (0, 1)]  # the two CEX8A cards
+        assert len(accel) == 8
+        # 64 NQAPs (every slot) in one message: handling them takes longer than a service time
+        frames = []
+        for i in range(64):
+            msg = build_mex((i + 2).to_bytes(SIZE, "big"), 65537, MODULUS)
+            frames.append(encode_command(i + 1, Instr.NQAP, accel[i % 8], 1000 + i, msg))
+        sock.send_multipart(frames)
+        answered: set[int] = set()
+        while len(answered) < 64:
+            for part in sock.recv_multipart():
+                f = decode_frame(part)
+                if isinstance(f, ResultFrame) and f.tag <= 64:
+                    answered.add(f.tag)
+        entries = {e.psmid: e for e in emu.execution_log.entries() if 1000 <= e.psmid < 1064}
+        assert len(entries) == 64
+        last_in = max(e.enqueued for e in entries.values())
+        finished_before = [e for e in entries.values() if e.ended is not None and e.ended < last_in]
+        # the first engines' requests were done well before the last NQAP of the batch came in
+        assert len(finished_before) >= 8, sorted((e.enqueued, e.ended) for e in entries.values())[:10]
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        srv.stop()
+        serving.join(10)
+        srv.close()
+        emu.close()
