@@ -130,6 +130,8 @@ def _send_parts(sock: zmq.Socket, parts: Iterable[bytes]) -> None:
 
 #: Most data messages handled per poll round before control and interrupts get a turn.
 BATCH = 256
+#: Answers collected in a round before they are sent (a round is up to BATCH messages).
+SEND_EVERY = 16
 RUN_DUE_EVERY = 4  # frames of a client's batch between two looks at the clock (see _recv_data)
 #: Default cap on concurrent client sessions, and default ZMTP handshake timeout in seconds.
 MAX_SESSIONS = 256
@@ -499,10 +501,16 @@ class EmulatorServer:
                 with assist() if assist is not None else contextlib.nullcontext():
                     self._recv_data(out)
         finally:
-            self._take_interrupts(out)
-            if out:
-                self._sync_log()
-                self._send_batch(out)
+            self._answer(out)
+
+    def _answer(self, out: list[tuple[bytes, bytes]]) -> None:
+        """Send ``out`` with the interrupts waiting (after the execution log's spill has committed)
+        and empty it."""
+        self._take_interrupts(out)
+        if out:
+            self._sync_log()
+            self._send_batch(out)
+            out.clear()
 
     def _sync_log(self) -> None:
         try:
@@ -550,6 +558,8 @@ class EmulatorServer:
                         break
                     if run_due is not None and not i % RUN_DUE_EVERY:
                         run_due()
+                        if len(out) >= SEND_EVERY:  # a long batch is answered as it goes
+                            self._answer(out)
             else:  # any other multipart message is refused as a whole (the session says how)
                 out.extend((ident, frame) for frame in session.handle(b""))
             if peer.session.closed:
@@ -557,6 +567,8 @@ class EmulatorServer:
             self._drop_evicted()
             if run_due is not None:
                 run_due()
+            if len(out) >= SEND_EVERY:  # answer as we go: a client refills its slots from our answers
+                self._answer(out)
 
     @staticmethod
     def _user_id(frame: zmq.Frame) -> str | None:

@@ -1,4 +1,5 @@
-"""A server finishes what falls due during a client's batch on its serving thread, mid-batch.
+"""A server finishes what falls due during a client's batch on its serving thread, mid-batch, and
+answers the batch as it goes (every ``SEND_EVERY`` answers), not only at its end.
 
 While the serving thread handles a batch of frames it is inside the wall clock's ``assisting()``
 context, so the clock's pump stands down (see ``tests/test_emulator_clock.py``); engines whose
@@ -62,11 +63,15 @@ def test_engines_that_finish_during_a_batch_are_finished_before_the_batch_ends(t
             frames.append(encode_command(i + 1, Instr.NQAP, accel[i % 8], 1000 + i, msg))
         sock.send_multipart(frames)
         answered: set[int] = set()
+        messages = 0
         while len(answered) < 64:
+            messages += 1
             for part in sock.recv_multipart():
                 f = decode_frame(part)
                 if isinstance(f, ResultFrame) and f.tag <= 64:
                     answered.add(f.tag)
+        # ... and answered as it went: the first answers left before the last frames were handled
+        assert messages >= 2
         entries = {e.psmid: e for e in emu.execution_log.entries() if 1000 <= e.psmid < 1064}
         assert len(entries) == 64
         last_in = max(e.enqueued for e in entries.values())
