@@ -130,8 +130,6 @@ def _send_parts(sock: zmq.Socket, parts: Iterable[bytes]) -> None:
 
 #: Most data messages handled per poll round before control and interrupts get a turn.
 BATCH = 256
-#: Answers collected in a round before they are sent (a round is up to BATCH messages).
-SEND_EVERY = 16
 RUN_DUE_EVERY = 4  # frames of a client's batch between two looks at the clock (see _recv_data)
 #: Default cap on concurrent client sessions, and default ZMTP handshake timeout in seconds.
 MAX_SESSIONS = 256
@@ -522,7 +520,10 @@ class EmulatorServer:
         assert self._data is not None
         # inside the clock's assisting context the pump stands down: engines that finish during a
         # long batch are finished here (after every message, and every RUN_DUE_EVERY frames of a
-        # client's batch), not only at its end
+        # client's batch), not only at its end.  When that raises an interrupt (replies wait that
+        # no answer carries), what is answered so far goes out at once with it: the client collects
+        # those replies and refills the slots while we work on the rest.  Otherwise the answers of
+        # the round leave together (fewer messages: less work per request on both sides).
         run_due = getattr(self.emu.clock, "run_due", None)
         for _ in range(BATCH):
             key = None
@@ -558,7 +559,7 @@ class EmulatorServer:
                         break
                     if run_due is not None and not i % RUN_DUE_EVERY:
                         run_due()
-                        if len(out) >= SEND_EVERY:  # a long batch is answered as it goes
+                        if not self._irqs.empty():  # replies wait: answer now (see _recv_data)
                             self._answer(out)
             else:  # any other multipart message is refused as a whole (the session says how)
                 out.extend((ident, frame) for frame in session.handle(b""))
@@ -567,7 +568,7 @@ class EmulatorServer:
             self._drop_evicted()
             if run_due is not None:
                 run_due()
-            if len(out) >= SEND_EVERY:  # answer as we go: a client refills its slots from our answers
+            if not self._irqs.empty():
                 self._answer(out)
 
     @staticmethod
