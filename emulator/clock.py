@@ -290,13 +290,15 @@ class WallClock:
             self._assist += 1
 
     def _assist_exit(self) -> None:
-        self.run_due()  # still inside: what falls due meanwhile is run here too
-        with self._cond:
-            self._assist -= 1
-            if not self._assist:  # the last one out: wake the pump if it waits past what is to come
-                when, target = self._timers.peek(), self._target
-                if when is not None and target is not None and when < target:
-                    self._cond.notify()
+        try:
+            self.run_due()  # still inside: what falls due meanwhile is run here too
+        finally:  # counted out whatever happens, or the pump would stand down for good
+            with self._cond:
+                self._assist -= 1
+                if not self._assist:  # the last one out: wake the pump if it waits past what is to come
+                    when, target = self._timers.peek(), self._target
+                    if when is not None and target is not None and when < target:
+                        self._cond.notify()
 
     def run_due(self, limit: int = 10_000) -> int:
         """Run the callbacks due now on the calling thread (at most ``limit``); returns how many.

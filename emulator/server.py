@@ -559,7 +559,7 @@ class EmulatorServer:
                         break
                     if run_due is not None and not i % RUN_DUE_EVERY:
                         run_due()
-                        if not self._irqs.empty():  # replies wait: answer now (see _recv_data)
+                        if not self._irqs.empty():  # replies wait: answer now (see above)
                             self._answer(out)
             else:  # any other multipart message is refused as a whole (the session says how)
                 out.extend((ident, frame) for frame in session.handle(b""))

@@ -324,3 +324,23 @@ def test_the_pump_runs_nothing_while_a_thread_assists_and_is_woken_when_it_leave
         assert len(ran) == 1  # not due when the thread left: the pump takes it
         _wait_until(lambda: len(ran) == 2)
         assert ran[1] != me
+
+
+class _Abort(BaseException):
+    """Not an Exception: what a KeyboardInterrupt in a callback looks like to the clock."""
+
+
+def test_leaving_an_assist_counts_the_thread_out_even_when_a_callback_aborts() -> None:
+    """The pump stands down while any thread assists, so a count left behind by a callback that
+    escaped ``run_due`` on leaving would keep it down for good."""
+    clock = WallClock()  # not started: only the assisting thread runs anything
+
+    def abort() -> None:
+        raise _Abort
+
+    try:
+        with pytest.raises(_Abort), clock.assisting():
+            clock.call_later(0.0, abort)
+        assert clock._assist == 0
+    finally:
+        clock.close()
