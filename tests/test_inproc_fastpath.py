@@ -72,3 +72,31 @@ def test_occupancy_integrates_held_times_dt_for_every_queue() -> None:
         assert all(f.done() for f in futs)
     finally:
         sim.shutdown()
+
+
+def test_a_runner_turn_over_a_wall_clock_emulator_assists_its_clock() -> None:
+    """Each turn of the threaded runner over ``emu:`` on a wall clock is inside the clock's
+    ``assisting()`` context, so the clock's pump stands down while the runner works the emulator
+    (what falls due runs on the runner's thread at the turn's end); a virtual clock has none."""
+    import apcrypto
+
+    emu = Emulator("default", clock="wall")
+    try:
+        with apcrypto.connect("emu:", emulator=emu) as client:
+            assert client.wait_ready(10)
+            seen: list[tuple[int, int]] = []
+            done = threading.Event()
+
+            def look() -> None:
+                seen.append((emu.clock._assist, threading.get_ident()))
+                done.set()
+
+            client._runner.call(look)  # runs in one of the runner's turns
+            assert done.wait(10)
+            assert seen[0][0] >= 1 and seen[0][1] != threading.get_ident()
+            k = key()
+            data = (5).to_bytes(k.size, "big")
+            assert client.mod_expo(data, 65537, k.n).result(10) == pow(5, 65537, k.n).to_bytes(k.size, "big")
+    finally:
+        emu.close()
+    assert InprocTransport(Emulator("default")).clock_assist is None  # virtual clock: nothing to assist

@@ -49,6 +49,8 @@ class ThreadedRunner(RunnerBase):
         # a transport whose own thread may take the runner's turn (see wake), on the wall clock
         self._borrow = vclock is None and bool(getattr(transport, "lends_io_thread", False))
         self._emu_lock = transport.emulator.lock if vclock is not None else None  # type: ignore[attr-defined]
+        # an in-process emulator on a wall clock: each turn assists its clock (InprocTransport.clock_assist)
+        self._assist: Any = getattr(transport, "clock_assist", None) or _NULL
         # wall-clock timers: heap of (due, seq, key); _due[key] = seq of the live entry
         self._heap: list[tuple[float, int, tuple[Any, ...]]] = []
         self._due: dict[tuple[Any, ...], int] = {}
@@ -219,7 +221,7 @@ class ThreadedRunner(RunnerBase):
                 batch = [inbox.popleft() for _ in range(len(inbox))]
                 batch.reverse()  # run from the end (oldest first): what is left was never run
                 self._wake = False
-                with self.core_lock, self._locked_emu():
+                with self.core_lock, self._locked_emu(), self._assist:
                     self.grouped()  # with a journal: the turn's submissions, one commit, one send
                     try:
                         while batch:

@@ -36,6 +36,14 @@ class InprocTransport(Transport):
         self._assist: Any = None if assisting is None else assisting()
 
     @property
+    def clock_assist(self) -> Any | None:
+        """The emulator's wall-clock ``assisting()`` context (None on a virtual clock): a runner
+        enters it for each of its turns, so the clock's pump stands down while the runner works the
+        emulator and what falls due meanwhile (an engine finishing, the interrupt saying so) runs on
+        the runner's thread at the turn's end instead of fighting it for the GIL and the lock."""
+        return self._assist
+
+    @property
     def virtual_clock(self) -> Any | None:
         """The emulator's clock when it is virtual (the runner then drives time), else None."""
         clock = self.emulator.clock
