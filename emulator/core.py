@@ -110,7 +110,7 @@ class Emulator:
         self._seq = 0
         self._t0 = clock.now()
         self._closed = False
-        self._irq_due: dict[int, Callable[[int], object]] = {}
+        self._irq_due: dict[int, Queue] = {}  # queues whose interruption waits for the next flush
         self._irq_flush: TimerHandle | None = None
         self._service_cache: dict[tuple[str, str], float] = {}
 
@@ -194,14 +194,6 @@ class Emulator:
             hw = card.hwinfo if (t_bit and card is not None and rc in HWINFO_TRUSTED) else None
             return ApResult(status, hwinfo=hw)
 
-    def replies_gone(self, qid: int) -> bool:
-        """True when a TAPQ of ``qid`` would answer NORMAL with no reply waiting -- that TAPQ's verdict
-        without building its status (not an instruction: a frame server asks it for every interrupt
-        it may spare, see ``FrameSession._on_interrupt``)."""
-        with self.lock:
-            _card, q, rc = self._gate(qid, Instr.TAPQ)
-            return q is not None and (rc is None or rc == RC.NORMAL) and not q.replies
-
     def nqap(self, qid: int, psmid: int, message: bytes, special: bool = False) -> ApResult:
         """Enqueue ``message`` under ``psmid``; it holds a slot until its reply is DQAP'd."""
         if not 0 <= psmid <= _MAX_PSMID:
@@ -233,7 +225,9 @@ class Emulator:
                 return ApResult(self._status(q, rc))
             assert q is not None
             if not q.replies:
+                q.irq_pending = False
                 return ApResult(self._status(q, RC.Q_FULL))  # NO_PENDING_REPLY, same number
+            q.irq_pending = False  # the host reads: the next reply raises an interruption again
             msg = q.replies.popleft()
             msg.entry.dequeued = self.clock.now()
             reply = msg.reply
@@ -260,6 +254,7 @@ class Emulator:
             assert q is not None
             q.irq = bool(enable)
             q.notify = notify if enable else None
+            q.irq_pending = False
             if not enable:
                 self._irq_due.pop(q.qid, None)
             return ApResult(self._status(q, RC.NORMAL))
@@ -452,8 +447,7 @@ class Emulator:
         entry.ended = now
         entry.outcome = "completed" if msg.ok else "error"
         q.replies.append(msg)
-        if q.irq and q.notify is not None:
-            self._irq_due[q.qid] = q.notify
+        self._raise_irq(q)
 
     def _free_engine(self, card: Card, engine: Any, now: float) -> None:
         if engine.timer is not None:
@@ -515,6 +509,18 @@ class Emulator:
 
     # --- interrupts ----------------------------------------------------------------------------
 
+    def _raise_irq(self, q: Queue) -> None:
+        """A reply became available on ``q`` (lock held): make its interruption pending, unless it
+        already is.  As on the machine, where the adapter sets the queue's notification indicator
+        and the host clears it and then reads the queue until it is empty, one interruption stands
+        for every reply that arrives before the host next reads: a DQAP of the queue (any outcome)
+        clears it, as do AQIC and a reset.  Every reply is still found -- a DQAP's status says
+        whether more wait, and one arriving after it raises a new interruption -- but a host that
+        reads slower than the engines finish gets one interrupt per read, not one per reply."""
+        if q.irq and q.notify is not None and not q.irq_pending:
+            q.irq_pending = True
+            self._irq_due[q.qid] = q
+
     def _schedule_irq_flush(self) -> None:
         """Called outside the lock after an instruction made replies available inline: deliver the
         interrupt from clock-callback context, as a real adapter interrupt arrives asynchronously.
@@ -534,7 +540,10 @@ class Emulator:
                 self._irq_flush = None
             if not self._irq_due:
                 return
-            due = list(self._irq_due.items())
+            # a queue read since its interruption was raised has none pending any more: the read
+            # took the reply (or saw it waiting), so the interrupt would only send the host to an
+            # empty queue
+            due = [(q.qid, q.notify) for q in self._irq_due.values() if q.irq_pending and q.notify]
             self._irq_due.clear()
         for qid, notify in due:
             notify(qid)
@@ -563,6 +572,7 @@ class Emulator:
         if q.in_ready:
             q.in_ready = False
             card.ready.remove(q)
+        q.irq_pending = False
         self._irq_due.pop(q.qid, None)
 
     def _reset_queue(
@@ -734,8 +744,7 @@ class Emulator:
             if q.stored:
                 q.replies.extend(q.stored)
                 q.stored.clear()
-                if q.irq and q.notify is not None:
-                    self._irq_due[q.qid] = q.notify
+                self._raise_irq(q)
         self._run_callbacks(card.on_recovered)
         self._dispatch(card)
         if self._irq_due and self._irq_flush is None:

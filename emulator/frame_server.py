@@ -533,9 +533,6 @@ class FrameSession:
         self._established = False
         self._version = 0
         self._closed = threading.Event()
-        #: queues an answer of this session left with no reply waiting (read-ahead sessions): an
-        #: interrupt due for one of them may be stale (see _on_interrupt)
-        self._drained: set[int] = set()
         #: keep the replies each answer took, for a REOFFER after a resume (version 2, shared server)
         self._keeps_taken = False
         #: a REOFFER is taken now: a resumed version 2 session, before its first COMMAND
@@ -707,8 +704,6 @@ class FrameSession:
                     ahead = self._read_ahead(cmd, irq)
                     out += [encode_result(cmd.tag, r) for r in ahead]
                     taken += ahead
-                else:
-                    self._drained.add(cmd.qid)
                 if taken and self._keeps_taken:
                     assert self.lease is not None
                     self.lease.taken.record(cmd.tag, cmd.qid, [(r.psmid, r.reply) for r in taken])
@@ -733,7 +728,6 @@ class FrameSession:
                 break
             frames.append(r)
             if not r.status.replies_waiting:
-                self._drained.add(cmd.qid)
                 break
         self.stats["read_ahead"] += len(frames)
         return frames
@@ -765,8 +759,6 @@ class FrameSession:
             n = put_back(qid, replies) if put_back is not None and qid in self._qids else 0
             back += n
             lost += len(replies) - n
-            if n:
-                self._drained.discard(qid)  # replies wait there again: let interrupts through
         for counters in (self.stats, self.tenancy.stats):
             counters["reoffer_tags"] += len(frame.tags)
             counters["reoffered"] += back
@@ -778,29 +770,14 @@ class FrameSession:
     def _on_interrupt(self, qid: int) -> None:
         """Emulator callback (clock context): queue an INTERRUPT frame for this session's owner.
 
-        In a read-ahead session an interrupt whose replies were already taken (a reply ready when
-        its NQAP returned, sent with that NQAP's answer) is spared: the client has them, and it
-        would only DQAP an empty queue.  Only queues an answer left with nothing waiting are asked
-        (a TAPQ: no side effect); anything but a plain "nothing waiting" keeps the interrupt."""
+        No interrupt is raised for replies an answer already carried: a reply ready when its NQAP
+        returned is read ahead with that NQAP's answer, and the read clears the queue's pending
+        interruption before it is delivered (``Emulator._raise_irq``)."""
         notify = self._notify
         if notify is None or self.closed:
             return
-        if qid in self._drained:  # a read of this queue found it dry since: is anything waiting?
-            self._drained.discard(qid)
-            if self._replies_gone(qid):
-                self.stats["interrupts_spared"] += 1
-                return
         self.stats["interrupts"] += 1
         notify(encode_interrupt(qid))
-
-    def _replies_gone(self, qid: int) -> bool:
-        """A TAPQ of ``qid`` answers NORMAL with no reply waiting (the emulator's ``replies_gone``
-        says so without building the status; any other target is asked with a TAPQ)."""
-        gone: Callable[[int], bool] | None = getattr(self.emulator, "replies_gone", None)
-        if gone is not None:
-            return gone(qid)
-        st = self.emulator.execute(Command(0, Instr.TAPQ, qid)).status
-        return st.response_code == ResponseCode.NORMAL and not st.replies_waiting
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "established" if self._established else "new"

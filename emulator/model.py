@@ -74,6 +74,7 @@ class Queue:
         "fw_ctx",
         "in_ready",
         "irq",
+        "irq_pending",
         "notify",
         "on_reset_done",
         "qid",
@@ -98,6 +99,9 @@ class Queue:
         self.replies: deque[Message] = deque()
         self.stored: list[Message] = []
         self.irq = False
+        #: the queue's interruption is pending: raised for a reply and not yet answered by a DQAP of
+        #: this queue, so later replies raise none (the host's read after the interrupt finds them)
+        self.irq_pending = False
         self.notify: Notify | None = None
         self.resetting = False
         self.reset_timer: TimerHandle | None = None

@@ -424,6 +424,114 @@ def test_aqic_inline_completion_interrupts_from_the_clock() -> None:
     assert seen == [q]
 
 
+def test_one_interruption_stands_for_every_reply_until_the_queue_is_read(small_exact: Emulator) -> None:
+    """The queue's notification indicator: set by the first reply, cleared by the host's next DQAP
+    of the queue (whatever it finds).  Replies that arrive meanwhile raise nothing more; the read
+    finds them (its status says more wait)."""
+    emu = small_exact
+    seen: list[int] = []
+    emu.aqic(Q00, True, seen.append)
+    fill(emu, Q00, [1])
+    emu.clock.run_until_idle()
+    assert seen == [Q00]
+    fill(emu, Q00, [2, 3])
+    emu.clock.run_until_idle()
+    assert seen == [Q00]  # not read since: still pending
+    first = emu.dqap(Q00)
+    assert first.psmid == 1 and first.status.replies_waiting  # the read sees the rest wait
+    assert [r.psmid for r in drain(emu, Q00)] == [2, 3]
+    fill(emu, Q00, [4])
+    emu.clock.run_until_idle()
+    assert seen == [Q00, Q00]  # read since: raised again
+    assert emu.dqap(Q00).psmid == 4
+    # a DQAP that finds the queue dry clears it too
+    fill(emu, Q00, [5])
+    emu.clock.run_until_idle()
+    assert len(seen) == 3
+    assert [r.psmid for r in drain(emu, Q00)] == [5]
+    assert emu.dqap(Q00).status.rc == NO_PENDING_REPLY
+    fill(emu, Q00, [6])
+    emu.clock.run_until_idle()
+    assert len(seen) == 4
+
+
+def test_an_interruption_read_before_it_is_delivered_is_dropped() -> None:
+    emu = Emulator("fast")  # zero service time: the reply is ready when the NQAP returns
+    q = qid_of(1, 2)
+    seen: list[int] = []
+    emu.aqic(q, True, seen.append)
+    emu.nqap(q, 1, mex(3))
+    assert emu.dqap(q).psmid == 1  # read before the interrupt is delivered (from the clock)
+    emu.clock.run_until_idle()
+    assert seen == []
+    emu.nqap(q, 2, mex(4))  # not read: delivered
+    emu.clock.run_until_idle()
+    assert seen == [q]
+
+
+def test_aqic_and_reset_clear_a_pending_interruption(small_exact: Emulator) -> None:
+    emu = small_exact
+    seen: list[int] = []
+    emu.aqic(Q00, True, seen.append)
+    fill(emu, Q00, [1])
+    emu.clock.run_until_idle()
+    assert seen == [Q00]
+    emu.aqic(Q00, True, seen.append)  # registered again (a host whose link came back): cleared
+    fill(emu, Q00, [2])
+    emu.clock.run_until_idle()
+    assert seen == [Q00, Q00]
+    emu.rapq(Q00)  # the reset discards the replies and the pending interruption with them
+    emu.clock.run_until_idle()
+    emu.aqic(Q00, True, seen.append)
+    fill(emu, Q00, [3])
+    emu.clock.run_until_idle()
+    assert seen == [Q00, Q00, Q00]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_host_that_reads_only_on_interrupts_gets_every_reply(seed: int) -> None:
+    """The liveness the indicator must keep, judged by the host's own count: a host that reads only
+    when interrupted (DQAP until a status says nothing waits), after a random delay, with requests
+    arriving in random bursts, is left with no reply unread and no request unanswered."""
+    import random
+
+    from emulator import load_profile
+
+    rng = random.Random(seed)
+    emu = Emulator(load_profile("small"), seed=seed)
+    got: list[int] = []
+    interrupts = 0
+    reads = 0
+
+    def read() -> None:
+        nonlocal reads
+        reads += 1
+        while True:
+            r = emu.dqap(Q00)
+            if r.status.rc != RC.NORMAL:
+                return
+            got.append(r.psmid)
+            if not r.status.replies_waiting:
+                return
+
+    def on_interrupt(qid: int) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        emu.clock.call_later(rng.choice([0.0, 50e-6, 400e-6, 2e-3]), read)
+
+    emu.aqic(Q00, True, on_interrupt)
+    sent = 0
+    for _ in range(60):
+        for _ in range(rng.randint(1, 4)):
+            if emu.nqap(Q00, sent + 1, mex(sent + 3)).status.rc == RC.NORMAL:
+                sent += 1
+        emu.clock.advance(rng.choice([0.0, 100e-6, 300e-6, 1e-3]))
+    emu.clock.run_until_idle()
+    assert sorted(got) == list(range(1, sent + 1))  # each once, none left behind
+    assert emu.dqap(Q00).status.rc == NO_PENDING_REPLY
+    assert interrupts <= reads and interrupts < sent  # coalesced: fewer interrupts than replies
+
+
 def test_rapq_disables_interrupts(small: Emulator) -> None:
     seen: list[int] = []
     small.aqic(Q00, True, seen.append)
