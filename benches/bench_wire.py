@@ -43,6 +43,8 @@ from emulator.control_client import ControlClient
 
 N = 3000
 ROUNDS = 3
+UTIL_N = 5000  # the utilisation bench: requests per round, rounds (see _utilisation_run)
+UTIL_ROUNDS = 5
 DEPTH1 = 600
 CEILING_DEFAULT = 8 / 0.4e-3  # 8 accelerator engines x MEX_2K 0.4 ms
 
@@ -213,23 +215,43 @@ def _card_busy(cards: list[Any], get: Callable[[Any, str], Any]) -> tuple[float,
 
 
 def _utilisation_run(
-    client: apcrypto.Client, read: Callable[[], tuple[float, float, int]]
-) -> tuple[float, float]:
-    """(throughput / ceiling, busy engine time / engine time available) over the rounds."""
+    client: apcrypto.Client,
+    read: Callable[[], tuple[float, float, int]],
+    server_cpu: Callable[[], float] | None = None,
+) -> tuple[float, float, float, float]:
+    """(throughput / ceiling, busy engine time / engine time available, client CPU µs per request,
+    server CPU µs per request or 0 in process) over the rounds.  Rounds of UTIL_N, the median rate
+    of UTIL_ROUNDS: a round is long enough (about half a second) that a scheduling hiccup of the
+    machine moves it little; the CPU figures move far less than the rates."""
     assert client.wait_ready(10)
     driver_run(client, 1000)
     busy0, t0, _ = read()
     w0 = time.perf_counter()
+    c0, s0 = time.process_time(), server_cpu() if server_cpu is not None else 0.0
     rates = []
-    for _ in range(ROUNDS):
+    for _ in range(UTIL_ROUNDS):
         t = time.perf_counter()
-        assert driver_run(client, N) == N
-        rates.append(N / (time.perf_counter() - t))
+        assert driver_run(client, UTIL_N) == UTIL_N
+        rates.append(UTIL_N / (time.perf_counter() - t))
     wall = time.perf_counter() - w0
+    n = UTIL_N * UTIL_ROUNDS
+    client_us = (time.process_time() - c0) / n * 1e6
+    server_us = (server_cpu() - s0) / n * 1e6 if server_cpu is not None else 0.0
     busy1, t1, engines = read()
-    return statistics.median(rates) / CEILING_DEFAULT, (busy1 - busy0) / (
-        engines * (t1 - t0 if t1 > t0 else wall)
-    )
+    busy = (busy1 - busy0) / (engines * (t1 - t0 if t1 > t0 else wall))
+    return statistics.median(rates) / CEILING_DEFAULT, busy, client_us, server_us
+
+
+def _process_cpu(pid: int) -> Callable[[], float]:
+    """CPU seconds (user + system, all threads) process ``pid`` has used so far, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read() -> float:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    return read
 
 
 def test_wall_clock_utilisation_default_profile_tcp_and_in_process(
@@ -246,7 +268,9 @@ def test_wall_clock_utilisation_default_profile_tcp_and_in_process(
             return busy, st["time"], engines
 
         with apcrypto.connect(ready["data"]) as client:
-            (tcp_rate, tcp_busy), _ = timed(_utilisation_run, client, read_tcp, rounds=1, warmup_rounds=0)
+            (tcp_rate, tcp_busy, tcp_cli, tcp_srv), _ = timed(
+                _utilisation_run, client, read_tcp, _process_cpu(proc.pid), rounds=1, warmup_rounds=0
+            )
         control.close()
     finally:
         stop(proc)
@@ -258,14 +282,17 @@ def test_wall_clock_utilisation_default_profile_tcp_and_in_process(
             return busy, emu.clock.now(), engines
 
         with apcrypto.connect("emu:", emulator=emu) as client:
-            emu_rate, emu_busy = _utilisation_run(client, read_emu)
+            emu_rate, emu_busy, emu_cpu, _ = _utilisation_run(client, read_emu)
     finally:
         emu.close()
     record_ratio(
         "wall-clock utilisation, default profile, backlog, tcp:// server process: ops/s / 20,000", tcp_rate
     )
     record_ratio("  ... the cards' busy engine time / engine time available (tcp://)", tcp_busy)
+    record_ratio("  ... CPU us per request (tcp://): client process", tcp_cli)
+    record_ratio("  ... CPU us per request (tcp://): server process", tcp_srv)
     record_ratio(
         "wall-clock utilisation, default profile, backlog, in process (emu:): ops/s / 20,000", emu_rate
     )
+    record_ratio("  ... CPU us per request (emu:): the one process", emu_cpu)
     record_ratio("  ... the cards' busy engine time / engine time available (emu:)", emu_busy)
