@@ -368,8 +368,14 @@ class Emulator:
         else:
             self._dispatch(card)
 
-    def _dispatch(self, card: Card) -> None:
-        """Give free engines work: round-robin over the card's queues, FIFO within each queue."""
+    def _dispatch(self, card: Card, at: float | None = None) -> None:
+        """Give free engines work: round-robin over the card's queues, FIFO within each queue.
+
+        ``at``: the card's time the engines came free, when that was earlier than now -- an engine
+        whose service time ended at ``at`` takes its next message then (or when it was enqueued, if
+        later), not when this thread got round to it (see :meth:`_on_complete`).  The choice of
+        message is made now: one that arrived on another queue since ``at`` may take its round-robin
+        turn before an older one, which a card that was never late would have started first."""
         if card.state is not CardState.NORMAL:
             return
         ready, idle = card.ready, card.idle
@@ -381,16 +387,16 @@ class Emulator:
             else:
                 q.in_ready = False
             engine = card.engines[heapq.heappop(idle)]
-            self._start(card, engine.index, msg)
+            self._start(card, engine.index, msg, at)
 
-    def _start(self, card: Card, index: int, msg: Message) -> None:
-        now = self.clock.now()
+    def _start(self, card: Card, index: int, msg: Message, at: float | None = None) -> None:
+        entry = msg.entry
+        now = self.clock.now() if at is None else max(at, entry.enqueued)
         engine = card.engines[index]
         q = msg.queue
         engine.message = msg
         engine.busy_since = now
         msg.engine = index
-        entry = msg.entry
         entry.engine = index
         entry.started = now
         entry.outcome = "running"
@@ -408,13 +414,14 @@ class Emulator:
             entry.reply_code = result.reply_code
             entry.effect = result.effect
         delay = self._service_time(card, msg.function)
+        engine.due = now + delay
         if msg.computing:
             if delay > 0.0:
-                engine.timer = self.clock.call_later(delay, lambda: self._on_complete(card, engine, msg))
-        elif delay <= 0.0:
+                engine.timer = self.clock.call_at(engine.due, lambda: self._on_complete(card, engine, msg))
+        elif delay <= 0.0:  # no service time: the engine was busy while the firmware computed
             self._finish(card, engine, msg)
         else:
-            engine.timer = self.clock.call_later(delay, lambda: self._on_complete(card, engine, msg))
+            engine.timer = self.clock.call_at(engine.due, lambda: self._on_complete(card, engine, msg))
 
     def _offload(self, card: Card, msg: Message) -> bool:
         """Hand the message's firmware run to the engine backend.  It ends when both its answer is
@@ -437,9 +444,10 @@ class Emulator:
             base *= 1.0 + self._jitter * (2.0 * self._jitter_rng.random() - 1.0)
         return base
 
-    def _finish(self, card: Card, engine: Any, msg: Message) -> None:
-        """The engine is done: the reply becomes available and the engine free."""
-        now = self.clock.now()
+    def _finish(self, card: Card, engine: Any, msg: Message, end: float | None = None) -> None:
+        """The engine is done (at ``end`` on the card's time, else now): the reply becomes available
+        and the engine free."""
+        now = self.clock.now() if end is None else end
         self._free_engine(card, engine, now)
         q = msg.queue
         q.running.remove(msg)
@@ -464,8 +472,12 @@ class Emulator:
             engine.timer = None
             if msg.computing:  # service time over, answer not back yet: _on_computed finishes it
                 return
-            self._finish(card, engine, msg)
-            self._dispatch(card)
+            # On the card's time the engine finished when its service time was over, however late
+            # this callback runs (a wall clock's thread busy elsewhere): the next message starts
+            # then, so the host's lateness does not stretch the card's service times.
+            end = min(engine.due, self.clock.now())
+            self._finish(card, engine, msg, end)
+            self._dispatch(card, end)
         self._flush_interrupts()
 
     def _on_computed(self, done: list[tuple[Message, firmware_stubs.FirmwareResult]]) -> None:

@@ -134,7 +134,7 @@ class Queue:
 class Engine:
     """One of a card's crypto engines, shared by all its queues."""
 
-    __slots__ = ("busy_since", "busy_time", "index", "message", "timer")
+    __slots__ = ("busy_since", "busy_time", "due", "index", "message", "timer")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -142,6 +142,7 @@ class Engine:
         self.timer: TimerHandle | None = None
         self.busy_since = 0.0
         self.busy_time = 0.0  # accumulated, for utilisation
+        self.due = 0.0  # when its message's service time is over, on the card's time
 
     def __repr__(self) -> str:
         return f"<Engine {self.index} {'busy' if self.message else 'idle'}>"

@@ -5,16 +5,20 @@ All on a virtual clock: time moves only when a test steps it, so every timing he
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 from apformats.codes import NO_PENDING_REPLY, ResponseCode
 from apformats.messages import parse_reply
 from apformats.results import Instr, qid_of
 from emulator import Emulator
+from emulator.clock import VirtualClock
 from tests._fixtures_emulator import (
     Q00,
     Q01,
     Q10,
+    E,
     counter_increment,
     crt,
     default_emu,
@@ -530,6 +534,51 @@ def test_a_host_that_reads_only_on_interrupts_gets_every_reply(seed: int) -> Non
     assert sorted(got) == list(range(1, sent + 1))  # each once, none left behind
     assert emu.dqap(Q00).status.rc == NO_PENDING_REPLY
     assert interrupts <= reads and interrupts < sent  # coalesced: fewer interrupts than replies
+
+
+class _LateClock(VirtualClock):
+    """A virtual clock whose callbacks each run ``LATE`` after their time, as a wall clock's do when
+    the thread that runs them is busy elsewhere -- but deterministically."""
+
+    LATE = 1e-3
+
+    def step(self) -> bool:
+        when = self.next_deadline()
+        if when is not None:
+            self._now = max(self._now, when + self.LATE)
+        return super().step()
+
+
+def test_an_engine_keeps_its_service_times_when_its_completions_run_late() -> None:
+    """On the card's time an engine finishes when its service time is over and takes its next
+    message then (or when that message came, if later) -- however late the emulator's thread gets
+    to it -- so the host's lateness never stretches the card's service times."""
+    from dataclasses import replace
+
+    from emulator import load_profile
+
+    p = load_profile("small")
+    clock = _LateClock()
+    emu = Emulator(replace(p, timing=replace(p.timing, jitter=0.0)), clock=clock, seed=7)
+    assert fill(emu, Q00, range(1, 7)) == [RC.NORMAL] * 6  # 2 engines: 3 each, back to back
+    late: list[int] = []
+    clock.call_at(0.5e-3, lambda: late.append(emu.nqap(Q00, 7, mex(9)).status.rc))  # runs at 1.5 ms
+    clock.run_until_idle()
+    assert late == [RC.NORMAL]
+    log = {e.psmid: e for e in emu.execution_log.entries()}
+    for e in log.values():
+        assert e.outcome == "completed" and e.started >= e.enqueued
+        assert e.ended - e.started == pytest.approx(MEX_1K)
+    for engine in (0, 1):
+        runs = sorted((e.started, e.ended) for e in log.values() if e.engine == engine)
+        assert all(a[1] <= b[0] for a, b in pairwise(runs))  # one message at a time
+    ends = sorted(log[p].ended for p in range(1, 7))
+    assert ends == pytest.approx([MEX_1K] * 2 + [2 * MEX_1K] * 2 + [3 * MEX_1K] * 2)  # not 1.3, 2.6, ...
+    assert log[7].started == pytest.approx(1.5e-3)  # came after the engines were free: starts then
+    assert clock.now() > 3 * (MEX_1K + _LateClock.LATE)  # the callbacks did run late
+    replies = {r.psmid: r for r in drain(emu, Q00)}
+    assert sorted(replies) == [1, 2, 3, 4, 5, 6, 7]
+    assert result_int(replies[7]) == pow(9, E, key().n)
 
 
 def test_rapq_disables_interrupts(small: Emulator) -> None:
