@@ -131,6 +131,10 @@ def _send_parts(sock: zmq.Socket, parts: Iterable[bytes]) -> None:
 #: Most data messages handled per poll round before control and interrupts get a turn.
 BATCH = 256
 RUN_DUE_EVERY = 4  # frames of a client's batch between two looks at the clock (see _recv_data)
+#: Answers of a round that leave after the message that made them this many, without waiting for the
+#: round's end: a client sending its work in several messages gets the first answers while the server
+#: works on the rest (see _recv_data).
+ANSWER_AT = 64
 #: Default cap on concurrent client sessions, and default ZMTP handshake timeout in seconds.
 MAX_SESSIONS = 256
 HANDSHAKE_IVL = 2.0
@@ -568,7 +572,7 @@ class EmulatorServer:
             self._drop_evicted()
             if run_due is not None:
                 run_due()
-            if not self._irqs.empty():
+            if len(out) >= ANSWER_AT or not self._irqs.empty():
                 self._answer(out)
 
     @staticmethod

@@ -23,7 +23,7 @@ import pytest
 import zmq
 
 from apcrypto.transport import Command, Completion, Interrupt, open_transport
-from apcrypto.transport.framed import READAHEAD_KEEP, FramedTransport
+from apcrypto.transport.framed import READAHEAD_KEEP, RX_CHUNK, FramedTransport
 from apcrypto.transport.zmq_client import ZmqTransport
 from apformats.codes import NO_PENDING_REPLY, ResponseCode
 from apformats.frames import (
@@ -217,6 +217,51 @@ def _reply(tag: int, psmid: int, waiting: bool) -> bytes:
 
 def _nqap_cmd(tag: int, psmid: int) -> Command:
     return Command(tag, Instr.NQAP, Q, psmid, b"m")
+
+
+def _watch_emits(hand: _Hand) -> tuple[list[tuple[int, int]], list[int]]:
+    """Record, per batch of events the transport hands the core, (completions in it, replies kept
+    for Q at that moment); and, per chunk sent on, how many batches had gone by then."""
+    emits: list[tuple[int, int]] = []
+    chunks: list[int] = []
+    emit = hand._emit
+
+    def watched(*events: object) -> None:
+        emits.append((sum(isinstance(e, Completion) for e in events), len(hand._ahead.get(Q, ()))))
+        emit(*events)  # type: ignore[arg-type]
+
+    hand._emit = watched  # type: ignore[method-assign]
+    hand._chunk_done = lambda: chunks.append(len(emits))  # type: ignore[method-assign]
+    return emits, chunks
+
+
+def test_a_long_batch_reaches_the_core_in_chunks_never_between_an_answer_and_its_read_ahead(
+    hand: _Hand,
+) -> None:
+    n = 5 * RX_CHUNK // 2
+    hand.submit([_nqap_cmd(i, 1000 + i) for i in range(1, n + 1)])
+    assert len(hand.wire()) == n
+    emits, chunks = _watch_emits(hand)
+    frames = []
+    for i in range(1, n + 1):  # each answer says a reply waits, and its read-ahead follows it
+        frames += [encode_result(i, ApResult(_status(True))), _reply(i, 2000 + i, False)]
+    events = hand.feed(*frames)
+    assert [e.tag for e in events if isinstance(e, Completion)] == list(range(1, n + 1))  # all, in order
+    assert len(emits) == 3 and chunks == [1, 2]  # sent on after each chunk but the last
+    assert all(done >= RX_CHUNK for done, _ in emits[:-1])
+    so_far = 0
+    for done, kept in emits:  # each answer handed over came with its whole read-ahead
+        so_far += done
+        assert kept == so_far
+
+
+def test_a_short_batch_reaches_the_core_whole(hand: _Hand) -> None:
+    n = RX_CHUNK - 1
+    hand.submit([_nqap_cmd(i, 1000 + i) for i in range(1, n + 1)])
+    hand.wire()
+    emits, chunks = _watch_emits(hand)
+    hand.feed(*[encode_result(i, ApResult(_status(False))) for i in range(1, n + 1)])
+    assert emits == [(n, 0)] and chunks == []
 
 
 def test_kept_replies_answer_the_next_dqaps_without_a_frame(hand: _Hand) -> None:

@@ -88,3 +88,76 @@ def test_engines_that_finish_during_a_batch_are_finished_before_the_batch_ends(t
         serving.join(10)
         srv.close()
         emu.close()
+
+
+class _FakeRouter:
+    """The server's data socket as the test: messages to take, in order, then ``zmq.Again``; what the
+    server sends is kept as messages (a part each, the routing identity first)."""
+
+    def __init__(self, messages: list[list[bytes]]) -> None:
+        self.inbox = list(messages)
+        self.sent: list[list[bytes]] = []
+        self._parts: list[bytes] = []
+
+    def recv_multipart(self, flags: int = 0) -> list[bytes]:
+        if not self.inbox:
+            raise zmq.Again()
+        return self.inbox.pop(0)
+
+    def send(self, data: bytes, flags: int = 0) -> None:
+        self._parts.append(bytes(data))
+        if not flags & zmq.SNDMORE:
+            self.sent.append(self._parts)
+            self._parts = []
+
+
+def test_a_round_of_long_messages_is_answered_message_by_message(tmp_path: Path) -> None:
+    """Two long messages handled in one round: the first one's answers leave before the second is
+    handled (once they are ANSWER_AT or more), so the client works on them meanwhile; short ones
+    still leave together at the round's end."""
+    from emulator.server import ANSWER_AT
+
+    emu = Emulator("fast")  # no service time: every NQAP's answer carries its reply (read-ahead)
+    srv = EmulatorServer(
+        emu,
+        bind="tcp://127.0.0.1:0",
+        control="tcp://127.0.0.1:0",
+        default_grant="all",
+        control_token_file=tmp_path / "token",
+    )
+    srv.start()
+    real = srv._data
+    ident = b"\x00client"
+    try:
+        fake = _FakeRouter(
+            [[ident, encode_hello(min_version=READAHEAD_VERSION, max_version=READAHEAD_VERSION)]]
+        )
+        srv._data = fake  # type: ignore[assignment]
+        srv._serve_data(True)
+        welcome = decode_frame(fake.sent[0][1])
+        assert isinstance(welcome, Welcome)
+        accel = [q for q in welcome.qids if (q >> 8) in (0, 1)]
+        msg = build_mex((5).to_bytes(SIZE, "big"), 65537, MODULUS)
+
+        def nqaps(first: int, n: int) -> list[bytes]:
+            return [ident] + [
+                encode_command(t, Instr.NQAP, accel[t % len(accel)], 1000 + t, msg)
+                for t in range(first, first + n)
+            ]
+
+        n = ANSWER_AT // 2  # each NQAP: its answer and its reply, so ANSWER_AT frames a message
+        fake.inbox = [nqaps(1, n), nqaps(1 + n, n)]
+        fake.sent.clear()
+        srv._serve_data(True)
+        tags = [sorted({decode_frame(p).tag for p in m[1:]}) for m in fake.sent]
+        assert tags == [list(range(1, 1 + n)), list(range(1 + n, 1 + 2 * n))]
+        assert all(m[0] == ident and len(m) == 1 + ANSWER_AT for m in fake.sent)
+        # short messages: one answer for the round
+        fake.inbox = [nqaps(100, 2), nqaps(102, 2)]
+        fake.sent.clear()
+        srv._serve_data(True)
+        assert [sorted({decode_frame(p).tag for p in m[1:]}) for m in fake.sent] == [[100, 101, 102, 103]]
+    finally:
+        srv._data = real
+        srv.close()
+        emu.close()

@@ -160,6 +160,13 @@ _RESETS = frozenset({Instr.RAPQ, Instr.ZAPQ})
 _QUEUE_RCS = frozenset({ResponseCode.NORMAL, ResponseCode.Q_FULL, ResponseCode.BUSY})
 
 
+#: Events of one incoming batch handed to the core at a time: a long batch (a server answering 64
+#: NQAPs with their read-ahead) goes in chunks, each followed by a send of what the core submitted for
+#: it, so the peer works on those while the rest is decoded (never between an answer and its
+#: read-ahead).  A short batch goes whole.
+RX_CHUNK = 32
+
+
 class LinkOptions(TypedDict, total=False):
     """The options every frame-carrying transport takes (defaults: :class:`FramedTransport`'s).
 
@@ -748,6 +755,7 @@ class FramedTransport(Transport):
         events: list[TransportEvent] = []
         good = 0
         limit = self._rx_limit
+        chunk = RX_CHUNK
         try:
             for raw in raws:
                 try:
@@ -757,19 +765,33 @@ class FramedTransport(Transport):
                     self._log.warning("%r: dropping a bad %s frame: %s", self, peek_kind(raw), exc)
                     continue
                 good += 1
+                if len(events) >= chunk and type(f) is ResultFrame and f.tag in self._inflight:
+                    # a long batch, and a new answer begins (the last one's read-ahead is whole):
+                    # the core has what came so far, and what it sends for it leaves now, so the
+                    # peer works on that while we decode the rest
+                    self._emit_events(events)
+                    events = []
+                    self._chunk_done()
                 ev = self._on_frame(f, events)
                 if ev is not None:
                     events.append(ev)
         finally:  # a frame that breaks the link must not swallow the answers read before it
-            if self._kept_now:
-                # make sure DQAPs come for what was kept: an INTERRUPT per queue after the batch's
-                # own events (a hint the core acts on only when no DQAP of that queue is out; the
-                # answer's own status usually has it ask already)
-                events.extend(Interrupt(q) for q in self._kept_now)
-                self._kept_now.clear()
-            if events:
-                self._emit(*events)
+            self._emit_events(events)
         return good
+
+    def _emit_events(self, events: list[TransportEvent]) -> None:
+        if self._kept_now:
+            # make sure DQAPs come for what was kept: an INTERRUPT per queue after the batch's
+            # own events (a hint the core acts on only when no DQAP of that queue is out; the
+            # answer's own status usually has it ask already)
+            events.extend(Interrupt(q) for q in self._kept_now)
+            self._kept_now.clear()
+        if events:
+            self._emit(*events)
+
+    def _chunk_done(self) -> None:
+        """A chunk of a long incoming batch went to the core: send what it submitted meanwhile, if
+        this backend can from here.  Default: nothing (the I/O loop sends after the batch)."""
 
     def _on_frame(self, f: Frame, events: list[TransportEvent]) -> TransportEvent | None:
         if isinstance(f, ResultFrame):  # the hot path first

@@ -457,6 +457,10 @@ class ZmqTransport(FramedTransport):
     def _write_frame(self, frame: bytes) -> None:
         self._write(frame)
 
+    def _chunk_done(self) -> None:
+        if self._state == "up":  # the I/O thread, under the I/O lock (_read_socket)
+            self._flush()
+
     def _say_bye(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(zmq.ZMQError):
