@@ -76,50 +76,59 @@ class Operations(Generic[FBytes, FInt, FNone, FAny]):
         self,
         n: int,
         *,
+        idempotent: bool = True,
         deadline: float | None = None,
         block: bool = True,
         apqn: tuple[int, int] | None = None,
         card: int | None = None,
     ) -> FBytes:
-        return self._request(RandomBytes, (n,), None, deadline, block, apqn, card)
+        """``n`` random bytes from a CCA coprocessor; idempotent by default (asking again is harmless)."""
+        return self._request(RandomBytes, (n,), idempotent, deadline, block, apqn, card)
 
     def counter_increment(
         self,
         by: int = 1,
         *,
+        idempotent: bool = False,
         deadline: float | None = None,
         block: bool = True,
         apqn: tuple[int, int] | None = None,
         card: int | None = None,
     ) -> FInt:
-        """State-changing: never run twice; may end ``Indeterminate`` if a card fails under it."""
-        return self._request(CounterIncrement, (by,), None, deadline, block, apqn, card)
+        """State-changing: never run twice; may end ``Indeterminate`` if a card fails under it.
+        ``idempotent=True`` is the caller's word that running it twice is acceptable: an increment
+        a failing card may have applied is then retried instead of reported ``Indeterminate``."""
+        return self._request(CounterIncrement, (by,), idempotent, deadline, block, apqn, card)
 
     def key_store(
         self,
         slot: int,
         key: bytes,
         *,
+        idempotent: bool = False,
         deadline: float | None = None,
         block: bool = True,
         apqn: tuple[int, int] | None = None,
         card: int | None = None,
     ) -> FNone:
         """State-changing: the key lives in ``slot`` of one APQN (card and domain): read it back with
-        ``key_read(slot, apqn=...)`` on the same APQN (docs/outcomes.md, "State per card and domain")."""
-        return self._request(KeyStore, (slot, key), None, deadline, block, apqn, card)
+        ``key_read(slot, apqn=...)`` on the same APQN (docs/outcomes.md, "State per card and domain").
+        Not idempotent by default; ``idempotent=True`` says storing it again is acceptable."""
+        return self._request(KeyStore, (slot, key), idempotent, deadline, block, apqn, card)
 
     def key_read(
         self,
         slot: int,
         *,
+        idempotent: bool = True,
         deadline: float | None = None,
         block: bool = True,
         apqn: tuple[int, int] | None = None,
         card: int | None = None,
     ) -> FBytes:
-        """The key stored in ``slot`` of the APQN the request runs on (target it with ``apqn=``)."""
-        return self._request(KeyRead, (slot,), None, deadline, block, apqn, card)
+        """The key stored in ``slot`` of the APQN the request runs on (target it with ``apqn=``);
+        idempotent by default (a read)."""
+        return self._request(KeyRead, (slot,), idempotent, deadline, block, apqn, card)
 
     def submit(
         self,

@@ -24,8 +24,8 @@ xdist: each worker builds its own emulator and its own server, so workers never 
 server instead, and worker ``gwN`` is given domain N only (``apcrypto_domains``), so workers still
 never touch each other's queues.
 
-Nothing from apcrypto or the emulator is imported until a fixture is used: registering the plugin
-costs a test suite that does not use it nothing.
+Loading the plugin imports the ``apcrypto`` package it lives in, but not the emulator, pyzmq or pyusb:
+those wait until a fixture needs them, so a suite that does not use the plugin pays little for it.
 """
 
 from __future__ import annotations
@@ -326,12 +326,6 @@ class Faults:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        if name in ("drop_frames", "corrupt_frames", "disconnect") and hasattr(
-            self.control, "transport_faults"
-        ):
-            tf = self.control.transport_faults
-            if not callable(tf):  # in process: the transport faults hang off emu.control
-                return getattr(tf, name)
         return getattr(self.control, name)
 
     def clear(self) -> None:

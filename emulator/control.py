@@ -43,6 +43,7 @@ F = TypeVar("F", MachineFailure, Checkstop, Deconfigure, ResetInProgress, Busy, 
 
 if TYPE_CHECKING:
     from emulator.clock import Clock
+    from emulator.execution_log import Execution, ExecutionLog
     from emulator.model import Card, Message, Queue
     from emulator.profile import Profile
 
@@ -65,6 +66,9 @@ class FaultTarget(Protocol):
 
     @property
     def profile(self) -> Profile: ...
+
+    @property
+    def execution_log(self) -> ExecutionLog: ...
 
     def find_card(self, card_id: int) -> Card | None:
         """The card with this id, or None."""
@@ -274,6 +278,36 @@ class ControlPlane:
         probability: float | None = None,
     ) -> FailRequest:
         return self.inject(FailRequest(reply_code=reply_code, qid=qid, nth=nth, probability=probability))
+
+    # --- transport faults and reads: the same names as a server's control plane ------------------
+
+    def drop_frames(self, n: int = 1) -> dict[str, int]:
+        """Drop the next ``n`` frames the wire owner serving this emulator sends (a ``tcp://`` server,
+        the ``usb://`` device); returns the transport faults pending.  An ``emu:`` client has no
+        wire: it never meets these."""
+        self.transport_faults.drop_frames(n)
+        return self.transport_faults.pending()
+
+    def corrupt_frames(self, n: int = 1) -> dict[str, int]:
+        """Corrupt the next ``n`` frames sent (see :meth:`drop_frames`); returns what is pending."""
+        self.transport_faults.corrupt_frames(n)
+        return self.transport_faults.pending()
+
+    def disconnect(self) -> dict[str, int]:
+        """Drop the link once: a server serving this emulator disconnects every client at its next
+        turn, the USB device falls off the bus and re-enumerates; returns what is pending.  (A
+        server's control plane can also drop one client: ``disconnect(client=...)`` there.)"""
+        self.transport_faults.disconnect()
+        return self.transport_faults.pending()
+
+    def execution_log(self, psmid: int | None = None) -> list[Execution]:
+        """What actually ran: every entry held, or one psmid's (``emu.execution_log`` has the rest)."""
+        log_ = self._emu.execution_log
+        return log_.entries() if psmid is None else log_.for_psmid(psmid)
+
+    def now(self) -> float:
+        """The emulator's clock, in seconds (virtual or wall)."""
+        return float(self._emu.clock.now())
 
     # --- generic -------------------------------------------------------------------------------
 

@@ -930,12 +930,10 @@ class EmulatorServer:
 
     # transport faults
     def _op_drop_frames(self, n: int = 1) -> dict[str, int]:
-        self.emu.control.transport_faults.drop_frames(n)
-        return self.emu.control.transport_faults.pending()
+        return dict(self.emu.control.drop_frames(n))
 
     def _op_corrupt_frames(self, n: int = 1) -> dict[str, int]:
-        self.emu.control.transport_faults.corrupt_frames(n)
-        return self.emu.control.transport_faults.pending()
+        return dict(self.emu.control.corrupt_frames(n))
 
     def _op_disconnect(self, client: str | None = None) -> int:
         """Drop one client (routing id hex, from ``sessions``) or every client now; returns how many."""

@@ -109,6 +109,23 @@ def test_wallclock_runs_callbacks_on_its_pump_thread() -> None:
         clock.call_later(0.0, lambda: None)
 
 
+def test_wallclock_run_until_waits_for_the_time_running_what_falls_due_here() -> None:
+    clock = WallClock()  # no pump thread: run_until runs the callbacks itself
+    ran: list[tuple[str, str]] = []
+    t0 = clock.now()
+    clock.call_at(t0 + 0.03, lambda: ran.append(("b", threading.current_thread().name)))
+    clock.call_at(t0 + 0.01, lambda: ran.append(("a", threading.current_thread().name)))
+    clock.call_at(t0 + 60.0, lambda: ran.append(("late", "")))
+    assert clock.run_until(t0 + 0.04) == 2
+    assert clock.now() >= t0 + 0.04
+    here = threading.current_thread().name
+    assert ran == [("a", here), ("b", here)]  # in time order, on this thread; not the one due later
+    assert clock.run_until(t0) == 0 and len(ran) == 2  # a time already passed: at once
+    clock.close()
+    with pytest.raises(ClockError):
+        clock.run_until(clock.now() + 1.0)
+
+
 def test_wallclock_keeps_going_after_a_failing_callback(caplog: pytest.LogCaptureFixture) -> None:
     done = threading.Event()
     clock = WallClock()

@@ -497,6 +497,36 @@ def test_inject_takes_fault_objects(small: Emulator) -> None:
     assert len(small.control.faults()) == 5
 
 
+#: The control plane's kept names (fault injection and reads), the same in process and on a server.
+CONTROL_NAMES = (
+    "machine_failure", "checkstop", "deconfigure", "restore", "busy", "reset_in_progress",
+    "fail_request", "slow_engines", "drop_frames", "corrupt_frames", "disconnect",
+    "execution_log", "now", "clear", "faults", "inject", "state",
+)  # fmt: skip
+
+
+def test_the_control_plane_names_are_the_same_in_process_and_on_a_server(small: Emulator) -> None:
+    from emulator.control_client import ControlClient
+
+    for name in CONTROL_NAMES:
+        assert callable(getattr(small.control, name)), name
+        assert callable(getattr(ControlClient, name)), name
+    c = small.control
+    assert c.drop_frames(2) == {"drop": 2, "corrupt": 0, "disconnect": 0}
+    assert c.corrupt_frames() == {"drop": 2, "corrupt": 1, "disconnect": 0}
+    assert c.disconnect() == {"drop": 2, "corrupt": 1, "disconnect": 1}
+    assert c.transport_faults.pending() == {"drop": 2, "corrupt": 1, "disconnect": 1}  # the same holder
+    with pytest.raises(ValueError):
+        c.drop_frames(-1)
+    c.clear()
+    assert c.transport_faults.pending() == {"drop": 0, "corrupt": 0, "disconnect": 0}
+    fill(small, Q00, [1, 2])
+    small.clock.run_until(0.5)
+    assert c.now() == small.clock.now() == 0.5
+    assert c.execution_log() == small.execution_log.entries() and len(c.execution_log()) == 2
+    assert c.execution_log(2) == small.execution_log.for_psmid(2) and c.execution_log(2)[0].psmid == 2
+
+
 def test_transport_faults_are_a_plain_holder(small: Emulator) -> None:
     tf = small.control.transport_faults
     tf.drop_frames(2)

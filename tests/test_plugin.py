@@ -87,6 +87,35 @@ def test_ini_options_choose_the_emulator(pytester: pytest.Pytester) -> None:
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
+def test_the_ini_block_of_the_docs_works_as_written(pytester: pytest.Pytester) -> None:
+    m = re.search(r"```ini\n(\[pytest\]\n.*?)```", DOC.read_text(), re.S)
+    assert m, "docs/pytest-plugin.md lost its ini example"
+    pytester.makeini(m.group(1))
+    pytester.makepyfile(
+        """
+        def test_ini(apcrypto_emulator, apcrypto_settings):
+            assert apcrypto_emulator.profile.name == "fast"
+            assert hasattr(apcrypto_emulator.clock, "step")  # a virtual clock
+            assert apcrypto_settings.seed == 0 and apcrypto_settings.transport == "emu"
+        """
+    )
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_transport_faults_and_reads_by_their_names_in_process(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_names(apcrypto_client, apcrypto_faults, apcrypto_emulator):
+            assert apcrypto_faults.drop_frames(2) == {"drop": 2, "corrupt": 0, "disconnect": 0}
+            assert apcrypto_faults.disconnect()["disconnect"] == 1
+            assert apcrypto_client.mod_expo(b"\\x02", 3, 0xFFFF1).result(10)  # emu: has no wire
+            assert apcrypto_faults.now() == apcrypto_emulator.clock.now()
+            assert [e.outcome for e in apcrypto_faults.execution_log()][-1] == "completed"
+        """
+    )
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
 def test_the_checker_fails_a_test_whose_outcomes_disagree(pytester: pytest.Pytester) -> None:
     """A planted lie: the test edits the card's log so that a counter increment seems to have run
     twice; the client fixture's check must fail the test at teardown."""

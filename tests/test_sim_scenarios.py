@@ -26,7 +26,7 @@ from apcrypto.errors import (
     Indeterminate,
 )
 from apcrypto.requests import CounterIncrement, KeyStore, RandomBytes, Request
-from apcrypto.runners.sim import SimRunner
+from apcrypto.runners.sim import SimClient, SimRunner
 from apformats import messages as msgs
 from apformats.codes import MachineFailureState as MF
 from apformats.codes import ReplyCode as RY
@@ -45,6 +45,7 @@ from tests._fixtures_driver import (
     me_request,
     outcome_of,
 )
+from tests._fixtures_emulator import E
 
 K1 = key(1024)
 K2 = key(2048)
@@ -457,14 +458,44 @@ def test_reply_timeout_resets_and_the_ledger_decides(small) -> None:
 
 def mf_workload(sim: SimRunner) -> tuple[list, list, list]:
     """Interleaved CCA work: state-changing increments, idempotent random bytes, increments the
-    caller marked idempotent."""
+    caller marked idempotent -- through the client's methods and their ``idempotent=`` keyword
+    (the public surface), and through ``submit``, half each."""
+    client = SimClient(sim)
     sc, rb, ci_idem = [], [], []
-    for _ in range(12):  # in pairs: dispatch alternates cards, so each card gets both kinds
-        sc.extend(sim.submit(CounterIncrement(1)) for _ in range(2))
-        ci_idem.extend(sim.submit(CounterIncrement(1), idempotent=True) for _ in range(2))
-    for _ in range(8):
-        rb.append(sim.submit(RandomBytes(16)))
+    for i in range(12):  # in pairs: dispatch alternates cards, so each card gets both kinds
+        if i % 2:
+            sc.extend(sim.submit(CounterIncrement(1)) for _ in range(2))
+            ci_idem.extend(sim.submit(CounterIncrement(1), idempotent=True) for _ in range(2))
+        else:
+            sc.extend(client.counter_increment(1) for _ in range(2))
+            ci_idem.extend(client.counter_increment(1, idempotent=True) for _ in range(2))
+    for i in range(8):
+        rb.append(client.random_bytes(16) if i % 2 else sim.submit(RandomBytes(16)))
     return sc, rb, ci_idem
+
+
+def test_every_request_method_takes_idempotent(full) -> None:
+    """The ``idempotent=`` keyword of every request method (a kept name of the public surface)
+    reaches the ledger; without it, each request kind keeps its own default."""
+    _emu, sim = full
+    client = SimClient(sim)
+    k = K2
+    calls: dict[str, tuple[Callable[..., Any], bool]] = {
+        "mod_expo": (lambda **kw: client.mod_expo(b"\x02", E, k.n, **kw), True),
+        "mod_expo_crt": (lambda **kw: client.mod_expo_crt(b"\x02", k.p, k.q, k.dp, k.dq, k.qinv, **kw), True),
+        "random_bytes": (lambda **kw: client.random_bytes(16, **kw), True),
+        "counter_increment": (lambda **kw: client.counter_increment(1, **kw), False),
+        "key_store": (lambda **kw: client.key_store(1, b"k" * 16, apqn=(2, 0), **kw), False),
+        "key_read": (lambda **kw: client.key_read(1, apqn=(2, 0), **kw), True),  # what was stored
+    }
+    futures = []
+    for name, (call, default) in calls.items():
+        for kw, want in (({}, default), ({"idempotent": True}, True), ({"idempotent": False}, False)):
+            futures.append(call(**kw))
+            rec = sim.core.ledger.records[max(sim.core.ledger.records)]
+            assert rec.idempotent is want, (name, kw)
+    sim.run_until_settled(futures)
+    assert all(f.exception() is None for f in futures)
 
 
 def test_machine_failure_with_running_and_waiting_requests(full) -> None:

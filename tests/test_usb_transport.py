@@ -400,7 +400,7 @@ def test_a_glitch_from_the_emulator_control_plane(
 ) -> None:
     with _fast(usb_bus, peer_deadline=3.0) as t:
         r = Runner(t)
-        wall_emulator.control.transport_faults.disconnect()
+        assert wall_emulator.control.disconnect()["disconnect"] == 1  # the control plane's own name
         r.run([r.cmd(Instr.TAPQ)])  # ends one way or the other
         r.until(lambda: t.counters["reconnects"] == 1 and t.state == "up")
         assert _rc(r.run([r.cmd(Instr.TAPQ)])[0]) == 0
