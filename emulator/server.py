@@ -59,10 +59,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from apformats.frames import (
     BATCH_FRAMES_MAX,
@@ -100,7 +101,11 @@ FAULTABLE: frozenset[int] = frozenset({FrameKind.RESULT, FrameKind.ERROR, FrameK
 
 #: Fault classes the ``inject`` op can build by name (every concrete fault in ``emulator.faults``).
 FAULT_TYPES: dict[str, type] = {
-    name: getattr(fault_types, name) for name in fault_types.__all__ if name != "Fault"
+    name: obj
+    for name in fault_types.__all__
+    if isinstance(obj := getattr(fault_types, name), type)
+    and issubclass(obj, fault_types.Fault)
+    and obj is not fault_types.Fault
 }
 
 #: A session silent this long gets a PING from the server (a live client pings every 0.5 s or less).
@@ -137,6 +142,13 @@ RUN_DUE_EVERY = 4  # frames of a client's batch between two looks at the clock (
 ANSWER_AT = 64
 #: Default cap on concurrent client sessions, and default ZMTP handshake timeout in seconds.
 MAX_SESSIONS = 256
+
+#: A session whose connection closed is let go (detached) this long after: what the client sent
+#: before it closed (its BYE) is read by then.
+GONE_AFTER = 1.0
+
+#: Messages ZeroMQ holds per peer for the serving thread (the rest wait in the client and in TCP).
+RCVHWM = 64
 HANDSHAKE_IVL = 2.0
 #: Entries per execution-log page when the op is not told (``limit``).
 DEFAULT_PAGE = 1000
@@ -271,13 +283,22 @@ def jsonable(obj: Any) -> Any:
 
 
 class _Peer:
-    __slots__ = ("ident", "last_seen", "probed", "session")
+    """A client connection: its routing id, the TCP connection it came on (``fd``, and under CURVE
+    its ``key``: a routing id is only a name a client may choose, so a message under it from another
+    connection or key is not this peer's), and its session."""
 
-    def __init__(self, ident: bytes, session: FrameSession) -> None:
+    __slots__ = ("closed_at", "fd", "gone", "ident", "key", "last_seen", "probed", "session", "since")
+
+    def __init__(self, ident: bytes, session: FrameSession, fd: int = -1, key: str | None = None) -> None:
         self.ident = ident
         self.session = session
-        self.last_seen = time.monotonic()
+        self.fd = fd
+        self.key = key
+        self.last_seen = self.since = time.monotonic()
         self.probed = 0.0  # when the server last sent it a PING (see _gc)
+        #: its connection closed (DISCONNECTED): the descriptor's accept count then, and when
+        self.gone: int | None = None
+        self.closed_at = 0.0
 
 
 class EmulatorServer:
@@ -348,6 +369,8 @@ class EmulatorServer:
         self._ctx: zmq.Context | None = None
         self._data: zmq.Socket | None = None
         self._ctrl: zmq.Socket | None = None
+        self._mon: zmq.Socket | None = None  # the data socket's connection events (see _monitor)
+        self._accepts: dict[int, int] = {}  # descriptor -> connections accepted on it so far
         self._auth: Any = None
         self._ops: dict[str, Callable[..., Any]] = {
             name: getattr(self, f"_op_{name}") for name in CONTROL_OPS
@@ -373,6 +396,7 @@ class EmulatorServer:
         try:
             self._data = self._router(self.bind_url, "data")
             self._ctrl = self._router(self.control_bind_url, "control")
+            self._mon = self._monitor(self._data)
             self.data_url = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
             self.control_url = self._ctrl.getsockopt_string(zmq.LAST_ENDPOINT)
             if self.curve_dir is None:
@@ -391,7 +415,12 @@ class EmulatorServer:
         try:
             sock.linger = 0
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_frame)  # ZeroMQ drops a peer sending more
+            # ZeroMQ drops a peer sending a part over 4 frames' worth (a part a little too big gets
+            # the TOO_BIG error instead); what it holds per peer waiting for us is RCVHWM messages
+            # (the client's send queue and TCP hold the rest).  A message's parts are not bounded
+            # by ZeroMQ: one over a batch is refused whole once read (see _recv_data)
+            sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_frame)
+            sock.setsockopt(zmq.RCVHWM, RCVHWM)
             sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.handshake_ivl * 1000))
             if self.curve_dir is not None:
                 self._setup_curve(sock, domain)
@@ -405,6 +434,55 @@ class EmulatorServer:
             sock.close(linger=0)  # an unclosed socket would hang Context.term() forever
             raise
         return sock
+
+    def _monitor(self, sock: zmq.Socket) -> zmq.Socket:
+        """A PAIR receiving the data socket's ACCEPTED and DISCONNECTED events (value: the
+        connection's file descriptor), read after every message received and before it is handled.
+
+        Why: a routing id is a name the client may choose, and the session is found by it.  A
+        message is the peer's only if it came on the peer's connection: the same descriptor
+        (``SRCFD``), and under CURVE the same key.  A descriptor is reused by a later connection, so
+        when the peer's connection closes (DISCONNECTED) the server notes how many connections that
+        descriptor had accepted; a message under the peer's routing id is still the peer's (one it
+        sent before it closed, its BYE) only while no new connection was accepted on it since.
+        ZeroMQ writes an event before any message of the connection it announces, and a connection
+        that reuses a routing id gets its messages through only after the old connection's were
+        read, so the test cannot be fooled by ordering.  Anything else is another client's first
+        message: it gets a new session, and the old one is let go (detached: its APQNs wait the
+        grace for the rightful client to resume with its token)."""
+        assert self._ctx is not None
+        addr = f"inproc://apcrypto-server-monitor-{id(self):x}"
+        sock.monitor(addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)  # libzmq binds, we connect
+        mon = self._ctx.socket(zmq.PAIR)
+        mon.linger = 0
+        mon.setsockopt(zmq.RCVHWM, 0)  # no event is dropped for want of room
+        mon.connect(addr)
+        return mon
+
+    def _read_monitor(self) -> None:
+        """Take the connection events that came (see :meth:`_monitor`)."""
+        mon = self._mon
+        while mon is not None and cast(int, mon.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            try:
+                event = recv_monitor_message(mon, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._accepts[fd] = self._accepts.get(fd, 0) + 1
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                now = time.monotonic()
+                for p in self._peers.values():
+                    if p.fd == fd and p.gone is None:
+                        p.gone, p.closed_at = self._accepts.get(fd, 0), now
+                        self.stats["connections_closed"] += 1
+
+    def _is_peers(self, peer: _Peer, fd: int, key: str | None) -> bool:
+        """Whether a message that came on descriptor ``fd`` (with CURVE ``key``) under ``peer``'s
+        routing id is the peer's own (see :meth:`_monitor`)."""
+        if peer.fd != fd or peer.key != key:
+            return False
+        return peer.gone is None or self._accepts.get(fd, 0) == peer.gone
 
     def _setup_curve(self, sock: zmq.Socket, domain: str) -> None:
         import zmq.auth
@@ -439,6 +517,12 @@ class EmulatorServer:
         """Close sockets, the authenticator and the context, remove the token file (idempotent).  The
         emulator is the caller's."""
         self._remove_token_file()
+        if self._mon is not None:
+            if self._data is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._data.disable_monitor()
+            self._mon.close(linger=0)
+            self._mon = None
         for sock in (self._data, self._ctrl):
             if sock is not None:
                 sock.close(linger=0)
@@ -469,6 +553,8 @@ class EmulatorServer:
         poller.register(self._data, zmq.POLLIN)
         poller.register(self._ctrl, zmq.POLLIN)
         poller.register(self._waker, zmq.POLLIN)
+        if self._mon is not None:
+            poller.register(self._mon, zmq.POLLIN)
         self._serving = threading.get_ident()
         next_gc = time.monotonic() + 1.0
         while not self._stopping:
@@ -476,6 +562,8 @@ class EmulatorServer:
             if self._waker.fileno() in ready:
                 self._waker.drain()
             self._irq_nudged = False  # after the drain: a later interrupt nudges again
+            if self._mon is not None and self._mon in ready:
+                self._read_monitor()
             self._serve_data(self._data in ready)
             if self._ctrl in ready:
                 self._serve_control()
@@ -529,44 +617,58 @@ class EmulatorServer:
         # those replies and refills the slots while we work on the rest.  Otherwise the answers of
         # the round leave together (fewer messages: less work per request on both sides).
         run_due = getattr(self.emu.clock, "run_due", None)
+        curve = self.curve_dir is not None
         for _ in range(BATCH):
-            key = None
             try:
-                if self.curve_dir is None:
-                    parts = self._data.recv_multipart(zmq.NOBLOCK)
-                else:  # the ZAP handler's verdict rides on the message: the client's CURVE key
-                    msg = self._data.recv_multipart(zmq.NOBLOCK, copy=False)
-                    parts = [f.bytes for f in msg]
-                    key = self._user_id(msg[-1])
+                msg = self._data.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            # a connection that closed before this message came: its sessions go first (_monitor)
+            self._read_monitor()
+            last = msg[-1]
+            fd = last.get(zmq.SRCFD)
+            key = self._user_id(last) if curve else None  # the ZAP handler's verdict: the CURVE key
+            parts = [f.bytes for f in msg]
             self.stats["frames_in"] += 1
             ident = parts[0]
             peer = self._peers.get(ident)
+            if peer is not None and not self._is_peers(peer, fd, key):
+                # the routing id of a connection that is gone, on another one (or another key):
+                # a new client, never the old one's session (which waits its grace for a resume)
+                self.stats["routing_ids_reused"] += 1
+                self._drop_peer(ident)
+                peer = None
             if peer is None:
-                if len(self._peers) >= self.max_sessions:
+                if len(self._peers) >= self.max_sessions and not self._evict_unhandshaken():
                     self.stats["sessions_refused"] += 1
                     out.append((ident, self._server_full))
                     continue
-                peer = self._peers[ident] = _Peer(ident, self._new_session(ident, key))
+                peer = self._peers[ident] = _Peer(ident, self._new_session(ident, key), fd, key)
                 self.stats["sessions_opened"] += 1
             peer.last_seen = time.monotonic()
             session = peer.session
             if len(parts) == 2:
                 out.extend((ident, frame) for frame in session.handle(parts[1]))
             elif 2 < len(parts) <= BATCH_FRAMES_MAX + 1 and session.version >= READAHEAD_VERSION:
-                # a version 2 client's batch: one frame per part, handled in order
+                # a version 2 client's batch: one frame per part, handled in order, while the
+                # session lives (an answer sent mid-batch may find the connection gone: _drop_peer)
                 self.stats["batches_in"] += 1
                 for i, payload in enumerate(parts[1:], 1):
-                    out.extend((ident, frame) for frame in session.handle(payload))
                     if session.closed:
                         break
+                    out.extend((ident, frame) for frame in session.handle(payload))
                     if run_due is not None and not i % RUN_DUE_EVERY:
                         run_due()
                         if not self._irqs.empty():  # replies wait: answer now (see above)
                             self._answer(out)
-            else:  # any other multipart message is refused as a whole (the session says how)
-                out.extend((ident, frame) for frame in session.handle(b""))
+            else:  # any other multipart message is refused as a whole, and says why
+                self.stats["batches_refused"] += 1
+                why = (
+                    f"a message of {len(parts) - 1} frames: a batch holds at most {BATCH_FRAMES_MAX}"
+                    if session.version >= READAHEAD_VERSION
+                    else f"a message of {len(parts) - 1} frames: version {session.version or 1} takes one"
+                )
+                out.append((ident, encode_error(0, ErrorCode.MALFORMED, why)))
             if peer.session.closed:
                 self._drop_peer(ident)
             self._drop_evicted()
@@ -712,10 +814,28 @@ class EmulatorServer:
             count += 1
         return count
 
+    def _evict_unhandshaken(self) -> bool:
+        """At the session cap, make room for a newcomer by forgetting the oldest connection that never
+        completed a HELLO (it holds no APQN; if it is alive, its next HELLO starts afresh).  False if
+        every session is established: the newcomer is refused."""
+        waiting = [p for p in self._peers.values() if not p.session.established]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda p: p.since)
+        self.stats["unhandshaken_evicted"] += 1
+        self._drop_peer(oldest.ident)
+        return True
+
     def _gc(self, now: float) -> None:
+        self._read_monitor()
         for ident, peer in list(self._peers.items()):
-            if now - peer.last_seen > self.session_idle:
+            if peer.gone is not None and now - peer.closed_at > GONE_AFTER:
+                self._drop_peer(ident)  # its connection closed and what it sent before is read
+            elif now - peer.last_seen > self.session_idle:
                 log.info("dropping idle session %s", ident.hex())
+                self._drop_peer(ident)
+            elif not peer.session.established and now - peer.since > self.handshake_ivl:
+                self.stats["unhandshaken_dropped"] += 1  # no HELLO within the handshake interval
                 self._drop_peer(ident)
             elif (
                 peer.session.established
@@ -737,8 +857,14 @@ class EmulatorServer:
                 parts = self._ctrl.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            envelope, payload = parts[:-1], parts[-1]
-            answer = self._control(payload)
+            # [id, request] from a DEALER, [id, b"", request] from a REQ: anything else is refused
+            # without echoing what came (an envelope of many parts would be sent back whole)
+            if len(parts) == 2 or (len(parts) == 3 and parts[1] == b""):
+                envelope, answer = parts[:-1], self._control(parts[-1])
+            else:
+                self.stats["control_malformed"] += 1
+                envelope = parts[:1]
+                answer = {"ok": False, "error": "a control request is one frame", "type": "ValueError"}
             with contextlib.suppress(zmq.ZMQError):  # a control client that left gets no answer
                 self._ctrl.send_multipart([*envelope, _dumps(answer)], zmq.NOBLOCK)
 
@@ -899,7 +1025,10 @@ class EmulatorServer:
         return list(self.emu.qids())
 
     def _op_card_state(self, card: int) -> Any:
-        return self.emu.card_state(check_int("card", card, 0, 255))
+        card = check_int("card", card, 0, 255)
+        if self.emu.find_card(card) is None:
+            raise ValueError(f"no card {card} in profile {self.emu.profile.name!r}")
+        return self.emu.card_state(card)
 
     def _op_sessions(self) -> list[dict[str, Any]]:
         now = time.monotonic()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -90,6 +91,17 @@ def test_engines_that_finish_during_a_batch_are_finished_before_the_batch_ends(t
         emu.close()
 
 
+class _FakeFrame:
+    """A received part as ``copy=False`` gives it: its bytes, and the connection it came on."""
+
+    def __init__(self, data: bytes) -> None:
+        self.bytes = data
+
+    def get(self, option: Any) -> Any:
+        assert option == zmq.SRCFD
+        return 7  # one connection
+
+
 class _FakeRouter:
     """The server's data socket as the test: messages to take, in order, then ``zmq.Again``; what the
     server sends is kept as messages (a part each, the routing identity first)."""
@@ -99,10 +111,11 @@ class _FakeRouter:
         self.sent: list[list[bytes]] = []
         self._parts: list[bytes] = []
 
-    def recv_multipart(self, flags: int = 0) -> list[bytes]:
+    def recv_multipart(self, flags: int = 0, copy: bool = True) -> list[Any]:
         if not self.inbox:
             raise zmq.Again()
-        return self.inbox.pop(0)
+        parts = self.inbox.pop(0)
+        return parts if copy else [_FakeFrame(p) for p in parts]
 
     def send(self, data: bytes, flags: int = 0) -> None:
         self._parts.append(bytes(data))
