@@ -133,9 +133,11 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
         return fut
 
     def _wait_for_room(self, block: bool) -> None:
-        """The host-side queue is at its bound: raise, or wait (bounded polls) until there is room."""
+        """The host-side queue is at its bound: raise, or wait (bounded polls) until there is room.
+        A future's callback (it runs on a thread taking the runner's turn) never waits: only that
+        turn could make room, so it gets ``HostQueueFull`` as if it had passed ``block=False``."""
         limit = self.config.backlog_limit
-        if not block:
+        if not block or self._runner.in_turn():
             raise HostQueueFull(f"host-side queue at its bound ({limit})")
         with self._lock:
             while self.core.backlog_size + self._runner.inbox_size >= limit:
@@ -182,13 +184,23 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
         return self._closed
 
     def close(self, timeout: float | None = None) -> None:
-        """Wait (bounded) for outstanding requests, resolve any left with ``ClientClosed``, release all."""
+        """Wait (bounded) for outstanding requests, resolve any left with ``ClientClosed``, release all.
+
+        Called from a future's callback (which runs on a thread taking the runner's turn), it cannot
+        wait for the runner it is part of: the client refuses new requests at once and the rest of
+        the closing goes on in a thread of its own once the callback returns."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._lock.notify_all()
         limit = self.close_timeout if timeout is None else timeout
+        if self._runner.in_turn():
+            threading.Thread(target=self._finish_close, args=(limit,), name="apcrypto-close").start()
+            return
+        self._finish_close(limit)
+
+    def _finish_close(self, limit: float) -> None:
         self._wait_settled(limit)
         done = threading.Event()
 

@@ -33,6 +33,8 @@ __all__ = ["zmq_server"]  # fixture, imported for pytest
 class _Core:
     """Records what it is fed, and on which thread; arms one timer per event batch if told to."""
 
+    closed = False  # not shut down: submissions are taken
+
     def __init__(self) -> None:
         self.batches: list[tuple[str, list[TransportEvent]]] = []
         self.fired: list[tuple[tuple[Any, ...], float]] = []

@@ -191,6 +191,11 @@ class DriverCore:
         self.machine.on_timer(key)
         return self.machine.flush()
 
+    @property
+    def closed(self) -> bool:
+        """After :meth:`shutdown`: :meth:`submit` is refused."""
+        return self._closed
+
     def shutdown(self, now: float = 0.0) -> list[Action]:
         """Close: every undecided request is resolved (``ClientClosed``; may-have-run if sent)."""
         self.machine.advance(now)

@@ -9,6 +9,7 @@ from typing import Any
 
 from apcrypto.core.actions import Action, ArmTimer, CancelTimer, Execute, Resolve
 from apcrypto.core.driver import DriverCore
+from apcrypto.errors import ClientClosed
 from apcrypto.transport.base import Transport
 
 log = logging.getLogger("apcrypto.runner")
@@ -117,6 +118,17 @@ class RunnerBase(ABC):
         for qid in self.transport.qids():
             self.apply(self.core.add_queue(qid, self.now()))
 
+    def fail_undecided(self, error: BaseException) -> int:
+        """End every request the core holds with ``error`` (the runner died: nothing will decide
+        them any more); returns how many."""
+        resolvers, self.resolvers = list(self.resolvers.values()), {}
+        for cb in resolvers:
+            try:
+                cb(None, error)
+            except Exception:  # one resolver failing must not keep the others from running
+                log.exception("resolver failed")
+        return len(resolvers)
+
     def unplaced(self, resolver: Resolver, error: BaseException) -> None:
         """The core raised on a submission (a bug), so nothing will ever resolve it.  Here the caller
         of :meth:`submit_now` gets the exception itself (asyncio: the submitting coroutine); a runner
@@ -131,6 +143,9 @@ class RunnerBase(ABC):
         resolver: Resolver,
         target: frozenset[int] | None = None,
     ) -> int:
+        if self.core.closed:  # close() got here first: the request was never accepted
+            resolver(None, ClientClosed("client closed before the request reached the driver core"))
+            return 0
         try:
             rid, actions = self.core.submit(
                 request, idempotent=idempotent, deadline=deadline, now=self.now(), target=target

@@ -145,6 +145,13 @@ class ThreadedRunner(RunnerBase):
             self._here = 0
             self.core_lock.release()
 
+    def in_turn(self) -> bool:
+        """Whether the calling thread is taking a turn of this runner: the runner's own thread, or
+        one lent to it (a transport's I/O thread, a submitting caller) -- where callers' future
+        callbacks run.  Such a thread must not wait for the runner: it *is* the runner."""
+        me = threading.get_ident()
+        return me == self._here or me == self._thread.ident
+
     def call(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` with the core lock held: on the runner thread, or right here (see :meth:`_post`)."""
         self._post(fn)
@@ -164,9 +171,11 @@ class ThreadedRunner(RunnerBase):
                 with self._cv:
                     self._cv.notify()
             return
-        self._inbox.append(item)  # deque.append is atomic; the runner drains the inbox every turn
-        if self._sleeping:
-            with self._cv:
+        with self._cv:  # against the runner's exit (see _main): an item is run, or refused here
+            if self._stop:
+                raise RuntimeError("runner stopped")
+            self._inbox.append(item)
+            if self._sleeping:
                 self._wake = True
                 self._cv.notify()
 
@@ -215,8 +224,10 @@ class ThreadedRunner(RunnerBase):
         batch: list[Callable[[], object] | tuple[Any, ...]] = []  # taken from the inbox, not yet run
         try:
             while True:
-                if self._stop and not self._inbox:
-                    return
+                if self._stop:
+                    with self._cv:  # _post appends under this lock: nothing lands after we leave
+                        if not self._inbox:
+                            break
                 inbox = self._inbox
                 batch = [inbox.popleft() for _ in range(len(inbox))]
                 batch.reverse()  # run from the end (oldest first): what is left was never run
@@ -244,10 +255,26 @@ class ThreadedRunner(RunnerBase):
                 self._idle_wait(due)  # arm and pop timers on the same heap
         except BaseException as exc:  # a bug in the core or a transport: surface it, don't hang callers
             self.error = exc
-            self._stop = True  # callers now get "runner stopped" instead of a place in the inbox
+            with self._cv:
+                self._stop = True  # callers now get "runner stopped" instead of a place in the inbox
+                left = list(self._inbox)
+                self._inbox.clear()
             self._orphaned(batch, exc)
-            self._orphaned(list(self._inbox), exc)
+            self._orphaned(left, exc)
+            self._fail_undecided()
             raise
+        if self.error is not None:  # a turn taken on a lent thread died (see _turn_here)
+            self._fail_undecided()
+
+    def _fail_undecided(self) -> None:
+        """The runner is dead: the requests in the core have no one to decide them any more, so they
+        end now (``ApcryptoError`` naming the failure) instead of when someone calls ``close``."""
+        err = ApcryptoError(f"runner failed: {self.error!r}")
+        if self.core_lock.acquire(timeout=5.0):
+            try:
+                self.fail_undecided(err)
+            finally:
+                self.core_lock.release()
 
     def unplaced(self, resolver: Resolver, error: BaseException) -> None:
         """A submission the core raised on: its caller already holds the future, so it is failed now."""
