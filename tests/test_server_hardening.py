@@ -294,7 +294,7 @@ def test_a_message_is_a_sessions_only_if_it_came_on_its_connection(tmp_path: Pat
         wc = handle(encode_hello(), on=cfd, who=c)
         assert isinstance(wc, Welcome)
         router.inbox.append((c, cfd, encode_bye("done")))
-        mon.disconnected(cfd)  # seen before the BYE is read (the server reads events first)
+        mon.disconnected(cfd)  # read before the BYE is handled (events are read after each receive)
         srv._serve_data(True)
         assert c not in srv._peers and srv.stats["routing_ids_reused"] == 2
         held = {qq for lease in srv.tenancy.leases() for qq in lease.qids}
