@@ -66,7 +66,12 @@ def _code_name(enum: type[ReplyCode] | type[ResponseCode], code: int) -> str:
 
 
 def describe_reply_code(code: int) -> str:
-    """``"0x82 OPERAND_INVALID: an operand is invalid (...)"``: the number, its name, what it means."""
+    """``"0x82 OPERAND_INVALID: an operand is invalid (...)"``: the number, its name, what it means.
+    0 is no error reply at all: a normal reply, whose own codes (a CCA CPRB's rc/rs) say what failed."""
+    if code == 0:
+        return (
+            "0x00 none: a normal reply, not an error reply (its own return and reason codes say what failed)"
+        )
     meaning = REPLY_MEANINGS.get(code, "not a code this driver knows")
     return f"{code:#04x} {_code_name(ReplyCode, code)}: {meaning}"
 

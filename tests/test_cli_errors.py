@@ -32,6 +32,17 @@ def test_every_reply_code_has_a_name_and_a_meaning() -> None:
         assert text.startswith(f"{int(code):#04x} {code.name}: ")
         assert "not a code this driver knows" not in text
     assert "unknown code" in describe_reply_code(0x77)
+    assert describe_reply_code(0).startswith("0x00 none: a normal reply")  # a CCA error's reply code
+
+
+def test_a_cca_application_error_says_its_rc_and_rs_not_an_unknown_reply_code(
+    client: apcrypto.Client,
+) -> None:
+    fut = client.key_read(7, apqn=(2, 0))  # a key slot nothing was stored in
+    with pytest.raises(BadRequest) as info:
+        fut.result(10)
+    text = str(info.value)
+    assert "CCA rc 8/rs " in text and "unknown code" not in text and "0x00 none: a normal reply" in text
 
 
 def test_card_rejection_names_the_reply_code_and_its_meaning(client: apcrypto.Client) -> None:
