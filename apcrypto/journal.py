@@ -656,12 +656,17 @@ def read_journal(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def _create_owner_only(path: Path) -> None:
     """Create ``path`` (and its ``-wal``) owner-only before SQLite opens it: SQLite gives the -wal
-    file its database's mode, so 0600 here is 0600 there; an existing file is narrowed to 0600."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    file its database's mode, so 0600 here is 0600 there; an existing file is narrowed to 0600.
+
+    An existing file is never opened here, only chmod-ed by name: closing any descriptor of a file
+    drops every POSIX lock this process holds on it, and a live client of this process may hold the
+    journal's (a second open would then unlock it for other processes, before being refused)."""
     try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+    else:
+        os.close(fd)  # a file just made: no lock on it to lose
     _owner_only(path)
 
 

@@ -115,6 +115,38 @@ def test_one_live_client_per_journal(tmp_path: Path) -> None:
     Journal.open(tmp_path / "j.db").close()  # the lock went with the connection
 
 
+def test_a_refused_second_open_keeps_the_live_clients_lock(tmp_path: Path) -> None:
+    """Closing any descriptor of a file drops this process's POSIX locks on it: a second open that
+    touched the file before being refused unlocked the live client's journal for every other
+    process, which then re-drove its requests while it ran them too."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "j.db"
+    probe = (
+        "import sys\nfrom apcrypto.journal import Journal, JournalInUse\n"
+        "try:\n    Journal.open(sys.argv[1]).close(); print('opened')\n"
+        "except JournalInUse:\n    print('refused')\n"
+    )
+
+    def other_process() -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=60
+        )
+        return out.stdout.strip()
+
+    j = Journal.open(path)
+    try:
+        assert other_process() == "refused"
+        for _ in range(2):
+            with pytest.raises(JournalInUse):
+                Journal.open(path)  # in this process, beside the live client
+        assert other_process() == "refused"  # still locked
+    finally:
+        j.close()
+    assert other_process() == "opened"
+
+
 def test_not_a_journal_and_bad_options_are_refused(tmp_path: Path) -> None:
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"this is not sqlite" * 100)
