@@ -148,6 +148,8 @@ class VirtualBus:
                         "is already plugged in; pass serial="
                     )
             used = {d.address for d in live}
+            if len(used) >= 127:
+                raise ValueError("the bus is full: 127 devices (USB addresses 1-127) are plugged in")
             address = next(a for a in self._addresses if a not in used)
             ports = {d.port_numbers for d in live}
             port = dev.description.port_numbers
@@ -286,7 +288,7 @@ class EmulatorUsbBackend(usb.backend.IBackend):
         return h.device
 
     def set_configuration(self, dev_handle: _Handle, config_value: int) -> None:
-        self._h(dev_handle).set_configuration(dev_handle.generation, config_value)
+        self._h(dev_handle).set_configuration(dev_handle.generation, config_value, dev_handle)
 
     def get_configuration(self, dev_handle: _Handle) -> int:
         return self._h(dev_handle).get_configuration(dev_handle.generation)

@@ -258,6 +258,10 @@ class UsbTransport(FramedTransport):
             self._refused(exc)
         except (usb.core.USBError, _LinkBroken, FormatError, UsbDeviceNotFound) as exc:
             self._log.debug("%r: reconnect failed: %s", self, _describe(exc))
+        except Exception as exc:  # a device that is not what it says (a bad descriptor, a backend
+            # bug): this attempt failed, the next may find the right one -- never the end of the link
+            self.counters["reconnect_errors"] += 1
+            self._log.warning("%r: reconnect failed: %s", self, _describe(exc))
         pause = self.backoff.next()
         limits = [t - time.monotonic() for t in (gone_at, give_up_at) if t is not None]
         self._wait(max(0.0, min([pause, *limits])))
@@ -414,6 +418,7 @@ class UsbTransport(FramedTransport):
         try:
             n = link.dev.read(ep, buf, timeout_ms)
         except usb.core.USBTimeoutError:
+            self._stalls[ep] = 0  # it answered (nothing yet): not a stall, so the run of stalls ends
             return []
         except usb.core.USBError as exc:
             if exc.errno != errno.EPIPE:

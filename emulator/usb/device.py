@@ -136,7 +136,13 @@ class VirtualUsbDevice:
         transport_faults: TransportFaultSource | None = None,
     ) -> None:
         for cfg in description.configurations:  # fail at plug time, not at the first transfer
-            find_roles(cfg.interfaces[0][0])
+            first = [alts[0] for alts in cfg.interfaces if alts and alts[0].descriptor.bInterfaceNumber == 0]
+            if not first:
+                raise ValueError(
+                    f"configuration {cfg.descriptor.bConfigurationValue} has no interface 0 "
+                    "(the adapter's frames go through interface 0, alternate setting 0)"
+                )
+            find_roles(first[0])
         self.description = description
         self.name = name or (description.serial_number or "usb-adapter")
         self.stats = DeviceStats()
@@ -303,8 +309,10 @@ class VirtualUsbDevice:
             self.check_alive(generation)
             return self._config.descriptor.bConfigurationValue if self._config else 0
 
-    def set_configuration(self, generation: int, value: int) -> None:
-        """SET_CONFIGURATION: a fresh pipe state and a fresh session (0 = unconfigured)."""
+    def set_configuration(self, generation: int, value: int, token: object = None) -> None:
+        """SET_CONFIGURATION: a fresh pipe state and a fresh session (0 = unconfigured).  Refused
+        (busy) while another handle (``token``: the caller's) holds an interface, as Linux's usbfs
+        refuses it: a second opener must not reset the session the first one is using."""
         with self._cond:
             self.check_alive(generation)
             if value == 0:
@@ -316,7 +324,8 @@ class VirtualUsbDevice:
                 if not cfgs:
                     raise errors.not_found_error(f"configuration {value}")
                 cfg = cfgs[0]
-            if self._claims and cfg is not self._config:
+            others = any(t is not token for t in self._claims.values())
+            if others or (self._claims and cfg is not self._config):
                 raise errors.busy_error("interfaces are claimed")
             self._config = cfg
             self._alts.clear()

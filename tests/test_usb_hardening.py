@@ -1,0 +1,139 @@
+"""usb:// against awkward devices and buses, each found by a review that drove it into a dead link
+or a hang: a second opener, stalls spread over time, a device that is not what it says during a
+reconnect, a full bus.  Each test fails with its fix taken out."""
+
+from __future__ import annotations
+
+import copy
+import time
+import tomllib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import usb.core
+
+from apcrypto.transport import Command, Completion, TransportLost, open_transport
+from apformats.results import Instr, qid_of
+from emulator import Emulator
+from emulator.usb.descriptors import PROFILES_DIR
+from emulator.usb_backend import EmulatorUsbBackend, VirtualBus, codec_frame_size
+
+URL = "usb://1209:0a70"
+QID = qid_of(0, 1)
+EP_IRQ = 0x82
+
+
+@pytest.fixture
+def rig() -> Iterator[tuple[VirtualBus, EmulatorUsbBackend, Emulator]]:
+    bus = VirtualBus()
+    emu = Emulator("fast", clock="wall")
+    try:
+        yield bus, EmulatorUsbBackend(bus, max_block_ms=2000), emu
+    finally:
+        emu.close()
+
+
+def _tapq(t: Any, tag: int, timeout: float = 3.0) -> Any:
+    """Submit a TAPQ and return the event that ends it."""
+    t.submit([Command(tag, Instr.TAPQ, QID)])
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for ev in t.poll(0.05):
+            if isinstance(ev, Completion) and ev.tag == tag:
+                return ev
+            if isinstance(ev, TransportLost) and tag in ev.tags:
+                return ev
+    raise AssertionError(f"TAPQ {tag} never ended")
+
+
+def test_a_second_opener_is_refused_and_the_first_session_lives_on(rig) -> None:
+    bus, backend, emu = rig
+    dev = bus.plug(emu)
+    a = open_transport(URL, backend=backend, timeout=0.5, peer_deadline=5.0)
+    try:
+        with pytest.raises(ConnectionError, match="busy"):
+            open_transport(URL, backend=backend, timeout=0.5)
+        assert dev.stats.sessions == 1  # the refused opener did not reset the adapter's session
+        assert isinstance(_tapq(a, 1), Completion)
+        assert a.counters["links_lost"] == 0
+    finally:
+        a.close()
+
+
+def test_stalls_spread_over_time_are_cleared_without_breaking_the_link(rig) -> None:
+    """MAX_STALLS counts stalls in a row: a read that answers (even with nothing) ends the run."""
+    from apcrypto.transport.usb import IDLE_POLL, MAX_STALLS
+
+    bus, backend, emu = rig
+    dev = bus.plug(emu)
+    t = open_transport(URL, backend=backend, timeout=0.5, peer_deadline=5.0, reconnect_delay=0.01)
+    try:
+        for i in range(MAX_STALLS + 2):
+            dev.stall(EP_IRQ)
+            for _ in range(400):  # the transport's idle poll finds the halt and clears it
+                if EP_IRQ not in dev.halted():
+                    break
+                time.sleep(0.005)
+            assert isinstance(_tapq(t, i + 1), Completion)  # the link works between stalls
+            time.sleep(3 * IDLE_POLL)  # and the endpoint is read (nothing to read) in between
+        assert t.counters["stalls_cleared"] >= MAX_STALLS + 1 and t.counters["links_lost"] == 0
+    finally:
+        t.close()
+
+
+def test_a_reconnect_that_meets_an_unexpected_error_tries_again(rig, monkeypatch) -> None:
+    """Whatever a reconnect attempt raises (a device that is not what it says, a backend's bug), the
+    attempt failed and the next one may find the adapter: the link is never lost for good."""
+    bus, backend, emu = rig
+    dev = bus.plug(emu)
+    t = open_transport(URL, backend=backend, timeout=0.5, peer_deadline=10.0, reconnect_delay=0.01)
+    try:
+        real_find = usb.core.find
+        calls = {"n": 0}
+
+        def flaky_find(*args: Any, **kw: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] <= 2:
+                raise AssertionError("a device that is not what it says")
+            return real_find(*args, **kw)
+
+        monkeypatch.setattr(usb.core, "find", flaky_find)
+        dev.unplug()
+        time.sleep(0.2)
+        dev.replug()
+        for _ in range(400):
+            if t.state == "up":
+                break
+            time.sleep(0.01)
+        assert t.state == "up" and t.counters["reconnect_errors"] == 2
+        assert isinstance(_tapq(t, 1), Completion)
+    finally:
+        t.close()
+
+
+def test_a_description_without_interface_0_is_refused_at_plug(rig) -> None:
+    bus, _, emu = rig
+    with open(PROFILES_DIR / "usb_default.toml", "rb") as f:
+        raw = tomllib.load(f)
+    bad = copy.deepcopy(raw)
+    bad["configurations"][0]["interfaces"][0]["bInterfaceNumber"] = 1
+    with pytest.raises(ValueError, match="no interface 0"):
+        bus.plug(emu, bad)
+
+
+def test_a_full_bus_refuses_the_128th_device() -> None:
+    bus = VirtualBus()
+
+    class Echo:
+        def __init__(self, notify: Any) -> None:
+            pass
+
+        def handle(self, frame: bytes) -> list[bytes]:
+            return [frame]
+
+    for i in range(127):
+        bus.plug(session_factory=Echo, frame_size=codec_frame_size(), serial=f"S{i}")
+    with pytest.raises(ValueError, match="bus is full"):
+        bus.plug(session_factory=Echo, frame_size=codec_frame_size(), serial="S127")
+    assert len(bus.devices()) == 127
