@@ -433,9 +433,16 @@ def cmd_recovered(args: argparse.Namespace) -> int:
             print(f"#{row['id']} {row['function']} {verdict}: {row['reason'] or '-'} [{where}]{redrive}")
         return 0
     import apcrypto
+    from apcrypto.journal import journal_url
 
+    # its requests are decided where they ran: the URL the journal recorded, unless one is named
+    # (an embedded emulator would "re-drive" them on a card that is thrown away with it)
+    recorded = journal_url(args.journal)
+    url = args.url or recorded
+    if args.url and recorded and args.url != recorded:
+        print(f"apcrypto: the journal's client ran on {recorded}; deciding on {args.url}", file=sys.stderr)
     options: dict[str, Any] = {"journal": args.journal}
-    with apcrypto.connect(args.url, **options) as client:
+    with apcrypto.connect(url, **options) as client:
         records = client.recovered(args.timeout)
         if args.json:
             print(json.dumps([_recovered_row(r) for r in records], indent=2))
@@ -574,7 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Connect with a client's journal (docs/journal.md): resume its session, drain the "
         "replies the cards hold, and print a verdict for every request it left open.",
     )
-    p.add_argument("url", nargs="?", help="transport URL (default: $APCRYPTO_URL, apcrypto.toml, emu:)")
+    p.add_argument(
+        "url",
+        nargs="?",
+        help="transport URL (default: the one the journal recorded, else $APCRYPTO_URL, ...)",
+    )
     p.add_argument("--journal", required=True, help="the journal file the dead client used")
     p.add_argument("--offline", action="store_true", help="do not connect: print what the journal says")
     p.add_argument("--json", action="store_true", help="machine-readable output")

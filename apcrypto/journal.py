@@ -654,6 +654,29 @@ def read_journal(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         db.close()
 
 
+def journal_url(path: str | os.PathLike[str]) -> str | None:
+    """The transport URL the journal's latest client ran on (None if it never connected), read
+    without taking the journal: where its open requests must be decided."""
+    p = Path(os.fspath(path))
+    if not p.is_file():
+        raise FileNotFoundError(f"no journal at {str(p)!r}")
+    try:
+        db = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=0.0)
+    except sqlite3.Error as exc:
+        raise JournalError(f"journal {str(p)!r}: {exc}") from None
+    try:
+        row = db.execute("SELECT url FROM lives WHERE url IS NOT NULL ORDER BY life DESC LIMIT 1").fetchone()
+        return None if row is None else str(row[0])
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            raise JournalInUse(f"journal {str(p)!r} is held by a live client") from None
+        raise JournalError(f"journal {str(p)!r}: {exc}") from None
+    except sqlite3.DatabaseError as exc:
+        raise JournalError(f"journal {str(p)!r} is not a journal: {exc}") from None
+    finally:
+        db.close()
+
+
 def _create_owner_only(path: Path) -> None:
     """Create ``path`` (and its ``-wal``) owner-only before SQLite opens it: SQLite gives the -wal
     file its database's mode, so 0600 here is 0600 there; an existing file is narrowed to 0600.

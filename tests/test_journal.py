@@ -441,6 +441,24 @@ def test_the_cli_prints_the_verdicts(emu: Any, tmp_path: Path, capsys: pytest.Ca
     assert "not reconciled" not in capsys.readouterr().out
 
 
+def test_recovered_decides_where_the_journal_ran(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a URL, ``apcrypto recovered`` connects to where the journal's client ran, never to an
+    embedded emulator that would re-drive its requests on a card thrown away with it."""
+    from apcrypto.journal import journal_url
+
+    path = tmp_path / "j.db"
+    j = Journal.open(path)
+    j.begin("tcp://127.0.0.1:9", 0x77 << 32, None)  # a server nobody listens for now
+    j.close()
+    assert journal_url(path) == "tcp://127.0.0.1:9"
+    assert cli.main(["recovered", "--journal", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "tcp://127.0.0.1:9" in err and "emu" not in err
+    # named otherwise: it says where the journal's client ran, then decides where it was told
+    assert cli.main(["recovered", "--journal", str(path), "--json", "emu:"]) == 0
+    assert "ran on tcp://127.0.0.1:9; deciding on emu:" in capsys.readouterr().err
+
+
 def test_docs_name_every_recovered_option() -> None:
     root = Path(__file__).resolve().parents[1]
     text = (root / "docs" / "cli.md").read_text().split("## apcrypto recovered", 1)[1].split("\n## ", 1)[0]
