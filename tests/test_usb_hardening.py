@@ -137,3 +137,37 @@ def test_a_full_bus_refuses_the_128th_device() -> None:
     with pytest.raises(ValueError, match="bus is full"):
         bus.plug(session_factory=Echo, frame_size=codec_frame_size(), serial="S127")
     assert len(bus.devices()) == 127
+
+
+def test_a_command_the_restarted_adapter_refuses_never_ran_and_is_re_driven(rig) -> None:
+    """After an adapter restart (no re-enumeration) the next command is answered NOT_HELLO: it was
+    refused before it ran, so a state-changing request sent into it is re-driven once the session
+    is renewed, not ended ``Indeterminate``."""
+    import apcrypto
+
+    bus, backend, emu = rig
+    dev = bus.plug(emu)
+    with apcrypto.connect(URL, backend=backend, config="fast", timeout=0.5, use_interrupts=False) as c:
+        assert c.wait_ready(10)
+        assert c.counter_increment(1).result(10) == 1
+        dev.restart()
+        fut = c.counter_increment(1)
+        assert isinstance(fut.result(10), int)  # ran (once: below), after the new session
+        assert c.transport.counters["refused_unrun"] == 1  # type: ignore[attr-defined]
+    starts = [e for e in emu.execution_log.entries() if e.function == "CPRB:CI" and e.started is not None]
+    assert len(starts) == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("timeout", float("inf")), ("timeout", 0), ("peer_deadline", float("nan")), ("domains", [300])],
+)
+def test_a_bad_link_option_is_a_value_error_not_a_missing_device(rig, option: str, value: Any) -> None:
+    """A caller retrying on ``ConnectionError`` would retry a bad option forever: it is refused at
+    once, naming the option, on every framed transport."""
+    bus, backend, emu = rig
+    bus.plug(emu)
+    with pytest.raises(ValueError, match=option):
+        open_transport(URL, backend=backend, **{option: value})
+    with pytest.raises(ValueError, match=option):
+        open_transport("tcp://127.0.0.1:9", **{option: value})

@@ -195,6 +195,11 @@ class LinkOptions(TypedDict, total=False):
 _LINK_KEYS = tuple(LinkOptions.__annotations__)
 
 
+#: Longest a link timeout may be, in seconds (a year): beyond, a deadline is not a deadline (and the
+#: OS's timers cannot hold it).
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
 def link_options(options: Mapping[str, Any]) -> LinkOptions:
     """The :class:`LinkOptions` among ``options``; the rest belong to other layers or transports
     (one ``connect(url, **options)`` serves every transport)."""
@@ -321,10 +326,14 @@ class FramedTransport(Transport):
         ):
             raise ValueError(f"resume_token must be {TOKEN_LEN} bytes, not {resume_token!r}")
         for name, value in (("timeout", timeout), ("peer_deadline", peer_deadline)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
-        if give_up_after is not None and not give_up_after > 0:
-            raise ValueError(f"give_up_after must be > 0 or None, got {give_up_after!r}")
+            if not (isinstance(value, int | float) and 0 < value < MAX_SECONDS):
+                raise ValueError(f"{name} must be > 0 s and finite (< {MAX_SECONDS:g}), got {value!r}")
+        if give_up_after is not None and not (
+            isinstance(give_up_after, int | float) and 0 < give_up_after < MAX_SECONDS
+        ):
+            raise ValueError(f"give_up_after must be > 0 s and finite, or None, got {give_up_after!r}")
+        if domains is not None and not all(type(d) is int and 0 <= d <= 0xFF for d in domains):
+            raise ValueError(f"domains must be ints 0..255, got {domains!r}")
         self.endpoint = endpoint
         self.domains = None if domains is None else tuple(sorted(set(domains)))
         self.timeout = timeout
@@ -901,7 +910,15 @@ class FramedTransport(Transport):
                 self._refused(refusal)
                 return None
         if code in SESSION_GONE:  # it restarted, dropped us or is stopping: a new session is needed
-            self._link_broken(f"{self.peer_kind} has no session for us: {code_name(code)}: {err.text}")
+            reason = f"{self.peer_kind} has no session for us: {code_name(code)}: {err.text}"
+            # the command it names was refused before it ran: it never reached a card, and says so
+            # now (the others in flight may have run before the session went: in doubt, as on any
+            # loss).  Before the link goes: a backend may unwind from _link_broken
+            entry = self._inflight.pop(err.tag, None) if err.tag else None
+            if entry is not None:
+                self.counters["refused_unrun"] += 1
+                self._emit(lost(reason, [entry[0]], permanent=False, unsent=[entry[0]]))
+            self._link_broken(reason)
             return None
         entry = self._inflight.pop(err.tag, None) if err.tag else None
         if entry is None:
