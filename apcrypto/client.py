@@ -128,7 +128,7 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
             runner.submit(request, idem, deadline, fut, target)
         except RuntimeError:
             if journal is not None:
-                journal.unclaim(request)
+                journal.unclaim(request, fut.journal_id)
             raise ClientClosed("client is closed") from None
         return fut
 

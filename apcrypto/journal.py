@@ -35,11 +35,13 @@ since WAL frames are in the file once ``write`` returned, but not a power loss o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +227,10 @@ class Journal:
         self._lock = threading.Lock()
         self._rids: dict[int, int] = {}  # this life's core request id -> journal id
         # id(request object) -> (journal id, row already written): ids claimed at submit, re-drives
-        self._preassigned: dict[int, tuple[int, bool]] = {}
+        self._preassigned: dict[int, tuple[int, bool]] = {}  # re-drives: id(request) -> (row, True)
+        #: ids claimed at submit and not yet submitted, per request object (the same object may be
+        #: submitted several times: each submission its own id, in the order they were claimed)
+        self._claimed: dict[int, deque[int]] = {}
         self._rows: dict[int, list[Any]] = {}  # journal id -> the row to insert at the next commit
         self._open: dict[int, list[AttemptRow]] = {}  # journal id -> its attempts (open requests)
         self._changed: set[int] = set()  # written rows whose attempts changed since
@@ -345,37 +350,59 @@ class Journal:
             self._preassigned[id(request)] = (jid, True)
 
     def claim(self, request: Request) -> int:
-        """The journal id ``request`` will have (called on the caller's thread at submit, so the
-        caller can keep it with its own records: after a crash, its verdict carries this id)."""
+        """The journal id this submission of ``request`` will have (called on the caller's thread at
+        submit, so the caller can keep it with its own records: after a crash, its verdict carries
+        this id).  Each submission gets its own, even of one request object submitted again."""
         with self._lock:
             pre = self._preassigned.get(id(request))
             if pre is not None:
                 return pre[0]
             jid = self._next_id
             self._next_id += 1
-            self._preassigned[id(request)] = (jid, False)
+            self._claimed.setdefault(id(request), deque()).append(jid)
             return jid
 
-    def unclaim(self, request: Request) -> None:
-        """A claimed request that was not submitted after all."""
+    def unclaim(self, request: Request, jid: int | None = None) -> None:
+        """A claimed submission that did not happen after all (``jid``: its id; None: the latest)."""
         with self._lock:
-            self._preassigned.pop(id(request), None)
+            self._take_claim(request, jid, latest=True)
+
+    def _take_claim(self, request: Request, jid: int | None, *, latest: bool = False) -> int | None:
+        """Remove a claimed id of ``request`` (``jid``, else the oldest -- or ``latest``); call with
+        the lock held."""
+        ids = self._claimed.get(id(request))
+        if not ids:
+            return None
+        if jid is None:
+            jid = ids.pop() if latest else ids.popleft()
+        else:
+            with contextlib.suppress(ValueError):
+                ids.remove(jid)
+        if not ids:
+            del self._claimed[id(request)]
+        return jid
 
     def submitted(
-        self, rid: int, request: Request, idempotent: bool | None, target: frozenset[int] | None
+        self,
+        rid: int,
+        request: Request,
+        idempotent: bool | None,
+        target: frozenset[int] | None,
+        jid: int | None = None,
     ) -> None:
-        """The core accepted ``request`` as ``rid``: its row goes in with the next commit."""
+        """The core accepted ``request`` as ``rid``: its row goes in with the next commit, under
+        ``jid`` (the id :meth:`claim` gave this submission; None: the oldest claimed for this object,
+        else a new one)."""
         kind, meta, ops = describe_request(request)
         idem = request.idempotent_default if idempotent is None else bool(idempotent)
         with self._lock:
             pre = self._preassigned.pop(id(request), None)
-            if pre is not None and pre[1]:  # a re-drive: its row is written; its attempts are not yet
+            if pre is not None:  # a re-drive: its row is written; its attempts are not yet
                 self._rids[rid] = pre[0]
                 self._open[pre[0]] = []
                 return
-            if pre is not None:
-                jid = pre[0]
-            else:
+            jid = self._take_claim(request, jid)
+            if jid is None:
                 jid = self._next_id
                 self._next_id += 1
             self._rids[rid] = jid

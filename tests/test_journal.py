@@ -459,6 +459,19 @@ def test_recovered_decides_where_the_journal_ran(tmp_path: Path, capsys: pytest.
     assert "ran on tcp://127.0.0.1:9; deciding on emu:" in capsys.readouterr().err
 
 
+def test_each_submission_of_one_request_object_has_its_own_journal_id(emu: Any, tmp_path: Path) -> None:
+    """Submitting one request object again is allowed: each submission's future carries the id its
+    own row has in the file (they were all the first one's, while the rows had others)."""
+    path = tmp_path / "j.db"
+    first = connect(emu, path)
+    req = CounterIncrement(1)
+    futs: list[Any] = []
+    burst_then_die(emu, first, lambda: futs.extend(first.submit(req) for _ in range(8)), 2)
+    ids = [f.journal_id for f in futs]
+    assert len(set(ids)) == 8
+    assert sorted(r["id"] for r in rows(path)) == sorted(ids)  # every row is one of them
+
+
 def test_docs_name_every_recovered_option() -> None:
     root = Path(__file__).resolve().parents[1]
     text = (root / "docs" / "cli.md").read_text().split("## apcrypto recovered", 1)[1].split("\n## ", 1)[0]

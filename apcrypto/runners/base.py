@@ -155,6 +155,7 @@ class RunnerBase(ABC):
             raise
         self.resolvers[rid] = resolver
         if self.journal is not None:
-            self.journal.submitted(rid, request, idempotent, target)
+            # under the id the caller was given for this submission (a future's journal_id)
+            self.journal.submitted(rid, request, idempotent, target, getattr(resolver, "journal_id", None))
         self.apply(actions)
         return rid
