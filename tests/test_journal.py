@@ -24,6 +24,7 @@ import pytest
 
 import apcrypto
 from apcrypto import cli
+from apcrypto.errors import DeadlineExceeded
 from apcrypto.journal import (
     Journal,
     JournalInUse,
@@ -470,6 +471,45 @@ def test_each_submission_of_one_request_object_has_its_own_journal_id(emu: Any, 
     ids = [f.journal_id for f in futs]
     assert len(set(ids)) == 8
     assert sorted(r["id"] for r in rows(path)) == sorted(ids)  # every row is one of them
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_request_its_caller_was_told_never_ran_is_not_re_driven_after_a_crash(
+    emu: Any, tmp_path: Path
+) -> None:
+    """A queued request ends ``DeadlineExceeded(may_have_run=False)`` and the process dies as its
+    caller learns it, before the next commit.  The end was committed before the caller was told, so
+    the restart does not re-drive what its caller may already have run again by itself."""
+    path = tmp_path / "j.db"
+    first = connect(emu, path)
+    emu.control.slow_engines(2, 500.0, 5.0)  # card 2: 0.4 s a request, for 5 s
+    busy = [first.counter_increment(1, apqn=(2, 0)) for _ in range(8)]  # the queue's 8 slots
+    late = first.counter_increment(1, apqn=(2, 0), deadline=0.3)  # waits on the host behind them
+    told: list[BaseException | None] = []
+
+    def crash(f: Any) -> None:
+        told.append(f.exception())
+        die(first)  # the process is gone the moment its caller has the outcome
+
+    late.add_done_callback(crash)
+    for _ in range(1000):
+        if told:
+            break
+        time.sleep(0.01)
+    assert told and isinstance(told[0], DeadlineExceeded) and not told[0].may_have_run
+    emu.control.clear()
+    second = connect(emu, path)
+    try:
+        records = second.recovered(20)
+        assert late.journal_id not in {r.id for r in records if r.verdict is Verdict.REDRIVEN}
+        assert all(r.id in {f.journal_id for f in busy} for r in records)  # only those that were sent
+        time.sleep(0.2)
+        started = [
+            e for e in emu.execution_log.entries() if e.function == "CPRB:CI" and e.started is not None
+        ]
+        assert len(started) <= len(busy)  # the late one never ran, then or since
+    finally:
+        second.close()
 
 
 def test_docs_name_every_recovered_option() -> None:

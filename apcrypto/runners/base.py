@@ -70,15 +70,27 @@ class RunnerBase(ABC):
                 else:
                     self.transport.submit(a.commands)  # type: ignore[union-attr]
             elif t is Resolve:
+                journal = self.journal
+                if journal is not None and a.error is not None and self._never_ran(a.rid):  # type: ignore[union-attr]
+                    # the caller is about to be told it did not run (and may run it again itself):
+                    # the end is in the file first, or a crash now would have the restart re-drive it
+                    journal.ended(a.rid)  # type: ignore[union-attr]
+                    journal.commit()
+                    journal = None
                 cb = self.resolvers.pop(a.rid, None)  # type: ignore[union-attr]
                 if cb is not None:
                     cb(a.value, a.error)  # type: ignore[union-attr]
-                if self.journal is not None:
-                    self.journal.ended(a.rid)  # type: ignore[union-attr]  # after the caller has it
+                if journal is not None:
+                    journal.ended(a.rid)  # type: ignore[union-attr]  # after the caller has it
             elif t is ArmTimer:
                 self.arm(a.key, a.at)  # type: ignore[union-attr]
             elif t is CancelTimer:
                 self.cancel(a.key)  # type: ignore[union-attr]
+
+    def _never_ran(self, rid: int) -> bool:
+        """Whether request ``rid`` provably never ran anywhere (its ledger record says so)."""
+        rec = self.core.ledger.records.get(rid)
+        return rec is not None and rec.ran_somewhere() is None
 
     def grouped(self) -> None:
         """From now until :meth:`release`, hold back what would be sent (only with a journal: it
