@@ -171,3 +171,33 @@ def test_a_bad_link_option_is_a_value_error_not_a_missing_device(rig, option: st
         open_transport(URL, backend=backend, **{option: value})
     with pytest.raises(ValueError, match=option):
         open_transport("tcp://127.0.0.1:9", **{option: value})
+
+
+def test_answers_waiting_on_the_adapter_are_read_while_it_holds_back_a_write(rig) -> None:
+    """An adapter refuses (NAKs) bulk OUT while its answers fill its IN buffer; the one I/O thread
+    must read them between attempts to write, or it waits for itself and every command in flight is
+    reported lost although each was answered."""
+    bus, backend, emu = rig
+    dev = bus.plug(emu, in_backlog=16 * 1024)  # a small IN buffer: a few hundred answers fill it
+    t = open_transport(URL, backend=backend, timeout=1.0, peer_deadline=5.0)
+    try:
+        first = [Command(tag, Instr.TAPQ, QID) for tag in range(1, 3001)]
+        more = [Command(tag, Instr.TAPQ, QID) for tag in range(3001, 3006)]
+        t.submit(first)
+        for _ in range(2000):  # the adapter took them: its answers now fill its IN buffer
+            if dev.stats.frames_in >= len(first):
+                break
+            time.sleep(0.005)
+        t.submit(more)  # a write the adapter holds back until those answers are read
+        ended: dict[int, Any] = {}
+        end = time.monotonic() + 30
+        while len(ended) < len(first) + len(more) and time.monotonic() < end:
+            for ev in t.poll(0.05):
+                if isinstance(ev, Completion):
+                    ended[ev.tag] = ev
+                elif isinstance(ev, TransportLost):
+                    ended.update(dict.fromkeys(ev.tags, ev))
+        assert len(ended) == 3005 and all(isinstance(ev, Completion) for ev in ended.values())
+        assert t.counters["write_timeouts"] >= 1 and t.counters["links_lost"] == 0  # it did hold back
+    finally:
+        t.close()

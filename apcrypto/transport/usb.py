@@ -88,6 +88,7 @@ IRQ_OFF: frozenset[Instr] = frozenset({Instr.AQIC, Instr.RAPQ, Instr.ZAPQ})
 READ_SIZE = 64 * 1024  # one bulk IN transfer (a multiple of every wMaxPacketSize)
 IRQ_READ_SIZE = 1024
 SLICE_MS = 1  # how long one read may block when there may be nothing to read
+WRITE_SLICE_MS = 50  # how long one bulk OUT write may wait before answers are read (see _write_queued)
 IRQ_POLL_INTERVAL = 0.002  # seconds between interrupt IN polls while a queue may interrupt
 IDLE_POLL = 0.05  # seconds between reads of both IN endpoints however quiet the link is
 MAX_STALLS = 8  # consecutive stalls on one endpoint before the link counts as broken
@@ -359,18 +360,24 @@ class UsbTransport(FramedTransport):
                     self._cv.wait(max(0.0, wake - time.monotonic()))
 
     def _write_queued(self) -> None:
-        """Write every queued frame in one transfer; resume after partial counts, stalls, timeouts."""
+        """Write every queued frame in one transfer; resume after partial counts, stalls, timeouts.
+
+        An adapter may hold back (NAK) what we write while the answers it already has wait to be
+        read: so a write is given a slice of time at once, and between slices bulk IN is read; the
+        link is broken only when bulk OUT takes nothing for ``timeout``."""
         link = self._link
         assert link is not None
         deadline = time.monotonic() + self.timeout
         while self._out:
             data = b"".join(f for _, f in self._out)[self._out_pos :]
             try:
-                n = link.dev.write(link.ep_out, data, _ms(deadline - time.monotonic()))
+                n = link.dev.write(link.ep_out, data, min(WRITE_SLICE_MS, _ms(deadline - time.monotonic())))
             except usb.core.USBTimeoutError:
                 self.counters["write_timeouts"] += 1
                 if time.monotonic() >= deadline:
                     raise _LinkBroken(f"bulk OUT accepted nothing for {self.timeout} s") from None
+                self._on_frames(self._read(link.ep_in, self._in_reader, READ_SIZE, SLICE_MS))
+                self._in_reader.check()
                 continue
             except usb.core.USBError as exc:
                 if exc.errno != errno.EPIPE:
@@ -379,6 +386,8 @@ class UsbTransport(FramedTransport):
                 self._out_pos = 0  # the adapter restarts its stream at a frame boundary
                 continue
             self._stalls[link.ep_out] = 0
+            if n:
+                deadline = time.monotonic() + self.timeout  # it took some: the wait starts again
             pos, now, done = self._out_pos + n, time.monotonic(), 0
             for cmd, f in self._out:  # the frames the device now has whole are in flight
                 if pos < len(f):
