@@ -151,11 +151,11 @@ def test_a_command_the_restarted_adapter_refuses_never_ran_and_is_re_driven(rig)
         assert c.wait_ready(10)
         assert c.counter_increment(1).result(10) == 1
         dev.restart()
-        fut = c.counter_increment(1)
-        assert isinstance(fut.result(10), int)  # ran (once: below), after the new session
-        assert c.transport.counters["refused_unrun"] == 1  # type: ignore[attr-defined]
+        futs = [c.counter_increment(1) for _ in range(6)]  # in flight together: each one refused
+        assert all(isinstance(f.result(10), int) for f in futs)  # ran (once: below), after it
+        assert c.transport.counters["refused_unrun"] >= 1  # type: ignore[attr-defined]
     starts = [e for e in emu.execution_log.entries() if e.function == "CPRB:CI" and e.started is not None]
-    assert len(starts) == 2
+    assert len(starts) == 1 + 6
 
 
 @pytest.mark.parametrize(

@@ -368,6 +368,7 @@ class FramedTransport(Transport):
         self._ra_qid = 0
         self._ra_left = 0
         self._kept_now: dict[int, None] = {}  # queues given read-ahead replies in this batch
+        self._gone_reason: str | None = None  # the peer said it has no session for us (_on_error)
         #: NQAP/DQAP tags whose answers were lost, for a REOFFER after a resume (oldest first)
         self._lost_tags: dict[int, None] = {}
         self._ready = threading.Event()  # set by the first WELCOME, or by a failed open
@@ -780,12 +781,16 @@ class FramedTransport(Transport):
                     # peer works on that while we decode the rest
                     self._emit_events(events)
                     events = []
-                    self._chunk_done()
+                    if self._gone_reason is None:  # nothing more goes out on a session that is gone
+                        self._chunk_done()
                 ev = self._on_frame(f, events)
                 if ev is not None:
                     events.append(ev)
         finally:  # a frame that breaks the link must not swallow the answers read before it
             self._emit_events(events)
+        gone, self._gone_reason = self._gone_reason, None
+        if gone is not None:  # the peer has no session for us (see _on_error)
+            self._link_broken(gone)
         return good
 
     def _emit_events(self, events: list[TransportEvent]) -> None:
@@ -918,7 +923,10 @@ class FramedTransport(Transport):
             if entry is not None:
                 self.counters["refused_unrun"] += 1
                 self._emit(lost(reason, [entry[0]], permanent=False, unsent=[entry[0]]))
-            self._link_broken(reason)
+            # the link goes once the frames read with this one are taken: the peer refuses every
+            # command it was sent with an ERROR of its own, and each one read now is known unrun
+            if self._gone_reason is None:
+                self._gone_reason = reason
             return None
         entry = self._inflight.pop(err.tag, None) if err.tag else None
         if entry is None:
