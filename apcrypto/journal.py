@@ -45,7 +45,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from apcrypto.core.actions import Action, Execute
 from apcrypto.core.events import Completion, TransportLost
@@ -659,41 +659,44 @@ def read_verdicts(db: sqlite3.Connection, lock: threading.Lock | None = None) ->
     return out
 
 
+_T = TypeVar("_T")
+
+
 def read_journal(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a journal no client holds (read-only): every row it keeps, with its verdict or None."""
-    p = Path(os.fspath(path))
-    if not p.is_file():
-        raise FileNotFoundError(f"no journal at {str(p)!r}")
-    try:
-        db = sqlite3.connect(p, timeout=0.0)
-    except sqlite3.Error as exc:
-        raise JournalError(f"journal {str(p)!r}: {exc}") from None
-    try:
-        db.execute("PRAGMA locking_mode=EXCLUSIVE")
-        return read_verdicts(db)
-    except sqlite3.OperationalError as exc:
-        if "locked" in str(exc):
-            raise JournalInUse(f"journal {str(p)!r} is held by a live client") from None
-        raise JournalError(f"journal {str(p)!r}: {exc}") from None
-    except sqlite3.DatabaseError as exc:
-        raise JournalError(f"journal {str(p)!r} is not a journal: {exc}") from None
-    finally:
-        db.close()
+    return _reading(path, read_verdicts, exclusive=True)
 
 
 def journal_url(path: str | os.PathLike[str]) -> str | None:
     """The transport URL the journal's latest client ran on (None if it never connected), read
     without taking the journal: where its open requests must be decided."""
+
+    def latest(db: sqlite3.Connection) -> str | None:
+        row = db.execute("SELECT url FROM lives WHERE url IS NOT NULL ORDER BY life DESC LIMIT 1").fetchone()
+        return None if row is None else str(row[0])
+
+    return _reading(path, latest, exclusive=False)
+
+
+def _reading(
+    path: str | os.PathLike[str], read: Callable[[sqlite3.Connection], _T], *, exclusive: bool
+) -> _T:
+    """``read`` a journal no client holds, its errors named as the journal's: ``exclusive`` takes the
+    file for the read (no client may start meanwhile), else it is opened read-only."""
     p = Path(os.fspath(path))
     if not p.is_file():
         raise FileNotFoundError(f"no journal at {str(p)!r}")
     try:
-        db = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=0.0)
+        if exclusive:
+            db = sqlite3.connect(p, timeout=0.0)
+        else:
+            db = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=0.0)
     except sqlite3.Error as exc:
         raise JournalError(f"journal {str(p)!r}: {exc}") from None
     try:
-        row = db.execute("SELECT url FROM lives WHERE url IS NOT NULL ORDER BY life DESC LIMIT 1").fetchone()
-        return None if row is None else str(row[0])
+        if exclusive:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        return read(db)
     except sqlite3.OperationalError as exc:
         if "locked" in str(exc):
             raise JournalInUse(f"journal {str(p)!r} is held by a live client") from None
