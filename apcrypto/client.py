@@ -214,11 +214,8 @@ class Client(Operations["Future[bytes]", "Future[int]", "Future[None]", "Future[
         except RuntimeError:
             pass
         self._runner.stop()
-        if self._runner.error is not None:
-            err = ApcryptoError(f"runner failed: {self._runner.error!r}")
-            for cb in list(self._runner.resolvers.values()):
-                cb(None, err)
-            self._runner.resolvers.clear()
+        if self._runner.error is not None:  # what its death left undecided (usually nothing by now)
+            self._runner.fail_undecided(ApcryptoError(f"runner failed: {self._runner.error!r}"))
         if self.journal is not None:
             self.journal.close()  # what ended meanwhile; the lock goes with the file
         self.transport.close()
